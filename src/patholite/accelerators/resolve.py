@@ -1,0 +1,120 @@
+"""Turn the ``accelerator`` config into Lightning's settings and a torch device, failing early.
+
+``cpu`` and ``gpu`` are what they say; ``auto`` picks what the machine has and records its pick. New
+backends (the Ascend NPU, multi-GPU strategies) add a branch to ``_RESOLVERS``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from patholite.errors import AcceleratorError, ConfigError
+
+
+@dataclass
+class ResolvedAccelerator:
+    name: str  # what the config asked for
+    kind: str  # what runs: cpu | gpu
+    lightning: dict[str, Any]  # accelerator, devices, strategy, precision for lightning.Trainer
+    device: torch.device  # where evaluation and cost measurement run
+    pin_memory: bool
+    int8_engine: str
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {"requested": self.name, "kind": self.kind, **self.lightning, "eval_device": str(self.device),
+                "int8_engine": self.int8_engine, "notes": self.notes, **describe_machine(self.device)}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def _count_devices(devices: Any) -> int | None:
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    return None  # "auto"
+
+
+def _resolve_cpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
+    precision = "32-true" if cfg.precision == "auto" else cfg.precision
+    if precision not in ("32-true", "32", "bf16-mixed", "bf16-true", "64-true"):
+        raise ConfigError(f"accelerator.precision={precision} does not run on CPU; use 32-true or bf16-mixed")
+    n = _count_devices(cfg.devices)
+    devices = 1 if n is None else n
+    return "cpu", {"accelerator": "cpu", "devices": devices, "strategy": cfg.strategy, "precision": precision}, torch.device("cpu")
+
+
+def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
+    if not torch.cuda.is_available():
+        raise AcceleratorError(
+            "accelerator=gpu but torch sees no CUDA device on this machine; run with accelerator=cpu, "
+            "or accelerator=auto to use a GPU only where there is one"
+        )
+    available = torch.cuda.device_count()
+    n = _count_devices(cfg.devices)
+    if n is not None and n > available:
+        raise AcceleratorError(f"accelerator.devices={cfg.devices} but this machine has {available} CUDA device(s)")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    lightning = {"accelerator": "gpu", "devices": cfg.devices, "strategy": cfg.strategy, "precision": precision}
+    first = cfg.devices[0] if isinstance(cfg.devices, (list, tuple)) else 0
+    return "gpu", lightning, torch.device("cuda", first)
+
+
+_RESOLVERS: dict[str, Callable] = {"cpu": _resolve_cpu, "gpu": _resolve_gpu}
+
+
+def resolve_accelerator(cfg) -> ResolvedAccelerator:
+    """Check ``cfg`` (the ``accelerator`` node) against this machine and resolve it; raises before any work."""
+    asked = cfg.accelerator
+    notes = []
+    if asked == "auto":
+        asked = "gpu" if torch.cuda.is_available() else "cpu"
+        notes.append(f"auto picked {asked}")
+    if asked not in _RESOLVERS:
+        raise ConfigError(
+            f"accelerator.accelerator={cfg.accelerator!r} is not one of {sorted(_RESOLVERS) + ['auto']}"
+            " (NPU and multi-GPU support come with the accelerators issue)"
+        )
+    kind, lightning, device = _RESOLVERS[asked](cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    engine = cfg.int8_engine
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise AcceleratorError(f"accelerator.int8_engine={engine} is not supported here; this torch has {supported}")
+    return ResolvedAccelerator(
+        name=cfg.name, kind=kind, lightning=lightning, device=device,
+        pin_memory=bool(cfg.pin_memory) and kind == "gpu", int8_engine=engine, notes=notes,
+    )

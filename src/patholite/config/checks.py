@@ -1,0 +1,98 @@
+"""Checks of a composed config that need nothing but the config: one clear ConfigError, before any work.
+
+Hydra already rejects unknown keys and wrong types on override; ``check_config`` re-validates every group
+node against its schema (catching keys added with ``+``) and checks values and combinations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from patholite.config.schema import (
+    DATASET_SCHEMAS,
+    AcceleratorConfig,
+    CompressionConfig,
+    LoggerConfig,
+    ModelConfig,
+)
+from patholite.errors import ConfigError
+
+# Option schemas per group; later issues register subclasses here (e.g. compression options).
+GROUP_SCHEMAS: dict[str, dict[str, type] | type] = {
+    "dataset": DATASET_SCHEMAS,
+    "model": ModelConfig,
+    "compression": CompressionConfig,
+    "accelerator": AcceleratorConfig,
+    "logger": LoggerConfig,
+}
+
+
+def _schema_for(group: str, node: DictConfig) -> type:
+    schemas = GROUP_SCHEMAS[group]
+    if isinstance(schemas, dict):
+        name = node.get("name")
+        if name not in schemas:
+            raise ConfigError(f"{group}.name={name!r} is not one of {sorted(schemas)}")
+        return schemas[name]
+    return schemas
+
+
+def _check_against_schema(cfg: DictConfig) -> None:
+    for group in GROUP_SCHEMAS:
+        node = cfg.get(group)
+        if node is None:
+            raise ConfigError(f"no {group} chosen: add {group}=<option> (see conf/{group}/)")
+        schema = _schema_for(group, node)
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=False))
+        except OmegaConfBaseException as err:
+            key = f"{group}.{err.full_key}" if getattr(err, "full_key", None) else group
+            raise ConfigError(f"{key}: {str(err).splitlines()[0]} (schema {schema.__name__})") from err
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(value: Any, key: str, allowed: tuple) -> None:
+    _require(value in allowed, f"{key}={value!r} must be one of {list(allowed)}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value or combination cannot work."""
+    _check_against_schema(cfg)
+    d, m = cfg.dataset, cfg.model
+    _require(d.image_size >= 8, f"dataset.image_size={d.image_size} is too small; use at least 8")
+    _require(d.batch_size >= 1, f"dataset.batch_size={d.batch_size} must be >= 1")
+    _require(d.num_workers >= 0, f"dataset.num_workers={d.num_workers} must be >= 0")
+    _require(
+        0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+        f"dataset.val_fraction={d.val_fraction} and dataset.test_fraction={d.test_fraction} must each lie in "
+        "[0, 1) and leave some data for training",
+    )
+    _require(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+             "dataset.mean and dataset.std need 3 values (RGB), std > 0")
+    _require(
+        not m.pretrained,
+        f"model.pretrained=true would download weights, and patholite runs offline: set model.pretrained=false "
+        f"and model.checkpoint=<local weights file> for {m.name}",
+    )
+    _choice(m.family, "model.family", ("vit", "cnn"))
+    _require(m.num_classes is None or m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
+    t = cfg.trainer
+    _require(t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs} must be >= 1")
+    _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
+    _require(0 <= cfg.optim.label_smoothing < 1, f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)")
+    _choice(cfg.callbacks.progress_bar, "callbacks.progress_bar", ("rich", "tqdm", "none"))
+    _choice(cfg.callbacks.monitor_mode, "callbacks.monitor_mode", ("min", "max"))
+    if cfg.logger.wandb is not None:
+        _choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
+    _require(all(b >= 1 for b in cfg.bench.batch_sizes) and cfg.bench.batch_sizes,
+             f"bench.batch_sizes={list(cfg.bench.batch_sizes)} must be positive integers")
+    _require(cfg.bench.iters >= 1 and cfg.bench.warmup >= 0, "bench.iters must be >= 1 and bench.warmup >= 0")
+    _require(not (cfg.resume and cfg.rerun), "resume= and rerun= exclude each other: resume continues a run, "
+             "rerun starts a new one from a past run's overrides")

@@ -1,0 +1,262 @@
+"""Dataclass schemas of every config group, registered in Hydra's ConfigStore.
+
+Each group option's YAML names its schema in its defaults list (``/schema/<group>/<name>@_here_``), so Hydra
+composes the option onto a typed, struct-mode node: an unknown key or a value of the wrong type fails at start,
+naming the key. Dataset and model options each have a schema class; options add fields by subclassing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+# --------------------------------------------------------------------------------------------- dataset
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation suited to histology: tissue has no orientation, stain varies by lab."""
+
+    flips: bool = True
+    rotate90: bool = True
+    color_jitter: float = 0.1  # brightness/contrast/saturation strength; hue gets a quarter of it
+    stain_jitter: float = 0.03  # sigma of the per-channel HED (haematoxylin, eosin, DAB) scale and shift
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str | None = None
+    image_size: int = 224
+    class_names: list[str] = field(default_factory=list)  # empty: discovered from the data
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # None: same as batch_size
+    num_workers: int = 0
+    split_seed: int = 0  # seeds the splits of datasets without official ones
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    max_samples_per_split: int | None = None  # seeded, stratified subsample of every split (debug, smoke)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    """Procedural H&E-like tiles of the four BACH classes, generated once into a cache."""
+
+    name: str = "synthetic"
+    train_per_class: int = 400
+    val_per_class: int = 100
+    test_per_class: int = 100
+    tile_size: int = 96  # generated size; image_size resizes
+    difficulty: float = 0.5  # 0: classes far apart, 1: heavily overlapping
+    seed: int = 0
+    cache_dir: str = "${paths.cache_dir}/synthetic"
+
+
+@dataclass
+class BachConfig(DatasetConfig):
+    """ICIAR 2018 BACH microscopy photos: Photos/<class>/*.tif, 2048x1536 at 0.42 um/px."""
+
+    name: str = "bach"
+    mode: str = "resize"  # resize the whole photo, or "tile" it into tile_size squares
+    tile_size: int = 512
+    tile_stride: int | None = None  # None: tile_size (no overlap)
+
+
+@dataclass
+class Isic2018Config(DatasetConfig):
+    """ISIC 2018 Task 3 (HAM10000): 7 classes of dermoscopy images, split by lesion."""
+
+    name: str = "isic2018"
+    lesion_groups_csv: str | None = None  # CSV with image and lesion_id columns; None: looked up under root
+
+
+@dataclass
+class MedmnistConfig(DatasetConfig):
+    """A MedMNIST npz (train/val/test arrays, official splits)."""
+
+    name: str = "medmnist"
+    preset: str = "pathmnist"
+    npz: str | None = None  # None: <root>/<preset>.npz
+
+
+@dataclass
+class CifarConfig(DatasetConfig):
+    """CIFAR-10/100 python pickle batches (official test split)."""
+
+    name: str = "cifar"
+    variant: str = "cifar10"
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    """One folder per class; optional train/val/test subfolders are used as official splits."""
+
+    name: str = "image_folder"
+    extensions: list[str] = field(
+        default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"]
+    )
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class PyramidConfig:
+    """R1's pyramid multi-scale head: pooled tokens of a shallow, middle and deep block, concatenated."""
+
+    enabled: bool = False
+    blocks: list[int] | None = None  # None: [depth // 4, depth // 2, depth - 1]
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    timm_name: str = MISSING
+    family: str = "vit"  # vit | cnn
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    pretrained: bool = False  # never downloads; weights come from `checkpoint`
+    checkpoint: str | None = None  # local .safetensors / .pth / .pt / Lightning .ckpt
+    checkpoint_skip_head: bool = False  # drop the checkpoint's classifier (foundation-model weights)
+    num_classes: int | None = None  # None: the dataset's class count
+    drop_path_rate: float = 0.0
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+
+
+# ----------------------------------------------------------------------------------------- compression
+@dataclass
+class CompressionConfig:
+    """Which pipeline turns the trained model into artifacts; the compression issue adds options."""
+
+    name: str = MISSING
+    pipeline: str = MISSING
+
+
+# ----------------------------------------------------------------------------------------- accelerator
+@dataclass
+class AcceleratorConfig:
+    name: str = MISSING
+    accelerator: str = "cpu"  # Lightning accelerator: cpu | gpu | auto (npu in a later issue)
+    devices: Any = 1  # int, list of ids, or "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"  # "auto": bf16-mixed where the GPU supports it, else 16-mixed
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    int8_engine: str = "x86"  # torch.backends.quantized.engine for CPU INT8
+    pin_memory: bool = False
+
+
+# -------------------------------------------------------------------------------------- the rest
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    limit_train_batches: float = 1.0  # a fraction, or a batch count when > 1
+    limit_val_batches: float = 1.0
+    limit_test_batches: float = 1.0
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    deterministic: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class WandbConfig:
+    project: str = "patholite"
+    entity: str | None = None
+    mode: str = "offline"  # offline (default: no key, no network) | online | disabled
+    group: str | None = None  # None: the sweep directory's name (or the run's, outside sweeps)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    wandb: WandbConfig | None = None  # None: no W&B run
+    csv: bool = True
+
+
+@dataclass
+class CallbacksConfig:
+    monitor: str = "val/macro_f1"
+    monitor_mode: str = "max"
+    early_stopping_patience: int | None = None
+    progress_bar: str = "rich"  # rich | tqdm | none
+    extra: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ..., ...} Lightning callbacks
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "${oc.env:PATHOLITE_ROOT,.}"
+    data_dir: str = "${paths.root_dir}/data"
+    output_dir: str = "${hydra:runtime.output_dir}"
+    cache_dir: str = "${paths.root_dir}/outputs/cache"
+
+
+@dataclass
+class BenchConfig:
+    """Cost measurement of each artifact (the benchmark issue adds presets and the full protocol)."""
+
+    warmup: int = 5
+    iters: int = 20
+    repeats: int = 1
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    threads: int | None = None  # None: the accelerator's thread count
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = MISSING
+    model: Any = MISSING
+    compression: Any = MISSING
+    accelerator: Any = MISSING
+    logger: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    seed: int = 42
+    task_name: str = "train"
+    tags: list[str] = field(default_factory=list)
+    resume: str | None = None  # a run dir: continue it from its last checkpoint
+    rerun: str | None = None  # a run dir whose saved overrides this run started from
+
+
+DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
+    "synthetic": SyntheticConfig,
+    "bach": BachConfig,
+    "isic2018": Isic2018Config,
+    "medmnist": MedmnistConfig,
+    "cifar": CifarConfig,
+    "image_folder": ImageFolderConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for name, schema in DATASET_SCHEMAS.items():
+        cs.store(group="schema/dataset", name=name, node=schema)
+    cs.store(group="schema/model", name="timm", node=ModelConfig)
+    cs.store(group="schema/compression", name="base", node=CompressionConfig)
+    cs.store(group="schema/accelerator", name="base", node=AcceleratorConfig)
+    cs.store(group="schema/logger", name="base", node=LoggerConfig)
+    cs.store(group="schema/trainer", name="base", node=TrainerConfig)
+    cs.store(group="schema/callbacks", name="base", node=CallbacksConfig)
+    cs.store(group="schema/paths", name="base", node=PathsConfig)

@@ -1,0 +1,29 @@
+"""Dataset families as LightningDataModules; ``build_datamodule`` picks one by ``dataset.name``."""
+
+from __future__ import annotations
+
+import importlib
+
+from patholite.data.base import HistologyDataModule, ImageSet
+from patholite.errors import ConfigError
+
+# name -> "module:Class"; imported lazily so a family's dependencies load only when used
+FAMILIES = {
+    "synthetic": "patholite.data.synthetic:SyntheticDataModule",
+    "bach": "patholite.data.bach:BachDataModule",
+    "isic2018": "patholite.data.isic:Isic2018DataModule",
+    "medmnist": "patholite.data.medmnist:MedmnistDataModule",
+    "cifar": "patholite.data.cifar:CifarDataModule",
+    "image_folder": "patholite.data.image_folder:ImageFolderDataModule",
+}
+
+
+def build_datamodule(cfg, pin_memory: bool = False) -> HistologyDataModule:
+    """The datamodule for ``cfg`` (the ``dataset`` node)."""
+    if cfg.name not in FAMILIES:
+        raise ConfigError(f"dataset.name={cfg.name!r} is not one of {sorted(FAMILIES)}")
+    module, cls = FAMILIES[cfg.name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, pin_memory=pin_memory)
+
+
+__all__ = ["FAMILIES", "HistologyDataModule", "ImageSet", "build_datamodule"]

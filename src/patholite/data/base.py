@@ -1,0 +1,193 @@
+"""What every dataset family shares: splits of labelled images and one LightningDataModule over them.
+
+A family implements two things: ``default_class_names()`` (cheap: read before any training, for the config
+checks) and ``read_splits()`` (the train/val/test ``ImageSet`` s). Images reach the transforms as HxWx3 uint8
+RGB arrays, however they are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from patholite.errors import DatasetError
+
+SPLITS = ("train", "val", "test")
+
+# A crop box in pixels of the stored image: (x, y, width, height).
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class ImageSet:
+    """One split: integer labels plus images held in memory (N,H,W,3 uint8) or as files to read lazily.
+
+    ``groups`` names what must not straddle splits (slide, lesion, patient); ``boxes`` crops a file into a
+    tile, so one photo can give several items.
+    """
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: list[str] | None = None
+    boxes: list[Box | None] | None = None
+    groups: list[str] | None = None
+    reader: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if (self.images is None) == (self.paths is None):
+            raise ValueError("an ImageSet holds either images or paths")
+        n = len(self.images) if self.images is not None else len(self.paths)
+        if n != len(self.labels):
+            raise ValueError(f"ImageSet has {n} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> np.ndarray:
+        """The item's image as HxWx3 uint8 RGB."""
+        if self.images is not None:
+            return self.images[index]
+        from patholite.data.images import read_rgb
+
+        path = self.paths[index]
+        image = (self.reader or read_rgb)(path)
+        box = self.boxes[index] if self.boxes is not None else None
+        if box is not None:
+            x, y, w, h = box
+            image = image[y : y + h, x : x + w]
+        return image
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSet:
+        idx = np.asarray(indices, dtype=np.int64)
+
+        def pick(seq):
+            return None if seq is None else [seq[i] for i in idx]
+
+        return ImageSet(
+            labels=self.labels[idx],
+            images=None if self.images is None else self.images[idx],
+            paths=pick(self.paths),
+            boxes=pick(self.boxes),
+            groups=pick(self.groups),
+            reader=self.reader,
+        )
+
+
+class ImageSetDataset(Dataset):
+    def __init__(self, images: ImageSet, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images.load(index)), int(self.images.labels[index])
+
+
+def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    """Indices of at most ``max_samples`` items keeping class proportions (each present class kept)."""
+    if len(labels) <= max_samples:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    picked = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        k = max(1, round(max_samples * len(idx) / len(labels)))
+        picked.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
+    return np.sort(np.concatenate(picked))[: max(max_samples, len(classes))]
+
+
+class HistologyDataModule(L.LightningDataModule):
+    """Base datamodule: seeded splits, histology augmentation, loaders. Subclasses read the data."""
+
+    def __init__(self, cfg, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pin_memory = pin_memory
+        self.splits: dict[str, ImageSet] = {}
+        self._class_names: list[str] | None = None
+
+    # -- what a family implements
+    def default_class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def read_splits(self) -> dict[str, ImageSet]:
+        raise NotImplementedError
+
+    # -- shared
+    @property
+    def root(self) -> Path:
+        if not self.cfg.root:
+            raise DatasetError(f"dataset={self.cfg.name} needs dataset.root=<folder of the data>")
+        return Path(self.cfg.root).expanduser()
+
+    @property
+    def class_names(self) -> list[str]:
+        if self._class_names is None:
+            self._class_names = list(self.cfg.class_names) or self.default_class_names()
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        from patholite.data.transforms import build_transform
+
+        splits = self.read_splits()
+        for split in SPLITS:
+            images = splits.get(split)
+            if images is None or len(images) == 0:
+                raise DatasetError(
+                    f"dataset={self.cfg.name}: the {split} split is empty (root: {self.cfg.root}); "
+                    "check the dataset layout in the README"
+                )
+            bad = (images.labels < 0) | (images.labels >= self.num_classes)
+            if bad.any():
+                raise DatasetError(
+                    f"dataset={self.cfg.name}: {int(bad.sum())} {split} labels fall outside the "
+                    f"{self.num_classes} classes {self.class_names}"
+                )
+            if self.cfg.max_samples_per_split:
+                keep = stratified_subsample(images.labels, self.cfg.max_samples_per_split, self.cfg.split_seed)
+                images = images.subset(keep)
+            self.splits[split] = images
+        self.datasets = {
+            split: ImageSetDataset(images, build_transform(self.cfg, train=split == "train"))
+            for split, images in self.splits.items()
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        batch = self.cfg.batch_size if split == "train" else (self.cfg.eval_batch_size or self.cfg.batch_size)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch,
+            shuffle=shuffle,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.cfg.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

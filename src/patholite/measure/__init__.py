@@ -1,0 +1,1 @@
+"""Measurement: quality metrics, cost, artifact files and the run record."""

@@ -1,0 +1,97 @@
+"""What a model costs: parameters, FLOPs, size on disk, latency, throughput, memory.
+
+A short in-process measurement for the run record. Absolute CPU timings on a shared machine drift by up to
+1.6x within minutes (../shared/FACTS.md): compare artifacts by ratios measured in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run timm attention without fused SDPA, whose FLOPs torch's counter cannot see on CPU."""
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")] if enabled else []
+    saved = [m.fused_attn for m in modules]
+    for m in modules:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved, strict=True):
+            m.fused_attn = value
+
+
+def count_flops(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> dict[str, int]:
+    """FLOPs of one image (2 per multiply-add). ``flops`` counts attention; ``flops_fused_uncounted`` is
+    what the counter reports with fused attention (the figure R2 quotes)."""
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    out = {}
+    for key, unfused in (("flops", True), ("flops_fused_uncounted", False)):
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), unfused_attention(model, unfused), counter:
+            model(x)
+        out[key] = int(counter.get_total_flops())
+    return out
+
+
+def files_size(directory: str | Path, files: list[str]) -> int:
+    return sum((Path(directory) / f).stat().st_size for f in files)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(
+    model: nn.Module,
+    image_size: int,
+    batch_sizes: list[int],
+    warmup: int,
+    iters: int,
+    repeats: int = 1,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """p50/p90 latency (ms) and throughput (images/s) per batch size, in this process."""
+    device = torch.device(device)
+    latency, throughput = {}, {}
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, image_size, image_size, device=device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for _ in range(warmup):
+                    model(x)
+                _sync(device)
+                for _ in range(iters):
+                    start = time.perf_counter()
+                    model(x)
+                    _sync(device)
+                    times.append((time.perf_counter() - start) * 1000)
+        p50 = statistics.median(times)
+        p90 = statistics.quantiles(times, n=10)[-1] if len(times) >= 2 else times[0]
+        latency[str(batch)] = {"p50": round(p50, 4), "p90": round(p90, 4)}
+        throughput[str(batch)] = round(batch * 1000 / p50, 3)
+    return latency, throughput

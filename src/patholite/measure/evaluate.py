@@ -1,0 +1,66 @@
+"""Evaluate and cost one artifact on the run's test split: one function for every technique."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from patholite.measure.cost import count_flops, count_params, files_size, measure_latency, peak_rss_mb
+from patholite.measure.metrics import QualityMeter
+from patholite.measure.records import ArtifactRecord
+
+
+@torch.inference_mode()
+def evaluate_quality(
+    model: nn.Module, loader: DataLoader, class_names: list[str], device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    model.eval()
+    meter = QualityMeter(class_names)
+    for images, labels in loader:
+        logits = model(images.to(device))
+        meter.update(torch.softmax(logits.float(), dim=1), labels)
+    return meter.compute()
+
+
+def measure_cost(
+    model: nn.Module, image_size: int, bench, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """Parameters, FLOPs, latency and throughput of ``model`` with the ``bench`` protocol."""
+    model.eval()
+    latency, throughput = measure_latency(
+        model, image_size, list(bench.batch_sizes), bench.warmup, bench.iters, bench.repeats, device
+    )
+    return {
+        "params": count_params(model),
+        **count_flops(model, image_size, device),
+        "latency_ms": latency,
+        "throughput_ips": throughput,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "protocol": {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats},
+    }
+
+
+def artifact_record(
+    name: str,
+    model: nn.Module,
+    directory: str | Path,
+    files: list[str],
+    loader: DataLoader,
+    class_names: list[str],
+    image_size: int,
+    bench,
+    device: torch.device | str = "cpu",
+    source: str | None = None,
+) -> ArtifactRecord:
+    """Quality on ``loader`` and cost of a saved artifact, as one record row."""
+    model = model.to(device)
+    quality = evaluate_quality(model, loader, class_names, device)
+    cost = measure_cost(model, image_size, bench, device)
+    cost["size_bytes"] = files_size(directory, files)
+    return ArtifactRecord(name=name, path=str(directory), files=files, quality=quality, cost=cost, source=source)

@@ -1,0 +1,133 @@
+"""Build any ``model=`` option through timm, offline, and load local weights into it.
+
+Weights never come from a hub: ``pretrained`` must stay false and local files (safetensors, torch state
+dicts, Lightning checkpoints, foundation-model weights) come in through ``model.checkpoint``; ViT position
+embeddings are resampled when the checkpoint was trained at another image size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from patholite.errors import CheckpointError, ConfigError
+from patholite.models.pyramid import PyramidViT, default_pyramid_blocks
+
+_PREFIXES = ("model.", "module.", "_orig_mod.")
+
+
+def _plain(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def create_network(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
+    """The bare network of ``model_cfg`` (no weights loaded). Works under ``torch.device("meta")``."""
+    cfg = _plain(model_cfg)
+    kwargs = dict(cfg.get("kwargs") or {})
+    if cfg.get("family", "vit") == "vit":
+        kwargs.setdefault("img_size", image_size)
+    if cfg.get("drop_path_rate"):
+        kwargs["drop_path_rate"] = cfg["drop_path_rate"]
+    try:
+        net = timm.create_model(cfg["timm_name"], pretrained=False, num_classes=num_classes, **kwargs)
+    except (TypeError, RuntimeError, AssertionError, ValueError) as err:
+        raise ConfigError(
+            f"model={cfg.get('name')}: timm could not build {cfg['timm_name']!r} with model.kwargs={kwargs} "
+            f"at image size {image_size}: {err}"
+        ) from err
+    pyramid = cfg.get("pyramid") or {}
+    if pyramid.get("enabled"):
+        if not hasattr(net, "blocks") or not hasattr(net, "_pos_embed"):
+            raise ConfigError(f"model.pyramid.enabled=true needs a Vision Transformer; {cfg['name']} is not one")
+        blocks = pyramid.get("blocks") or default_pyramid_blocks(len(net.blocks))
+        net = PyramidViT(net, num_classes, list(blocks))
+    return net
+
+
+def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
+    """The network of ``model_cfg``, with the local checkpoint's weights when one is named."""
+    net = create_network(model_cfg, num_classes, image_size)
+    cfg = _plain(model_cfg)
+    if cfg.get("checkpoint"):
+        load_weights(net, cfg["checkpoint"], skip_head=bool(cfg.get("checkpoint_skip_head")))
+    return net
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local weights file; never unpickles code (``weights_only=True``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"model.checkpoint={path} does not exist; give a local .safetensors/.pth/.ckpt file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
+        raise CheckpointError(f"cannot read weights from {path}: {err}") from err
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def classifier_keys(net: nn.Module) -> list[str]:
+    """State-dict keys of the network's classification head(s)."""
+    heads = [net.get_classifier()] if hasattr(net, "get_classifier") else []
+    if hasattr(net, "head_dist"):
+        heads.append(net.head_dist)
+    ids = {id(m) for m in heads if isinstance(m, nn.Module)}
+    keys = []
+    for name, module in net.named_modules():
+        if id(module) in ids:
+            keys += [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=True)]
+    return keys
+
+
+def checkpoint_num_classes(path: str | Path, net: nn.Module) -> int | None:
+    """The class count of the checkpoint's head, read by the network's head keys (None: no head)."""
+    state = read_state_dict(path)
+    for key in classifier_keys(net):
+        if key.endswith("weight") and key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> None:
+    """Load a local checkpoint into ``net``; position embeddings are resampled to the network's grid."""
+    state = read_state_dict(path)
+    head = set(classifier_keys(net))
+    if skip_head:
+        state = {k: v for k, v in state.items() if k not in head}
+    target = net.vit if isinstance(net, PyramidViT) else net
+    prefix = "vit." if isinstance(net, PyramidViT) else ""
+    if hasattr(target, "pos_embed") and (prefix + "pos_embed") in state:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = checkpoint_filter_fn(sub, target)
+        state = {**{k: v for k, v in state.items() if not k.startswith(prefix)}, **{prefix + k: v for k, v in sub.items()}}
+    own = net.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit the model (checkpoint vs model shapes): " + "; ".join(wrong[:5]))
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (skip_head and k in head)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            + (" (set model.checkpoint_skip_head=true to train a new head)" if set(missing) <= head else "")
+        )

@@ -1,0 +1,5 @@
+"""LightningModules: the plain classifier (teacher); distillation students and SMT come later."""
+
+from patholite.modules.classifier import ClassifierModule
+
+__all__ = ["ClassifierModule"]

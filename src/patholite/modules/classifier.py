@@ -1,0 +1,96 @@
+"""The plain classifier: how a teacher (or any baseline) is trained and evaluated.
+
+Hyperparameters are stored as plain containers, so checkpoints load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from patholite.measure.metrics import scalar_metrics
+from patholite.models.factory import build_model
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1, then cosine down to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        class_names: list[str],
+        image_size: int,
+        optim: dict[str, Any],
+        load_checkpoint: bool = True,
+    ) -> None:
+        """``model`` and ``optim`` are plain dicts of the ``model`` and ``optim`` config nodes."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names = list(class_names)
+        spec = model if load_checkpoint else {**model, "checkpoint": None}
+        self.net = build_model(spec, len(class_names), image_size)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=optim.get("label_smoothing", 0.0))
+        n = len(class_names)
+        self.val_metrics = scalar_metrics(n).clone(prefix="val/")
+        self.test_metrics = scalar_metrics(n).clone(prefix="test/")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({"train/loss": loss, "train/accuracy": acc}, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, metrics) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        metrics.update(torch.softmax(logits.float(), dim=1), labels)
+        return self.criterion(logits, labels)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss = self._eval_step(batch, self.val_metrics)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log_dict(self.val_metrics, prog_bar=False)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss = self._eval_step(batch, self.test_metrics)
+        self.log("test/loss", loss)
+        self.log_dict(self.test_metrics)
+
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        decay, no_decay = [], []
+        for name, param in self.net.named_parameters():
+            if not param.requires_grad:
+                continue
+            # norms, biases and token/position embeddings are not weight-decayed (timm's convention)
+            (no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = min(total - 1, int(cfg["warmup_epochs"] * per_epoch)) if total > 1 else 0
+        schedule = LambdaLR(optimizer, warmup_cosine(total, max(1, warmup), cfg["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,47 @@
+"""What a pipeline gets to work with: the config, the run directory, data, accelerator, loggers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from patholite.accelerators import ResolvedAccelerator
+from patholite.data import HistologyDataModule
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: HistologyDataModule
+    accelerator: ResolvedAccelerator
+    loggers: list[Any] = field(default_factory=list)
+    resume_from: Path | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def artifact_dir(self, name: str) -> Path:
+        return self.run_dir / "artifacts" / name
+
+    def plain(self, key: str) -> dict[str, Any]:
+        """A config node as plain containers (what checkpoints and sidecars store)."""
+        return OmegaConf.to_container(self.cfg[key], resolve=True)
+
+    def artifact_meta(self) -> dict[str, Any]:
+        """The sidecar facts every artifact of this run shares."""
+        model = self.plain("model")
+        model["checkpoint"] = None  # the artifact's own weights replace it
+        d = self.cfg.dataset
+        return {
+            "model": model,
+            "class_names": list(self.datamodule.class_names),
+            "image_size": int(d.image_size),
+            "mean": list(d.mean),
+            "std": list(d.std),
+            "dataset": d.name,
+        }

@@ -1,0 +1,84 @@
+"""The Lightning Trainer a training stage runs: accelerator, checkpoints (best, last, on interrupt), loggers."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
+
+from patholite.pipelines.context import RunContext
+
+INTERRUPTED_CKPT = "interrupted"
+
+# With OnExceptionCheckpoint present, Lightning reads fit(ckpt_path=None) as "resume from last" and warns
+# that there is none; patholite passes the checkpoint to resume explicitly (resume=<run dir>).
+warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model")
+warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
+
+
+def build_callbacks(ctx: RunContext, checkpoint_dir: Path) -> list[L.Callback]:
+    cb = ctx.cfg.callbacks
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="best-{epoch:03d}",
+            monitor=cb.monitor,
+            mode=cb.monitor_mode,
+            save_top_k=1,
+            save_last=True,
+        ),
+        # Ctrl-C or SIGTERM mid-epoch: Lightning calls on_exception, which leaves a resumable checkpoint.
+        OnExceptionCheckpoint(dirpath=checkpoint_dir, filename=INTERRUPTED_CKPT),
+    ]
+    if ctx.loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cb.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.monitor_mode, patience=cb.early_stopping_patience))
+    if cb.progress_bar == "rich":
+        callbacks.append(RichProgressBar(leave=True))
+    elif cb.progress_bar == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    callbacks += [instantiate(spec) for spec in cb.extra.values()]
+    return callbacks
+
+
+def build_trainer(ctx: RunContext, checkpoint_dir: Path | None = None) -> L.Trainer:
+    t = ctx.cfg.trainer
+    return L.Trainer(
+        **ctx.accelerator.lightning,
+        max_epochs=t.max_epochs,
+        limit_train_batches=_limit(t.limit_train_batches),
+        limit_val_batches=_limit(t.limit_val_batches),
+        limit_test_batches=_limit(t.limit_test_batches),
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        deterministic=t.deterministic,
+        default_root_dir=str(ctx.run_dir),
+        logger=ctx.loggers or False,
+        callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir),
+        enable_progress_bar=ctx.cfg.callbacks.progress_bar != "none",
+        enable_model_summary=False,
+    )
+
+
+def _limit(value: float) -> float | int:
+    """Lightning reads an int as a batch count and a float as a fraction."""
+    return int(value) if value > 1 else float(value)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest resumable checkpoint: the last epoch's, or the one written on interruption."""
+    candidates = [p for p in (checkpoint_dir / "last.ckpt", checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

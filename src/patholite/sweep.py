@@ -1,0 +1,45 @@
+"""End of a Hydra multirun: list every job's status, and fail the sweep when a job failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+
+from patholite.measure.io import write_json
+from patholite.measure.records import RECORD_FILE, read_record
+from patholite.measure.report import print_records
+
+# Jobs that did not end "ok" in the last sweep of this process; the entry point exits non-zero on them.
+FAILED_JOBS: list[dict[str, Any]] = []
+
+
+def sweep_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(sweep_dir.glob(f"*/{RECORD_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        records.append(read_record(path))
+    return records
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        records = sweep_records(sweep_dir)
+        FAILED_JOBS.clear()
+        FAILED_JOBS.extend(
+            {"run_dir": r["run_dir"], "status": r["status"], "error": r.get("error")}
+            for r in records if r["status"] != "ok"
+        )
+        write_json(sweep_dir / "sweep.json", {
+            "jobs": [{"run_dir": r["run_dir"], "status": r["status"], "overrides": r["job"].get("overrides"),
+                      "error": r.get("error")} for r in records],
+            "failed": len(FAILED_JOBS),
+        })
+        print_records(records, title=f"sweep {sweep_dir}")
+        console = Console(stderr=True)
+        for job in FAILED_JOBS:
+            console.print(f"[bold red]{job['status']}[/]: {job['run_dir']}: {job['error']}")
+        console.print(f"{len(records) - len(FAILED_JOBS)} of {len(records)} jobs ok; summary in {sweep_dir / 'sweep.json'}")

@@ -1,0 +1,86 @@
+"""Experiment tracking: one W&B run per job (offline unless asked), a CSV log, both closed in ``finally``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from patholite.measure.records import RunRecord
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, group: str, job_name: str, resume_id: str | None) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    w = cfg.logger.wandb
+    if w is not None and w.mode != "disabled":
+        # Offline needs no key and no network; `wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                project=w.project,
+                entity=w.entity,
+                group=w.group or group,
+                name=job_name,
+                save_dir=str(run_dir),
+                offline=w.mode == "offline",
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                tags=list(w.tags) + list(cfg.tags),
+                settings={"console": "off", "silent": True},
+            )
+        )
+    if loggers:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        for logger in loggers:
+            logger.log_hyperparams(resolved)
+    return loggers
+
+
+def wandb_info(loggers: list[Logger], mode: str) -> dict[str, Any] | None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            return {"run_id": run.id, "dir": str(Path(run.dir).parent), "mode": mode, "group": run.group}
+    return None
+
+
+def _flat_summary(record: RunRecord) -> dict[str, Any]:
+    summary: dict[str, Any] = {"status": record.status}
+    for art in record.artifacts:
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"):
+            summary[f"{art.name}/{key}"] = art.quality.get(key)
+        for key in ("params", "flops", "size_bytes", "peak_rss_mb"):
+            summary[f"{art.name}/{key}"] = art.cost.get(key)
+        for batch, lat in art.cost.get("latency_ms", {}).items():
+            summary[f"{art.name}/latency_p50_ms_b{batch}"] = lat["p50"]
+    return summary
+
+
+def log_record(loggers: list[Logger], record: RunRecord) -> None:
+    """Put the record's numbers in the W&B run: summary metrics and a per-artifact table."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        run = logger.experiment
+        run.summary.update(_flat_summary(record))
+        columns = ["artifact", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "params", "size_bytes"]
+        rows = [[a.name, *(a.quality.get(k) for k in columns[1:5]), a.cost.get("params"), a.cost.get("size_bytes")]
+                for a in record.artifacts]
+        run.log({"artifacts": wandb.Table(columns=columns, data=rows)})
+
+
+def close_loggers(loggers: list[Logger], status: str) -> None:
+    for logger in loggers:
+        logger.finalize("success" if status == "ok" else "failed")
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=0 if status == "ok" else 1)

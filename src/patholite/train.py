@@ -1,0 +1,132 @@
+"""Entry point: ``python -m patholite.train`` (or ``patholite-train``).
+
+compose -> validate -> build -> run the compression option's pipeline -> record. Every job writes its run
+record (``metrics.json``) whatever happens; a sweep lists failed jobs at the end and exits non-zero if any.
+
+Beyond Hydra's syntax it takes ``resume=<run dir>`` (continue that run, in its directory, from its last
+checkpoint) and ``rerun=<run dir> [overrides]`` (a new run from that run's saved overrides plus new ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+from patholite import sweep
+from patholite.errors import CheckpointError, PatholiteError
+from patholite.measure.records import RunRecord, read_record
+from patholite.measure.report import print_records
+from patholite.overrides import expand_run_references
+
+log = logging.getLogger("patholite.train")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _job_info(hc) -> dict[str, Any]:
+    multirun = hc.mode == RunMode.MULTIRUN
+    return {
+        "name": hc.job.name,
+        "num": OmegaConf.select(hc, "job.num", default=None),
+        "override_dirname": hc.job.override_dirname,
+        "overrides": list(hc.overrides.task),
+        "sweep_dir": str(Path(hc.sweep.dir).resolve()) if multirun else None,
+        "multirun": multirun,
+    }
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint to continue from and the W&B run id to continue, when ``resume`` is set."""
+    if not cfg.resume:
+        return None, None
+    from patholite.pipelines.lightning import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise CheckpointError(f"resume={cfg.resume}: no last.ckpt or interrupted.ckpt under {run_dir / 'checkpoints'}")
+    try:
+        wandb_id = (read_record(run_dir).get("wandb") or {}).get("run_id")
+    except (OSError, ValueError):
+        wandb_id = None
+    return checkpoint, wandb_id
+
+
+def run_job(cfg: DictConfig) -> str:
+    """Run one job and write its record; returns the record's status."""
+    import lightning as L
+
+    from patholite.pipelines import RunContext, run_pipeline
+    from patholite.pipelines.preflight import preflight
+    from patholite import tracking
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir).resolve()
+    job = _job_info(hc)
+    record = RunRecord(run_dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=False), job=job)
+    loggers: list = []
+    try:
+        record.config = OmegaConf.to_container(cfg, resolve=True)
+        resume_from, wandb_id = _resume_point(cfg, run_dir)
+        record.write()
+        datamodule, accelerator = preflight(cfg)
+        record.device = accelerator.describe()
+        record.write()
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        group = Path(job["sweep_dir"]).name if job["multirun"] else run_dir.name
+        name = f"{cfg.model.name}-{cfg.compression.name}-{cfg.dataset.name}" + (
+            f"-{job['num']}" if job["num"] is not None else "")
+        loggers = tracking.build_loggers(cfg, run_dir, group, name, wandb_id)
+        record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
+        ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=datamodule, accelerator=accelerator,
+                         loggers=loggers, resume_from=resume_from)
+        record.artifacts = run_pipeline(ctx)
+        record.finish("ok")
+        tracking.log_record(loggers, record)
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns Ctrl-C and SIGTERM into SystemExit after writing checkpoints/interrupted.ckpt.
+        record.finish("interrupted", err, traceback.format_exc())
+        log.error("interrupted; continue with: python -m patholite.train resume=%s", run_dir)
+        raise
+    except Exception as err:
+        record.finish("failed", err, traceback.format_exc())
+        if not job["multirun"]:
+            raise
+        log.error("job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err, record.path)
+    finally:
+        tracking.close_loggers(loggers, record.status)
+    if record.status == "ok" and not job["multirun"]:
+        print_records([read_record(record.path)], title=f"run {run_dir}")
+        print(f"record: {record.path}\nlogs:   {run_dir / 'csv'}  {run_dir / 'train.log'}"
+              + (f"  {record.wandb['dir']}" if record.wandb else ""))
+    return record.status
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> str:
+    return run_job(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: expand ``resume=``/``rerun=`` into overrides, run Hydra, fail if any sweep job failed."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        sys.argv = [sys.argv[0], *expand_run_references(argv)]
+    except PatholiteError as err:
+        print(f"patholite: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sweep.FAILED_JOBS.clear()
+    _hydra_main()
+    if sweep.FAILED_JOBS:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
