@@ -67,16 +67,24 @@ def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
         base = ["debug=fast", "model=vit_micro", "logger=csv"] if fast else []
         cfg = compose_config([*base, *overrides], run_dir or tmp_path / "run", cache_dir)
         HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # a job sees its task config only, as under @hydra.main
         return cfg
 
     yield make
     GlobalHydra.instance().clear()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m patholite.train <args>`` in a subprocess, as a user would run it."""
     full_env = {**os.environ, "PATHOLITE_ROOT": str(cwd), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "patholite.train", *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

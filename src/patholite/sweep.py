@@ -31,15 +31,29 @@ class SweepSummary(Callback):
         FAILED_JOBS.clear()
         FAILED_JOBS.extend(
             {"run_dir": r["run_dir"], "status": r["status"], "error": r.get("error")}
-            for r in records if r["status"] != "ok"
+            for r in records
+            if r["status"] != "ok"
         )
-        write_json(sweep_dir / "sweep.json", {
-            "jobs": [{"run_dir": r["run_dir"], "status": r["status"], "overrides": r["job"].get("overrides"),
-                      "error": r.get("error")} for r in records],
-            "failed": len(FAILED_JOBS),
-        })
+        write_json(
+            sweep_dir / "sweep.json",
+            {
+                "jobs": [
+                    {
+                        "run_dir": r["run_dir"],
+                        "status": r["status"],
+                        "overrides": r["job"].get("overrides"),
+                        "error": r.get("error"),
+                    }
+                    for r in records
+                ],
+                "failed": len(FAILED_JOBS),
+            },
+        )
         print_records(records, title=f"sweep {sweep_dir}")
         console = Console(stderr=True)
         for job in FAILED_JOBS:
             console.print(f"[bold red]{job['status']}[/]: {job['run_dir']}: {job['error']}")
-        console.print(f"{len(records) - len(FAILED_JOBS)} of {len(records)} jobs ok; summary in {sweep_dir / 'sweep.json'}")
+        console.print(
+            f"{len(records) - len(FAILED_JOBS)} of {len(records)} jobs ok; "
+            f"summary in {sweep_dir / 'sweep.json'}"
+        )

@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from patholite.measure.records import RunRecord
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, group: str, job_name: str, resume_id: str | None) -> list[Logger]:
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, group: str, job_name: str, resume_id: str | None
+) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
@@ -71,8 +73,15 @@ def log_record(loggers: list[Logger], record: RunRecord) -> None:
         run = logger.experiment
         run.summary.update(_flat_summary(record))
         columns = ["artifact", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "params", "size_bytes"]
-        rows = [[a.name, *(a.quality.get(k) for k in columns[1:5]), a.cost.get("params"), a.cost.get("size_bytes")]
-                for a in record.artifacts]
+        rows = [
+            [
+                a.name,
+                *(a.quality.get(k) for k in columns[1:5]),
+                a.cost.get("params"),
+                a.cost.get("size_bytes"),
+            ]
+            for a in record.artifacts
+        ]
         run.log({"artifacts": wandb.Table(columns=columns, data=rows)})
 
 

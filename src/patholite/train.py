@@ -51,7 +51,9 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | No
 
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
-        raise CheckpointError(f"resume={cfg.resume}: no last.ckpt or interrupted.ckpt under {run_dir / 'checkpoints'}")
+        raise CheckpointError(
+            f"resume={cfg.resume}: no last.ckpt or interrupted.ckpt under {run_dir / 'checkpoints'}"
+        )
     try:
         wandb_id = (read_record(run_dir).get("wandb") or {}).get("run_id")
     except (OSError, ValueError):
@@ -63,9 +65,9 @@ def run_job(cfg: DictConfig) -> str:
     """Run one job and write its record; returns the record's status."""
     import lightning as L
 
+    from patholite import tracking
     from patholite.pipelines import RunContext, run_pipeline
     from patholite.pipelines.preflight import preflight
-    from patholite import tracking
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir).resolve()
@@ -82,11 +84,18 @@ def run_job(cfg: DictConfig) -> str:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         group = Path(job["sweep_dir"]).name if job["multirun"] else run_dir.name
         name = f"{cfg.model.name}-{cfg.compression.name}-{cfg.dataset.name}" + (
-            f"-{job['num']}" if job["num"] is not None else "")
+            f"-{job['num']}" if job["num"] is not None else ""
+        )
         loggers = tracking.build_loggers(cfg, run_dir, group, name, wandb_id)
         record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
-        ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=datamodule, accelerator=accelerator,
-                         loggers=loggers, resume_from=resume_from)
+        ctx = RunContext(
+            cfg=cfg,
+            run_dir=run_dir,
+            datamodule=datamodule,
+            accelerator=accelerator,
+            loggers=loggers,
+            resume_from=resume_from,
+        )
         record.artifacts = run_pipeline(ctx)
         record.finish("ok")
         tracking.log_record(loggers, record)
@@ -104,8 +113,10 @@ def run_job(cfg: DictConfig) -> str:
         tracking.close_loggers(loggers, record.status)
     if record.status == "ok" and not job["multirun"]:
         print_records([read_record(record.path)], title=f"run {run_dir}")
-        print(f"record: {record.path}\nlogs:   {run_dir / 'csv'}  {run_dir / 'train.log'}"
-              + (f"  {record.wandb['dir']}" if record.wandb else ""))
+        print(
+            f"record: {record.path}\nlogs:   {run_dir / 'csv'}  {run_dir / 'train.log'}"
+            + (f"  {record.wandb['dir']}" if record.wandb else "")
+        )
     return record.status
 
 
@@ -115,7 +126,7 @@ def _hydra_main(cfg: DictConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry: expand ``resume=``/``rerun=`` into overrides, run Hydra, fail if any sweep job failed."""
+    """Console entry: expand ``resume=``/``rerun=``, run Hydra, exit non-zero if any sweep job failed."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         sys.argv = [sys.argv[0], *expand_run_references(argv)]

@@ -28,8 +28,15 @@ class ResolvedAccelerator:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        return {"requested": self.name, "kind": self.kind, **self.lightning, "eval_device": str(self.device),
-                "int8_engine": self.int8_engine, "notes": self.notes, **describe_machine(self.device)}
+        return {
+            "requested": self.name,
+            "kind": self.kind,
+            **self.lightning,
+            "eval_device": str(self.device),
+            "int8_engine": self.int8_engine,
+            "notes": self.notes,
+            **describe_machine(self.device),
+        }
 
 
 def _cpu_name() -> str:
@@ -71,7 +78,11 @@ def _resolve_cpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
         raise ConfigError(f"accelerator.precision={precision} does not run on CPU; use 32-true or bf16-mixed")
     n = _count_devices(cfg.devices)
     devices = 1 if n is None else n
-    return "cpu", {"accelerator": "cpu", "devices": devices, "strategy": cfg.strategy, "precision": precision}, torch.device("cpu")
+    return (
+        "cpu",
+        {"accelerator": "cpu", "devices": devices, "strategy": cfg.strategy, "precision": precision},
+        torch.device("cpu"),
+    )
 
 
 def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
@@ -83,11 +94,18 @@ def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     available = torch.cuda.device_count()
     n = _count_devices(cfg.devices)
     if n is not None and n > available:
-        raise AcceleratorError(f"accelerator.devices={cfg.devices} but this machine has {available} CUDA device(s)")
+        raise AcceleratorError(
+            f"accelerator.devices={cfg.devices} but this machine has {available} CUDA device(s)"
+        )
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    lightning = {"accelerator": "gpu", "devices": cfg.devices, "strategy": cfg.strategy, "precision": precision}
+    lightning = {
+        "accelerator": "gpu",
+        "devices": cfg.devices,
+        "strategy": cfg.strategy,
+        "precision": precision,
+    }
     first = cfg.devices[0] if isinstance(cfg.devices, (list, tuple)) else 0
     return "gpu", lightning, torch.device("cuda", first)
 
@@ -96,7 +114,7 @@ _RESOLVERS: dict[str, Callable] = {"cpu": _resolve_cpu, "gpu": _resolve_gpu}
 
 
 def resolve_accelerator(cfg) -> ResolvedAccelerator:
-    """Check ``cfg`` (the ``accelerator`` node) against this machine and resolve it; raises before any work."""
+    """Check the ``accelerator`` node against this machine and resolve it; raises before any work."""
     asked = cfg.accelerator
     notes = []
     if asked == "auto":
@@ -113,8 +131,15 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
     engine = cfg.int8_engine
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
-        raise AcceleratorError(f"accelerator.int8_engine={engine} is not supported here; this torch has {supported}")
+        raise AcceleratorError(
+            f"accelerator.int8_engine={engine} is not supported here; this torch has {supported}"
+        )
     return ResolvedAccelerator(
-        name=cfg.name, kind=kind, lightning=lightning, device=device,
-        pin_memory=bool(cfg.pin_memory) and kind == "gpu", int8_engine=engine, notes=notes,
+        name=cfg.name,
+        kind=kind,
+        lightning=lightning,
+        device=device,
+        pin_memory=bool(cfg.pin_memory) and kind == "gpu",
+        int8_engine=engine,
+        notes=notes,
     )

@@ -74,11 +74,13 @@ def check_config(cfg: DictConfig) -> None:
         f"dataset.val_fraction={d.val_fraction} and dataset.test_fraction={d.test_fraction} must each lie in "
         "[0, 1) and leave some data for training",
     )
-    _require(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
-             "dataset.mean and dataset.std need 3 values (RGB), std > 0")
+    _require(
+        len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+        "dataset.mean and dataset.std need 3 values (RGB), std > 0",
+    )
     _require(
         not m.pretrained,
-        f"model.pretrained=true would download weights, and patholite runs offline: set model.pretrained=false "
+        f"model.pretrained=true would download weights; patholite runs offline: set model.pretrained=false "
         f"and model.checkpoint=<local weights file> for {m.name}",
     )
     _choice(m.family, "model.family", ("vit", "cnn"))
@@ -86,13 +88,21 @@ def check_config(cfg: DictConfig) -> None:
     t = cfg.trainer
     _require(t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs} must be >= 1")
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
-    _require(0 <= cfg.optim.label_smoothing < 1, f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)")
+    _require(
+        0 <= cfg.optim.label_smoothing < 1,
+        f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)",
+    )
     _choice(cfg.callbacks.progress_bar, "callbacks.progress_bar", ("rich", "tqdm", "none"))
     _choice(cfg.callbacks.monitor_mode, "callbacks.monitor_mode", ("min", "max"))
     if cfg.logger.wandb is not None:
         _choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
-    _require(all(b >= 1 for b in cfg.bench.batch_sizes) and cfg.bench.batch_sizes,
-             f"bench.batch_sizes={list(cfg.bench.batch_sizes)} must be positive integers")
+    _require(
+        all(b >= 1 for b in cfg.bench.batch_sizes) and cfg.bench.batch_sizes,
+        f"bench.batch_sizes={list(cfg.bench.batch_sizes)} must be positive integers",
+    )
     _require(cfg.bench.iters >= 1 and cfg.bench.warmup >= 0, "bench.iters must be >= 1 and bench.warmup >= 0")
-    _require(not (cfg.resume and cfg.rerun), "resume= and rerun= exclude each other: resume continues a run, "
-             "rerun starts a new one from a past run's overrides")
+    _require(
+        not (cfg.resume and cfg.rerun),
+        "resume= and rerun= exclude each other: resume continues a run, "
+        "rerun starts a new one from a past run's overrides",
+    )

@@ -1,8 +1,8 @@
 """Dataclass schemas of every config group, registered in Hydra's ConfigStore.
 
 Each group option's YAML names its schema in its defaults list (``/schema/<group>/<name>@_here_``), so Hydra
-composes the option onto a typed, struct-mode node: an unknown key or a value of the wrong type fails at start,
-naming the key. Dataset and model options each have a schema class; options add fields by subclassing.
+composes the option onto a typed, struct-mode node: an unknown key or a value of the wrong type fails at
+start, naming the key. Dataset and model options each have a schema class; options add fields by subclassing.
 """
 
 from __future__ import annotations

@@ -160,7 +160,9 @@ class HistologyDataModule(L.LightningDataModule):
                     f"{self.num_classes} classes {self.class_names}"
                 )
             if self.cfg.max_samples_per_split:
-                keep = stratified_subsample(images.labels, self.cfg.max_samples_per_split, self.cfg.split_seed)
+                keep = stratified_subsample(
+                    images.labels, self.cfg.max_samples_per_split, self.cfg.split_seed
+                )
                 images = images.subset(keep)
             self.splits[split] = images
         self.datasets = {

@@ -63,4 +63,6 @@ def artifact_record(
     quality = evaluate_quality(model, loader, class_names, device)
     cost = measure_cost(model, image_size, bench, device)
     cost["size_bytes"] = files_size(directory, files)
-    return ArtifactRecord(name=name, path=str(directory), files=files, quality=quality, cost=cost, source=source)
+    return ArtifactRecord(
+        name=name, path=str(directory), files=files, quality=quality, cost=cost, source=source
+    )

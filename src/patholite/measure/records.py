@@ -63,8 +63,19 @@ ARTIFACT_NAMES = {
 }
 
 _PACKAGES = (
-    "patholite", "torch", "torchvision", "timm", "lightning", "torchmetrics", "hydra-core", "omegaconf",
-    "wandb", "numpy", "onnxruntime", "openslide-python", "openslide-bin",
+    "patholite",
+    "torch",
+    "torchvision",
+    "timm",
+    "lightning",
+    "torchmetrics",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "numpy",
+    "onnxruntime",
+    "openslide-python",
+    "openslide-bin",
 )
 
 

@@ -14,9 +14,25 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 def artifact_table(records: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    for column in ("job", "status", "artifact", "model", "acc", "bal. acc", "macro-F1", "AUROC", "ECE",
-                   "params (M)", "GFLOPs", "size (MB)", "p50 ms (batch)", "img/s (batch)"):
-        table.add_column(column, justify="left" if column in ("job", "status", "artifact", "model") else "right")
+    for column in (
+        "job",
+        "status",
+        "artifact",
+        "model",
+        "acc",
+        "bal. acc",
+        "macro-F1",
+        "AUROC",
+        "ECE",
+        "params (M)",
+        "GFLOPs",
+        "size (MB)",
+        "p50 ms (batch)",
+        "img/s (batch)",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("job", "status", "artifact", "model") else "right"
+        )
     for rec in records:
         num = rec.get("job", {}).get("num")
         job = "-" if num is None else str(num)
@@ -28,10 +44,20 @@ def artifact_table(records: list[dict[str, Any]], title: str) -> Table:
             lat = ", ".join(f"{v['p50']:.1f} ({b})" for b, v in c.get("latency_ms", {}).items())
             ips = ", ".join(f"{v:.0f} ({b})" for b, v in c.get("throughput_ips", {}).items())
             table.add_row(
-                job, rec["status"], art["name"], model, _fmt(q.get("accuracy")), _fmt(q.get("balanced_accuracy")),
-                _fmt(q.get("macro_f1")), _fmt(q.get("auroc")), _fmt(q.get("ece")),
-                _fmt(c.get("params", 0) / 1e6, ".3f"), _fmt(c.get("flops", 0) / 1e9, ".3f"),
-                _fmt(c.get("size_bytes", 0) / 1e6, ".2f"), lat, ips,
+                job,
+                rec["status"],
+                art["name"],
+                model,
+                _fmt(q.get("accuracy")),
+                _fmt(q.get("balanced_accuracy")),
+                _fmt(q.get("macro_f1")),
+                _fmt(q.get("auroc")),
+                _fmt(q.get("ece")),
+                _fmt(c.get("params", 0) / 1e6, ".3f"),
+                _fmt(c.get("flops", 0) / 1e9, ".3f"),
+                _fmt(c.get("size_bytes", 0) / 1e6, ".2f"),
+                lat,
+                ips,
             )
     return table
 

@@ -18,7 +18,8 @@ from torch import nn
 from patholite.errors import CheckpointError, ConfigError
 from patholite.models.pyramid import PyramidViT, default_pyramid_blocks
 
-_PREFIXES = ("model.", "module.", "_orig_mod.")
+# Lightning modules (ours keep the network as `net`), DDP and torch.compile wrap keys in these prefixes.
+_PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
 
 
 def _plain(cfg: Any) -> dict:
@@ -43,7 +44,9 @@ def create_network(model_cfg: Any, num_classes: int, image_size: int) -> nn.Modu
     pyramid = cfg.get("pyramid") or {}
     if pyramid.get("enabled"):
         if not hasattr(net, "blocks") or not hasattr(net, "_pos_embed"):
-            raise ConfigError(f"model.pyramid.enabled=true needs a Vision Transformer; {cfg['name']} is not one")
+            raise ConfigError(
+                f"model.pyramid.enabled=true needs a Vision Transformer; {cfg['name']} is not one"
+            )
         blocks = pyramid.get("blocks") or default_pyramid_blocks(len(net.blocks))
         net = PyramidViT(net, num_classes, list(blocks))
     return net
@@ -62,7 +65,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local weights file; never unpickles code (``weights_only=True``)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"model.checkpoint={path} does not exist; give a local .safetensors/.pth/.ckpt file")
+        raise CheckpointError(
+            f"model.checkpoint={path} does not exist; give a local .safetensors/.pth/.ckpt file"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -86,9 +91,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def classifier_keys(net: nn.Module) -> list[str]:
     """State-dict keys of the network's classification head(s)."""
-    heads = [net.get_classifier()] if hasattr(net, "get_classifier") else []
-    if hasattr(net, "head_dist"):
-        heads.append(net.head_dist)
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    heads = list(head) if isinstance(head, tuple) else [head]  # distilled DeiT returns (head, head_dist)
     ids = {id(m) for m in heads if isinstance(m, nn.Module)}
     keys = []
     for name, module in net.named_modules():
@@ -119,11 +123,20 @@ def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> N
 
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         sub = checkpoint_filter_fn(sub, target)
-        state = {**{k: v for k, v in state.items() if not k.startswith(prefix)}, **{prefix + k: v for k, v in sub.items()}}
+        state = {
+            **{k: v for k, v in state.items() if not k.startswith(prefix)},
+            **{prefix + k: v for k, v in sub.items()},
+        }
     own = net.state_dict()
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if wrong:
-        raise CheckpointError(f"{path} does not fit the model (checkpoint vs model shapes): " + "; ".join(wrong[:5]))
+        raise CheckpointError(
+            f"{path} does not fit the model (checkpoint vs model shapes): " + "; ".join(wrong[:5])
+        )
     result = net.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (skip_head and k in head)]
     if missing or result.unexpected_keys:

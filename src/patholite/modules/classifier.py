@@ -83,9 +83,16 @@ class ClassifierModule(L.LightningModule):
             if not param.requires_grad:
                 continue
             # norms, biases and token/position embeddings are not weight-decayed (timm's convention)
-            (no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay).append(param)
+            (
+                no_decay
+                if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token"))
+                else decay
+            ).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": cfg["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=cfg["lr"],
             betas=tuple(cfg["betas"]),
         )

@@ -1,4 +1,4 @@
-"""The Lightning Trainer a training stage runs: accelerator, checkpoints (best, last, on interrupt), loggers."""
+"""The Lightning Trainer of a training stage: accelerator, checkpoints (best, last, interrupted), loggers."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def build_callbacks(ctx: RunContext, checkpoint_dir: Path) -> list[L.Callback]:
     if ctx.loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cb.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.monitor_mode, patience=cb.early_stopping_patience))
+        callbacks.append(
+            EarlyStopping(monitor=cb.monitor, mode=cb.monitor_mode, patience=cb.early_stopping_patience)
+        )
     if cb.progress_bar == "rich":
         callbacks.append(RichProgressBar(leave=True))
     elif cb.progress_bar == "tqdm":
@@ -80,5 +82,7 @@ def _limit(value: float) -> float | int:
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest resumable checkpoint: the last epoch's, or the one written on interruption."""
-    candidates = [p for p in (checkpoint_dir / "last.ckpt", checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt") if p.is_file()]
+    candidates = [
+        p for p in (checkpoint_dir / "last.ckpt", checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt") if p.is_file()
+    ]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

@@ -15,7 +15,9 @@ from patholite.models.factory import checkpoint_num_classes, create_network, rea
 def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int) -> None:
     """The model can take the dataset's images and classes, and its checkpoint fits both."""
     if "img_size" in (model_cfg.kwargs or {}):
-        raise ConfigError("model.kwargs.img_size is set by the dataset: use dataset.image_size=<pixels> instead")
+        raise ConfigError(
+            "model.kwargs.img_size is set by the dataset: use dataset.image_size=<pixels> instead"
+        )
     if model_cfg.num_classes is not None and model_cfg.num_classes != num_classes:
         raise ConfigError(
             f"model.num_classes={model_cfg.num_classes} but the dataset has {num_classes} classes; "
@@ -28,8 +30,8 @@ def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int) -
         patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
         if image_size % patch:
             raise ConfigError(
-                f"dataset.image_size={image_size} is not a multiple of {model_cfg.name}'s patch size {patch}; "
-                f"use a multiple such as {max(patch, image_size - image_size % patch)}"
+                f"dataset.image_size={image_size} is not a multiple of {model_cfg.name}'s patch size "
+                f"{patch}; use a multiple such as {max(patch, image_size - image_size % patch)}"
             )
     elif image_size < 32:
         raise ConfigError(f"{model_cfg.name} downsamples 32x: dataset.image_size={image_size} must be >= 32")
@@ -49,7 +51,9 @@ def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator
 
     check_config(cfg)
     if cfg.compression.pipeline not in PIPELINES:
-        raise ConfigError(f"compression.pipeline={cfg.compression.pipeline!r} is not one of {sorted(PIPELINES)}")
+        raise ConfigError(
+            f"compression.pipeline={cfg.compression.pipeline!r} is not one of {sorted(PIPELINES)}"
+        )
     accelerator = resolve_accelerator(cfg.accelerator)
     datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory)
     check_model_fits(cfg.model, datamodule.num_classes, cfg.dataset.image_size)

@@ -45,8 +45,15 @@ def record_float(ctx: RunContext, module: ClassifierModule, name: str = "fp32") 
     if bench.threads:
         torch.set_num_threads(bench.threads)
     return artifact_record(
-        name, net, directory, files, ctx.datamodule.test_dataloader(), meta["class_names"],
-        meta["image_size"], bench, ctx.accelerator.device,
+        name,
+        net,
+        directory,
+        files,
+        ctx.datamodule.test_dataloader(),
+        meta["class_names"],
+        meta["image_size"],
+        bench,
+        ctx.accelerator.device,
     )
 
 

@@ -1,0 +1,126 @@
+"""The command line as a user runs it: sweeps, failing jobs, rerun, a killed run resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from patholite.errors import ConfigError
+from patholite.measure.records import read_record
+from patholite.overrides import expand_run_references, merge_overrides, override_key
+from tests.conftest import REPO, run_cli
+
+FAST = ["debug=fast", "model=vit_micro"]
+
+
+def sweep_dirs(root: Path) -> list[Path]:
+    return sorted((root / "outputs" / "multiruns").glob("*/*"))
+
+
+def test_two_model_sweep_writes_two_records_and_two_wandb_runs(tmp_path):
+    result = run_cli(["-m", "debug=fast", "model=vit_micro,vit_mini", "logger=wandb"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [sweep] = sweep_dirs(tmp_path)
+    records = [read_record(sweep / str(n)) for n in (0, 1)]
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert {r["config"]["model"]["name"] for r in records} == {"vit_micro", "vit_mini"}
+    for n, record in enumerate(records):
+        assert len(list((sweep / str(n) / "wandb").glob("offline-run-*"))) == 1
+        assert record["wandb"]["group"] == sweep.name  # the sweep is the W&B group
+        assert record["job"]["num"] == n
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert summary["failed"] == 0 and len(summary["jobs"]) == 2
+    assert "vit_mini" in result.stdout  # the sweep's results table
+
+
+def test_failing_job_in_sweep_is_recorded_and_the_sweep_exits_nonzero(tmp_path):
+    # image size 30 is not a multiple of vit_micro's patch size 4: job 1 fails, job 0 and 2 run
+    result = run_cli(["-m", *FAST, "logger=csv", "dataset.image_size=32,30,36"], tmp_path)
+    assert result.returncode == 1
+    [sweep] = sweep_dirs(tmp_path)
+    statuses = [read_record(sweep / str(n))["status"] for n in range(3)]
+    assert statuses == ["ok", "failed", "ok"]
+    failed = read_record(sweep / "1")
+    assert "ConfigError" in failed["error"] and "patch size 4" in failed["error"]
+    assert "not a multiple" in result.stderr + result.stdout
+    assert json.loads((sweep / "sweep.json").read_text())["failed"] == 1
+
+
+def test_single_run_bad_input_exits_nonzero_with_one_clear_message(tmp_path):
+    result = run_cli([*FAST, "dataset=bach", f"dataset.root={tmp_path / 'missing'}"], tmp_path)
+    assert result.returncode == 1
+    assert "DatasetError" in result.stderr or "DatasetError" in result.stdout
+    assert str(tmp_path / "missing") in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr  # Hydra prints the error, not a stack
+
+
+def test_unknown_key_on_the_command_line_names_it(tmp_path):
+    result = run_cli([*FAST, "trainer.max_epoch=3"], tmp_path)
+    assert result.returncode == 1
+    assert "trainer.max_epoch" in result.stderr
+
+
+def test_rerun_replays_saved_overrides_and_changes_group_choices(tmp_path):
+    first = run_cli([*FAST, "logger=csv", "optim.lr=0.003", "hydra.run.dir=outputs/first"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "first"
+    second = run_cli([f"rerun={run_dir}", "model=vit_mini", "hydra.run.dir=outputs/second"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    record = read_record(tmp_path / "outputs" / "second")
+    assert record["config"]["model"]["name"] == "vit_mini"  # group choice changed
+    assert record["config"]["optim"]["lr"] == 0.003  # saved override kept
+    assert record["config"]["rerun"] == str(run_dir)
+    saved = yaml.safe_load((tmp_path / "outputs" / "second" / ".hydra" / "overrides.yaml").read_text())
+    assert "model=vit_mini" in saved and "model=vit_micro" not in saved
+
+
+def test_sigterm_leaves_an_interrupted_record_and_resume_finishes_it(tmp_path):
+    stop = [
+        "+callbacks.extra.stop._target_=tests.helpers.InterruptAt",
+        "+callbacks.extra.stop.step=2",
+        "+callbacks.extra.stop.kind=sigterm",
+    ]
+    env = {"PYTHONPATH": str(REPO)}
+    killed = run_cli(
+        [*FAST, "logger=csv", "trainer.max_epochs=2", "hydra.run.dir=outputs/job", *stop], tmp_path, env=env
+    )
+    assert killed.returncode != 0
+    run_dir = tmp_path / "outputs" / "job"
+    assert read_record(run_dir)["status"] == "interrupted"
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    # the saved overrides include the callback that kills the run; resume replays the run as it was,
+    # so the callback is told to stop at a step the resumed run never reaches again
+    resumed = run_cli([f"resume={run_dir}"], tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_record(run_dir)["status"] == "ok"
+
+
+def test_override_merging():
+    assert override_key("+callbacks.extra.a._target_=x") == "callbacks.extra.a._target_"
+    assert override_key("~logger") == "logger"
+    assert merge_overrides(["model=a", "optim.lr=1"], ["model=b", "seed=3"]) == [
+        "model=b",
+        "optim.lr=1",
+        "seed=3",
+    ]
+
+
+def test_rerun_and_resume_reject_bad_references(tmp_path):
+    with pytest.raises(ConfigError, match="no such run directory"):
+        expand_run_references([f"rerun={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="not a patholite run directory"):
+        expand_run_references([f"resume={tmp_path}"])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- model=vit_micro\n")
+    with pytest.raises(ConfigError, match="use rerun="):
+        expand_run_references([f"resume={tmp_path}", "model=deit_tiny"])
+    with pytest.raises(ConfigError, match="cannot be combined with -m"):
+        expand_run_references(["-m", f"rerun={tmp_path}"])
+    assert expand_run_references([f"resume={tmp_path}"]) == [
+        "model=vit_micro",
+        f"resume={tmp_path}",
+        f"hydra.run.dir={tmp_path}",
+    ]

@@ -1,0 +1,166 @@
+"""Every option of every group composes and validates; invalid values and combinations fail early, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from patholite.config import check_config
+from patholite.errors import AcceleratorError, ConfigError
+from patholite.pipelines.preflight import check_model_fits, preflight
+from patholite.train import CONF_DIR
+from tests.conftest import compose_config
+
+GROUPS = [
+    "dataset",
+    "model",
+    "compression",
+    "accelerator",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "experiment",
+    "debug",
+]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    cfg = compose_config([f"{group}={option}"], tmp_path, tmp_path / "cache")
+    check_config(cfg)
+    if group == "model":
+        check_model_fits(cfg.model, num_classes=4, image_size=64)
+        assert cfg.model.name == option and cfg.model.pretrained is False
+    if group == "dataset":
+        assert cfg.dataset.name == option
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group} is empty"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("dataset.imagesize=64", "dataset.imagesize"),  # a typo
+        ("trainer.max_epoch=3", "trainer.max_epoch"),
+        ("model.kwarg.depth=2", "model.kwarg"),
+        ("sed=1", "sed"),
+    ],
+)
+def test_unknown_key_fails_naming_it(override, key, tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([override], tmp_path, tmp_path)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["dataset.image_size=big", "trainer.max_epochs=1.5", "optim.lr=fast", "dataset.batch_size=[1]"],
+)
+def test_wrong_type_fails_naming_the_key(override, tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([override], tmp_path, tmp_path)
+    assert override.split("=")[0] in str(err.value) + str(err.value.__cause__)
+
+
+def test_key_added_with_plus_is_caught_by_the_schema(tmp_path):
+    cfg = compose_config(["+dataset.tile_sise=3"], tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match="dataset.tile_sise"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model.pretrained=true"], "model.pretrained"),
+        (["dataset.val_fraction=0.6", "dataset.test_fraction=0.5"], "val_fraction"),
+        (["dataset.batch_size=0"], "dataset.batch_size"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs"),
+        (["logger.wandb.mode=cloud"], "logger.wandb.mode"),
+        (["callbacks.progress_bar=fancy"], "callbacks.progress_bar"),
+        (["bench.batch_sizes=[]"], "bench.batch_sizes"),
+        (["resume=/a", "rerun=/b"], "exclude"),
+        (["dataset.name=svs"], "dataset.name"),
+    ],
+)
+def test_invalid_values_fail_with_config_error(overrides, match, tmp_path):
+    cfg = compose_config(overrides, tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model=vit_micro", "dataset.image_size=30"], "not a multiple of vit_micro's patch size 4"),
+        (["model=deit_tiny", "dataset.image_size=40"], "patch size 16"),
+        (["model=resnet18", "dataset.image_size=16"], "must be >= 32"),
+        (["model=vit_mini", "model.num_classes=7"], "model.num_classes=7 but the dataset has 4"),
+        (["model=resnet18", "model.pyramid.enabled=true"], "needs a Vision Transformer"),
+        (["+model.kwargs.img_size=64"], "dataset.image_size"),
+        (["compression.pipeline=magic"], "compression.pipeline"),
+    ],
+)
+def test_impossible_combinations_fail_before_training(overrides, match, tmp_path):
+    cfg = compose_config(["debug=fast", *overrides], tmp_path, tmp_path / "cache")
+    with pytest.raises(ConfigError, match=match):
+        preflight(cfg)
+
+
+def test_checkpoint_with_other_class_count_fails_unless_head_skipped(tmp_path):
+    from patholite.models import build_model
+
+    net = build_model(
+        {
+            "name": "vit_micro",
+            "timm_name": "vit_tiny_patch16_224",
+            "family": "vit",
+            "kwargs": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4},
+        },
+        7,
+        32,
+    )
+    ckpt = tmp_path / "seven.pth"
+    torch.save(net.state_dict(), ckpt)
+    cfg = compose_config(
+        ["debug=fast", "model=vit_micro", f"model.checkpoint={ckpt}"], tmp_path, tmp_path / "c"
+    )
+    with pytest.raises(ConfigError, match="7-class head but the dataset has 4 classes.*checkpoint_skip_head"):
+        preflight(cfg)
+    cfg = compose_config(
+        ["debug=fast", "model=vit_micro", f"model.checkpoint={ckpt}", "model.checkpoint_skip_head=true"],
+        tmp_path,
+        tmp_path / "c",
+    )
+    preflight(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_without_cuda_fails_before_training(tmp_path):
+    cfg = compose_config(["debug=fast", "accelerator=gpu"], tmp_path, tmp_path / "cache")
+    with pytest.raises(AcceleratorError, match="no CUDA device.*accelerator=cpu"):
+        preflight(cfg)
+
+
+def test_auto_accelerator_records_its_pick(tmp_path):
+    cfg = compose_config(["debug=fast", "accelerator=auto"], tmp_path, tmp_path / "cache")
+    _, accel = preflight(cfg)
+    expected = "gpu" if torch.cuda.is_available() else "cpu"
+    assert accel.kind == expected
+    assert f"auto picked {expected}" in accel.describe()["notes"]
+
+
+def test_debug_fast_makes_any_run_tiny(tmp_path):
+    cfg = compose_config(["debug=fast", "experiment=demo"], tmp_path, tmp_path)
+    assert cfg.trainer.max_epochs == 1 and cfg.dataset.image_size == 32
+    assert cfg.dataset.max_samples_per_split <= 64 and cfg.trainer.limit_train_batches <= 8

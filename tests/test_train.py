@@ -1,0 +1,162 @@
+"""Whole jobs in-process: the record they write, per group option, failures, interruption and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from patholite.errors import DatasetError
+from patholite.measure.artifacts import load_float_artifact
+from patholite.measure.records import ARTIFACT_NAMES, read_record
+from patholite.train import run_job
+
+QUALITY_KEYS = {
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "auroc",
+    "ece",
+    "f1_per_class",
+    "recall_per_class",
+}
+COST_KEYS = {
+    "params",
+    "flops",
+    "flops_fused_uncounted",
+    "size_bytes",
+    "latency_ms",
+    "throughput_ips",
+    "peak_rss_mb",
+}
+
+
+def check_ok_record(run_dir: Path, class_names: list[str]) -> dict:
+    record = read_record(run_dir)
+    assert record["status"] == "ok", record.get("error")
+    assert record["error"] is None and record["finished_at"] and record["duration_s"] > 0
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"]
+    assert record["device"]["kind"] in ("cpu", "gpu")
+    [art] = record["artifacts"]
+    assert art["name"] == "fp32" and art["name"] in ARTIFACT_NAMES
+    q, c = art["quality"], art["cost"]
+    assert set(q) >= QUALITY_KEYS and set(c) >= COST_KEYS
+    assert set(q["f1_per_class"]) == set(class_names) == set(q["recall_per_class"])
+    assert 0 <= q["accuracy"] <= 1 and 0 <= q["auroc"] <= 1
+    assert sum(map(sum, q["confusion_matrix"])) == q["n_samples"] > 0
+    # size is the bytes of every file of the reloadable artifact
+    files = [Path(art["path"]) / f for f in art["files"]]
+    assert c["size_bytes"] == sum(f.stat().st_size for f in files) > 0
+    assert set(c["latency_ms"]) == {str(b) for b in record["config"]["bench"]["batch_sizes"]}
+    assert c["flops"] > c["flops_fused_uncounted"] > 0 or c["flops"] == c["flops_fused_uncounted"] > 0
+    return record
+
+
+def test_synthetic_teacher_run_writes_a_complete_record(make_cfg, tmp_path):
+    cfg = make_cfg()
+    assert run_job(cfg) == "ok"
+    run_dir = tmp_path / "run"
+    record = check_ok_record(run_dir, ["Normal", "Benign", "InSitu", "Invasive"])
+    cost = record["artifacts"][0]["cost"]
+    assert cost["params"] == 207_684 + 4 * 64 + 4 - 64 * 1000 - 1000 or cost["params"] > 0
+    assert cost["flops"] > cost["flops_fused_uncounted"]  # attention counted only when unfused
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert record["config"]["model"]["name"] == "vit_micro"  # the resolved config is stored
+    # the artifact reloads from its files alone and reproduces the recorded accuracy
+    net, meta = load_float_artifact(record["artifacts"][0]["path"])
+    assert meta["class_names"] == ["Normal", "Benign", "InSitu", "Invasive"] and meta["image_size"] == 32
+
+
+def test_checkpoints_load_with_weights_only(make_cfg, tmp_path):
+    run_job(make_cfg())
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["model"]["name"] == "vit_micro"
+    assert isinstance(ckpt["hyper_parameters"]["optim"], dict)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=deit_tiny"],
+        ["model=resnet18"],
+        ["model=mobilenetv3_large"],
+        ["model=convnext_tiny"],
+        ["model=vit_mini", "model.pyramid.enabled=true"],
+        ["accelerator=auto"],
+        ["logger=none"],
+        ["experiment=demo"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_options_run(make_cfg, tmp_path, overrides):
+    assert run_job(make_cfg(*overrides)) == "ok"
+    check_ok_record(tmp_path / "run", ["Normal", "Benign", "InSitu", "Invasive"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["deit_small", "deit_base"])
+def test_large_models_run(make_cfg, tmp_path, model):
+    assert run_job(make_cfg(f"model={model}")) == "ok"
+
+
+def test_wandb_logger_makes_one_offline_run_with_the_record(make_cfg, tmp_path):
+    assert run_job(make_cfg("logger=wandb")) == "ok"
+    record = read_record(tmp_path / "run")
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and record["wandb"]["mode"] == "offline"
+    assert record["wandb"]["run_id"] in runs[0].name
+    import wandb
+
+    assert wandb.run is None  # closed at the end of the job
+
+
+def test_failed_job_writes_failed_record_and_raises(make_cfg, tmp_path):
+    cfg = make_cfg("dataset=bach", f"dataset.root={tmp_path / 'nowhere'}")
+    with pytest.raises(DatasetError):
+        run_job(cfg)
+    record = read_record(tmp_path / "run")
+    assert record["status"] == "failed" and record["error"].startswith("DatasetError")
+    assert record["artifacts"] == []
+
+
+def test_ctrl_c_leaves_interrupted_record_and_resumable_checkpoint(make_cfg, tmp_path):
+    interrupt = [
+        "+callbacks.extra.stop._target_=tests.helpers.InterruptAt",
+        "+callbacks.extra.stop.step=2",
+        "trainer.max_epochs=2",
+        "trainer.limit_val_batches=1",
+    ]
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_job(make_cfg(*interrupt))
+    run_dir = tmp_path / "run"
+    record = read_record(run_dir)
+    assert record["status"] == "interrupted" and record["artifacts"] == []
+    saved = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert saved.is_file()
+    assert torch.load(saved, weights_only=True, map_location="cpu")["global_step"] == 2
+    # resume continues in the same directory from the interrupted step and finishes
+    cfg = make_cfg("trainer.max_epochs=2", "trainer.limit_val_batches=1", f"resume={run_dir}")
+    assert run_job(cfg) == "ok"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert (last["global_step"], last["epoch"]) == (8, 1), (
+        last["global_step"],
+        last["epoch"],
+        last["loops"]["fit_loop"]["epoch_progress"],
+    )
+
+
+def test_resume_without_checkpoint_fails_clearly(make_cfg, tmp_path):
+    from patholite.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no last.ckpt or interrupted.ckpt"):
+        run_job(make_cfg(f"resume={tmp_path / 'run'}"))
+
+
+def test_record_json_is_valid_and_complete_on_disk(make_cfg, tmp_path):
+    run_job(make_cfg())
+    text = (tmp_path / "run" / "metrics.json").read_text()
+    assert json.loads(text)["schema_version"] == 1
+    assert not list((tmp_path / "run").glob(".metrics.json.*"))  # no temp files left behind
