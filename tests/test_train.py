@@ -113,10 +113,12 @@ def test_wandb_logger_makes_one_offline_run_with_the_record(make_cfg, tmp_path):
     assert wandb.run is None  # closed at the end of the job
 
 
-def test_failed_job_writes_failed_record_and_raises(make_cfg, tmp_path):
+def test_failed_job_writes_failed_record_and_exits(make_cfg, tmp_path, capsys):
     cfg = make_cfg("dataset=bach", f"dataset.root={tmp_path / 'nowhere'}")
-    with pytest.raises(DatasetError):
+    with pytest.raises(SystemExit) as exit_info:
         run_job(cfg)
+    assert exit_info.value.code == 1 and isinstance(exit_info.value.__cause__, DatasetError)
+    assert "patholite: DatasetError: dataset=bach" in capsys.readouterr().err
     record = read_record(tmp_path / "run")
     assert record["status"] == "failed" and record["error"].startswith("DatasetError")
     assert record["artifacts"] == []

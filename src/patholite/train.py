@@ -10,6 +10,7 @@ checkpoint) and ``rerun=<run dir> [overrides]`` (a new run from that run's saved
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -103,10 +104,17 @@ def run_job(cfg: DictConfig) -> str:
         # Lightning turns Ctrl-C and SIGTERM into SystemExit after writing checkpoints/interrupted.ckpt.
         record.finish("interrupted", err, traceback.format_exc())
         log.error("interrupted; continue with: python -m patholite.train resume=%s", run_dir)
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(err, SIGTERMException):  # carries no exit code: a killed job must not exit 0
+            raise SystemExit(128 + signal.SIGTERM) from err
         raise
     except Exception as err:
         record.finish("failed", err, traceback.format_exc())
         if not job["multirun"]:
+            if isinstance(err, PatholiteError):  # a user mistake: its message says what to do, no stack
+                print(f"patholite: {type(err).__name__}: {err}\nrecord: {record.path}", file=sys.stderr)
+                raise SystemExit(1) from err
             raise
         log.error("job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err, record.path)
     finally:

@@ -57,4 +57,5 @@ def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator
     accelerator = resolve_accelerator(cfg.accelerator)
     datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory)
     check_model_fits(cfg.model, datamodule.num_classes, cfg.dataset.image_size)
+    datamodule.setup("fit")  # reads the splits: missing files, bad CSVs and empty splits fail here
     return datamodule, accelerator
