@@ -196,3 +196,13 @@ def make_image_folder(
             for i in range(n):
                 Image.fromarray(tinted(rng, label, len(classes), 24, 24)).save(folder / f"{c}_{i:03d}{ext}")
     return root
+
+
+# dataset option -> a builder of its smallest fixture that still gives every class in every split
+BUILDERS = {
+    "bach": lambda root: make_bach(root),
+    "isic2018": lambda root: make_isic(root, n=21),
+    "medmnist": lambda root: make_medmnist(root / "pathmnist.npz", sizes=(18, 9, 9)).parent,
+    "cifar": lambda root: make_cifar(root, train_per_class=4, test_per_class=1),
+    "image_folder": lambda root: make_image_folder(root, per_class=4),
+}

@@ -12,6 +12,7 @@ from patholite.errors import DatasetError
 from patholite.measure.artifacts import load_float_artifact
 from patholite.measure.records import ARTIFACT_NAMES, read_record
 from patholite.train import run_job
+from tests.fixtures_data import BUILDERS
 
 QUALITY_KEYS = {
     "accuracy",
@@ -94,6 +95,19 @@ def test_checkpoints_load_with_weights_only(make_cfg, tmp_path):
 def test_options_run(make_cfg, tmp_path, overrides):
     assert run_job(make_cfg(*overrides)) == "ok"
     check_ok_record(tmp_path / "run", ["Normal", "Benign", "InSitu", "Invasive"])
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_each_real_loader_trains_on_its_fixture(make_cfg, tmp_path, name):
+    root = BUILDERS[name](tmp_path / "data" / name)
+    cfg = make_cfg(f"dataset={name}", f"dataset.root={root}", "dataset.max_samples_per_split=null")
+    assert run_job(cfg) == "ok"
+    record = read_record(tmp_path / "run")
+    from patholite.data import build_datamodule
+
+    names = build_datamodule(cfg.dataset).class_names
+    check_ok_record(tmp_path / "run", names)
+    assert record["artifacts"][0]["quality"]["n_samples"] > 0
 
 
 @pytest.mark.slow

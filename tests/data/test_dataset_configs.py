@@ -9,15 +9,8 @@ import torch
 
 from patholite.config.checks import check_config
 from patholite.data import build_datamodule
-from tests.fixtures_data import make_bach, make_cifar, make_image_folder, make_isic, make_medmnist
+from tests.fixtures_data import BUILDERS
 
-BUILDERS = {
-    "bach": lambda root: make_bach(root),
-    "isic2018": lambda root: make_isic(root, n=21),
-    "medmnist": lambda root: make_medmnist(root / "pathmnist.npz", sizes=(18, 9, 9)).parent,
-    "cifar": lambda root: make_cifar(root, train_per_class=4, test_per_class=1),
-    "image_folder": lambda root: make_image_folder(root, per_class=4),
-}
 DEFAULT_FOLDER = {
     "bach": "bach",
     "isic2018": "isic2018",
