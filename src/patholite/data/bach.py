@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from patholite.data.base import Box, HistologyDataModule, ImageSet
-from patholite.data.images import require_path
+from patholite.data.images import require_path, shown
 from patholite.data.splits import check_fractions, grouped_split
 from patholite.errors import DatasetError
 
@@ -27,10 +27,6 @@ _WHERE = (
     "https://iciar2018-challenge.grand-challenge.org/) and set dataset.root to the unzipped "
     "ICIAR2018_BACH_Challenge folder, the one that holds Photos/"
 )
-
-
-def _shown(items: list, n: int = 5) -> str:
-    return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
 class BachDataModule(HistologyDataModule):
@@ -98,7 +94,7 @@ class BachDataModule(HistologyDataModule):
             if missing:
                 raise DatasetError(
                     f"dataset=bach: {csv_path} lists photos missing from {photos}/<class>/: "
-                    f"{_shown(missing)}. "
+                    f"{shown(missing)}. "
                     "Restore them from the BACH archive"
                 )
             unlisted = sorted(set(folders) - set(listed))
@@ -109,7 +105,7 @@ class BachDataModule(HistologyDataModule):
                 ]
                 raise DatasetError(
                     f"dataset=bach: {csv_path} disagrees with the class folders of {photos}: "
-                    f"{_shown(detail)}. "
+                    f"{shown(detail)}. "
                     "Restore the original archive's layout"
                 )
         names = sorted(folders)

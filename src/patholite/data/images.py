@@ -21,6 +21,11 @@ _PIL_TO_RGB = ("RGB", "L", "1", "CMYK", "YCbCr", "RGBX")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
+def shown(items: list, n: int = 5) -> str:
+    """The first ``n`` items for an error message, and how many there are in all."""
+    return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
 def require_path(path: str | Path, what: str, hint: str, directory: bool = False) -> Path:
     """``path`` as a Path if it exists (as a folder when ``directory``); else a DatasetError with ``hint``."""
     p = Path(path).expanduser()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from patholite.data.base import HistologyDataModule, ImageSet
-from patholite.data.images import require_path
+from patholite.data.images import require_path, shown
 from patholite.data.splits import check_fractions, grouped_split
 from patholite.errors import DatasetError
 
@@ -34,10 +34,6 @@ _WHERE = (
     "validation and test sets) from https://challenge.isic-archive.com/data/#2018 and unzip them into "
     "dataset.root"
 )
-
-
-def _shown(items: list, n: int = 5) -> str:
-    return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def read_ground_truth(csv_path: Path) -> tuple[list[str], np.ndarray]:
@@ -79,7 +75,7 @@ def _image_paths(input_dir: Path, names: list[str], csv_path: Path) -> list[str]
     missing = [n for n in names if f"{n}.jpg" not in present]
     if missing:
         raise DatasetError(
-            f"dataset=isic2018: {csv_path} lists images missing from {input_dir}: {_shown(missing)}. "
+            f"dataset=isic2018: {csv_path} lists images missing from {input_dir}: {shown(missing)}. "
             "Unzip the complete input archive there"
         )
     return [str(input_dir / f"{n}.jpg") for n in names]
@@ -142,7 +138,7 @@ class Isic2018DataModule(HistologyDataModule):
         missing = [n for n in names if not lesion.get(n)]
         if missing:
             raise DatasetError(
-                f"dataset=isic2018: {csv_path} gives no lesion_id for training images {_shown(missing)}; "
+                f"dataset=isic2018: {csv_path} gives no lesion_id for training images {shown(missing)}; "
                 f"is it the {LESION_GROUPS} of this training set?"
             )
         return [lesion[n] for n in names]
