@@ -164,3 +164,21 @@ def test_debug_fast_makes_any_run_tiny(tmp_path):
     cfg = compose_config(["debug=fast", "experiment=demo"], tmp_path, tmp_path)
     assert cfg.trainer.max_epochs == 1 and cfg.dataset.image_size == 32
     assert cfg.dataset.max_samples_per_split <= 64 and cfg.trainer.limit_train_batches <= 8
+
+
+def test_gpu_resolution_picks_bf16_where_supported(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from patholite.accelerators import resolve_accelerator
+    from patholite.config.schema import AcceleratorConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = OmegaConf.structured(AcceleratorConfig(name="gpu", accelerator="gpu", precision="auto", devices=1))
+    for bf16, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda b=bf16: b)
+        resolved = resolve_accelerator(cfg)
+        assert resolved.lightning["precision"] == expected and resolved.device == torch.device("cuda", 0)
+    cfg.devices = 3
+    with pytest.raises(AcceleratorError, match="devices=3 but this machine has 2"):
+        resolve_accelerator(cfg)

@@ -122,6 +122,11 @@ def test_wandb_logger_makes_one_offline_run_with_the_record(make_cfg, tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and record["wandb"]["mode"] == "offline"
     assert record["wandb"]["run_id"] in runs[0].name
+    # offline runs keep everything in one protobuf log: the resolved config and the record's summary are in it
+    [log] = runs[0].glob("run-*.wandb")
+    data = log.read_bytes()
+    assert b"vit_micro" in data and b"max_samples_per_split" in data
+    assert b"fp32/accuracy" in data and b"fp32/latency_p50_ms_b1" in data
     import wandb
 
     assert wandb.run is None  # closed at the end of the job

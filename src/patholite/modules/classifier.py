@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from patholite.measure.metrics import scalar_metrics
+from patholite.measure.metrics import per_class_metrics, scalar_metrics
 from patholite.models.factory import build_model
 
 
@@ -48,6 +48,7 @@ class ClassifierModule(L.LightningModule):
         n = len(class_names)
         self.val_metrics = scalar_metrics(n).clone(prefix="val/")
         self.test_metrics = scalar_metrics(n).clone(prefix="test/")
+        self.test_per_class = per_class_metrics(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -60,10 +61,12 @@ class ClassifierModule(L.LightningModule):
         self.log_dict({"train/loss": loss, "train/accuracy": acc}, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, metrics) -> torch.Tensor:
+    def _eval_step(self, batch, *collections) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        metrics.update(torch.softmax(logits.float(), dim=1), labels)
+        probs = torch.softmax(logits.float(), dim=1)
+        for metrics in collections:
+            metrics.update(probs, labels)
         return self.criterion(logits, labels)
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -72,9 +75,18 @@ class ClassifierModule(L.LightningModule):
         self.log_dict(self.val_metrics, prog_bar=False)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        loss = self._eval_step(batch, self.test_metrics)
+        loss = self._eval_step(batch, self.test_metrics, self.test_per_class)
         self.log("test/loss", loss)
         self.log_dict(self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_per_class.compute()
+        for key in ("f1_per_class", "recall_per_class"):
+            metric = key.removesuffix("_per_class")
+            self.log_dict(
+                {f"test/{metric}/{name}": v for name, v in zip(self.class_names, values[key], strict=True)}
+            )
+        self.test_per_class.reset()
 
     def configure_optimizers(self):
         cfg = self.hparams.optim
