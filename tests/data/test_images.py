@@ -130,3 +130,13 @@ def test_truncated_files_are_refused_with_the_path(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         read_rgb(str(tmp_path / "gone.png"))
+
+
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "boxes.tiff", "unopenable.tiff", "unreadable.svs"])
+def test_whole_slide_files_are_refused_as_tiles(shared, name):
+    """A slide given where a tile image belongs (a user's image_folder) is refused with its path, not read."""
+    path = shared / "data" / "slides" / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    with pytest.raises(DatasetError, match=name):
+        read_rgb(str(path))
