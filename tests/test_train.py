@@ -172,8 +172,10 @@ def test_ctrl_c_leaves_interrupted_record_and_resumable_checkpoint(make_cfg, tmp
 def test_resume_without_checkpoint_fails_clearly(make_cfg, tmp_path):
     from patholite.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="no last.ckpt or interrupted.ckpt"):
+    with pytest.raises(SystemExit) as exit_info:
         run_job(make_cfg(f"resume={tmp_path / 'run'}"))
+    assert isinstance(exit_info.value.__cause__, CheckpointError)
+    assert "no last.ckpt or interrupted.ckpt" in str(exit_info.value.__cause__)
 
 
 def test_record_json_is_valid_and_complete_on_disk(make_cfg, tmp_path):
@@ -181,3 +183,12 @@ def test_record_json_is_valid_and_complete_on_disk(make_cfg, tmp_path):
     text = (tmp_path / "run" / "metrics.json").read_text()
     assert json.loads(text)["schema_version"] == 1
     assert not list((tmp_path / "run").glob(".metrics.json.*"))  # no temp files left behind
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(make_cfg, tmp_path):
+    # a vanishing learning rate: epoch 2's metric cannot beat epoch 1's, so no new "best" is written
+    assert run_job(make_cfg("trainer.max_epochs=2", "optim.lr=1e-12")) == "ok"
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["epoch"] == 1 and last["global_step"] == 8
+    assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-epoch=000.ckpt"]

@@ -132,7 +132,9 @@ def test_missing_file(tmp_path):
         read_rgb(str(tmp_path / "gone.png"))
 
 
-@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "boxes.tiff", "unopenable.tiff", "unreadable.svs"])
+@pytest.mark.parametrize(
+    "name", ["CMU-1-Small-Region.svs", "boxes.tiff", "unopenable.tiff", "unreadable.svs"]
+)
 def test_whole_slide_files_are_refused_as_tiles(shared, name):
     """A slide given where a tile image belongs (a user's image_folder) is refused with its path, not read."""
     path = shared / "data" / "slides" / name

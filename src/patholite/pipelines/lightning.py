@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import (
 from patholite.pipelines.context import RunContext
 
 INTERRUPTED_CKPT = "interrupted"
+LAST_CKPT = "last"
 
 # With OnExceptionCheckpoint present, Lightning reads fit(ckpt_path=None) as "resume from last" and warns
 # that there is none; patholite passes the checkpoint to resume explicitly (resume=<run dir>).
@@ -35,7 +36,15 @@ def build_callbacks(ctx: RunContext, checkpoint_dir: Path) -> list[L.Callback]:
             monitor=cb.monitor,
             mode=cb.monitor_mode,
             save_top_k=1,
-            save_last=True,
+        ),
+        # Lightning 2.6's save_last only writes when the monitored metric improved, so a resumed run could
+        # restart from an older epoch; this one rewrites last.ckpt at the end of every epoch.
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename=LAST_CKPT,
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
         ),
         # Ctrl-C or SIGTERM mid-epoch: Lightning calls on_exception, which leaves a resumable checkpoint.
         OnExceptionCheckpoint(dirpath=checkpoint_dir, filename=INTERRUPTED_CKPT),
@@ -83,6 +92,8 @@ def _limit(value: float) -> float | int:
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest resumable checkpoint: the last epoch's, or the one written on interruption."""
     candidates = [
-        p for p in (checkpoint_dir / "last.ckpt", checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt") if p.is_file()
+        p
+        for p in (checkpoint_dir / f"{LAST_CKPT}.ckpt", checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt")
+        if p.is_file()
     ]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
