@@ -29,7 +29,7 @@ def test_two_model_sweep_writes_two_records_and_two_wandb_runs(tmp_path):
     assert {r["config"]["model"]["name"] for r in records} == {"vit_micro", "vit_mini"}
     for n, record in enumerate(records):
         assert len(list((sweep / str(n) / "wandb").glob("offline-run-*"))) == 1
-        assert record["wandb"]["group"] == sweep.name  # the sweep is the W&B group
+        assert record["wandb"]["group"] == f"{sweep.parent.name}_{sweep.name}"  # the sweep is the W&B group
         assert record["job"]["num"] == n
     summary = json.loads((sweep / "sweep.json").read_text())
     assert summary["failed"] == 0 and len(summary["jobs"]) == 2

@@ -44,6 +44,11 @@ def _job_info(hc) -> dict[str, Any]:
     }
 
 
+def wandb_group(directory: Path) -> str:
+    """A sweep's (or a lone run's) W&B group: its directory with its parent, e.g. 2026-11-25_18-31-00."""
+    return f"{directory.parent.name}_{directory.name}"
+
+
 def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
     """The checkpoint to continue from and the W&B run id to continue, when ``resume`` is set."""
     if not cfg.resume:
@@ -83,7 +88,7 @@ def run_job(cfg: DictConfig) -> str:
         record.device = accelerator.describe()
         record.write()
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        group = Path(job["sweep_dir"]).name if job["multirun"] else run_dir.name
+        group = wandb_group(Path(job["sweep_dir"]) if job["multirun"] else run_dir)
         name = f"{cfg.model.name}-{cfg.compression.name}-{cfg.dataset.name}" + (
             f"-{job['num']}" if job["num"] is not None else ""
         )
