@@ -124,3 +124,15 @@ def test_rerun_and_resume_reject_bad_references(tmp_path):
         f"resume={tmp_path}",
         f"hydra.run.dir={tmp_path}",
     ]
+
+
+@pytest.mark.slow
+def test_demo_teacher_lands_in_the_accuracy_band(tmp_path):
+    """The demo's synthetic task must be learnable but not trivial, so compression effects stay visible."""
+    args = ["experiment=demo", "callbacks.progress_bar=none", "hydra.run.dir=outputs/demo"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_record(tmp_path / "outputs" / "demo")
+    accuracy = record["artifacts"][0]["quality"]["accuracy"]
+    assert 0.75 <= accuracy <= 0.97, accuracy
+    assert "record:" in result.stdout and "fp32" in result.stdout  # ends with the table and the paths
