@@ -90,6 +90,12 @@ def test_key_added_with_plus_is_caught_by_the_schema(tmp_path):
         (["callbacks.progress_bar=fancy"], "callbacks.progress_bar"),
         (["bench.batch_sizes=[]"], "bench.batch_sizes"),
         (["resume=/a", "rerun=/b"], "exclude"),
+        (["+trainer.max_epoch=3"], "trainer.max_epoch"),
+        (["+bench.iter=3"], "bench.iter"),
+        (["+seedx=1"], "seedx"),
+        (["callbacks.monitor=val/f1"], "callbacks.monitor"),
+        (["dataset.eval_batch_size=0"], "eval_batch_size"),
+        (["dataset.max_samples_per_split=0"], "max_samples_per_split"),
         (["dataset.name=svs"], "dataset.name"),
     ],
 )
@@ -145,6 +151,12 @@ def test_checkpoint_with_other_class_count_fails_unless_head_skipped(tmp_path):
     preflight(cfg)
 
 
+def test_several_cpu_devices_fail_before_training(tmp_path):
+    cfg = compose_config(["debug=fast", "accelerator.devices=2"], tmp_path, tmp_path / "cache")
+    with pytest.raises(AcceleratorError, match="accelerator.devices=2: this version trains on one device"):
+        preflight(cfg)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_gpu_without_cuda_fails_before_training(tmp_path):
     cfg = compose_config(["debug=fast", "accelerator=gpu"], tmp_path, tmp_path / "cache")
@@ -181,4 +193,7 @@ def test_gpu_resolution_picks_bf16_where_supported(monkeypatch):
         assert resolved.lightning["precision"] == expected and resolved.device == torch.device("cuda", 0)
     cfg.devices = 3
     with pytest.raises(AcceleratorError, match="devices=3 but this machine has 2"):
+        resolve_accelerator(cfg)
+    cfg.devices = 2  # several devices relaunch the command per rank: refused until DDP support lands
+    with pytest.raises(AcceleratorError, match="trains on one device"):
         resolve_accelerator(cfg)

@@ -91,3 +91,25 @@ def test_classifier_keys_cover_the_head_and_distillation_head():
         "head_dist.weight",
         "head_dist.bias",
     }
+
+
+def test_pyramid_head_takes_plain_vit_weights(tmp_path):
+    """Foundation-model weights (a plain ViT, any head) feed the pyramid's backbone; its head starts fresh."""
+    plain = build_model(MICRO, 1000, 32)
+    path = tmp_path / "foundation.pth"
+    torch.save(plain.state_dict(), path)
+    net = build_model({**MICRO, "pyramid": {"enabled": True}, "checkpoint": str(path)}, 4, 64)
+    assert torch.equal(net.vit.blocks[2].attn.proj.weight, plain.blocks[2].attn.proj.weight)
+    assert net.head.weight.shape == (4, 64 * 3)
+
+
+def test_preflight_checks_every_checkpoint_shape_on_the_meta_device(tmp_path):
+    from patholite.models.factory import create_network, load_weights
+
+    wide = build_model({**MICRO, "kwargs": {**MICRO["kwargs"], "embed_dim": 96, "num_heads": 4}}, 4, 32)
+    path = tmp_path / "wide.pth"
+    torch.save(wide.state_dict(), path)
+    with torch.device("meta"):
+        net = create_network(MICRO, 4, 32)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_weights(net, path)

@@ -72,15 +72,25 @@ def _count_devices(devices: Any) -> int | None:
     return None  # "auto"
 
 
+def _one_device(cfg) -> None:
+    # Several devices make Lightning relaunch the command per rank (and, under -m, the whole sweep);
+    # the accelerators issue brings DDP with a launcher that is safe under Hydra.
+    n = _count_devices(cfg.devices)
+    if n is not None and n != 1:
+        raise AcceleratorError(
+            f"accelerator.devices={cfg.devices}: this version trains on one device; multi-device (DDP) "
+            "training comes with the accelerators issue. Use accelerator.devices=1"
+        )
+
+
 def _resolve_cpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     precision = "32-true" if cfg.precision == "auto" else cfg.precision
     if precision not in ("32-true", "32", "bf16-mixed", "bf16-true", "64-true"):
         raise ConfigError(f"accelerator.precision={precision} does not run on CPU; use 32-true or bf16-mixed")
-    n = _count_devices(cfg.devices)
-    devices = 1 if n is None else n
+    _one_device(cfg)
     return (
         "cpu",
-        {"accelerator": "cpu", "devices": devices, "strategy": cfg.strategy, "precision": precision},
+        {"accelerator": "cpu", "devices": 1, "strategy": cfg.strategy, "precision": precision},
         torch.device("cpu"),
     )
 
@@ -97,16 +107,17 @@ def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
         raise AcceleratorError(
             f"accelerator.devices={cfg.devices} but this machine has {available} CUDA device(s)"
         )
+    _one_device(cfg)
+    first = int(cfg.devices[0]) if isinstance(cfg.devices, (list, tuple)) else 0
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     lightning = {
         "accelerator": "gpu",
-        "devices": cfg.devices,
+        "devices": [first],
         "strategy": cfg.strategy,
         "precision": precision,
     }
-    first = cfg.devices[0] if isinstance(cfg.devices, (list, tuple)) else 0
     return "gpu", lightning, torch.device("cuda", first)
 
 
@@ -134,6 +145,7 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
         raise AcceleratorError(
             f"accelerator.int8_engine={engine} is not supported here; this torch has {supported}"
         )
+    torch.backends.quantized.engine = engine
     return ResolvedAccelerator(
         name=cfg.name,
         kind=kind,

@@ -17,8 +17,12 @@ from patholite.config.schema import (
     CompressionConfig,
     LoggerConfig,
     ModelConfig,
+    TrainConfig,
 )
 from patholite.errors import ConfigError
+
+# What the classifier logs each validation epoch; a checkpoint monitor must be one of them.
+MONITORS = ("val/loss", "val/accuracy", "val/balanced_accuracy", "val/macro_f1", "val/auroc", "val/ece")
 
 # Option schemas per group; later issues register subclasses here (e.g. compression options).
 GROUP_SCHEMAS: dict[str, dict[str, type] | type] = {
@@ -40,7 +44,20 @@ def _schema_for(group: str, node: DictConfig) -> type:
     return schemas
 
 
+def _merge_error(err: OmegaConfBaseException, prefix: str, schema: type) -> ConfigError:
+    key = f"{prefix}{err.full_key}" if getattr(err, "full_key", None) else prefix.rstrip(".") or "config"
+    return ConfigError(f"{key}: {str(err).splitlines()[0]} (schema {schema.__name__})")
+
+
 def _check_against_schema(cfg: DictConfig) -> None:
+    # The whole config onto TrainConfig (its group fields are typed Any), then each group onto its option's
+    # schema: together they catch keys added with `+`, which Hydra lets past struct mode.
+    whole = OmegaConf.to_container(cfg, resolve=False)
+    whole.pop("hydra", None)  # present when composed with return_hydra_config (tests, tools)
+    try:
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), whole)
+    except OmegaConfBaseException as err:
+        raise _merge_error(err, "", TrainConfig) from err
     for group in GROUP_SCHEMAS:
         node = cfg.get(group)
         if node is None:
@@ -49,8 +66,7 @@ def _check_against_schema(cfg: DictConfig) -> None:
         try:
             OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=False))
         except OmegaConfBaseException as err:
-            key = f"{group}.{err.full_key}" if getattr(err, "full_key", None) else group
-            raise ConfigError(f"{key}: {str(err).splitlines()[0]} (schema {schema.__name__})") from err
+            raise _merge_error(err, f"{group}.", schema) from err
 
 
 def _require(ok: bool, message: str) -> None:
@@ -69,6 +85,13 @@ def check_config(cfg: DictConfig) -> None:
     _require(d.image_size >= 8, f"dataset.image_size={d.image_size} is too small; use at least 8")
     _require(d.batch_size >= 1, f"dataset.batch_size={d.batch_size} must be >= 1")
     _require(d.num_workers >= 0, f"dataset.num_workers={d.num_workers} must be >= 0")
+    _require(
+        d.eval_batch_size is None or d.eval_batch_size >= 1, "dataset.eval_batch_size must be >= 1 or null"
+    )
+    _require(
+        d.max_samples_per_split is None or d.max_samples_per_split >= 1,
+        f"dataset.max_samples_per_split={d.max_samples_per_split} must be >= 1, or null for no cap",
+    )
     _require(
         0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
         f"dataset.val_fraction={d.val_fraction} and dataset.test_fraction={d.test_fraction} must each lie in "
@@ -94,6 +117,7 @@ def check_config(cfg: DictConfig) -> None:
     )
     _choice(cfg.callbacks.progress_bar, "callbacks.progress_bar", ("rich", "tqdm", "none"))
     _choice(cfg.callbacks.monitor_mode, "callbacks.monitor_mode", ("min", "max"))
+    _choice(cfg.callbacks.monitor, "callbacks.monitor", MONITORS)
     if cfg.logger.wandb is not None:
         _choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
     _require(
@@ -101,6 +125,7 @@ def check_config(cfg: DictConfig) -> None:
         f"bench.batch_sizes={list(cfg.bench.batch_sizes)} must be positive integers",
     )
     _require(cfg.bench.iters >= 1 and cfg.bench.warmup >= 0, "bench.iters must be >= 1 and bench.warmup >= 0")
+    _require(cfg.bench.threads is None or cfg.bench.threads >= 1, "bench.threads must be >= 1 or null")
     _require(
         not (cfg.resume and cfg.rerun),
         "resume= and rerun= exclude each other: resume continues a run, "

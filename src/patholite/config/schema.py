@@ -154,9 +154,10 @@ class AcceleratorConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 10
-    limit_train_batches: float = 1.0  # a fraction, or a batch count when > 1
-    limit_val_batches: float = 1.0
-    limit_test_batches: float = 1.0
+    # Lightning's meaning: a float is a fraction of the batches (1.0: all), an int a batch count (1: one)
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
+    limit_test_batches: int | float = 1.0
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10

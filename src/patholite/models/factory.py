@@ -7,6 +7,7 @@ embeddings are resampled when the checkpoint was trained at another image size.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mmap: multi-GB foundation weights are not read into memory twice
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
         raise CheckpointError(f"cannot read weights from {path}: {err}") from err
     for key in ("state_dict", "model", "model_state_dict", "module"):
@@ -101,28 +105,47 @@ def classifier_keys(net: nn.Module) -> list[str]:
     return keys
 
 
-def checkpoint_num_classes(path: str | Path, net: nn.Module) -> int | None:
+def adapt_to_pyramid(
+    state: dict[str, torch.Tensor], net: nn.Module
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """A plain ViT checkpoint (foundation-model weights) made to fit a ``PyramidViT``.
+
+    Returns the state and the keys that stay freshly initialised: the pyramid's head and scale norms, which
+    a plain ViT cannot provide (its own classifier is dropped).
+    """
+    if not isinstance(net, PyramidViT) or any(k.startswith("vit.") for k in state):
+        return state, set()
+    adapted = {f"vit.{k}": v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
+    fresh = {k for k in net.state_dict() if k.startswith(("head.", "scale_norms."))}
+    return adapted, fresh
+
+
+def checkpoint_num_classes(state: dict[str, torch.Tensor], net: nn.Module) -> int | None:
     """The class count of the checkpoint's head, read by the network's head keys (None: no head)."""
-    state = read_state_dict(path)
+    state, fresh = adapt_to_pyramid(state, net)
     for key in classifier_keys(net):
-        if key.endswith("weight") and key in state:
+        if key.endswith("weight") and key in state and key not in fresh:
             return int(state[key].shape[0])
     return None
 
 
 def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> None:
-    """Load a local checkpoint into ``net``; position embeddings are resampled to the network's grid."""
-    state = read_state_dict(path)
-    head = set(classifier_keys(net))
-    if skip_head:
+    """Load a local checkpoint into ``net``; position embeddings are resampled to the network's grid.
+
+    Works on a network on the ``meta`` device too, which checks the fit without allocating weights.
+    """
+    state, fresh = adapt_to_pyramid(read_state_dict(path), net)
+    head = set(classifier_keys(net)) | fresh
+    if skip_head or fresh:
         state = {k: v for k, v in state.items() if k not in head}
     target = net.vit if isinstance(net, PyramidViT) else net
     prefix = "vit." if isinstance(net, PyramidViT) else ""
     if hasattr(target, "pos_embed") and (prefix + "pos_embed") in state:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        sub = checkpoint_filter_fn(sub, target)
+        sub = checkpoint_filter_fn(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, target
+        )
         state = {
             **{k: v for k, v in state.items() if not k.startswith(prefix)},
             **{prefix + k: v for k, v in sub.items()},
@@ -137,8 +160,10 @@ def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> N
         raise CheckpointError(
             f"{path} does not fit the model (checkpoint vs model shapes): " + "; ".join(wrong[:5])
         )
-    result = net.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not (skip_head and k in head)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # loading into meta tensors is a no-op that torch warns about
+        result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not ((skip_head or fresh) and k in head)]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{path} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"

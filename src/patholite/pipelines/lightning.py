@@ -68,9 +68,9 @@ def build_trainer(ctx: RunContext, checkpoint_dir: Path | None = None) -> L.Trai
     return L.Trainer(
         **ctx.accelerator.lightning,
         max_epochs=t.max_epochs,
-        limit_train_batches=_limit(t.limit_train_batches),
-        limit_val_batches=_limit(t.limit_val_batches),
-        limit_test_batches=_limit(t.limit_test_batches),
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
@@ -82,11 +82,6 @@ def build_trainer(ctx: RunContext, checkpoint_dir: Path | None = None) -> L.Trai
         enable_progress_bar=ctx.cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,
     )
-
-
-def _limit(value: float) -> float | int:
-    """Lightning reads an int as a batch count and a float as a fraction."""
-    return int(value) if value > 1 else float(value)
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:

@@ -9,7 +9,7 @@ from patholite.accelerators import ResolvedAccelerator, resolve_accelerator
 from patholite.config import check_config
 from patholite.data import HistologyDataModule, build_datamodule
 from patholite.errors import ConfigError
-from patholite.models.factory import checkpoint_num_classes, create_network, read_state_dict
+from patholite.models.factory import checkpoint_num_classes, create_network, load_weights, read_state_dict
 
 
 def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int) -> None:
@@ -36,13 +36,13 @@ def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int) -
     elif image_size < 32:
         raise ConfigError(f"{model_cfg.name} downsamples 32x: dataset.image_size={image_size} must be >= 32")
     if model_cfg.checkpoint:
-        read_state_dict(model_cfg.checkpoint)  # exists and is readable
-        head = checkpoint_num_classes(model_cfg.checkpoint, net)
+        head = checkpoint_num_classes(read_state_dict(model_cfg.checkpoint), net)
         if head is not None and head != num_classes and not model_cfg.checkpoint_skip_head:
             raise ConfigError(
                 f"model.checkpoint={model_cfg.checkpoint} has a {head}-class head but the dataset has "
                 f"{num_classes} classes; set model.checkpoint_skip_head=true to train a new head"
             )
+        load_weights(net, model_cfg.checkpoint, skip_head=bool(model_cfg.checkpoint_skip_head))  # every shape
 
 
 def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator]:
