@@ -161,12 +161,24 @@ def test_ctrl_c_leaves_interrupted_record_and_resumable_checkpoint(make_cfg, tmp
     # resume continues in the same directory from the interrupted step and finishes
     cfg = make_cfg("trainer.max_epochs=2", "trainer.limit_val_batches=1", f"resume={run_dir}")
     assert run_job(cfg) == "ok"
+    assert (run_dir / "csv" / "metrics.csv").is_file()  # the interrupted run's log is kept
+    assert (run_dir / "csv" / "resume-1" / "metrics.csv").is_file()
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert (last["global_step"], last["epoch"]) == (8, 1), (
         last["global_step"],
         last["epoch"],
         last["loops"]["fit_loop"]["epoch_progress"],
     )
+
+
+def test_resume_refuses_a_finished_run(make_cfg, tmp_path):
+    from patholite.errors import ConfigError
+
+    assert run_job(make_cfg()) == "ok"
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(make_cfg(f"resume={tmp_path / 'run'}"))
+    assert isinstance(exit_info.value.__cause__, ConfigError)
+    assert "finished ok" in str(exit_info.value.__cause__) and "rerun=" in str(exit_info.value.__cause__)
 
 
 def test_resume_without_checkpoint_fails_clearly(make_cfg, tmp_path):

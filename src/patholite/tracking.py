@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +13,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from patholite.measure.records import RunRecord
 
+log = logging.getLogger(__name__)
+
+
+def _csv_version(run_dir: Path, resumed: bool) -> str:
+    """ "" for a new run; for a resumed one a fresh ``resume-N``, since Lightning deletes an existing log."""
+    if not resumed:
+        return ""
+    n = 1
+    while (run_dir / "csv" / f"resume-{n}").exists():
+        n += 1
+    return f"resume-{n}"
+
 
 def build_loggers(
-    cfg: DictConfig, run_dir: Path, group: str, job_name: str, resume_id: str | None
+    cfg: DictConfig, run_dir: Path, group: str, job_name: str, resume_id: str | None, resumed: bool = False
 ) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=_csv_version(run_dir, resumed)))
     w = cfg.logger.wandb
     if w is not None and w.mode != "disabled":
         # Offline needs no key and no network; `wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
@@ -86,10 +100,17 @@ def log_record(loggers: list[Logger], record: RunRecord) -> None:
 
 
 def close_loggers(loggers: list[Logger], status: str) -> None:
+    """Finalise every logger and finish the W&B run, even if one of them fails: a job never leaks a run."""
     for logger in loggers:
-        logger.finalize("success" if status == "ok" else "failed")
-        if isinstance(logger, WandbLogger):
-            import wandb
+        try:
+            logger.finalize("success" if status == "ok" else "failed")
+        except Exception as err:  # noqa: BLE001 - closing must go on for the others
+            log.warning("could not finalise %s: %s", type(logger).__name__, err)
+    if "wandb" in sys.modules:
+        import wandb
 
-            if wandb.run is not None:
+        if wandb.run is not None:
+            try:
                 wandb.finish(exit_code=0 if status == "ok" else 1)
+            except Exception as err:  # noqa: BLE001
+                log.warning("could not finish the W&B run: %s", err)

@@ -9,10 +9,13 @@ checkpoint) and ``rerun=<run dir> [overrides]`` (a new run from that run's saved
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from patholite import sweep
-from patholite.errors import CheckpointError, PatholiteError
+from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.measure.records import RunRecord, read_record
 from patholite.measure.report import print_records
 from patholite.overrides import expand_run_references
@@ -49,26 +52,53 @@ def wandb_group(directory: Path) -> str:
     return f"{directory.parent.name}_{directory.name}"
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
-    """The checkpoint to continue from and the W&B run id to continue, when ``resume`` is set."""
+def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to continue from and the W&B run to continue, when ``resume`` is set."""
     if not cfg.resume:
         return None, None
     from patholite.pipelines.lightning import latest_checkpoint
 
+    try:
+        previous = read_record(run_dir)
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("status") == "ok":
+        raise ConfigError(
+            f"resume={cfg.resume}: that run finished ok; to train it further or differently, start a new run "
+            f"from it with rerun={cfg.resume} trainer.max_epochs=<more>"
+        )
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise CheckpointError(
             f"resume={cfg.resume}: no last.ckpt or interrupted.ckpt under {run_dir / 'checkpoints'}"
         )
+    return checkpoint, previous.get("wandb")
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM anywhere in a job (not only inside Lightning's fit) ends it as interrupted, exit code 143."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        wandb_id = (read_record(run_dir).get("wandb") or {}).get("run_id")
-    except (OSError, ValueError):
-        wandb_id = None
-    return checkpoint, wandb_id
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_job(cfg: DictConfig) -> str:
     """Run one job and write its record; returns the record's status."""
+    with sigterm_as_exit():
+        return _run_job(cfg)
+
+
+def _run_job(cfg: DictConfig) -> str:
     import lightning as L
 
     from patholite import tracking
@@ -82,17 +112,20 @@ def run_job(cfg: DictConfig) -> str:
     loggers: list = []
     try:
         record.config = OmegaConf.to_container(cfg, resolve=True)
-        resume_from, wandb_id = _resume_point(cfg, run_dir)
+        resume_from, record.wandb = _resume_point(cfg, run_dir)
         record.write()
         datamodule, accelerator = preflight(cfg)
         record.device = accelerator.describe()
         record.write()
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         group = wandb_group(Path(job["sweep_dir"]) if job["multirun"] else run_dir)
+        if record.wandb:  # a resumed job continues its W&B run, in its group
+            group = record.wandb.get("group") or group
         name = f"{cfg.model.name}-{cfg.compression.name}-{cfg.dataset.name}" + (
             f"-{job['num']}" if job["num"] is not None else ""
         )
-        loggers = tracking.build_loggers(cfg, run_dir, group, name, wandb_id)
+        wandb_id = record.wandb.get("run_id") if record.wandb else None
+        loggers = tracking.build_loggers(cfg, run_dir, group, name, wandb_id, resumed=resume_from is not None)
         record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
         ctx = RunContext(
             cfg=cfg,
@@ -111,7 +144,7 @@ def run_job(cfg: DictConfig) -> str:
         log.error("interrupted; continue with: python -m patholite.train resume=%s", run_dir)
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(err, SIGTERMException):  # carries no exit code: a killed job must not exit 0
+        if isinstance(err, SIGTERMException) or not getattr(err, "code", 1):  # a killed job never exits 0
             raise SystemExit(128 + signal.SIGTERM) from err
         raise
     except Exception as err:
