@@ -10,7 +10,7 @@ import yaml
 
 from patholite.errors import ConfigError
 from patholite.measure.records import read_record
-from patholite.overrides import expand_run_references, merge_overrides, override_key
+from patholite.overrides import expand_run_references, merge_overrides, override_key, split_flags
 from tests.conftest import REPO, run_cli
 
 FAST = ["debug=fast", "model=vit_micro"]
@@ -98,6 +98,17 @@ def test_sigterm_leaves_an_interrupted_record_and_resume_finishes_it(tmp_path):
     assert read_record(run_dir)["status"] == "ok"
 
 
+def test_quoted_paths_survive_hydra_parsing():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from patholite.overrides import quote
+
+    parser = OverridesParser.create()
+    for path in ["/runs/plain", "/runs/a,b", "/runs/with space", "/runs/it's"]:
+        [override] = parser.parse_overrides([f"rerun={quote(path)}"])
+        assert override.value() == path
+
+
 def test_override_merging():
     assert override_key("+callbacks.extra.a._target_=x") == "callbacks.extra.a._target_"
     assert override_key("~logger") == "logger"
@@ -106,6 +117,11 @@ def test_override_merging():
         "optim.lr=1",
         "seed=3",
     ]
+    assert merge_overrides(["+tags=[a]"], ["tags=[b]"]) == ["+tags=[b]"]  # still absent from the base config
+    assert split_flags(["-cn", "train", "model=a", "--multirun", "seed=1"]) == (
+        ["-cn", "train", "--multirun"],
+        ["model=a", "seed=1"],
+    )
 
 
 def test_rerun_and_resume_reject_bad_references(tmp_path):

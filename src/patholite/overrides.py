@@ -29,10 +29,48 @@ def saved_overrides(run_dir: Path) -> list[str]:
 
 
 def merge_overrides(old: list[str], new: list[str]) -> list[str]:
-    """``old`` overrides, each replaced by a ``new`` one with the same key; new keys appended."""
+    """``old`` overrides, each replaced by a ``new`` one with the same key; new keys appended.
+
+    A key the old run added (``+a=1``) is still absent from the config, so its replacement keeps the ``+``.
+    """
     new_by_key = {override_key(o): o for o in new}
-    merged = [new_by_key.pop(override_key(o), o) for o in old]
+    merged = []
+    for o in old:
+        replacement = new_by_key.pop(override_key(o), None)
+        if replacement is None:
+            merged.append(o)
+        elif o.startswith("+") and not replacement.startswith(("+", "~")):
+            merged.append("+" + replacement)
+        else:
+            merged.append(replacement)
     return merged + list(new_by_key.values())
+
+
+# Hydra flags that take a value as the next argument (everything else is a lone flag or an override).
+_VALUED_FLAGS = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--info", "-i"}
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra flags (with their values) apart from overrides."""
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _VALUED_FLAGS and "=" not in arg and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def quote(value: str) -> str:
+    """A path as a Hydra override value: quoted when it holds characters Hydra's grammar reads."""
+    if any(c in value for c in " ,=[]{}()'\"\\:*?$"):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return value
 
 
 def expand_run_references(argv: list[str]) -> list[str]:
@@ -47,12 +85,10 @@ def expand_run_references(argv: list[str]) -> list[str]:
         raise ConfigError(f"{key}={value}: no such run directory")
     if any(a in ("-m", "--multirun") for a in argv):
         raise ConfigError(f"{key}= takes one run directory; it cannot be combined with -m")
-    rest = [a for a in argv if not a.startswith(f"{key}=")]
-    flags = [a for a in rest if a.startswith("-")]
-    overrides = [a for a in rest if not a.startswith("-")]
+    flags, overrides = split_flags([a for a in argv if not a.startswith(f"{key}=")])
     old = saved_overrides(run_dir)
     if key == "resume":
         if overrides:
             raise ConfigError("resume= continues a run as it was; use rerun=<run dir> to change overrides")
-        return [*flags, *old, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
-    return [*flags, *merge_overrides(old, overrides), f"rerun={run_dir}"]
+        return [*flags, *old, f"resume={quote(str(run_dir))}", f"hydra.run.dir={quote(str(run_dir))}"]
+    return [*flags, *merge_overrides(old, overrides), f"rerun={quote(str(run_dir))}"]

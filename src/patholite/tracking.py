@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from patholite.measure.records import RunRecord
+from patholite.measure.records import QUALITY_SCALARS, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def wandb_info(loggers: list[Logger], mode: str) -> dict[str, Any] | None:
 def _flat_summary(record: RunRecord) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": record.status}
     for art in record.artifacts:
-        for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece"):
+        for key in QUALITY_SCALARS:
             summary[f"{art.name}/{key}"] = art.quality.get(key)
         for key in ("params", "flops", "size_bytes", "peak_rss_mb"):
             summary[f"{art.name}/{key}"] = art.cost.get(key)

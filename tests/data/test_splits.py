@@ -65,3 +65,14 @@ def test_no_leak_reports_shared_groups():
 def test_bad_fractions(val, test, kw):
     with pytest.raises(DatasetError, match="fraction"):
         check_fractions(val, test, "here", **kw)
+
+
+def test_stratified_subsample_keeps_every_class_and_the_cap():
+    from patholite.data.base import stratified_subsample
+
+    labels = np.array([0] * 50 + [1] * 49 + [2] * 1)
+    picked = stratified_subsample(labels, 10, seed=0)
+    assert len(picked) == 10 and set(labels[picked]) == {0, 1, 2}
+    assert len(set(picked)) == 10
+    assert np.array_equal(picked, stratified_subsample(labels, 10, seed=0))  # seeded
+    assert len(stratified_subsample(labels, 500, seed=0)) == 100

@@ -93,17 +93,22 @@ class ImageSetDataset(Dataset):
 
 
 def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
-    """Indices of at most ``max_samples`` items keeping class proportions (each present class kept)."""
+    """Sorted indices of ``max(max_samples, n_classes)`` items in class proportions; no class is lost."""
     if len(labels) <= max_samples:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    picked = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
-        k = max(1, round(max_samples * len(idx) / len(labels)))
-        picked.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
-    return np.sort(np.concatenate(picked))[: max(max_samples, len(classes))]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.maximum(1, np.floor(max_samples * counts / len(labels))).astype(int)
+    # hand the rounding remainder to the classes with the largest shares that still have items left
+    for c in np.argsort(-counts):
+        if quota.sum() >= max_samples:
+            break
+        quota[c] += min(counts[c] - quota[c], max_samples - quota.sum())
+    picked = [
+        rng.choice(np.flatnonzero(labels == c), size=q, replace=False)
+        for c, q in zip(classes, quota, strict=True)
+    ]
+    return np.sort(np.concatenate(picked))
 
 
 class HistologyDataModule(L.LightningDataModule):

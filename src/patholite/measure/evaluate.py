@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from patholite.measure.cost import count_flops, count_params, files_size, measure_latency, peak_rss_mb
 from patholite.measure.metrics import QualityMeter
-from patholite.measure.records import ArtifactRecord
+from patholite.measure.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
 
 
 @torch.inference_mode()
@@ -63,6 +63,7 @@ def artifact_record(
     quality = evaluate_quality(model, loader, class_names, device)
     cost = measure_cost(model, image_size, bench, device)
     cost["size_bytes"] = files_size(directory, files)
+    assert set(quality) == set(QUALITY_KEYS) and set(cost) == set(COST_KEYS), "record schema drifted"
     return ArtifactRecord(
         name=name, path=str(directory), files=files, quality=quality, cost=cost, source=source
     )

@@ -7,11 +7,13 @@ Schema (version ``SCHEMA_VERSION``)::
       "status": "running" | "ok" | "failed" | "interrupted",
       "error": null | "<type>: <message>",         # set when failed or interrupted
       "traceback": null | "<text>",
-      "run_dir": "...", "job": {"name", "num", "override_dirname", "sweep_dir", "overrides": [...]},
+      "run_dir": "...",
+      "job": {"name", "num", "override_dirname", "overrides": [...], "sweep_dir", "multirun"},
       "started_at": ISO-8601, "finished_at": ISO-8601 | null, "duration_s": float | null,
       "config": {...resolved config...},
       "versions": {"python", "torch", "timm", ...},
-      "device": {"accelerator", "cpu", "threads", "gpu", ...},
+      "device": {"requested", "kind", "accelerator", "devices", "strategy", "precision", "eval_device",
+                 "int8_engine", "notes", "cpu", "cpu_count", "torch_threads", "machine", "gpu"?, ...},
       "wandb": null | {"run_id", "dir", "mode", "group"},
       "artifacts": [ARTIFACT, ...]
     }
@@ -19,12 +21,16 @@ Schema (version ``SCHEMA_VERSION``)::
     ARTIFACT = {
       "name": one of ARTIFACT_NAMES,
       "path": directory of the reloadable files, "files": [relative file names], "source": name | null,
-      "quality": {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece",
+      "quality": QUALITY_KEYS: {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece",
                   "f1_per_class": {class: f1}, "recall_per_class": {class: recall},
-                  "confusion_matrix": [[...]], "n_samples"},
-      "cost": {"params", "flops", "flops_fused_uncounted", "size_bytes",
+                  "confusion_matrix": [[...]] (rows: true class, columns: predicted), "n_samples"},
+      "cost": COST_KEYS: {"params", "flops", "flops_fused_uncounted", "size_bytes",
                "latency_ms": {"<batch>": {"p50", "p90"}}, "throughput_ips": {"<batch>": value},
                "peak_rss_mb", "device", "threads", "protocol": {"warmup", "iters", "repeats"}}
+
+``flops`` counts attention (2 FLOPs per multiply-add); ``flops_fused_uncounted`` is torch's count with fused
+attention, which it cannot see on CPU. ``peak_rss_mb`` is the job process's peak resident memory up to the
+measurement (training included): an upper bound here; the benchmark measures each artifact in a fresh process.
     }
 
 A job writes the record at start ("running"), so a job killed outright never leaves one claiming success,
@@ -45,6 +51,20 @@ from typing import Any
 from patholite.measure.io import write_json
 
 SCHEMA_VERSION = 1
+QUALITY_SCALARS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
+QUALITY_KEYS = (*QUALITY_SCALARS, "f1_per_class", "recall_per_class", "confusion_matrix", "n_samples")
+COST_KEYS = (
+    "params",
+    "flops",
+    "flops_fused_uncounted",
+    "size_bytes",
+    "latency_ms",
+    "throughput_ips",
+    "peak_rss_mb",
+    "device",
+    "threads",
+    "protocol",
+)
 RECORD_FILE = "metrics.json"
 STATUSES = ("running", "ok", "failed", "interrupted")
 
