@@ -14,8 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet
 from patholite.errors import ConfigError, DatasetError
+from patholite.measure.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -351,20 +350,6 @@ def _read_cache(path: Path, n: int, size: int, warn: bool) -> ImageSet | None:
     return ImageSet(images=images, labels=labels)
 
 
-def _write_atomic(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write the npz to a temp file beside ``path`` and rename it: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, labels=labels)  # uncompressed: loads in a blink, tiles are small
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_generate(
     cache_dir: Path, split: str, n_per_class: int, size: int, difficulty: float, seed: int
 ) -> ImageSet:
@@ -384,7 +369,8 @@ def load_or_generate(
                 return cached
             log.info("generating %d synthetic %s tiles into %s", n, split, path)
             images, labels = generate_split(n_per_class, size, difficulty, split_seed(seed, split))
-            _write_atomic(path, images, labels)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, images=images, labels=labels)  # uncompressed: loads in a blink, tiles are small
     except OSError as err:
         raise DatasetError(
             f"dataset=synthetic: cannot write the tile cache {path} ({err}); "
