@@ -152,3 +152,15 @@ def test_demo_teacher_lands_in_the_accuracy_band(tmp_path):
     accuracy = record["artifacts"][0]["quality"]["accuracy"]
     assert 0.75 <= accuracy <= 0.97, accuracy
     assert "record:" in result.stdout and "fp32" in result.stdout  # ends with the table and the paths
+
+
+def test_worker_errors_are_unwrapped_for_the_one_line_message():
+    from patholite.errors import DatasetError
+    from patholite.train import user_message
+
+    wrapped = DatasetError(
+        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\npatholite.errors.DatasetError: cannot read image /d/a.jpg: truncated'
+    )
+    assert user_message(wrapped) == "cannot read image /d/a.jpg: truncated"
+    assert user_message(DatasetError("dataset=bach: no Photos/")) == "dataset=bach: no Photos/"

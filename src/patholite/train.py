@@ -47,6 +47,17 @@ def _job_info(hc) -> dict[str, Any]:
     }
 
 
+def user_message(err: BaseException) -> str:
+    """The error's own message; a loader worker's error arrives wrapped in its traceback, so unwrap it."""
+    text = str(err)
+    if (
+        "Original Traceback" in text
+    ):  # torch's ExceptionWrapper: the last line is "<module>.<Error>: <message>"
+        last = text.rstrip().splitlines()[-1]
+        return last.split(f"{type(err).__name__}: ", 1)[-1]
+    return text
+
+
 def wandb_group(directory: Path) -> str:
     """A sweep's (or a lone run's) W&B group: its directory with its parent, e.g. 2026-11-25_18-31-00."""
     return f"{directory.parent.name}_{directory.name}"
@@ -151,7 +162,10 @@ def _run_job(cfg: DictConfig) -> str:
         record.finish("failed", err, traceback.format_exc())
         if not job["multirun"]:
             if isinstance(err, PatholiteError):  # a user mistake: its message says what to do, no stack
-                print(f"patholite: {type(err).__name__}: {err}\nrecord: {record.path}", file=sys.stderr)
+                print(
+                    f"patholite: {type(err).__name__}: {user_message(err)}\nrecord: {record.path}",
+                    file=sys.stderr,
+                )
                 raise SystemExit(1) from err
             raise
         log.error("job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err, record.path)

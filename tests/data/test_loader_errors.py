@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from omegaconf import OmegaConf
 
 from patholite.config.schema import BachConfig, CifarConfig, ImageFolderConfig, Isic2018Config, MedmnistConfig
@@ -241,3 +242,23 @@ def test_image_folder_layout_mistakes(tmp_path):
         root=str(root),
         class_names=["lymphocytes", "stroma", "necrosis"],
     )
+
+
+# ------------------------------------------------------------------------------------- early image checks
+@pytest.mark.parametrize(
+    ("write", "words"),
+    [
+        (lambda p: tifffile.imwrite(p, np.zeros((8, 8), np.float32)), ["floating-point"]),
+        (lambda p: tifffile.imwrite(p, np.zeros((3, 8, 8), np.uint8), photometric="minisblack"), ["pages"]),
+        (lambda p: p.write_bytes(b"not an image at all"), ["not a readable TIFF"]),
+    ],
+    ids=["float", "multi-page", "garbage"],
+)
+def test_unconvertible_images_fail_at_setup_not_in_a_worker(tmp_path, write, words):
+    root = make_image_folder(tmp_path / "folder", per_class=4)
+    bad = root / "stroma" / "odd.tif"
+    write(bad)
+    _fails(ImageFolderConfig, str(bad), *words, root=str(root))
+    # and a user who knows better can skip the header pass
+    dm = _setup(ImageFolderConfig, root=str(root), verify_images=False)
+    assert str(bad) in [p for s in dm.splits.values() for p in s.paths]

@@ -41,6 +41,7 @@ class DatasetConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     max_samples_per_split: int | None = None  # seeded, stratified subsample of every split (debug, smoke)
+    verify_images: bool = True  # read every image file's header before training (format, mode, pages)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     augment: AugmentConfig = field(default_factory=AugmentConfig)

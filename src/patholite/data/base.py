@@ -164,6 +164,8 @@ class HistologyDataModule(L.LightningDataModule):
                     f"dataset={self.cfg.name}: {int(bad.sum())} {split} labels fall outside the "
                     f"{self.num_classes} classes {self.class_names}"
                 )
+            if images.paths is not None and self.cfg.verify_images:
+                self._probe(images.paths)
             if self.cfg.max_samples_per_split:
                 keep = stratified_subsample(
                     images.labels, self.cfg.max_samples_per_split, self.cfg.split_seed
@@ -174,6 +176,14 @@ class HistologyDataModule(L.LightningDataModule):
             split: ImageSetDataset(images, build_transform(self.cfg, train=split == "train"))
             for split, images in self.splits.items()
         }
+
+    @staticmethod
+    def _probe(paths: list[str]) -> None:
+        """Every file's header, once: unreadable or unconvertible images fail here, before any training."""
+        from patholite.data.images import probe_image
+
+        for path in dict.fromkeys(paths):  # tiles of one photo share its file
+            probe_image(path)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         batch = self.cfg.batch_size if split == "train" else (self.cfg.eval_batch_size or self.cfg.batch_size)

@@ -172,3 +172,27 @@ def read_rgb(path: str) -> np.ndarray:
                 path, "not an image format PIL recognises (corrupt, or not an image)", _RECOPY
             ) from e
         raise _refuse(path, f"corrupt or truncated ({e})", _RECOPY) from e
+
+
+def probe_image(path: str) -> None:
+    """Check, from its header alone, that ``path`` is one image ``read_rgb`` can convert; DatasetError if not.
+
+    Cheap enough to run over a whole dataset before training: a wrong mode or a multi-page file then stops
+    the run at start, not in a loader worker hours later. Damaged pixel data still shows only on decoding.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"image {path} not found")
+    try:
+        with Image.open(p) as img:
+            frames, mode = getattr(img, "n_frames", 1), img.mode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        read_rgb(path)  # PIL cannot even read the header: the full reader refuses clearly, or copes (TIFFs)
+        return
+    if frames > 1:
+        raise _refuse(path, f"it holds {frames} frames/pages; expected a single image")
+    known = (*_PIL_TO_RGB, *_ALPHA_MODES, "P", "I")
+    if mode not in known and not mode.startswith("I;16"):
+        if mode == "F":
+            raise _refuse(path, "floating-point pixels have no defined 8-bit scale")
+        raise _refuse(path, f"PIL mode {mode!r} has no RGB meaning here")
