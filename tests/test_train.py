@@ -213,3 +213,10 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(make_cfg, 
     last = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["epoch"] == 1 and last["global_step"] == 8
     assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-epoch=000.ckpt"]
+
+
+def test_thread_settings_apply_to_their_job_only(make_cfg, tmp_path):
+    before = torch.get_num_threads()
+    assert run_job(make_cfg("accelerator.threads=1", "bench.threads=1")) == "ok"
+    assert read_record(tmp_path / "run")["artifacts"][0]["cost"]["threads"] == 1
+    assert torch.get_num_threads() == before

@@ -105,8 +105,14 @@ def sigterm_as_exit() -> Iterator[None]:
 
 def run_job(cfg: DictConfig) -> str:
     """Run one job and write its record; returns the record's status."""
-    with sigterm_as_exit():
-        return _run_job(cfg)
+    import torch
+
+    threads = torch.get_num_threads()  # accelerator.threads applies to this job only, not the sweep's next
+    try:
+        with sigterm_as_exit():
+            return _run_job(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_job(cfg: DictConfig) -> str:

@@ -37,6 +37,18 @@ def unfused_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             m.fused_attn = value
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads (None: unchanged), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def count_flops(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> dict[str, int]:
     """FLOPs of one image (2 per multiply-add). ``flops`` counts attention; ``flops_fused_uncounted`` is
     what the counter reports with fused attention (the figure R2 quotes)."""

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from patholite.measure.cost import count_flops, count_params, files_size, measure_latency, peak_rss_mb
+from patholite.measure.cost import (
+    count_flops,
+    count_params,
+    files_size,
+    measure_latency,
+    peak_rss_mb,
+    torch_threads,
+)
 from patholite.measure.metrics import QualityMeter
 from patholite.measure.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
 
@@ -31,9 +38,11 @@ def measure_cost(
 ) -> dict[str, Any]:
     """Parameters, FLOPs, latency and throughput of ``model`` with the ``bench`` protocol."""
     model.eval()
-    latency, throughput = measure_latency(
-        model, image_size, list(bench.batch_sizes), bench.warmup, bench.iters, bench.repeats, device
-    )
+    with torch_threads(bench.threads):
+        threads = torch.get_num_threads()
+        latency, throughput = measure_latency(
+            model, image_size, list(bench.batch_sizes), bench.warmup, bench.iters, bench.repeats, device
+        )
     return {
         "params": count_params(model),
         **count_flops(model, image_size, device),
@@ -41,7 +50,7 @@ def measure_cost(
         "throughput_ips": throughput,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(device),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "protocol": {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats},
     }
 

@@ -42,8 +42,6 @@ def record_float(ctx: RunContext, module: ClassifierModule, name: str = "fp32") 
     files = save_float_artifact(module.net, directory, ctx.artifact_meta())
     net, meta = load_float_artifact(directory)
     bench = ctx.cfg.bench
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
     return artifact_record(
         name,
         net,
