@@ -164,3 +164,13 @@ def test_worker_errors_are_unwrapped_for_the_one_line_message():
     )
     assert user_message(wrapped) == "cannot read image /d/a.jpg: truncated"
     assert user_message(DatasetError("dataset=bach: no Photos/")) == "dataset=bach: no Photos/"
+
+
+def test_sweep_summary_ignores_older_jobs_in_a_reused_sweep_dir(tmp_path):
+    from patholite.measure.io import write_json
+    from patholite.sweep import sweep_records
+
+    for num, started in ((0, "2026-01-01T10:00:00.000+00:00"), (1, "2026-01-01T09:00:00.000+00:00")):
+        write_json(tmp_path / str(num) / "metrics.json", {"status": "ok", "started_at": started, "job": {}})
+    assert len(sweep_records(tmp_path)) == 2
+    assert [r["started_at"][11:13] for r in sweep_records(tmp_path, since="2026-01-01T09:30:00")] == ["10"]

@@ -10,24 +10,30 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from patholite.measure.io import write_json
-from patholite.measure.records import RECORD_FILE, read_record
+from patholite.measure.records import RECORD_FILE, now, read_record
 from patholite.measure.report import print_records
 
 # Jobs that did not end "ok" in the last sweep of this process; the entry point exits non-zero on them.
 FAILED_JOBS: list[dict[str, Any]] = []
 
 
-def sweep_records(sweep_dir: Path) -> list[dict[str, Any]]:
-    records = []
-    for path in sorted(sweep_dir.glob(f"*/{RECORD_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        records.append(read_record(path))
-    return records
+def sweep_records(sweep_dir: Path, since: str | None = None) -> list[dict[str, Any]]:
+    """The records under ``sweep_dir`` (of jobs started at or after ``since``, an ISO time), in job order."""
+    paths = sorted(sweep_dir.glob(f"*/{RECORD_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name))
+    records = [read_record(path) for path in paths]
+    return [r for r in records if since is None or r["started_at"] >= since]
 
 
 class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self.started_at: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started_at = now()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        records = sweep_records(sweep_dir)
+        records = sweep_records(sweep_dir, since=self.started_at)  # a reused sweep dir holds older jobs too
         FAILED_JOBS.clear()
         FAILED_JOBS.extend(
             {"run_dir": r["run_dir"], "status": r["status"], "error": r.get("error")}
