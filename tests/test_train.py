@@ -220,3 +220,26 @@ def test_thread_settings_apply_to_their_job_only(make_cfg, tmp_path):
     assert run_job(make_cfg("accelerator.threads=1", "bench.threads=1")) == "ok"
     assert read_record(tmp_path / "run")["artifacts"][0]["cost"]["threads"] == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "experiment,dataset,extra",
+    [("r2_isic_teacher", "isic2018", []), ("r1_bach_teacher", "bach", ["dataset.tile_size=32"])],
+)
+def test_research_presets_run_on_fixtures(make_cfg, tmp_path, experiment, dataset, extra):
+    root = BUILDERS[dataset](tmp_path / "data" / dataset)
+    cfg = make_cfg(
+        f"experiment={experiment}",
+        f"dataset.root={root}",
+        "dataset.max_samples_per_split=null",
+        "dataset.num_workers=0",
+        *extra,
+    )
+    assert cfg.dataset.name == dataset
+    assert run_job(cfg) == "ok"
+    record = read_record(tmp_path / "run")
+    assert set(record["config"]["tags"]) >= {"teacher"}
+    if experiment.startswith("r1"):
+        assert (
+            record["config"]["model"]["pyramid"]["enabled"] and record["config"]["dataset"]["mode"] == "tile"
+        )
