@@ -45,7 +45,9 @@ def test_synthetic_teacher_run_writes_a_complete_record(make_cfg, tmp_path):
     assert cost["params"] == 207_684  # vit_micro with a 4-class head (timm's own count)
     assert cost["flops"] > cost["flops_fused_uncounted"]  # attention counted only when unfused
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (run_dir / "csv" / "metrics.csv").is_file()
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for stage in ("val", "test"):
+        assert {f"{stage}/macro_f1", f"{stage}/f1/InSitu", f"{stage}/recall/Invasive"} <= set(header)
     assert record["config"]["model"]["name"] == "vit_micro"  # the resolved config is stored
     # the artifact reloads from its files alone and reproduces the recorded quality
     net, meta = load_float_artifact(record["artifacts"][0]["path"])

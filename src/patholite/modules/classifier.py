@@ -48,6 +48,7 @@ class ClassifierModule(L.LightningModule):
         n = len(class_names)
         self.val_metrics = scalar_metrics(n).clone(prefix="val/")
         self.test_metrics = scalar_metrics(n).clone(prefix="test/")
+        self.val_per_class = per_class_metrics(n)
         self.test_per_class = per_class_metrics(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ class ClassifierModule(L.LightningModule):
         return self.criterion(logits, labels)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss = self._eval_step(batch, self.val_metrics)
+        loss = self._eval_step(batch, self.val_metrics, self.val_per_class)
         self.log("val/loss", loss, prog_bar=True)
         self.log_dict(self.val_metrics, prog_bar=False)
 
@@ -79,14 +80,21 @@ class ClassifierModule(L.LightningModule):
         self.log("test/loss", loss)
         self.log_dict(self.test_metrics)
 
-    def on_test_epoch_end(self) -> None:
-        values = self.test_per_class.compute()
+    def _log_per_class(self, stage: str, metrics) -> None:
+        """Per-class F1 and recall as scalars (``val/f1/<class>``); the confusion matrix is in the record."""
+        values = metrics.compute()
         for key in ("f1_per_class", "recall_per_class"):
             metric = key.removesuffix("_per_class")
             self.log_dict(
-                {f"test/{metric}/{name}": v for name, v in zip(self.class_names, values[key], strict=True)}
+                {f"{stage}/{metric}/{name}": v for name, v in zip(self.class_names, values[key], strict=True)}
             )
-        self.test_per_class.reset()
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_class("val", self.val_per_class)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_class("test", self.test_per_class)
 
     def configure_optimizers(self):
         cfg = self.hparams.optim
