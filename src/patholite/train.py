@@ -50,9 +50,8 @@ def _job_info(hc) -> dict[str, Any]:
 def user_message(err: BaseException) -> str:
     """The error's own message; a loader worker's error arrives wrapped in its traceback, so unwrap it."""
     text = str(err)
-    if (
-        "Original Traceback" in text
-    ):  # torch's ExceptionWrapper: the last line is "<module>.<Error>: <message>"
+    # torch's ExceptionWrapper: the message is the worker's traceback, ending "<module>.<Error>: <message>"
+    if "Original Traceback" in text:
         last = text.rstrip().splitlines()[-1]
         return last.split(f"{type(err).__name__}: ", 1)[-1]
     return text

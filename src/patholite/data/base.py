@@ -8,7 +8,7 @@ RGB arrays, however they are stored.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +37,6 @@ class ImageSet:
     paths: list[str] | None = None
     boxes: list[Box | None] | None = None
     groups: list[str] | None = None
-    reader: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -57,7 +56,7 @@ class ImageSet:
         from patholite.data.images import read_rgb
 
         path = self.paths[index]
-        image = (self.reader or read_rgb)(path)
+        image = read_rgb(path)
         box = self.boxes[index] if self.boxes is not None else None
         if box is not None:
             x, y, w, h = box
@@ -76,7 +75,6 @@ class ImageSet:
             paths=pick(self.paths),
             boxes=pick(self.boxes),
             groups=pick(self.groups),
-            reader=self.reader,
         )
 
 
