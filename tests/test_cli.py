@@ -34,6 +34,9 @@ def test_two_model_sweep_writes_two_records_and_two_wandb_runs(tmp_path):
     summary = json.loads((sweep / "sweep.json").read_text())
     assert summary["failed"] == 0 and len(summary["jobs"]) == 2
     assert "vit_mini" in result.stdout  # the sweep's results table
+    compared = (sweep / "compare" / "compare.csv").read_text().splitlines()
+    assert len(compared) == 3 and "vit_micro" in compared[1] + compared[2]  # header + one row per job
+    assert (sweep / "compare" / "pareto_accuracy_latency.png").is_file()
 
 
 def test_failing_job_in_sweep_is_recorded_and_the_sweep_exits_nonzero(tmp_path):

@@ -63,3 +63,11 @@ class SweepSummary(Callback):
             f"{len(records) - len(FAILED_JOBS)} of {len(records)} jobs ok; "
             f"summary in {sweep_dir / 'sweep.json'}"
         )
+        if len(records) > len(FAILED_JOBS):
+            from patholite.compare import run as compare_run
+
+            try:
+                _, written = compare_run([str(sweep_dir)])
+                console.print("comparison: " + "  ".join(str(p) for p in written))
+            except Exception as err:  # noqa: BLE001 - the records stand; the comparison is a convenience
+                console.print(f"[yellow]no comparison written[/]: {type(err).__name__}: {err}")

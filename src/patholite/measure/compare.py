@@ -1,0 +1,145 @@
+"""Many run records -> one comparison: a row per artifact, ratios against a baseline, Pareto fronts.
+
+The baseline of a row is the ``fp32`` artifact of a ``compression=none`` job with the same model, dataset and
+accelerator (the same sweep and seed preferred) when the records hold one, else the row's own ``source``
+artifact, else its record's first artifact. A plain row is its own baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patholite.errors import PatholiteError
+from patholite.measure.records import QUALITY_SCALARS, RECORD_FILE, read_record
+
+BASELINE_TECHNIQUE, BASELINE_ARTIFACT = "none", "fp32"
+
+
+@dataclass
+class Comparison:
+    rows: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    batch_sizes: list[int]
+
+
+def find_records(directories: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every run record under the given sweep or run directories, in path order."""
+    records = []
+    for directory in directories:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise PatholiteError(f"{directory} is not a directory; give sweep or run directories")
+        for path in sorted(directory.rglob(RECORD_FILE)):
+            record = read_record(path)
+            record.setdefault("run_dir", str(path.parent))
+            records.append(record)
+    if not records:
+        raise PatholiteError(f"no {RECORD_FILE} under {', '.join(map(str, directories))}")
+    return records
+
+
+def _row(record: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
+    cfg, q, c = record.get("config", {}), art["quality"], art["cost"]
+    row = {
+        "run_dir": record["run_dir"],
+        "sweep": (record.get("job") or {}).get("sweep_dir") or record["run_dir"],
+        "seed": cfg.get("seed"),
+        "technique": cfg.get("compression", {}).get("name", "?"),
+        "artifact": art["name"],
+        "source": art.get("source"),
+        "model": cfg.get("model", {}).get("name", "?"),
+        "dataset": cfg.get("dataset", {}).get("name", "?"),
+        "accelerator": record.get("device", {}).get("kind") or cfg.get("accelerator", {}).get("name", "?"),
+        **{key: q.get(key) for key in QUALITY_SCALARS},
+        "flip_rate": q.get("flip_rate"),  # filled by techniques that record predictions against a source
+        "params": c.get("params"),
+        "gflops": c["flops"] / 1e9 if c.get("flops") is not None else None,
+        "size_mb": c["size_bytes"] / 1e6 if c.get("size_bytes") is not None else None,
+        "peak_rss_mb": c.get("peak_rss_mb"),
+    }
+    for batch, lat in c.get("latency_ms", {}).items():
+        row[f"p50_ms_b{batch}"] = lat["p50"]
+    for batch, ips in c.get("throughput_ips", {}).items():
+        row[f"ips_b{batch}"] = ips
+    return row
+
+
+def _is_plain(row: dict[str, Any]) -> bool:
+    return row["technique"] == BASELINE_TECHNIQUE and row["artifact"] == BASELINE_ARTIFACT
+
+
+def _baseline(row: dict[str, Any], plain: list[dict[str, Any]], own: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row itself if plain; else the closest plain row (same sweep and seed first); else its source."""
+    if _is_plain(row):
+        return row
+    same = [
+        p
+        for p in plain
+        if (p["model"], p["dataset"], p["accelerator"]) == (row["model"], row["dataset"], row["accelerator"])
+    ]
+    for narrower in (
+        lambda p: p["sweep"] == row["sweep"] and p["seed"] == row["seed"],
+        lambda p: p["sweep"] == row["sweep"],
+        lambda p: True,
+    ):
+        hits = [p for p in same if narrower(p)]
+        if hits:
+            return hits[0]
+    return next((o for o in own if o["artifact"] == row["source"]), own[0])
+
+
+def _ratios(rows: list[dict[str, Any]], batch_sizes: list[int]) -> None:
+    """Add baseline name and ratios (size, latency per batch) and accuracy difference to every row."""
+    plain = [r for r in rows if _is_plain(r)]
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_run.setdefault(r["run_dir"], []).append(r)
+    for r in rows:
+        base = _baseline(r, plain, by_run[r["run_dir"]])
+        r["baseline"] = f"{base['technique']}/{base['artifact']}"
+        r["accuracy_delta_pp"] = _diff(r["accuracy"], base["accuracy"], 100)
+        r["size_ratio"] = _div(r["size_mb"], base["size_mb"])
+        for b in batch_sizes:
+            r[f"latency_ratio_b{b}"] = _div(r.get(f"p50_ms_b{b}"), base.get(f"p50_ms_b{b}"))
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _diff(a: float | None, b: float | None, scale: float) -> float | None:
+    return None if a is None or b is None else (a - b) * scale
+
+
+def compare(records: list[dict[str, Any]]) -> Comparison:
+    rows, failed = [], []
+    for record in records:
+        if record.get("status") != "ok":
+            failed.append(
+                {
+                    "run_dir": record["run_dir"],
+                    "status": record.get("status"),
+                    "error": record.get("error"),
+                    "overrides": " ".join(record.get("job", {}).get("overrides") or []),
+                }
+            )
+            continue
+        rows += [_row(record, art) for art in record.get("artifacts", [])]
+    batch_sizes = sorted({int(k[len("p50_ms_b") :]) for r in rows for k in r if k.startswith("p50_ms_b")})
+    _ratios(rows, batch_sizes)
+    return Comparison(rows=rows, failed=failed, batch_sizes=batch_sizes)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower cost (x) and higher quality (y), sorted by cost."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
