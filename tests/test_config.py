@@ -23,6 +23,7 @@ GROUPS = [
     "logger",
     "callbacks",
     "paths",
+    "bench",
     "experiment",
     "debug",
 ]
@@ -197,3 +198,12 @@ def test_gpu_resolution_picks_bf16_where_supported(monkeypatch):
     cfg.devices = 2  # several devices relaunch the command per rank: refused until DDP support lands
     with pytest.raises(AcceleratorError, match="trains on one device"):
         resolve_accelerator(cfg)
+
+
+def test_bench_presets_carry_the_protocols(tmp_path):
+    quick = compose_config([], tmp_path, tmp_path).bench
+    assert (quick.warmup, quick.iters, quick.repeats, list(quick.batch_sizes)) == (10, 30, 3, [1, 8, 32])
+    paper = compose_config(["bench=paper"], tmp_path, tmp_path).bench
+    assert (paper.warmup, paper.iters, paper.repeats) == (50, 100, 5)  # R2's CPU protocol
+    fast = compose_config(["debug=fast", "bench=paper"], tmp_path, tmp_path).bench
+    assert fast.iters <= 5  # debug=fast keeps any run tiny

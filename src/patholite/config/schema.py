@@ -211,12 +211,12 @@ class PathsConfig:
 
 @dataclass
 class BenchConfig:
-    """Cost measurement of each artifact (the benchmark issue adds presets and the full protocol)."""
+    """Cost measurement of each artifact; presets ``bench=quick`` (records) and ``bench=paper`` (R2)."""
 
-    warmup: int = 5
-    iters: int = 20
-    repeats: int = 1
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    warmup: int = 10
+    iters: int = 30
+    repeats: int = 3
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     threads: int | None = None  # None: the accelerator's thread count
 
 
@@ -262,3 +262,4 @@ def register_schemas() -> None:
     cs.store(group="schema/trainer", name="base", node=TrainerConfig)
     cs.store(group="schema/callbacks", name="base", node=CallbacksConfig)
     cs.store(group="schema/paths", name="base", node=PathsConfig)
+    cs.store(group="schema/bench", name="base", node=BenchConfig)
