@@ -245,3 +245,16 @@ def test_research_presets_run_on_fixtures(make_cfg, tmp_path, experiment, datase
         assert (
             record["config"]["model"]["pyramid"]["enabled"] and record["config"]["dataset"]["mode"] == "tile"
         )
+
+
+def test_peak_memory_comes_from_a_fresh_child_per_artifact(make_cfg, tmp_path):
+    from patholite.measure.cost import peak_rss_mb
+    from patholite.measure.memory import measure_in_child
+
+    assert run_job(make_cfg("bench.memory=child")) == "ok"
+    art = read_record(tmp_path / "run")["artifacts"][0]
+    memory = art["cost"]["memory"]
+    assert memory["method"] == "child" and memory["batch"] == 4  # debug=fast's largest batch
+    assert 0 < memory["rss_after_imports_mb"] < art["cost"]["peak_rss_mb"]
+    assert art["cost"]["peak_rss_mb"] < peak_rss_mb()  # not this test process's peak
+    assert "error" in measure_in_child(tmp_path / "nowhere", 1, 1, 32)  # a broken artifact is reported

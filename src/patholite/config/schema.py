@@ -218,6 +218,9 @@ class BenchConfig:
     repeats: int = 3
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     threads: int | None = None  # None: the accelerator's thread count
+    # peak memory: "child" (a fresh process per artifact, at the largest batch), or "process" (this job's own
+    # peak so far, training included: an upper bound that costs nothing; what debug=fast uses)
+    memory: str = "child"
 
 
 @dataclass

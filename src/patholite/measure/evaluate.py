@@ -17,6 +17,7 @@ from patholite.measure.cost import (
     peak_rss_mb,
     torch_threads,
 )
+from patholite.measure.memory import measure_in_child
 from patholite.measure.metrics import QualityMeter
 from patholite.measure.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
 
@@ -48,10 +49,26 @@ def measure_cost(
         **count_flops(model, image_size, device),
         "latency_ms": latency,
         "throughput_ips": throughput,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(device),
         "threads": threads,
         "protocol": {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats},
+    }
+
+
+def measure_memory(
+    directory: str | Path, image_size: int, bench, device: torch.device | str
+) -> dict[str, Any]:
+    """``peak_rss_mb`` and how it was measured: a fresh child process per artifact at the largest batch (CPU),
+    or this process's peak so far (``bench.memory=process``, and on GPUs for now)."""
+    if bench.memory == "child" and torch.device(device).type == "cpu":
+        batch = max(bench.batch_sizes)
+        child = measure_in_child(directory, batch, iters=3, image_size=image_size)
+        if "error" not in child:
+            return {"peak_rss_mb": child["peak_rss_mb"], "memory": {"method": "child", **child}}
+        return {"peak_rss_mb": None, "memory": {"method": "child", **child}}
+    return {
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "memory": {"method": "process", "note": "the job's peak so far, training included"},
     }
 
 
@@ -72,6 +89,7 @@ def artifact_record(
     quality = evaluate_quality(model, loader, class_names, device)
     cost = measure_cost(model, image_size, bench, device)
     cost["size_bytes"] = files_size(directory, files)
+    cost.update(measure_memory(directory, image_size, bench, device))
     assert set(quality) == set(QUALITY_KEYS) and set(cost) == set(COST_KEYS), "record schema drifted"
     return ArtifactRecord(
         name=name, path=str(directory), files=files, quality=quality, cost=cost, source=source
