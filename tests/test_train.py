@@ -256,5 +256,5 @@ def test_peak_memory_comes_from_a_fresh_child_per_artifact(make_cfg, tmp_path):
     memory = art["cost"]["memory"]
     assert memory["method"] == "child" and memory["batch"] == 4  # debug=fast's largest batch
     assert 0 < memory["rss_after_imports_mb"] < art["cost"]["peak_rss_mb"]
-    assert art["cost"]["peak_rss_mb"] < peak_rss_mb()  # not this test process's peak
+    assert art["cost"]["peak_rss_mb"] < peak_rss_mb() - 100  # not this (training) process's peak
     assert "error" in measure_in_child(tmp_path / "nowhere", 1, 1, 32)  # a broken artifact is reported
