@@ -76,12 +76,12 @@ def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
 
 
 def run_cli(
-    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None, module: str = "patholite.train"
 ) -> subprocess.CompletedProcess:
-    """``python -m patholite.train <args>`` in a subprocess, as a user would run it."""
+    """``python -m <module> <args>`` (the training entry by default) in a subprocess, as a user runs it."""
     full_env = {**os.environ, "PATHOLITE_ROOT": str(cwd), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "patholite.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

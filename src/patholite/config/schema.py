@@ -242,6 +242,25 @@ class TrainConfig:
     rerun: str | None = None  # a run dir whose saved overrides this run started from
 
 
+@dataclass
+class BenchRunConfig:
+    """``python -m patholite.bench``: cost of artifacts, or of a ``model=`` option with random weights."""
+
+    model: Any = MISSING
+    accelerator: Any = MISSING
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    image_size: int = 224
+    artifacts: list[str] = field(
+        default_factory=list
+    )  # artifact dirs; empty: build model= with random weights
+    variants: list[str] = field(
+        default_factory=lambda: ["fp32", "int8_dynamic"]
+    )  # of the random-weight model
+    seed: int = 0
+    task_name: str = "bench"
+
+
 DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
     "synthetic": SyntheticConfig,
     "bach": BachConfig,
@@ -256,6 +275,7 @@ def register_schemas() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="bench_schema", node=BenchRunConfig)
     for name, schema in DATASET_SCHEMAS.items():
         cs.store(group="schema/dataset", name=name, node=schema)
     cs.store(group="schema/model", name="timm", node=ModelConfig)

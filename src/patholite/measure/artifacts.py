@@ -1,15 +1,20 @@
 """Artifact files: a model saved so that it reloads without executing pickled code.
 
 A float artifact is ``model.safetensors`` plus ``artifact.json`` (the architecture as the model config, class
-names, input size and normalisation). Its size is the bytes of all its files.
+names, input size and normalisation). A dynamic-INT8 artifact (torch.ao, Linear layers only, R2's PTQ) is its
+quantized state dict (``model_int8.pt``, read with ``weights_only=True``) plus the same sidecar with the
+engine; loading rebuilds the float network, quantizes it the same way and loads the INT8 weights. An
+artifact's size is the bytes of all its files.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,6 +23,7 @@ from patholite.measure.io import atomic_path, write_json
 
 SIDECAR = "artifact.json"
 WEIGHTS = "model.safetensors"
+INT8_WEIGHTS = "model_int8.pt"
 
 
 def save_float_artifact(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> list[str]:
@@ -49,3 +55,48 @@ def load_float_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any
     except RuntimeError as err:
         raise CheckpointError(f"artifact {directory} does not match its own sidecar: {err}") from err
     return net.eval(), meta
+
+
+def quantize_dynamic_int8(net: nn.Module, engine: str = "x86") -> nn.Module:
+    """torch.ao dynamic INT8 of the Linear layers; LayerNorm and Softmax stay in float (R2's protocol)."""
+    torch.backends.quantized.engine = engine
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", DeprecationWarning
+        )  # torch.ao.quantization is deprecated, still works
+        return torch.ao.quantization.quantize_dynamic(net.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def save_int8_dynamic_artifact(
+    qnet: nn.Module, directory: str | Path, meta: dict[str, Any], engine: str
+) -> list[str]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / INT8_WEIGHTS) as tmp:
+        torch.save(qnet.state_dict(), tmp)
+    write_json(
+        directory / SIDECAR, {"kind": "torch_int8_dynamic", "weights": INT8_WEIGHTS, "engine": engine, **meta}
+    )
+    return [INT8_WEIGHTS, SIDECAR]
+
+
+def create_float_twin(meta: dict[str, Any]) -> nn.Module:
+    """The float network an artifact's sidecar describes (random weights): for counting, not for inference."""
+    from patholite.models.factory import create_network
+
+    return create_network(meta["model"], len(meta["class_names"]), meta["image_size"]).eval()
+
+
+def load_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Any patholite artifact, by the kind its sidecar names."""
+    meta = read_sidecar(directory)
+    if meta["kind"] == "torch_float":
+        return load_float_artifact(directory)
+    if meta["kind"] == "torch_int8_dynamic":
+        qnet = quantize_dynamic_int8(create_float_twin(meta), meta["engine"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quantized tensors still go through TypedStorage
+            state = torch.load(Path(directory) / meta["weights"], map_location="cpu", weights_only=True)
+        qnet.load_state_dict(state)
+        return qnet.eval(), meta
+    raise CheckpointError(f"artifact {directory}: unknown kind {meta['kind']!r} in {SIDECAR}")

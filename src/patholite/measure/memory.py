@@ -66,10 +66,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import patholite.models.factory  # noqa: F401
-    from patholite.measure.artifacts import load_float_artifact
+    from patholite.measure.artifacts import load_artifact
 
     after_imports = _rss_mb()
-    net, _ = load_float_artifact(args.directory)
+    net, _ = load_artifact(args.directory)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     with torch.inference_mode():
         for _ in range(args.iters):

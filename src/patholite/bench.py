@@ -1,0 +1,171 @@
+"""Entry point: ``python -m patholite.bench`` (or ``patholite-bench``): what artifacts cost on this machine.
+
+Measures artifact directories (``artifacts=[dir,...]``), or builds a ``model=`` option with random weights
+(``model.num_classes``, default 1000) and its dynamic-INT8 variant. Every artifact gets parameters, FLOPs,
+size on disk and peak memory (a fresh child each); latency is timed for all of them in one child process,
+alternating, with each artifact's ratio to the first per repeat (median and spread). The result is a run
+record (``metrics.json``), so ``patholite.compare`` and sweeps treat it like any run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import patholite.config  # noqa: F401  (registers the schemas)
+from patholite import sweep
+from patholite.accelerators import resolve_accelerator
+from patholite.errors import AcceleratorError, ConfigError, PatholiteError
+from patholite.measure import artifacts as art
+from patholite.measure.cost import count_flops, count_params, files_size
+from patholite.measure.evaluate import measure_memory
+from patholite.measure.records import ArtifactRecord, RunRecord, read_record
+from patholite.measure.report import print_records
+from patholite.measure.timing import time_artifacts
+from patholite.train import CONF_DIR, _job_info, sigterm_as_exit, user_message
+
+log = logging.getLogger("patholite.bench")
+KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic"}
+VARIANTS = ("fp32", "int8_dynamic")
+
+
+def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path]:
+    """The ``model=`` option with seeded random weights, saved as the requested variants."""
+    from patholite.models.factory import create_network
+    from patholite.pipelines.preflight import check_model_fits
+
+    unknown = set(cfg.variants) - set(VARIANTS)
+    if unknown or not cfg.variants:
+        raise ConfigError(f"variants={list(cfg.variants)}: choose from {list(VARIANTS)}")
+    n = cfg.model.num_classes or 1000
+    check_model_fits(cfg.model, n, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    net = create_network(cfg.model, n, cfg.image_size).eval()
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    meta = {
+        "model": {**model, "checkpoint": None},
+        "class_names": [f"class_{i}" for i in range(n)],
+        "image_size": cfg.image_size,
+        "random_weights": True,
+    }
+    dirs = []
+    if "fp32" in cfg.variants:
+        art.save_float_artifact(net, out / "fp32", meta)
+        dirs.append(out / "fp32")
+    if "int8_dynamic" in cfg.variants:
+        art.save_int8_dynamic_artifact(
+            art.quantize_dynamic_int8(net, engine), out / "int8_dynamic", meta, engine
+        )
+        dirs.append(out / "int8_dynamic")
+    return dirs
+
+
+def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
+    net, meta = art.load_artifact(directory)
+    files = sorted(p.name for p in directory.iterdir() if p.is_file())
+    cost: dict[str, Any] = {"size_bytes": files_size(directory, files)}
+    if meta["kind"] == "torch_float":
+        cost.update(params=count_params(net), **count_flops(net, image_size))
+    else:  # packed INT8 weights are neither parameters nor visible to the FLOP counter: count the float twin
+        twin = art.create_float_twin(meta)
+        cost.update(params=count_params(twin), **count_flops(twin, image_size))
+        cost["count_note"] = "params and FLOPs of the float architecture"
+    return {"files": files, "meta": meta, "cost": cost}
+
+
+def run_bench(cfg: DictConfig) -> str:
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir).resolve()
+    job = _job_info(hc)
+    record = RunRecord(run_dir=str(out), config=OmegaConf.to_container(cfg, resolve=True), job=job)
+    record.config.setdefault("compression", {"name": "bench"})
+    try:
+        record.write()
+        accel = resolve_accelerator(cfg.accelerator)
+        record.device = accel.describe()
+        if accel.kind != "cpu" and "int8_dynamic" in cfg.variants and not cfg.artifacts:
+            raise AcceleratorError(
+                "dynamic INT8 (torch.ao) runs on the CPU only: use accelerator=cpu, or "
+                "variants=[fp32] on this accelerator"
+            )
+        dirs = [Path(d).expanduser().resolve() for d in cfg.artifacts] or build_random_artifacts(
+            cfg, out / "artifacts", accel.int8_engine
+        )
+        static = [_static_cost(d, cfg.image_size) for d in dirs]  # also checks every artifact loads
+        timing = time_artifacts(dirs, cfg.image_size, cfg.bench, str(accel.device))
+        for d, s in zip(dirs, static, strict=True):
+            t = timing["artifacts"][d.name]
+            cost = {
+                **s["cost"],
+                **measure_memory(d, cfg.image_size, cfg.bench, accel.device),
+                "latency_ms": t["latency_ms"],
+                "throughput_ips": t["throughput_ips"],
+                "ratio_to_baseline": t["ratio_to_baseline"],
+                "baseline": timing["baseline"],
+                "device": timing["device"],
+                "threads": timing["threads"],
+                "sync": timing["sync"],
+                "protocol": {k: cfg.bench[k] for k in ("warmup", "iters", "repeats")},
+            }
+            name = KIND_NAMES.get(s["meta"]["kind"], "fp32")
+            record.artifacts.append(
+                ArtifactRecord(
+                    name=name,
+                    path=str(d),
+                    files=s["files"],
+                    quality={},
+                    cost=cost,
+                    source=None if name == "fp32" else "fp32",
+                )
+            )
+        record.finish("ok")
+    except (KeyboardInterrupt, SystemExit) as err:
+        record.finish("interrupted", err, traceback.format_exc())
+        raise
+    except Exception as err:
+        record.finish("failed", err, traceback.format_exc())
+        if job["multirun"]:
+            log.error("bench job failed (%s: %s); the sweep goes on", type(err).__name__, err)
+            return record.status
+        if isinstance(err, PatholiteError):
+            print(
+                f"patholite: {type(err).__name__}: {user_message(err)}\nrecord: {record.path}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from err
+        raise
+    if not job["multirun"]:
+        print_records([read_record(record.path)], title=f"bench {out}")
+        for a in record.artifacts:
+            ratios = ", ".join(
+                f"b{b}: {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]"
+                for b, r in a.cost["ratio_to_baseline"].items()
+            )
+            print(f"{a.name}: latency / {timing['baseline']} = {ratios}")
+        print(f"record: {record.path}")
+    return record.status
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+def _hydra_main(cfg: DictConfig) -> str:
+    with sigterm_as_exit():
+        return run_bench(cfg)
+
+
+def main() -> None:
+    sweep.FAILED_JOBS.clear()
+    _hydra_main()
+    if sweep.FAILED_JOBS:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

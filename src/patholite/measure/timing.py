@@ -1,0 +1,128 @@
+"""Latency of several artifacts timed in ONE fresh process, alternating, so machine drift hits all alike.
+
+CPU speed here drifts by up to 1.6x within minutes (../shared/FACTS.md): absolute numbers from separate
+processes do not compare, ratios measured side by side do. Each repeat times every artifact in turn at every
+batch size (the order reversed on odd repeats); the ratio of each artifact to the first (the baseline) is
+taken per repeat, and reported as its median with its spread (min, max) over repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from patholite.errors import PatholiteError
+
+
+def time_artifacts(
+    directories: list[str | Path], image_size: int, bench, device: str = "cpu", timeout: int = 3600
+) -> dict[str, Any]:
+    """Run the alternating protocol in a child process; returns its JSON result."""
+    spec = {
+        "directories": [str(d) for d in directories],
+        "image_size": image_size,
+        "device": device,
+        "batch_sizes": list(bench.batch_sizes),
+        "warmup": bench.warmup,
+        "iters": bench.iters,
+        "repeats": bench.repeats,
+        "threads": bench.threads,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "patholite.measure.timing", f.name],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise PatholiteError(f"the timing process failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _time_block(net, x, warmup: int, iters: int, sync) -> list[float]:
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            net(x)
+        sync()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            net(x)
+            sync()
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from patholite.measure.artifacts import load_artifact
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    names, nets = [], []
+    for directory in spec["directories"]:
+        net, meta = load_artifact(directory)
+        names.append(Path(directory).name)
+        nets.append(net.to(device))
+    times = {n: {b: [] for b in spec["batch_sizes"]} for n in names}
+    p50s = {n: {b: [] for b in spec["batch_sizes"]} for n in names}
+    for repeat in range(spec["repeats"]):
+        for batch in spec["batch_sizes"]:
+            x = torch.randn(batch, 3, spec["image_size"], spec["image_size"], device=device)
+            order = list(range(len(nets)))[:: -1 if repeat % 2 else 1]
+            for i in order:
+                block = _time_block(nets[i], x, spec["warmup"], spec["iters"], sync)
+                times[names[i]][batch] += block
+                p50s[names[i]][batch].append(statistics.median(block))
+    result: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "sync": "cuda.synchronize" if device.type == "cuda" else "none (CPU is synchronous)",
+        "artifacts": {},
+    }
+    base = names[0]
+    for n in names:
+        entry: dict[str, Any] = {"latency_ms": {}, "throughput_ips": {}, "ratio_to_baseline": {}}
+        for b in spec["batch_sizes"]:
+            p50 = statistics.median(times[n][b])
+            entry["latency_ms"][str(b)] = {
+                "p50": round(p50, 4),
+                "p90": round(_percentile(times[n][b], 0.9), 4),
+            }
+            entry["throughput_ips"][str(b)] = round(b * 1000 / p50, 3)
+            ratios = [a / r for a, r in zip(p50s[n][b], p50s[base][b], strict=True)]
+            entry["ratio_to_baseline"][str(b)] = {
+                "median": round(statistics.median(ratios), 4),
+                "min": round(min(ratios), 4),
+                "max": round(max(ratios), 4),
+                "per_repeat": [round(r, 4) for r in ratios],
+            }
+        result["artifacts"][n] = entry
+    result["baseline"] = base
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(Path(sys.argv[1]).read_text()))))

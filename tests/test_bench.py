@@ -1,0 +1,92 @@
+"""The benchmark: FP32 and dynamic INT8 of a model option timed side by side, memory from children."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from patholite.config.schema import BenchConfig
+from patholite.measure.cost import count_flops
+from patholite.measure.records import read_record
+from tests.conftest import run_cli
+
+TINY = [
+    "model=vit_micro",
+    "image_size=32",
+    "bench.iters=3",
+    "bench.warmup=1",
+    "bench.repeats=2",
+    "bench.batch_sizes=[1,2]",
+]
+
+
+def run_bench(args: list[str], cwd):
+    return run_cli(args, cwd, module="patholite.bench")
+
+
+def test_bench_times_fp32_and_int8_side_by_side(tmp_path):
+    result = run_bench([*TINY, "model.num_classes=7", "hydra.run.dir=outputs/b"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_record(tmp_path / "outputs" / "b")
+    fp32, int8 = record["artifacts"]
+    assert (fp32["name"], int8["name"], int8["source"]) == ("fp32", "int8_dynamic", "fp32")
+    assert fp32["cost"]["params"] == int8["cost"]["params"] == 207_684 + 3 * 64 + 3  # 7-class head
+    assert int8["cost"]["size_bytes"] < 0.5 * fp32["cost"]["size_bytes"]
+    for art in (fp32, int8):
+        cost = art["cost"]
+        assert set(cost["latency_ms"]) == {"1", "2"} and cost["protocol"]["repeats"] == 2
+        assert all(v["p90"] >= v["p50"] > 0 for v in cost["latency_ms"].values())
+        assert all(len(r["per_repeat"]) == 2 for r in cost["ratio_to_baseline"].values())
+        assert (
+            cost["memory"]["method"] == "child"
+            and cost["peak_rss_mb"] > cost["memory"]["rss_after_imports_mb"]
+        )
+    assert all(r["median"] == 1.0 for r in fp32["cost"]["ratio_to_baseline"].values())  # itself
+    assert "int8_dynamic: latency / fp32" in result.stdout
+
+
+def test_bench_measures_given_artifacts_and_refuses_missing_ones(tmp_path):
+    first = run_bench([*TINY, "variants=[fp32]", "hydra.run.dir=outputs/a"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    fp32_dir = tmp_path / "outputs" / "a" / "artifacts" / "fp32"
+    again = run_bench([*TINY, f"artifacts=[{fp32_dir}]", "hydra.run.dir=outputs/again"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_record(tmp_path / "outputs" / "again")["artifacts"][0]["path"] == str(fp32_dir)
+    missing = run_bench([*TINY, f"artifacts=[{tmp_path / 'gone'}]", "hydra.run.dir=outputs/m"], tmp_path)
+    assert missing.returncode == 1 and "CheckpointError" in missing.stderr and "gone" in missing.stderr
+    assert read_record(tmp_path / "outputs" / "m")["status"] == "failed"
+    bad = run_bench([*TINY, "variants=[fp16]", "hydra.run.dir=outputs/v"], tmp_path)
+    assert bad.returncode == 1 and "variants=['fp16']" in bad.stderr
+
+
+def test_flop_count_equals_a_hand_count():
+    net = nn.Sequential(nn.Conv2d(3, 4, kernel_size=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    # conv: 8*8 positions x 4 outputs x 3 inputs multiply-adds; linear: 256 x 10; 2 FLOPs per multiply-add
+    expected = 2 * (8 * 8 * 4 * 3 + 256 * 10)
+    assert count_flops(net, 8) == {"flops": expected, "flops_fused_uncounted": expected}
+
+
+def test_alternating_protocol_returns_the_requested_counts(tmp_path):
+    from patholite.measure.artifacts import save_float_artifact
+    from patholite.measure.timing import time_artifacts
+    from patholite.models.factory import create_network
+
+    spec = {
+        "name": "vit_micro",
+        "timm_name": "vit_tiny_patch16_224",
+        "family": "vit",
+        "kwargs": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4},
+    }
+    meta = {"model": spec, "class_names": ["a", "b"], "image_size": 16}
+    for name in ("one", "two"):
+        save_float_artifact(create_network(spec, 2, 16), tmp_path / name, meta)
+    bench = OmegaConf.structured(BenchConfig(warmup=1, iters=4, repeats=3, batch_sizes=[1, 3]))
+    result = time_artifacts([tmp_path / "one", tmp_path / "two"], 16, bench)
+    assert result["baseline"] == "one" and result["threads"] == torch.get_num_threads()
+    two = result["artifacts"]["two"]
+    assert set(two["latency_ms"]) == {"1", "3"}
+    assert all(
+        len(r["per_repeat"]) == 3 and r["min"] <= r["median"] <= r["max"]
+        for r in two["ratio_to_baseline"].values()
+    )
