@@ -159,7 +159,7 @@ def test_demo_teacher_lands_in_the_accuracy_band(tmp_path):
 
 def test_worker_errors_are_unwrapped_for_the_one_line_message():
     from patholite.errors import DatasetError
-    from patholite.train import user_message
+    from patholite.jobs import user_message
 
     wrapped = DatasetError(
         "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"

@@ -21,16 +21,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas)
-from patholite import sweep
 from patholite.accelerators import resolve_accelerator
 from patholite.errors import AcceleratorError, ConfigError, PatholiteError
+from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure import artifacts as art
 from patholite.measure.cost import count_flops, count_params, files_size
 from patholite.measure.evaluate import measure_memory
 from patholite.measure.records import ArtifactRecord, RunRecord, read_record
 from patholite.measure.report import print_records
 from patholite.measure.timing import time_artifacts
-from patholite.train import CONF_DIR, _job_info, sigterm_as_exit, user_message
+from patholite.train import CONF_DIR
 
 log = logging.getLogger("patholite.bench")
 KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic"}
@@ -84,7 +84,7 @@ def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
 def run_bench(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir).resolve()
-    job = _job_info(hc)
+    job = job_info(hc)
     record = RunRecord(run_dir=str(out), config=OmegaConf.to_container(cfg, resolve=True), job=job)
     record.config.setdefault("compression", {"name": "bench"})
     try:
@@ -161,10 +161,7 @@ def _hydra_main(cfg: DictConfig) -> str:
 
 
 def main() -> None:
-    sweep.FAILED_JOBS.clear()
-    _hydra_main()
-    if sweep.FAILED_JOBS:
-        sys.exit(1)
+    run_hydra(_hydra_main)
 
 
 if __name__ == "__main__":

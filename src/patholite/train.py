@@ -9,52 +9,26 @@ checkpoint) and ``rerun=<run dir> [overrides]`` (a new run from that run's saved
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
-from patholite import sweep
 from patholite.errors import CheckpointError, ConfigError, PatholiteError
+from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.records import RunRecord, read_record
 from patholite.measure.report import print_records
 from patholite.overrides import expand_run_references
 
 log = logging.getLogger("patholite.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def _job_info(hc) -> dict[str, Any]:
-    multirun = hc.mode == RunMode.MULTIRUN
-    return {
-        "name": hc.job.name,
-        "num": OmegaConf.select(hc, "job.num", default=None),
-        "override_dirname": hc.job.override_dirname,
-        "overrides": list(hc.overrides.task),
-        "sweep_dir": str(Path(hc.sweep.dir).resolve()) if multirun else None,
-        "multirun": multirun,
-    }
-
-
-def user_message(err: BaseException) -> str:
-    """The error's own message; a loader worker's error arrives wrapped in its traceback, so unwrap it."""
-    text = str(err)
-    # torch's ExceptionWrapper: the message is the worker's traceback, ending "<module>.<Error>: <message>"
-    if "Original Traceback" in text:
-        last = text.rstrip().splitlines()[-1]
-        return last.split(f"{type(err).__name__}: ", 1)[-1]
-    return text
 
 
 def wandb_group(directory: Path) -> str:
@@ -85,23 +59,6 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str
     return checkpoint, previous.get("wandb")
 
 
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM anywhere in a job (not only inside Lightning's fit) ends it as interrupted, exit code 143."""
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signal.SIGTERM)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_job(cfg: DictConfig) -> str:
     """Run one job and write its record; returns the record's status."""
     import torch
@@ -123,7 +80,7 @@ def _run_job(cfg: DictConfig) -> str:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir).resolve()
-    job = _job_info(hc)
+    job = job_info(hc)
     record = RunRecord(run_dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=False), job=job)
     loggers: list = []
     try:
@@ -198,10 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     except PatholiteError as err:
         print(f"patholite: error: {err}", file=sys.stderr)
         sys.exit(2)
-    sweep.FAILED_JOBS.clear()
-    _hydra_main()
-    if sweep.FAILED_JOBS:
-        sys.exit(1)
+    run_hydra(_hydra_main)
 
 
 if __name__ == "__main__":

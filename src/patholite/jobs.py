@@ -1,0 +1,63 @@
+"""What every entry point's job shares: its Hydra facts, SIGTERM handling, user-facing errors, sweep exit."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from patholite import sweep
+
+
+def job_info(hc) -> dict[str, Any]:
+    multirun = hc.mode == RunMode.MULTIRUN
+    return {
+        "name": hc.job.name,
+        "num": OmegaConf.select(hc, "job.num", default=None),
+        "override_dirname": hc.job.override_dirname,
+        "overrides": list(hc.overrides.task),
+        "sweep_dir": str(Path(hc.sweep.dir).resolve()) if multirun else None,
+        "multirun": multirun,
+    }
+
+
+def user_message(err: BaseException) -> str:
+    """The error's own message; a loader worker's error arrives wrapped in its traceback, so unwrap it."""
+    text = str(err)
+    # torch's ExceptionWrapper: the message is the worker's traceback, ending "<module>.<Error>: <message>"
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(f"{type(err).__name__}: ", 1)[-1]
+    return text
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM anywhere in a job (not only inside Lightning's fit) ends it as interrupted, exit code 143."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_hydra(hydra_main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` function; exit 1 if any job of a sweep did not end ok."""
+    sweep.FAILED_JOBS.clear()
+    hydra_main()
+    if sweep.FAILED_JOBS:
+        sys.exit(1)
