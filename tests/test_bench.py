@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -44,6 +45,8 @@ def test_bench_times_fp32_and_int8_side_by_side(tmp_path):
         )
     assert all(r["median"] == 1.0 for r in fp32["cost"]["ratio_to_baseline"].values())  # itself
     assert "int8_dynamic: latency / fp32" in result.stdout
+    # energy: a number where RAPL/NVML is readable, otherwise the reason it is absent
+    assert fp32["cost"]["energy_j_per_image"] or fp32["cost"]["energy_absent_reason"]
 
 
 def test_bench_measures_given_artifacts_and_refuses_missing_ones(tmp_path):
@@ -90,3 +93,22 @@ def test_alternating_protocol_returns_the_requested_counts(tmp_path):
         len(r["per_repeat"]) == 3 and r["min"] <= r["median"] <= r["max"]
         for r in two["ratio_to_baseline"].values()
     )
+
+
+def test_rapl_energy_per_image_with_counter_wrap(tmp_path, monkeypatch):
+    """A fake RAPL tree: the meter sums package zones and survives the counter wrapping around."""
+    from patholite.measure.energy import open_meter
+
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000000\n")
+    (zone / "energy_uj").write_text("900000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-zone (core): not counted again
+    monkeypatch.setenv("PATHOLITE_RAPL_ROOT", str(tmp_path))
+    meter, source = open_meter("cpu")
+    assert meter is not None and "whole package" in source
+    (zone / "energy_uj").write_text("100000\n")  # wrapped: 900000 -> 1000000 -> 100000
+    assert meter.joules() == pytest.approx(0.2)
+    monkeypatch.setenv("PATHOLITE_RAPL_ROOT", str(tmp_path / "none"))
+    meter, reason = open_meter("cpu")
+    assert meter is None and "no RAPL zones" in reason

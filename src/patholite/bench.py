@@ -113,6 +113,9 @@ def run_bench(cfg: DictConfig) -> str:
                 "device": timing["device"],
                 "threads": timing["threads"],
                 "sync": timing["sync"],
+                "energy_j_per_image": t.get("energy_j_per_image"),
+                "energy_source": timing["energy_source"],
+                "energy_absent_reason": timing["energy_absent_reason"],
                 "protocol": {k: cfg.bench[k] for k in ("warmup", "iters", "repeats")},
             }
             name = KIND_NAMES.get(s["meta"]["kind"], "fp32")

@@ -56,7 +56,8 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _time_block(net, x, warmup: int, iters: int, sync) -> list[float]:
+def _time_block(net, x, warmup: int, iters: int, sync, meter) -> tuple[list[float], float | None]:
+    """Latencies (ms) of ``iters`` calls after ``warmup``, and the joules they used when a meter exists."""
     import torch
 
     with torch.inference_mode():
@@ -64,23 +65,27 @@ def _time_block(net, x, warmup: int, iters: int, sync) -> list[float]:
             net(x)
         sync()
         times = []
+        energy_start = meter.joules() if meter else None
         for _ in range(iters):
             start = time.perf_counter()
             net(x)
             sync()
             times.append((time.perf_counter() - start) * 1000)
-    return times
+        joules = meter.joules() - energy_start if meter else None
+    return times, joules
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from patholite.measure.artifacts import load_artifact
+    from patholite.measure.energy import open_meter
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    meter, energy_source = open_meter(device.type, device.index or 0)
     names, nets = [], []
     for directory in spec["directories"]:
         net, meta = load_artifact(directory)
@@ -88,18 +93,23 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         nets.append(net.to(device))
     times = {n: {b: [] for b in spec["batch_sizes"]} for n in names}
     p50s = {n: {b: [] for b in spec["batch_sizes"]} for n in names}
+    joules_per_image = {n: {b: [] for b in spec["batch_sizes"]} for n in names}
     for repeat in range(spec["repeats"]):
         for batch in spec["batch_sizes"]:
             x = torch.randn(batch, 3, spec["image_size"], spec["image_size"], device=device)
             order = list(range(len(nets)))[:: -1 if repeat % 2 else 1]
             for i in order:
-                block = _time_block(nets[i], x, spec["warmup"], spec["iters"], sync)
+                block, joules = _time_block(nets[i], x, spec["warmup"], spec["iters"], sync, meter)
+                if joules is not None:
+                    joules_per_image[names[i]][batch].append(joules / (spec["iters"] * batch))
                 times[names[i]][batch] += block
                 p50s[names[i]][batch].append(statistics.median(block))
     result: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "device": str(device),
         "sync": "cuda.synchronize" if device.type == "cuda" else "none (CPU is synchronous)",
+        "energy_source": energy_source if meter else None,
+        "energy_absent_reason": None if meter else energy_source,
         "artifacts": {},
     }
     base = names[0]
@@ -118,6 +128,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 "min": round(min(ratios), 4),
                 "max": round(max(ratios), 4),
                 "per_repeat": [round(r, 4) for r in ratios],
+            }
+        if meter:
+            entry["energy_j_per_image"] = {
+                str(b): round(statistics.median(joules_per_image[n][b]), 6) for b in spec["batch_sizes"]
             }
         result["artifacts"][n] = entry
     result["baseline"] = base
