@@ -27,10 +27,13 @@ def run_bench(args: list[str], cwd):
 
 
 def test_bench_times_fp32_and_int8_side_by_side(tmp_path):
-    result = run_bench([*TINY, "model.num_classes=7", "hydra.run.dir=outputs/b"], tmp_path)
+    variants = "variants=[fp32,int8_dynamic,onnx_fp32]"
+    result = run_bench([*TINY, "model.num_classes=7", variants, "hydra.run.dir=outputs/b"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = read_record(tmp_path / "outputs" / "b")
-    fp32, int8 = record["artifacts"]
+    fp32, int8, onnx = record["artifacts"]
+    assert onnx["name"] == "onnx_fp32" and onnx["cost"]["params"] == fp32["cost"]["params"]
+    assert set(onnx["cost"]["latency_ms"]) == {"1", "2"}
     assert (fp32["name"], int8["name"], int8["source"]) == ("fp32", "int8_dynamic", "fp32")
     assert fp32["cost"]["params"] == int8["cost"]["params"] == 207_684 + 3 * 64 + 3  # 7-class head
     assert int8["cost"]["size_bytes"] < 0.5 * fp32["cost"]["size_bytes"]
@@ -112,3 +115,17 @@ def test_rapl_energy_per_image_with_counter_wrap(tmp_path, monkeypatch):
     monkeypatch.setenv("PATHOLITE_RAPL_ROOT", str(tmp_path / "none"))
     meter, reason = open_meter("cpu")
     assert meter is None and "no RAPL zones" in reason
+
+
+def test_unreadable_onnx_artifact_is_a_checkpoint_error(tmp_path):
+    from patholite.errors import CheckpointError
+    from patholite.measure.artifacts import load_artifact
+    from patholite.measure.io import write_json
+
+    (tmp_path / "model.onnx").write_bytes(b"not onnx")
+    write_json(tmp_path / "artifact.json", {"kind": "onnx", "weights": "model.onnx"})
+    with pytest.raises(CheckpointError, match="ONNX Runtime cannot load"):
+        load_artifact(tmp_path)
+    write_json(tmp_path / "artifact.json", {"kind": "tflite", "weights": "x"})
+    with pytest.raises(CheckpointError, match="unknown kind 'tflite'"):
+        load_artifact(tmp_path)

@@ -33,8 +33,8 @@ from patholite.measure.timing import time_artifacts
 from patholite.train import CONF_DIR
 
 log = logging.getLogger("patholite.bench")
-KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic"}
-VARIANTS = ("fp32", "int8_dynamic")
+KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic", "onnx": "onnx_fp32"}
+VARIANTS = ("fp32", "int8_dynamic", "onnx_fp32")
 
 
 def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path]:
@@ -65,6 +65,9 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
             art.quantize_dynamic_int8(net, engine), out / "int8_dynamic", meta, engine
         )
         dirs.append(out / "int8_dynamic")
+    if "onnx_fp32" in cfg.variants:
+        art.save_onnx_artifact(net, out / "onnx_fp32", meta)
+        dirs.append(out / "onnx_fp32")
     return dirs
 
 
@@ -74,7 +77,7 @@ def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
     cost: dict[str, Any] = {"size_bytes": files_size(directory, files)}
     if meta["kind"] == "torch_float":
         cost.update(params=count_params(net), **count_flops(net, image_size))
-    else:  # packed INT8 weights are neither parameters nor visible to the FLOP counter: count the float twin
+    else:  # packed INT8 weights and ONNX graphs are invisible to torch's counters: count the float twin
         twin = art.create_float_twin(meta)
         cost.update(params=count_params(twin), **count_flops(twin, image_size))
         cost["count_note"] = "params and FLOPs of the float architecture"
@@ -91,10 +94,11 @@ def run_bench(cfg: DictConfig) -> str:
         record.write()
         accel = resolve_accelerator(cfg.accelerator)
         record.device = accel.describe()
-        if accel.kind != "cpu" and "int8_dynamic" in cfg.variants and not cfg.artifacts:
+        cpu_only = {"int8_dynamic", "onnx_fp32"} & set(cfg.variants)
+        if accel.kind != "cpu" and cpu_only and not cfg.artifacts:
             raise AcceleratorError(
-                "dynamic INT8 (torch.ao) runs on the CPU only: use accelerator=cpu, or "
-                "variants=[fp32] on this accelerator"
+                f"{sorted(cpu_only)} run on the CPU here (torch.ao INT8, ONNX Runtime's CPU provider): "
+                "use accelerator=cpu, or variants=[fp32] on this accelerator"
             )
         dirs = [Path(d).expanduser().resolve() for d in cfg.artifacts] or build_random_artifacts(
             cfg, out / "artifacts", accel.int8_engine

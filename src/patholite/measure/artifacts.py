@@ -24,6 +24,7 @@ from patholite.measure.io import atomic_path, write_json
 SIDECAR = "artifact.json"
 WEIGHTS = "model.safetensors"
 INT8_WEIGHTS = "model_int8.pt"
+ONNX_FILE = "model.onnx"
 
 
 def save_float_artifact(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> list[str]:
@@ -87,6 +88,50 @@ def create_float_twin(meta: dict[str, Any]) -> nn.Module:
     return create_network(meta["model"], len(meta["class_names"]), meta["image_size"]).eval()
 
 
+def save_onnx_artifact(
+    net: nn.Module, directory: str | Path, meta: dict[str, Any], opset: int = 17
+) -> list[str]:
+    """Export the float network to ONNX (batch axis dynamic) for ONNX Runtime; weights inside the file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(1, 3, meta["image_size"], meta["image_size"])
+    with atomic_path(directory / ONNX_FILE) as tmp, warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # the TorchScript exporter is deprecated; the dynamo one splits weights out
+        torch.onnx.export(
+            net.eval(),
+            (x,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    write_json(directory / SIDECAR, {"kind": "onnx", "weights": ONNX_FILE, "opset": opset, **meta})
+    return [ONNX_FILE, SIDECAR]
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind the nn.Module call the evaluators and timers use (CPU)."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - ORT raises its own types for unreadable models
+            raise CheckpointError(f"ONNX Runtime cannot load {path}: {err}") from err
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().numpy()})[0])
+
+
 def load_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Any patholite artifact, by the kind its sidecar names."""
     meta = read_sidecar(directory)
@@ -99,4 +144,6 @@ def load_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             state = torch.load(Path(directory) / meta["weights"], map_location="cpu", weights_only=True)
         qnet.load_state_dict(state)
         return qnet.eval(), meta
+    if meta["kind"] == "onnx":
+        return OrtModule(Path(directory) / meta["weights"]).eval(), meta
     raise CheckpointError(f"artifact {directory}: unknown kind {meta['kind']!r} in {SIDECAR}")
