@@ -247,14 +247,15 @@ def test_research_presets_run_on_fixtures(make_cfg, tmp_path, experiment, datase
         )
 
 
-def test_peak_memory_comes_from_a_fresh_child_per_artifact(make_cfg, tmp_path):
+def test_isolated_cost_comes_from_fresh_children(make_cfg, tmp_path):
     from patholite.measure.cost import peak_rss_mb
     from patholite.measure.memory import measure_in_child
 
-    assert run_job(make_cfg("bench.memory=child")) == "ok"
+    assert run_job(make_cfg("bench.isolation=child")) == "ok"
     art = read_record(tmp_path / "run")["artifacts"][0]
     memory = art["cost"]["memory"]
     assert memory["method"] == "child" and memory["batch"] == 4  # debug=fast's largest batch
+    assert art["cost"]["timing"]["method"] == "child"  # latency timed in a fresh process too
     assert 0 < memory["rss_after_imports_mb"] < art["cost"]["peak_rss_mb"]
     assert art["cost"]["peak_rss_mb"] < peak_rss_mb() - 100  # not this (training) process's peak
     assert "error" in measure_in_child(tmp_path / "nowhere", 1, 1, 32)  # a broken artifact is reported

@@ -126,7 +126,7 @@ def check_config(cfg: DictConfig) -> None:
     )
     _require(cfg.bench.iters >= 1 and cfg.bench.warmup >= 0, "bench.iters must be >= 1 and bench.warmup >= 0")
     _require(cfg.bench.threads is None or cfg.bench.threads >= 1, "bench.threads must be >= 1 or null")
-    _choice(cfg.bench.memory, "bench.memory", ("child", "process"))
+    _choice(cfg.bench.isolation, "bench.isolation", ("child", "process"))
     _require(
         not (cfg.resume and cfg.rerun),
         "resume= and rerun= exclude each other: resume continues a run, "

@@ -218,9 +218,10 @@ class BenchConfig:
     repeats: int = 3
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     threads: int | None = None  # None: the accelerator's thread count
-    # peak memory: "child" (a fresh process per artifact, at the largest batch), or "process" (this job's own
-    # peak so far, training included: an upper bound that costs nothing; what debug=fast uses)
-    memory: str = "child"
+    # "child": latency timed in a fresh child process (alternating, as the benchmark does) and peak memory in
+    # another fresh child per artifact; "process": both in the job's own process (fast, but the memory figure
+    # is the job's peak so far, training included): what debug=fast uses
+    isolation: str = "child"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from patholite.measure.cost import (
 from patholite.measure.memory import measure_in_child
 from patholite.measure.metrics import QualityMeter
 from patholite.measure.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
+from patholite.measure.timing import time_artifacts
 
 
 @torch.inference_mode()
@@ -35,23 +36,42 @@ def evaluate_quality(
 
 
 def measure_cost(
-    model: nn.Module, image_size: int, bench, device: torch.device | str = "cpu"
+    model: nn.Module,
+    image_size: int,
+    bench,
+    device: torch.device | str = "cpu",
+    directory: Path | None = None,
 ) -> dict[str, Any]:
-    """Parameters, FLOPs, latency and throughput of ``model`` with the ``bench`` protocol."""
+    """Parameters, FLOPs, latency and throughput with the ``bench`` protocol: timed in a fresh child from the
+    artifact ``directory`` (``bench.isolation=child``), else in this process."""
     model.eval()
+    static = {"params": count_params(model), **count_flops(model, image_size, device)}
+    protocol = {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats}
+    if bench.isolation == "child" and directory is not None:
+        timing = time_artifacts([directory], image_size, bench, str(device))
+        timed = timing["artifacts"][Path(directory).name]
+        return {
+            **static,
+            "latency_ms": timed["latency_ms"],
+            "throughput_ips": timed["throughput_ips"],
+            "device": timing["device"],
+            "threads": timing["threads"],
+            "protocol": protocol,
+            "timing": {"method": "child", "sync": timing["sync"]},
+        }
     with torch_threads(bench.threads):
         threads = torch.get_num_threads()
         latency, throughput = measure_latency(
             model, image_size, list(bench.batch_sizes), bench.warmup, bench.iters, bench.repeats, device
         )
     return {
-        "params": count_params(model),
-        **count_flops(model, image_size, device),
+        **static,
         "latency_ms": latency,
         "throughput_ips": throughput,
         "device": str(device),
         "threads": threads,
-        "protocol": {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats},
+        "protocol": protocol,
+        "timing": {"method": "process"},
     }
 
 
@@ -59,8 +79,8 @@ def measure_memory(
     directory: str | Path, image_size: int, bench, device: torch.device | str
 ) -> dict[str, Any]:
     """``peak_rss_mb`` and how it was measured: a fresh child process per artifact at the largest batch (CPU),
-    or this process's peak so far (``bench.memory=process``, and on GPUs for now)."""
-    if bench.memory == "child" and torch.device(device).type == "cpu":
+    or this process's peak so far (``bench.isolation=process``, and on GPUs for now)."""
+    if bench.isolation == "child" and torch.device(device).type == "cpu":
         batch = max(bench.batch_sizes)
         child = measure_in_child(directory, batch, iters=3, image_size=image_size)
         if "error" not in child:
@@ -87,7 +107,7 @@ def artifact_record(
     """Quality on ``loader`` and cost of a saved artifact, as one record row."""
     model = model.to(device)
     quality = evaluate_quality(model, loader, class_names, device)
-    cost = measure_cost(model, image_size, bench, device)
+    cost = measure_cost(model, image_size, bench, device, Path(directory))
     cost["size_bytes"] = files_size(directory, files)
     cost.update(measure_memory(directory, image_size, bench, device))
     assert set(quality) == set(QUALITY_KEYS) and set(cost) == set(COST_KEYS), "record schema drifted"

@@ -26,13 +26,14 @@ Schema (version ``SCHEMA_VERSION``)::
                   "confusion_matrix": [[...]] (rows: true class, columns: predicted), "n_samples"},
       "cost": COST_KEYS: {"params", "flops", "flops_fused_uncounted", "size_bytes",
                "latency_ms": {"<batch>": {"p50", "p90"}}, "throughput_ips": {"<batch>": value},
-               "peak_rss_mb", "memory": {"method": "child" | "process", ...}, "device", "threads",
+               "peak_rss_mb", "memory": {"method": "child" | "process", ...},
+               "timing": {"method": "child" | "process", "sync"?}, "device", "threads",
                "protocol": {"warmup", "iters", "repeats"}}
 
 ``flops`` counts attention (2 FLOPs per multiply-add); ``flops_fused_uncounted`` is torch's count with fused
 attention, which it cannot see on CPU. ``peak_rss_mb`` comes from a fresh child process that loads the
 artifact and runs the largest batch (``memory.method == "child"``, with ``rss_after_imports_mb`` and
-``peak_increase_mb``), or, with ``bench.memory=process``, is the job's own peak so far (an upper bound).
+``peak_increase_mb``), or, with ``bench.isolation=process``, is the job's own peak so far (an upper bound).
     }
 
 A job writes the record at start ("running"), so a job killed outright never leaves one claiming success,
@@ -64,6 +65,7 @@ COST_KEYS = (
     "throughput_ips",
     "peak_rss_mb",
     "memory",
+    "timing",
     "device",
     "threads",
     "protocol",
