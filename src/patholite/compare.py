@@ -16,21 +16,13 @@ from rich.table import Table
 
 from patholite.errors import PatholiteError
 from patholite.measure.compare import Comparison, compare, find_records
-from patholite.measure.outputs import plot_pareto, write_csv, write_markdown
+from patholite.measure.outputs import LEAD, TAIL, plot_pareto, write_csv, write_markdown
 
+# The terminal shows a narrower table than the files: drop the columns a reader rarely scans there.
 SHOWN = [
-    "technique",
-    "artifact",
-    "model",
-    "dataset",
-    "accelerator",
-    "accuracy",
-    "macro_f1",
-    "auroc",
-    "size_mb",
-    "baseline",
-    "accuracy_delta_pp",
-    "size_ratio",
+    c
+    for c in (*LEAD, *TAIL)
+    if c not in ("balanced_accuracy", "flip_rate", "gflops", "params", "peak_rss_mb")
 ]
 
 
