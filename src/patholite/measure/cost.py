@@ -67,7 +67,15 @@ def files_size(directory: str | Path, files: list[str]) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB)."""
+    """Peak resident memory of this process so far (MiB). On Linux, VmHWM of its own address space:
+    ``ru_maxrss`` carries the parent's high-water mark across fork/exec, so a child process of a big job
+    would report the job's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -75,6 +83,33 @@ def peak_rss_mb() -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_block(
+    model: nn.Module, x: torch.Tensor, warmup: int, iters: int, meter=None
+) -> tuple[list[float], float | None]:
+    """Latencies (ms) of ``iters`` synchronised calls after ``warmup``, and the joules they used (with a
+    ``meter``)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        _sync(x.device)
+        times = []
+        energy_start = meter.joules() if meter else None
+        for _ in range(iters):
+            start = time.perf_counter()
+            model(x)
+            _sync(x.device)
+            times.append((time.perf_counter() - start) * 1000)
+        joules = meter.joules() - energy_start if meter else None
+    return times, joules
+
+
+def latency_summary(times: list[float], batch: int) -> tuple[dict[str, float], float]:
+    """``{"p50", "p90"}`` in ms and the throughput (images/s) at the median."""
+    p50 = statistics.median(times)
+    p90 = statistics.quantiles(times, n=10)[-1] if len(times) >= 2 else times[0]
+    return {"p50": round(p50, 4), "p90": round(p90, 4)}, round(batch * 1000 / p50, 3)
 
 
 def measure_latency(
@@ -91,19 +126,6 @@ def measure_latency(
     latency, throughput = {}, {}
     for batch in batch_sizes:
         x = torch.randn(batch, 3, image_size, image_size, device=device)
-        times = []
-        with torch.inference_mode():
-            for _ in range(repeats):
-                for _ in range(warmup):
-                    model(x)
-                _sync(device)
-                for _ in range(iters):
-                    start = time.perf_counter()
-                    model(x)
-                    _sync(device)
-                    times.append((time.perf_counter() - start) * 1000)
-        p50 = statistics.median(times)
-        p90 = statistics.quantiles(times, n=10)[-1] if len(times) >= 2 else times[0]
-        latency[str(batch)] = {"p50": round(p50, 4), "p90": round(p90, 4)}
-        throughput[str(batch)] = round(batch * 1000 / p50, 3)
+        times = [t for _ in range(repeats) for t in time_block(model, x, warmup, iters)[0]]
+        latency[str(batch)], throughput[str(batch)] = latency_summary(times, batch)
     return latency, throughput

@@ -46,27 +46,13 @@ def measure_in_child(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory. On Linux, VmHWM of its own address space: ``ru_maxrss`` carries
-    the parent's high-water mark across fork/exec, so a child of a big job would report the job's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
 def _child(args: argparse.Namespace) -> dict[str, Any]:
     import timm  # noqa: F401  (imported before the baseline: the artifact's cost excludes library imports)
     import torch
 
     import patholite.models.factory  # noqa: F401
     from patholite.measure.artifacts import load_artifact
+    from patholite.measure.cost import peak_rss_mb
 
     after_imports = _rss_mb()
     net, _ = load_artifact(args.directory)
@@ -74,7 +60,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         for _ in range(args.iters):
             net(x)
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     return {
         "peak_rss_mb": round(peak, 1),
         "rss_after_imports_mb": round(after_imports, 1),

@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,40 +50,16 @@ def time_artifacts(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def _time_block(net, x, warmup: int, iters: int, sync, meter) -> tuple[list[float], float | None]:
-    """Latencies (ms) of ``iters`` calls after ``warmup``, and the joules they used when a meter exists."""
-    import torch
-
-    with torch.inference_mode():
-        for _ in range(warmup):
-            net(x)
-        sync()
-        times = []
-        energy_start = meter.joules() if meter else None
-        for _ in range(iters):
-            start = time.perf_counter()
-            net(x)
-            sync()
-            times.append((time.perf_counter() - start) * 1000)
-        joules = meter.joules() - energy_start if meter else None
-    return times, joules
-
-
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from patholite.measure.artifacts import load_artifact
+    from patholite.measure.cost import latency_summary, time_block
     from patholite.measure.energy import open_meter
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     meter, energy_source = open_meter(device.type, device.index or 0)
     names, nets = [], []
     for directory in spec["directories"]:
@@ -99,7 +74,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             x = torch.randn(batch, 3, spec["image_size"], spec["image_size"], device=device)
             order = list(range(len(nets)))[:: -1 if repeat % 2 else 1]
             for i in order:
-                block, joules = _time_block(nets[i], x, spec["warmup"], spec["iters"], sync, meter)
+                block, joules = time_block(nets[i], x, spec["warmup"], spec["iters"], meter)
                 if joules is not None:
                     joules_per_image[names[i]][batch].append(joules / (spec["iters"] * batch))
                 times[names[i]][batch] += block
@@ -116,12 +91,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     for n in names:
         entry: dict[str, Any] = {"latency_ms": {}, "throughput_ips": {}, "ratio_to_baseline": {}}
         for b in spec["batch_sizes"]:
-            p50 = statistics.median(times[n][b])
-            entry["latency_ms"][str(b)] = {
-                "p50": round(p50, 4),
-                "p90": round(_percentile(times[n][b], 0.9), 4),
-            }
-            entry["throughput_ips"][str(b)] = round(b * 1000 / p50, 3)
+            entry["latency_ms"][str(b)], entry["throughput_ips"][str(b)] = latency_summary(times[n][b], b)
             ratios = [a / r for a, r in zip(p50s[n][b], p50s[base][b], strict=True)]
             entry["ratio_to_baseline"][str(b)] = {
                 "median": round(statistics.median(ratios), 4),
