@@ -93,7 +93,7 @@ def test_sigterm_leaves_an_interrupted_record_and_resume_finishes_it(tmp_path):
     assert killed.returncode == 143  # 128 + SIGTERM, as a killed process
     run_dir = tmp_path / "outputs" / "job"
     assert read_record(run_dir)["status"] == "interrupted"
-    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "train" / "interrupted.ckpt").is_file()
     # the saved overrides include the callback that kills the run; resume replays the run as it was,
     # so the callback is told to stop at a step the resumed run never reaches again
     resumed = run_cli([f"resume={run_dir}"], tmp_path, env=env)

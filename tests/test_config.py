@@ -115,7 +115,7 @@ def test_invalid_values_fail_with_config_error(overrides, match, tmp_path):
         (["model=vit_mini", "model.num_classes=7"], "model.num_classes=7 but the dataset has 4"),
         (["model=resnet18", "model.pyramid.enabled=true"], "needs a Vision Transformer"),
         (["+model.kwargs.img_size=64"], "dataset.image_size"),
-        (["compression.pipeline=magic"], "compression.pipeline"),
+        (["compression.stages=[magic]"], "compression.stages"),
     ],
 )
 def test_impossible_combinations_fail_before_training(overrides, match, tmp_path):

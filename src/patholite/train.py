@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+from patholite.config import options
 from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.records import RunRecord, read_record
@@ -28,7 +29,7 @@ from patholite.measure.report import print_records
 from patholite.overrides import expand_run_references
 
 log = logging.getLogger("patholite.train")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(options.CONF_DIR)
 
 
 def wandb_group(directory: Path) -> str:
@@ -51,11 +52,15 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str
             f"resume={cfg.resume}: that run finished ok; to train it further or differently, start a new run "
             f"from it with rerun={cfg.resume} trainer.max_epochs=<more>"
         )
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
+    # The interrupted stage's newest checkpoint; or, between stages, the state of the finished ones.
+    checkpoint = latest_checkpoint(run_dir / "checkpoints", recursive=True)
+    state = run_dir / "stages" / "state.json"
+    if checkpoint is None and not state.is_file():
         raise CheckpointError(
-            f"resume={cfg.resume}: no last.ckpt or interrupted.ckpt under {run_dir / 'checkpoints'}"
+            f"resume={cfg.resume}: nothing to continue from: no last.ckpt or interrupted.ckpt under "
+            f"{run_dir / 'checkpoints'} and no finished stage in {state}"
         )
+    checkpoint = checkpoint or state
     return checkpoint, previous.get("wandb")
 
 

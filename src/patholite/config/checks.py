@@ -78,6 +78,90 @@ def _choice(value: Any, key: str, allowed: tuple) -> None:
     _require(value in allowed, f"{key}={value!r} must be one of {list(allowed)}")
 
 
+STAGES = ("train", "start", "distill", "prune", "lowrank", "qat", "ptq")
+# Stages that produce the run's first float model; every other stage transforms the current one.
+FIRST_STAGES = ("train", "start", "distill")
+PTQ_METHODS = ("dynamic", "static_ort", "mixed")
+KD_LEVELS = ("logits", "attention", "features")
+
+
+def check_compression(c: DictConfig) -> None:
+    """The ``compression`` option: stage order and every technique's values."""
+    stages = list(c.stages)
+    for stage in stages:
+        _choice(stage, "compression.stages[]", STAGES)
+    _require(
+        bool(stages) and stages[0] in FIRST_STAGES and not any(s in FIRST_STAGES for s in stages[1:]),
+        f"compression.stages={stages}: must start with one of {list(FIRST_STAGES)} (where the float model "
+        "comes from) and use it once; then any of prune, lowrank, qat, ptq",
+    )
+    _require(len(set(stages)) == len(stages), f"compression.stages={stages} repeats a stage")
+    _require(
+        not ("prune" in stages and "lowrank" in stages) or stages.index("prune") < stages.index("lowrank"),
+        f"compression.stages={stages}: prune must come before lowrank (pruning reshapes softmax attention)",
+    )
+    kd = c.kd
+    _choice(kd.kind, "compression.kd.kind", ("soft", "hard", "token", "token_soft", "token_hard"))
+    for level in kd.levels:
+        _choice(level, "compression.kd.levels[]", KD_LEVELS)
+    _require(0 <= kd.alpha <= 1, f"compression.kd.alpha={kd.alpha} must lie in [0, 1]")
+    _require(kd.temperature > 0, f"compression.kd.temperature={kd.temperature} must be > 0")
+    _require(
+        kd.entropy_weight >= 0 and kd.lesion_weight >= 0,
+        "compression.kd.entropy_weight and lesion_weight must be >= 0",
+    )
+    if c.ema.decay is not None:
+        _require(
+            0 < c.ema.decay < 1,
+            f"compression.ema.decay={c.ema.decay} must lie in (0, 1), e.g. 0.999; null turns EMA off",
+        )
+    _require(c.ema.start_step >= 0, f"compression.ema.start_step={c.ema.start_step} must be >= 0")
+    for method in c.ptq.methods:
+        _choice(method, "compression.ptq.methods[]", PTQ_METHODS)
+    _require(
+        "ptq" not in stages or bool(c.ptq.methods),
+        "compression.ptq.methods is empty: name at least one of dynamic, static_ort, mixed",
+    )
+    _require(
+        "static_ort" not in c.ptq.methods or c.ptq.calibration_images >= 1,
+        f"compression.ptq.calibration_images={c.ptq.calibration_images}: static INT8 needs at least one "
+        "calibration image (a few hundred is typical)",
+    )
+    _choice(c.ptq.weight_type, "compression.ptq.weight_type", ("int8", "uint8"))
+    _require(c.ptq.budget_pp >= 0, f"compression.ptq.budget_pp={c.ptq.budget_pp} must be >= 0")
+    _require(
+        "mixed" not in c.ptq.methods or c.ptq.sensitivity_images >= 1,
+        "compression.ptq.sensitivity_images must be >= 1 for mixed precision",
+    )
+    _require(all(b >= 2 for b in c.ptq.bits), f"compression.ptq.bits={list(c.ptq.bits)} must all be >= 2")
+    p = c.prune
+    _require(
+        (p.ratio is None) != (p.target_flops is None),
+        "compression.prune: set exactly one of ratio (fraction removed) and target_flops",
+    )
+    _require(
+        p.ratio is None or 0 < p.ratio < 1,
+        f"compression.prune.ratio={p.ratio} must lie strictly between 0 and 1 (the fraction removed)",
+    )
+    _require(p.target_flops is None or p.target_flops > 0, "compression.prune.target_flops must be > 0")
+    _choice(p.importance, "compression.prune.importance", ("magnitude", "taylor", "moving_average"))
+    _choice(p.saliency, "compression.prune.saliency", ("taylor", "grad"))
+    _require(0 <= p.beta < 1, f"compression.prune.beta={p.beta} must lie in [0, 1)")
+    _require(p.round_to >= 1, f"compression.prune.round_to={p.round_to} must be >= 1")
+    _require(p.heads or p.mlp, "compression.prune: heads and mlp are both false, nothing to prune")
+    _require(
+        p.importance == "magnitude" or p.scoring_batches >= 1,
+        f"compression.prune.importance={p.importance} needs compression.prune.scoring_batches >= 1",
+    )
+    _require(c.lowrank.landmarks >= 1, f"compression.lowrank.landmarks={c.lowrank.landmarks} must be >= 1")
+    for key in ("prune", "lowrank", "qat"):
+        ft = c[key].finetune
+        _require(ft.epochs >= 0, f"compression.{key}.finetune.epochs={ft.epochs} must be >= 0")
+        _require(ft.lr > 0, f"compression.{key}.finetune.lr={ft.lr} must be > 0")
+    _require(c.qat.finetune.epochs >= 1, "compression.qat.finetune.epochs must be >= 1 (QAT is a fine-tune)")
+    _require(c.export.opset >= 17, f"compression.export.opset={c.export.opset}: use 17 or later")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value or combination cannot work."""
     _check_against_schema(cfg)
@@ -115,6 +199,7 @@ def check_config(cfg: DictConfig) -> None:
         0 <= cfg.optim.label_smoothing < 1,
         f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)",
     )
+    check_compression(cfg.compression)
     _choice(cfg.callbacks.progress_bar, "callbacks.progress_bar", ("rich", "tqdm", "none"))
     _choice(cfg.callbacks.monitor_mode, "callbacks.monitor_mode", ("min", "max"))
     _choice(cfg.callbacks.monitor, "callbacks.monitor", MONITORS)

@@ -131,11 +131,127 @@ class ModelConfig:
 
 # ----------------------------------------------------------------------------------------- compression
 @dataclass
+class TeacherConfig:
+    """The network distillation learns from: a ``model=`` option name, and its trained weights."""
+
+    model: str = "deit_small"
+    checkpoint: str | None = None  # None: trained once with the plain recipe, cached under paths.cache_dir
+
+
+@dataclass
+class KdConfig:
+    """Knowledge distillation. R2 leaves a and T open: a = 0.5 weighs labels and teacher equally, T = 4
+    softens enough for the teacher's class similarities to show (Hinton's range 2-5)."""
+
+    # soft (KL on softened logits) | hard (CE on the teacher's argmax) | token (DeiT distillation token,
+    # hard as DeiT's best; token_soft for KL)
+    kind: str = "soft"
+    alpha: float = 0.5
+    temperature: float = 4.0
+    levels: list[str] = field(default_factory=lambda: ["logits"])  # logits, attention, features (R1)
+    student_blocks: list[int] | None = None  # None: shallow, middle, deep = depth//4, depth//2, depth-1
+    teacher_blocks: list[int] | None = None  # None: the same relative depths in the teacher
+    attention_weight: float = 1.0
+    feature_weight: float = 1.0
+    entropy_weight: float = 0.0  # > 0: emphasise samples the teacher finds ambiguous (R1)
+    lesion_weight: float = 0.0  # > 0: emphasise lesion area, where the dataset gives masks (R1)
+
+
+@dataclass
+class EmaConfig:
+    """EMA of weights (R2: 0.999). Validation, test and export use the average; the raw model is kept too."""
+
+    decay: float | None = None  # None: off
+    start_step: int = 0  # optimizer steps before the average starts
+    warmup: bool = True  # decay ramps up as 1 - (1 + step)^-power, capped at `decay` (short runs)
+    warmup_power: float = 0.75
+    keep_raw: bool = True  # also record the raw (non-averaged) weights as an artifact
+
+
+@dataclass
+class PtqConfig:
+    """Post-training INT8 quantization of the stage's float model."""
+
+    methods: list[str] = field(default_factory=lambda: ["dynamic"])  # dynamic | static_ort | mixed
+    engine: str = "x86"  # torch.ao engine for dynamic/mixed (x86 = fbgemm kernels)
+    calibration_images: int = 256  # static_ort: training images fed to the calibrator
+    per_channel: bool = True  # static_ort: per-channel weight scales
+    reduce_range: bool = False  # static_ort: 7-bit weights, avoids U8S8 saturation on AVX2 without VNNI
+    weight_type: str = "int8"  # static_ort: int8 (U8S8) | uint8 (U8U8)
+    budget_pp: float = 0.5  # mixed: largest accuracy drop (percentage points) on validation images
+    sensitivity_images: int = 256  # mixed: validation images the per-layer pass reads
+    bits: list[int] = field(default_factory=lambda: [8, 4])  # mixed: R1's quantizer widths in the pass
+
+
+@dataclass
+class FinetuneConfig:
+    """A short training after a structural change (pruning, low-rank) or for QAT."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+    distill: bool = False  # learn from the model as it was before the change (R1's prune -> distill)
+
+
+@dataclass
+class QatConfig:
+    """R2's QAT-lite: fake-quantized fine-tuning of the trained model, then a real INT8 conversion."""
+
+    engine: str = "x86"
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=5, lr=5e-5))
+
+
+@dataclass
+class PruneConfig:
+    """Structured pruning of attention heads and MLP channels (Torch-Pruning)."""
+
+    ratio: float | None = 0.3  # fraction of heads and MLP channels removed; or set target_flops
+    target_flops: float | None = None  # prune until FLOPs (attention counted) are at most this
+    importance: str = "moving_average"  # magnitude | taylor | moving_average (R1)
+    saliency: str = "taylor"  # moving_average's per-step score: taylor |w*g| | grad |g| (R1)
+    beta: float = 0.9  # moving_average: S_t = beta*S_{t-1} + (1-beta)*s_t (R1 leaves beta open)
+    scoring_batches: int = 16  # training batches that score importance (taylor, moving_average)
+    round_to: int = 8  # MLP widths rounded to this multiple (hardware-friendly, R1)
+    heads: bool = True
+    mlp: bool = True
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class LowrankConfig:
+    """Nystrom low-rank attention (R5: 24, 32, 64 landmarks)."""
+
+    landmarks: int = 32
+    blocks: list[int] | None = None  # None: every block
+    pinv_iters: int = 6
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=0))
+
+
+@dataclass
+class ExportConfig:
+    onnx: bool = False  # also export the final float model to ONNX and record it (parity checked)
+    opset: int = 17
+
+
+@dataclass
 class CompressionConfig:
-    """Which pipeline turns the trained model into artifacts; the compression issue adds options."""
+    """An ordered list of stages, each handing its model to the next (see ``patholite.pipelines.stages``).
+
+    ``train`` fits ``model=`` with the plain recipe (and publishes it to the cache); ``start`` takes the
+    trained
+    plain model from ``model.checkpoint`` or the cache (training it once if absent); ``distill`` trains
+    ``model=`` from a teacher; ``prune``, ``lowrank``, ``qat`` and ``ptq`` transform the current model.
+    """
 
     name: str = MISSING
-    pipeline: str = MISSING
+    stages: list[str] = MISSING
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    kd: KdConfig = field(default_factory=KdConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    ptq: PtqConfig = field(default_factory=PtqConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    lowrank: LowrankConfig = field(default_factory=LowrankConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # ----------------------------------------------------------------------------------------- accelerator

@@ -204,5 +204,26 @@ class HistologyDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def labelled_batches(
+        self, count: int, split: str = "val", seed: int = 0
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Up to ``count`` images of ``split`` with the evaluation transform (no augmentation), a seeded
+        stratified subset, in batches: what calibration, sensitivity passes and pruning scores read."""
+        from patholite.data.transforms import build_transform
+
+        images = self.splits[split]
+        if count < len(images):
+            images = images.subset(stratified_subsample(images.labels, count, seed)[:count])
+        loader = DataLoader(
+            ImageSetDataset(images, build_transform(self.cfg, train=False)),
+            batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
+            shuffle=False,
+            num_workers=self.cfg.num_workers,
+        )
+        return list(loader)
+
+    def calibration_images(self, count: int, split: str = "train", seed: int = 0) -> list[torch.Tensor]:
+        return [images for images, _ in self.labelled_batches(count, split, seed)]
+
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

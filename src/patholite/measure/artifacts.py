@@ -1,10 +1,12 @@
 """Artifact files: a model saved so that it reloads without executing pickled code.
 
 A float artifact is ``model.safetensors`` plus ``artifact.json`` (the architecture as the model config, class
-names, input size and normalisation). A dynamic-INT8 artifact (torch.ao, Linear layers only, R2's PTQ) is its
+names, input size and normalisation, and any structural surgery: pruning, low-rank attention). A
+dynamic-INT8 artifact (torch.ao, Linear layers only, R2's PTQ; ``layers`` for mixed precision) is its
 quantized state dict (``model_int8.pt``, read with ``weights_only=True``) plus the same sidecar with the
-engine; loading rebuilds the float network, quantizes it the same way and loads the INT8 weights. An
-artifact's size is the bytes of all its files.
+engine; loading rebuilds the float network, quantizes it the same way and loads the INT8 weights. A QAT
+artifact reloads the same way through the FX preparation. ONNX artifacts (float or static INT8) are one
+``.onnx`` file. An artifact's size is the bytes of all its files.
 """
 
 from __future__ import annotations
@@ -46,11 +48,9 @@ def read_sidecar(directory: str | Path) -> dict[str, Any]:
 
 
 def load_float_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from the sidecar and load its safetensors weights (strict)."""
-    from patholite.models.factory import create_network
-
+    """Rebuild the network from the sidecar (replaying its surgery); load its safetensors weights strictly."""
     meta = read_sidecar(directory)
-    net = create_network(meta["model"], len(meta["class_names"]), meta["image_size"])
+    net = create_float_twin(meta)
     try:
         net.load_state_dict(load_file(str(Path(directory) / meta["weights"])), strict=True)
     except RuntimeError as err:
@@ -58,34 +58,60 @@ def load_float_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any
     return net.eval(), meta
 
 
-def quantize_dynamic_int8(net: nn.Module, engine: str = "x86") -> nn.Module:
-    """torch.ao dynamic INT8 of the Linear layers; LayerNorm and Softmax stay in float (R2's protocol)."""
+def quantize_dynamic_int8(net: nn.Module, engine: str = "x86", layers: list[str] | None = None) -> nn.Module:
+    """torch.ao dynamic INT8 of the Linear layers (``layers``: only these, by qualified name; mixed
+    precision); LayerNorm and Softmax stay in float (R2's protocol)."""
     torch.backends.quantized.engine = engine
+    names = {name for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(layers or ()) - names)
+    if unknown:
+        raise CheckpointError(f"dynamic INT8: {unknown} are not Linear layers of the network")
+    spec: set = {nn.Linear} if layers is None else set(layers)
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", DeprecationWarning
         )  # torch.ao.quantization is deprecated, still works
-        return torch.ao.quantization.quantize_dynamic(net.eval(), {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(net.eval(), spec, dtype=torch.qint8)
 
 
 def save_int8_dynamic_artifact(
-    qnet: nn.Module, directory: str | Path, meta: dict[str, Any], engine: str
+    qnet: nn.Module,
+    directory: str | Path,
+    meta: dict[str, Any],
+    engine: str,
+    layers: list[str] | None = None,
 ) -> list[str]:
+    """``layers``: the Linear layers that were quantized (None: all of them)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / INT8_WEIGHTS) as tmp:
         torch.save(qnet.state_dict(), tmp)
     write_json(
-        directory / SIDECAR, {"kind": "torch_int8_dynamic", "weights": INT8_WEIGHTS, "engine": engine, **meta}
+        directory / SIDECAR,
+        {
+            "kind": "torch_int8_dynamic",
+            "weights": INT8_WEIGHTS,
+            "engine": engine,
+            "layers": layers,
+            **meta,
+        },
     )
     return [INT8_WEIGHTS, SIDECAR]
 
 
 def create_float_twin(meta: dict[str, Any]) -> nn.Module:
-    """The float network an artifact's sidecar describes (random weights): for counting, not for inference."""
+    """The float network an artifact's sidecar describes, surgery replayed, with random weights."""
+    from patholite.compress.surgery import apply_surgery
     from patholite.models.factory import create_network
 
-    return create_network(meta["model"], len(meta["class_names"]), meta["image_size"]).eval()
+    net = create_network(meta["model"], len(meta["class_names"]), meta["image_size"])
+    return apply_surgery(net, meta.get("surgery")).eval()
+
+
+def _load_quantized_state(directory: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # quantized tensors still go through TypedStorage
+        return torch.load(Path(directory) / meta["weights"], map_location="cpu", weights_only=True)
 
 
 def save_onnx_artifact(
@@ -138,12 +164,13 @@ def load_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if meta["kind"] == "torch_float":
         return load_float_artifact(directory)
     if meta["kind"] == "torch_int8_dynamic":
-        qnet = quantize_dynamic_int8(create_float_twin(meta), meta["engine"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # quantized tensors still go through TypedStorage
-            state = torch.load(Path(directory) / meta["weights"], map_location="cpu", weights_only=True)
-        qnet.load_state_dict(state)
+        qnet = quantize_dynamic_int8(create_float_twin(meta), meta["engine"], meta.get("layers"))
+        qnet.load_state_dict(_load_quantized_state(directory, meta))
         return qnet.eval(), meta
+    if meta["kind"] == "torch_int8_qat":
+        from patholite.compress.qat import load_qat_artifact
+
+        return load_qat_artifact(directory, create_float_twin(meta), meta), meta
     if meta["kind"] == "onnx":
         return OrtModule(Path(directory) / meta["weights"]).eval(), meta
     raise CheckpointError(f"artifact {directory}: unknown kind {meta['kind']!r} in {SIDECAR}")

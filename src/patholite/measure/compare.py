@@ -54,7 +54,7 @@ def _row(record: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
         "dataset": cfg.get("dataset", {}).get("name", "?"),
         "accelerator": record.get("device", {}).get("kind") or cfg.get("accelerator", {}).get("name", "?"),
         **{key: q.get(key) for key in QUALITY_SCALARS},
-        "flip_rate": q.get("flip_rate"),  # filled by techniques that record predictions against a source
+        "flip_rate": (art.get("parity") or {}).get("flip_rate"),  # top-1 changes against its source
         "params": c.get("params"),
         "gflops": c["flops"] / 1e9 if c.get("flops") is not None else None,
         "size_mb": c["size_bytes"] / 1e6 if c.get("size_bytes") is not None else None,

@@ -24,15 +24,58 @@ from patholite.measure.timing import time_artifacts
 
 
 @torch.inference_mode()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's float logits and the labels over ``loader``, in loader order (test loaders do not
+    shuffle, so two artifacts' logits line up image by image)."""
+    model.eval()
+    logits, labels = [], []
+    for images, y in loader:
+        logits.append(model(images.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def bootstrap_accuracy_ci(
+    correct: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> list[float]:
+    """Percentile bootstrap interval of the accuracy (images resampled with replacement, fixed seed)."""
+    n = correct.numel()
+    if n == 0:
+        return [float("nan"), float("nan")]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    means = correct.float()[idx].mean(dim=1)
+    tail = (1 - level) / 2
+    return [float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail))]
+
+
+def quality_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    meter = QualityMeter(class_names)
+    meter.update(torch.softmax(logits, dim=1), labels)
+    quality = meter.compute()
+    quality["accuracy_ci95"] = bootstrap_accuracy_ci(logits.argmax(1) == labels)
+    return quality
+
+
 def evaluate_quality(
     model: nn.Module, loader: DataLoader, class_names: list[str], device: torch.device | str = "cpu"
 ) -> dict[str, Any]:
-    model.eval()
-    meter = QualityMeter(class_names)
-    for images, labels in loader:
-        logits = model(images.to(device))
-        meter.update(torch.softmax(logits.float(), dim=1), labels)
-    return meter.compute()
+    return quality_from_logits(*predict(model, loader, device), class_names)
+
+
+def parity(logits: torch.Tensor, reference: torch.Tensor, against: str) -> dict[str, Any]:
+    """How far an artifact's outputs are from its source's on the same images: the share of top-1
+    predictions that changed (flip rate) and the largest absolute logit difference."""
+    if logits.shape != reference.shape:
+        raise ValueError(f"parity: logits {tuple(logits.shape)} vs reference {tuple(reference.shape)}")
+    return {
+        "against": against,
+        "flip_rate": float((logits.argmax(1) != reference.argmax(1)).float().mean()),
+        "max_abs_logit_diff": float((logits - reference).abs().max()),
+        "n_samples": int(logits.shape[0]),
+    }
 
 
 def measure_cost(
@@ -103,14 +146,26 @@ def artifact_record(
     bench,
     device: torch.device | str = "cpu",
     source: str | None = None,
-) -> ArtifactRecord:
-    """Quality on ``loader`` and cost of a saved artifact, as one record row."""
+    reference: torch.Tensor | None = None,
+) -> tuple[ArtifactRecord, torch.Tensor]:
+    """Quality on ``loader`` and cost of a saved artifact, as one record row, and its logits on ``loader``.
+
+    ``reference``: the ``source`` artifact's logits on the same loader; the row then holds their parity.
+    """
     model = model.to(device)
-    quality = evaluate_quality(model, loader, class_names, device)
+    logits, labels = predict(model, loader, device)
+    quality = quality_from_logits(logits, labels, class_names)
     cost = measure_cost(model, image_size, bench, device, Path(directory))
     cost["size_bytes"] = files_size(directory, files)
     cost.update(measure_memory(directory, image_size, bench, device))
     assert set(quality) == set(QUALITY_KEYS) and set(cost) == set(COST_KEYS), "record schema drifted"
-    return ArtifactRecord(
-        name=name, path=str(directory), files=files, quality=quality, cost=cost, source=source
+    record = ArtifactRecord(
+        name=name,
+        path=str(directory),
+        files=files,
+        quality=quality,
+        cost=cost,
+        source=source,
+        parity=parity(logits, reference, source or "reference") if reference is not None else None,
     )
+    return record, logits

@@ -21,7 +21,9 @@ Schema (version ``SCHEMA_VERSION``)::
     ARTIFACT = {
       "name": one of ARTIFACT_NAMES,
       "path": directory of the reloadable files, "files": [relative file names], "source": name | null,
+      "parity": null | {"against": name, "flip_rate", "max_abs_logit_diff", "n_samples"},  # vs its source
       "quality": QUALITY_KEYS: {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece",
+                  "accuracy_ci95": [low, high] (percentile bootstrap, 1000 resamples),
                   "f1_per_class": {class: f1}, "recall_per_class": {class: recall},
                   "confusion_matrix": [[...]] (rows: true class, columns: predicted), "n_samples"},
       "cost": COST_KEYS: {"params", "flops", "flops_fused_uncounted", "size_bytes",
@@ -55,7 +57,14 @@ from patholite.measure.io import write_json
 
 SCHEMA_VERSION = 1
 QUALITY_SCALARS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
-QUALITY_KEYS = (*QUALITY_SCALARS, "f1_per_class", "recall_per_class", "confusion_matrix", "n_samples")
+QUALITY_KEYS = (
+    *QUALITY_SCALARS,
+    "accuracy_ci95",
+    "f1_per_class",
+    "recall_per_class",
+    "confusion_matrix",
+    "n_samples",
+)
 COST_KEYS = (
     "params",
     "flops",
@@ -77,7 +86,11 @@ STATUSES = ("running", "ok", "failed", "interrupted")
 ARTIFACT_NAMES = {
     "fp32": "the trained float model (teacher / plain training)",
     "fp32_ema": "the float model with EMA-averaged weights",
+    "teacher_fp32": "the frozen teacher a student was distilled from",
     "student_fp32": "a distilled student in float",
+    "student_fp32_ema": "a distilled student with EMA-averaged weights",
+    "pruned_ema": "pruned and fine-tuned, EMA-averaged weights",
+    "lowrank_ema": "Nystrom low-rank attention, fine-tuned, EMA-averaged weights",
     "int8_dynamic": "torch.ao dynamic INT8 of Linear layers (x86/fbgemm), LayerNorm/Softmax in float",
     "int8_static_ort": "static INT8 QDQ through ONNX Runtime",
     "int8_mixed": "per-layer mixed precision (INT8 where the task tolerates it)",
@@ -112,6 +125,7 @@ class ArtifactRecord:
     quality: dict[str, Any]
     cost: dict[str, Any]
     source: str | None = None
+    parity: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ARTIFACT_NAMES:

@@ -37,13 +37,24 @@ class ClassifierModule(L.LightningModule):
         image_size: int,
         optim: dict[str, Any],
         load_checkpoint: bool = True,
+        net: nn.Module | None = None,
+        distiller: nn.Module | None = None,
     ) -> None:
-        """``model`` and ``optim`` are plain dicts of the ``model`` and ``optim`` config nodes."""
+        """``model`` and ``optim`` are plain dicts of the ``model`` and ``optim`` config nodes.
+
+        ``net``: train this network instead of building ``model`` (a pruned, low-rank or fake-quantized one);
+        ``distiller``: a ``compress.distill.Distiller`` whose student is ``net`` and whose loss replaces CE.
+        """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["net", "distiller"])
         self.class_names = list(class_names)
-        spec = model if load_checkpoint else {**model, "checkpoint": None}
-        self.net = build_model(spec, len(class_names), image_size)
+        if distiller is not None:
+            net = distiller.student
+        if net is None:
+            spec = model if load_checkpoint else {**model, "checkpoint": None}
+            net = build_model(spec, len(class_names), image_size)
+        self.net = net
+        self.distiller = distiller
         self.criterion = nn.CrossEntropyLoss(label_smoothing=optim.get("label_smoothing", 0.0))
         n = len(class_names)
         self.val_metrics = scalar_metrics(n).clone(prefix="val/")
@@ -56,8 +67,13 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = self.criterion(logits, labels)
+        if self.distiller is not None:
+            out = self.distiller(images, labels)
+            logits, loss = out.logits, out.loss
+            self.log_dict({f"train/{k}": v for k, v in out.terms.items()}, on_step=False, on_epoch=True)
+        else:
+            logits = self(images)
+            loss = self.criterion(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean()
         self.log_dict({"train/loss": loss, "train/accuracy": acc}, on_step=True, on_epoch=True, prog_bar=True)
         return loss
@@ -99,7 +115,9 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.hparams.optim
         decay, no_decay = [], []
-        for name, param in self.net.named_parameters():
+        # the distiller's own parameters (feature projections) train with the student; its teacher has none
+        owner = self.distiller if self.distiller is not None else self.net
+        for name, param in owner.named_parameters():
             if not param.requires_grad:
                 continue
             # norms, biases and token/position embeddings are not weight-decayed (timm's convention)

@@ -32,9 +32,14 @@ class RunContext:
         """A config node as plain containers (what checkpoints and sidecars store)."""
         return OmegaConf.to_container(self.cfg[key], resolve=True)
 
-    def artifact_meta(self) -> dict[str, Any]:
-        """The sidecar facts every artifact of this run shares."""
-        model = self.plain("model")
+    @property
+    def resuming(self) -> bool:
+        return self.resume_from is not None
+
+    def artifact_meta(self, model_cfg: DictConfig | None = None) -> dict[str, Any]:
+        """The sidecar facts every artifact of this run shares (``model_cfg``: another network's, e.g. the
+        teacher's)."""
+        model = self.plain("model") if model_cfg is None else OmegaConf.to_container(model_cfg, resolve=True)
         model["checkpoint"] = None  # the artifact's own weights replace it
         d = self.cfg.dataset
         return {

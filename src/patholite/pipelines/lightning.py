@@ -63,11 +63,16 @@ def build_callbacks(ctx: RunContext, checkpoint_dir: Path) -> list[L.Callback]:
     return callbacks
 
 
-def build_trainer(ctx: RunContext, checkpoint_dir: Path | None = None) -> L.Trainer:
+def build_trainer(
+    ctx: RunContext,
+    checkpoint_dir: Path | None = None,
+    max_epochs: int | None = None,
+    extra_callbacks: list[L.Callback] | None = None,
+) -> L.Trainer:
     t = ctx.cfg.trainer
     return L.Trainer(
         **ctx.accelerator.lightning,
-        max_epochs=t.max_epochs,
+        max_epochs=t.max_epochs if max_epochs is None else max_epochs,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches,
@@ -78,17 +83,18 @@ def build_trainer(ctx: RunContext, checkpoint_dir: Path | None = None) -> L.Trai
         deterministic=t.deterministic,
         default_root_dir=str(ctx.run_dir),
         logger=ctx.loggers or False,
-        callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir),
+        callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir) + list(extra_callbacks or []),
         enable_progress_bar=ctx.cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,
     )
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest resumable checkpoint: the last epoch's, or the one written on interruption."""
-    candidates = [
-        p
-        for p in (checkpoint_dir / f"{LAST_CKPT}.ckpt", checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt")
-        if p.is_file()
-    ]
+def latest_checkpoint(checkpoint_dir: Path, recursive: bool = False) -> Path | None:
+    """The newest resumable checkpoint: the last epoch's, or the one written on interruption (``recursive``:
+    in any stage's folder below ``checkpoint_dir``)."""
+    names = (f"{LAST_CKPT}.ckpt", f"{INTERRUPTED_CKPT}.ckpt")
+    if recursive:
+        candidates = [p for name in names for p in checkpoint_dir.rglob(name)]
+    else:
+        candidates = [checkpoint_dir / name for name in names if (checkpoint_dir / name).is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
 import torch
 from omegaconf import DictConfig
 
@@ -11,9 +15,12 @@ from patholite.data import HistologyDataModule, build_datamodule
 from patholite.errors import ConfigError
 from patholite.models.factory import checkpoint_num_classes, create_network, load_weights, read_state_dict
 
+log = logging.getLogger(__name__)
 
-def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int) -> None:
-    """The model can take the dataset's images and classes, and its checkpoint fits both."""
+
+def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int, key: str = "model") -> None:
+    """The model can take the dataset's images and classes, and its checkpoint fits both (``key``: where the
+    model is configured, for the messages: ``model`` or ``compression.teacher``)."""
     if "img_size" in (model_cfg.kwargs or {}):
         raise ConfigError(
             "model.kwargs.img_size is set by the dataset: use dataset.image_size=<pixels> instead"
@@ -39,23 +46,81 @@ def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int) -
         head = checkpoint_num_classes(read_state_dict(model_cfg.checkpoint), net)
         if head is not None and head != num_classes and not model_cfg.checkpoint_skip_head:
             raise ConfigError(
-                f"model.checkpoint={model_cfg.checkpoint} has a {head}-class head but the dataset has "
+                f"{key}.checkpoint={model_cfg.checkpoint} has a {head}-class head but the dataset has "
                 f"{num_classes} classes; set model.checkpoint_skip_head=true to train a new head"
             )
         load_weights(net, model_cfg.checkpoint, skip_head=bool(model_cfg.checkpoint_skip_head))  # every shape
 
 
+def check_compression_fits(cfg: DictConfig, accelerator: ResolvedAccelerator) -> None:
+    """Each stage can run on this model and machine."""
+    c, m = cfg.compression, cfg.model
+    stages = list(c.stages)
+    structural = [s for s in stages if s in ("prune", "lowrank")]
+    deep_kd = "distill" in stages and set(c.kd.levels) & {"attention", "features"}
+    if (structural or deep_kd) and m.family != "vit":
+        what = structural[0] if structural else f"compression.kd.levels={list(c.kd.levels)}"
+        raise ConfigError(
+            f"compression={c.name}: {what} works on Vision Transformers (heads, attention, tokens); "
+            f"model={m.name} is a {m.family}"
+        )
+    if m.pyramid.enabled and (structural or deep_kd):
+        raise ConfigError(
+            f"compression={c.name}: pruning, low-rank attention and attention/feature distillation do not "
+            "support model.pyramid.enabled=true yet; use the plain ViT head"
+        )
+    if "distill" in stages and c.kd.kind.startswith("token") and "distilled" not in m.timm_name:
+        raise ConfigError(
+            f"compression.kd.kind=token needs a DeiT student with a distillation token (e.g. "
+            f"model=deit_tiny_distilled); model={m.name} ({m.timm_name}) has none"
+        )
+    if "qat" in stages and accelerator.device.type != "cpu":
+        raise ConfigError(
+            f"compression={c.name}: QAT converts to torch.ao INT8 kernels, which run on CPU only; "
+            "use accelerator=cpu for this option"
+        )
+    if accelerator.device.type != "cpu" and set(c.ptq.methods) & {"dynamic", "mixed"} and "ptq" in stages:
+        log.info("INT8 artifacts are evaluated and timed on the CPU; float ones on %s", accelerator.device)
+
+
+def check_teacher(cfg: DictConfig, num_classes: int) -> None:
+    """The teacher option exists, fits the data, and its checkpoint (if any) exists and fits."""
+    from patholite.pipelines.stages import teacher_config
+
+    c = cfg.compression
+    teacher = teacher_config(c)
+    if c.teacher.checkpoint and not Path(c.teacher.checkpoint).is_file():
+        raise ConfigError(
+            f"compression.teacher.checkpoint={c.teacher.checkpoint} does not exist; give a trained teacher's "
+            "weights, or null to train the teacher once with the plain recipe (cached)"
+        )
+    check_model_fits(teacher, num_classes, cfg.dataset.image_size, key="compression.teacher")
+    if "attention" in c.kd.levels or "features" in c.kd.levels:
+        student_patch = _patch_size(cfg.model, num_classes, cfg.dataset.image_size)
+        teacher_patch = _patch_size(teacher, num_classes, cfg.dataset.image_size)
+        if student_patch != teacher_patch:
+            raise ConfigError(
+                f"compression.kd.levels={list(c.kd.levels)} compare tokens, but the student {cfg.model.name} "
+                f"has patch {student_patch} and the teacher {teacher.name} patch {teacher_patch}; use "
+                "levels=[logits] or models with the same patch size"
+            )
+
+
+def _patch_size(model_cfg: DictConfig, num_classes: int, image_size: int) -> Any:
+    with torch.device("meta"):
+        net = create_network(model_cfg, num_classes, image_size)
+    embed = getattr(net, "patch_embed", None)
+    return tuple(embed.patch_size) if embed is not None else None
+
+
 def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator]:
     """Validate ``cfg`` against itself, this machine and the data; return the datamodule and accelerator."""
-    from patholite.pipelines import PIPELINES
-
     check_config(cfg)
-    if cfg.compression.pipeline not in PIPELINES:
-        raise ConfigError(
-            f"compression.pipeline={cfg.compression.pipeline!r} is not one of {sorted(PIPELINES)}"
-        )
     accelerator = resolve_accelerator(cfg.accelerator)
+    check_compression_fits(cfg, accelerator)
     datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory)
     check_model_fits(cfg.model, datamodule.num_classes, cfg.dataset.image_size)
+    if "distill" in cfg.compression.stages:
+        check_teacher(cfg, datamodule.num_classes)
     datamodule.setup("fit")  # reads the splits: missing files, bad CSVs and empty splits fail here
     return datamodule, accelerator

@@ -1,0 +1,193 @@
+"""R2's QAT-lite: fake-quantized fine-tuning through torch.ao FX, then a real INT8 model for the CPU.
+
+``prepare_qat`` traces the network with torch.fx (timm ViTs trace as they are: no leaf modules or custom
+tracer needed) and inserts fake quantization around the Linear layers and the patch-embedding Conv2d, the
+ops with INT8 CPU kernels worth having; LayerNorm, Softmax (inside scaled-dot-product attention), GELU and the
+residual adds stay float, as in R2. ``convert_qat`` turns it into quantized Linear/Conv modules (packed INT8
+weights, x86/fbgemm kernels). The artifact is the INT8 state dict (read with ``weights_only=True``) plus the
+sidecar; loading replays prepare -> convert on the float twin and loads the weights, so no code is pickled.
+
+Devices: fake-quant training runs on CPU or CUDA (torch.ao's fused fake-quant kernels exist for both); the
+INT8 model always runs on CPU, so ``convert_qat`` moves a copy there. Other devices are refused early.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from patholite.errors import AcceleratorError, CheckpointError, ConfigError
+from patholite.measure.io import atomic_path, write_json
+
+QAT_WEIGHTS = "model_int8_qat.pt"
+SIDECAR = "artifact.json"  # the same sidecar name as patholite.measure.artifacts
+_QAT_DEVICES = ("cpu", "cuda")
+
+
+@contextmanager
+def _quiet(*messages: str) -> Iterator[None]:
+    """Silence torch.ao's deprecation notices (it still works in torch 2.14) and the given warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for message in (
+            ".*quantized tensor creation",
+            "Please use quant_min and quant_max",  # the engine's own default qconfig uses reduce_range
+            *messages,
+        ):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
+def check_qat_device(device: str | torch.device) -> torch.device:
+    """The device fake-quant training may use: cpu, or cuda when present. INT8 conversion is always on CPU.
+
+    Raises ConfigError for device types QAT cannot train on (e.g. "mps", "npu": torch.ao's fused fake-quant
+    ops have no kernels there) and AcceleratorError for cuda on a machine without it.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(
+            f"QAT device {device!r} is not a torch device ({err}); QAT trains on cpu or cuda"
+        ) from err
+    if dev.type not in _QAT_DEVICES:
+        raise ConfigError(
+            f"QAT cannot train on device type {dev.type!r}: torch.ao fake quantization runs on "
+            f"{' and '.join(_QAT_DEVICES)} only, and the INT8 model on CPU. Run the qat stage with "
+            "accelerator=cpu (or gpu)."
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AcceleratorError(f"QAT device {dev} asked for, but this machine has no CUDA GPU; use cpu")
+    return dev
+
+
+def _check_engine(engine: str) -> None:
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise ConfigError(f"INT8 engine {engine!r} is not supported by this torch; it has {supported}")
+
+
+def qat_qconfig_mapping(engine: str = "x86") -> Any:
+    """Fake quantization for nn.Linear and nn.Conv2d only (engine's default QAT qconfig), nothing else.
+
+    The engine's default QAT qconfig: per-channel symmetric INT8 weights, uint8 activations with a 7-bit
+    range on x86 (reduce_range: no saturation on CPUs without VNNI). Everything else has no qconfig and
+    stays float.
+    """
+    from torch.ao.quantization import QConfigMapping, get_default_qat_qconfig
+
+    qconfig = get_default_qat_qconfig(engine)
+    return QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
+
+
+def prepare_qat(net: nn.Module, example: torch.Tensor, engine: str = "x86") -> nn.Module:
+    """A fake-quantized, trainable copy of ``net`` (train mode, same device); ``net`` is left untouched.
+
+    ``example`` is one input batch (any batch size: the traced graph keeps the batch dimension symbolic).
+    """
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    _check_engine(engine)
+    torch.backends.quantized.engine = engine
+    device = next(net.parameters(), torch.empty(0)).device
+    check_qat_device(device)
+    copy_ = copy.deepcopy(net).train()
+    with _quiet():
+        try:
+            prepared = prepare_qat_fx(copy_, qat_qconfig_mapping(engine), (example.to(device),))
+        except Exception as err:  # noqa: BLE001 - torch.fx raises TraceError, TypeError, ... on untraceable code
+            raise ConfigError(
+                f"QAT needs a network torch.fx can trace; {type(net).__name__} cannot be ({err}). Use "
+                "post-training quantization (ptq) for it instead."
+            ) from err
+    prepared.patholite_qat_engine = engine  # convert_qat packs the weights for this engine
+    return prepared.train()
+
+
+def _is_prepared(net: nn.Module) -> bool:
+    from torch.ao.quantization import FakeQuantizeBase
+
+    return any(isinstance(m, FakeQuantizeBase) for m in net.modules())
+
+
+def convert_qat(qat_net: nn.Module) -> nn.Module:
+    """The real INT8 model (CPU, eval) of a ``prepare_qat`` network; the QAT network is left as it was."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    if not _is_prepared(qat_net):
+        raise ConfigError("convert_qat needs a network from prepare_qat (it has no fake-quantize modules)")
+    engine = getattr(qat_net, "patholite_qat_engine", torch.backends.quantized.engine)
+    _check_engine(engine)
+    torch.backends.quantized.engine = engine  # weights are packed for the engine active at conversion
+    with _quiet():
+        qnet = convert_fx(copy.deepcopy(qat_net).cpu().eval())
+    qnet.patholite_qat_engine = engine
+    return qnet.eval()
+
+
+def save_qat_artifact(int8_net: nn.Module, directory: str | Path, meta: dict[str, Any]) -> list[str]:
+    """Write the INT8 state dict and the sidecar (kind ``torch_int8_qat``) into ``directory``, atomically.
+
+    ``meta`` must hold ``image_size`` (the reload traces the float twin with an example of that size); it
+    should also describe the model as the other artifacts' sidecars do. Returns the file names.
+    """
+    if "image_size" not in meta:
+        raise ConfigError("save_qat_artifact: meta needs 'image_size' to rebuild the INT8 model on load")
+    if _is_prepared(int8_net) or not any(
+        type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8_net.modules()
+    ):
+        raise ConfigError("save_qat_artifact needs the converted INT8 model (convert_qat), not a QAT network")
+    engine = meta.get("engine") or getattr(int8_net, "patholite_qat_engine", torch.backends.quantized.engine)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / QAT_WEIGHTS) as tmp:
+        torch.save(int8_net.state_dict(), tmp)
+    rest = {k: v for k, v in meta.items() if k not in ("kind", "weights", "engine")}
+    write_json(
+        directory / SIDECAR, {"kind": "torch_int8_qat", "weights": QAT_WEIGHTS, "engine": engine, **rest}
+    )
+    return [QAT_WEIGHTS, SIDECAR]
+
+
+def load_qat_artifact(
+    directory: str | Path, float_twin: nn.Module, meta: dict[str, Any] | None = None
+) -> nn.Module:
+    """Rebuild a saved QAT INT8 model: prepare_qat(float_twin) -> convert_qat -> load the INT8 weights.
+
+    ``float_twin`` is the float network the sidecar describes (its weights do not matter); ``meta`` defaults
+    to the sidecar in ``directory``.
+    """
+    from patholite.measure.artifacts import read_sidecar
+
+    directory = Path(directory)
+    meta = read_sidecar(directory) if meta is None else meta
+    if meta.get("kind") != "torch_int8_qat":
+        raise CheckpointError(f"{directory} holds a {meta.get('kind')!r} artifact, not a QAT INT8 one")
+    weights = directory / meta["weights"]
+    if not weights.is_file():
+        raise CheckpointError(f"QAT artifact {directory} lacks its weights file {meta['weights']}")
+    size = int(meta["image_size"])
+    example = torch.zeros(1, int(meta.get("in_chans", 3)), size, size)
+    # The twin's observers never saw data: their qparams are placeholders the loaded state dict replaces.
+    with _quiet("must run observer"):
+        qnet = convert_qat(prepare_qat(float_twin, example, meta.get("engine", "x86")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # quantized tensors still go through TypedStorage
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle and zip errors for damaged files
+            raise CheckpointError(f"cannot read {weights}: {err}") from err
+    try:
+        qnet.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"QAT artifact {directory} does not fit the float twin it was given (the sidecar's model?): {err}"
+        ) from err
+    return qnet.eval()

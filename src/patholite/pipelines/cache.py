@@ -1,0 +1,141 @@
+"""Trained starting points shared by the jobs of a sweep: teachers, and plain models to prune or quantize.
+
+A network trained with the plain recipe is fully determined by the model, the dataset, the seed and the
+schedule; ``cache_key`` hashes exactly those. The entry ``<paths.cache_dir>/trained/<model>-<dataset>-<key>/``
+holds a float artifact (``model.safetensors`` + ``artifact.json``), ``key.json`` (what was hashed; written
+last, so its presence means "complete") and ``train/`` (the cache training's checkpoints and CSV log; no
+W&B run). A file lock makes parallel sweep jobs train it once; an interrupted cache training resumes from
+its last checkpoint the next time any job needs it. ``compression=none`` publishes its result here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from patholite.measure.artifacts import SIDECAR, WEIGHTS, save_float_artifact
+from patholite.measure.io import write_json
+from patholite.pipelines.context import RunContext
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "key.json"
+# Dataset keys that change how fast data loads or is checked, not what is trained on.
+_DATASET_NOISE = ("num_workers", "verify_images", "eval_batch_size")
+_TRAINER_KEYS = (
+    "max_epochs",
+    "limit_train_batches",
+    "limit_val_batches",
+    "gradient_clip_val",
+    "accumulate_grad_batches",
+    "check_val_every_n_epoch",
+    "deterministic",
+)
+
+
+def cache_inputs(cfg: DictConfig, model_cfg: DictConfig) -> dict[str, Any]:
+    """Everything that determines the plain training of ``model_cfg`` on ``cfg``'s data."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in _DATASET_NOISE:
+        dataset.pop(key, None)
+    model = OmegaConf.to_container(model_cfg, resolve=True)
+    return {
+        "model": model,
+        "dataset": dataset,
+        "seed": int(cfg.seed),
+        "trainer": {k: OmegaConf.to_container(cfg.trainer, resolve=True)[k] for k in _TRAINER_KEYS},
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "selection": {
+            "monitor": cfg.callbacks.monitor,
+            "mode": cfg.callbacks.monitor_mode,
+            "early_stopping_patience": cfg.callbacks.early_stopping_patience,
+        },
+        "precision": cfg.accelerator.precision,
+        "recipe": "plain-v1",  # bump when the plain recipe changes what it trains
+    }
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def entry_dir(cfg: DictConfig, model_cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
+    inputs = cache_inputs(cfg, model_cfg)
+    name = f"{model_cfg.name}-{cfg.dataset.name}-{cache_key(inputs)}"
+    return Path(cfg.paths.cache_dir).resolve() / "trained" / name, inputs
+
+
+def is_complete(entry: Path) -> bool:
+    return (entry / KEY_FILE).is_file() and (entry / WEIGHTS).is_file() and (entry / SIDECAR).is_file()
+
+
+def _lock(entry: Path) -> FileLock:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(entry) + ".lock")
+
+
+def publish(ctx: RunContext, net: nn.Module, model_cfg: DictConfig | None = None) -> Path:
+    """Store a plainly trained ``net`` as the cache entry of ``model_cfg`` (default: the run's model)
+    unless one is already there."""
+    model_cfg = model_cfg if model_cfg is not None else ctx.cfg.model
+    entry, inputs = entry_dir(ctx.cfg, model_cfg)
+    with _lock(entry):
+        if not is_complete(entry):
+            meta = ctx.artifact_meta(model_cfg)
+            save_float_artifact(net, entry, {**meta, "cache_key": entry.name})
+            write_json(entry / KEY_FILE, inputs)
+            log.info("published the trained %s to the cache: %s", model_cfg.name, entry)
+    return entry
+
+
+def trained_plain(ctx: RunContext, model_cfg: DictConfig, role: str) -> Path:
+    """The cache entry of ``model_cfg`` trained with the plain recipe on this run's data, training it (once,
+    under the lock) when absent. ``role`` names it in the logs ("teacher", "starting point")."""
+    entry, inputs = entry_dir(ctx.cfg, model_cfg)
+    with _lock(entry):
+        if is_complete(entry):
+            log.info("%s %s: from the cache %s", role, model_cfg.name, entry)
+            return entry
+        log.info(
+            "%s %s: not in the cache; training it with the plain recipe into %s", role, model_cfg.name, entry
+        )
+        _train_into(ctx, model_cfg, entry, inputs)
+    return entry
+
+
+def _train_into(ctx: RunContext, model_cfg: DictConfig, entry: Path, inputs: dict[str, Any]) -> None:
+    from patholite.pipelines.fit import fit, make_module
+
+    cfg = OmegaConf.create(OmegaConf.to_container(ctx.cfg, resolve=True))
+    cfg.model = model_cfg
+    work = entry / "train"
+    resuming = (work / "checkpoints" / "train").is_dir()
+    cache_ctx = dataclasses.replace(
+        ctx,
+        cfg=cfg,
+        run_dir=work,
+        loggers=[CSVLogger(save_dir=str(work), name="csv")],  # no W&B run for a cache entry
+        resume_from=work if resuming else None,
+    )
+    fitted = fit(cache_ctx, make_module(cache_ctx), "train")
+    meta = cache_ctx.artifact_meta()
+    save_float_artifact(fitted.net, entry, {**meta, "cache_key": entry.name})
+    write_json(entry / KEY_FILE, inputs)
+
+
+def copy_entry(entry: Path, directory: Path) -> list[str]:
+    """Copy a cache entry's artifact files into a run's artifact folder (the run's own copy)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, SIDECAR):
+        shutil.copy2(entry / name, directory / name)
+    return [WEIGHTS, SIDECAR]

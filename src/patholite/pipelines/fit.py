@@ -1,0 +1,101 @@
+"""One Lightning fit of a stage: its checkpoint folder, epochs and learning rate, EMA, resume, best restore.
+
+Every training stage (plain training, distillation, fine-tunes after pruning or low-rank, QAT) goes through
+``fit``. A stage's checkpoints live in ``checkpoints/<stage>/``, so a resumed run continues the stage that was
+interrupted and never mixes one stage's weights into another's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from patholite.compress.ema import EMA_STATE_KEY, EmaCallback
+from patholite.modules import ClassifierModule
+from patholite.pipelines.context import RunContext
+from patholite.pipelines.lightning import build_trainer, latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fitted:
+    """The raw weights of the best epoch (by the monitored validation metric) and, with EMA, the average."""
+
+    net: nn.Module
+    ema_net: nn.Module | None = None
+
+
+def make_module(
+    ctx: RunContext,
+    net: nn.Module | None = None,
+    distiller: nn.Module | None = None,
+    lr: float | None = None,
+    warmup_epochs: float | None = None,
+) -> ClassifierModule:
+    optim = ctx.plain("optim")
+    if lr is not None:
+        optim["lr"] = lr
+    if warmup_epochs is not None:
+        optim["warmup_epochs"] = warmup_epochs
+    return ClassifierModule(
+        model=ctx.plain("model"),
+        class_names=ctx.datamodule.class_names,
+        image_size=ctx.cfg.dataset.image_size,
+        optim=optim,
+        net=net,
+        distiller=distiller,
+    )
+
+
+def ema_callback(ema: Any | None) -> EmaCallback | None:
+    if ema is None or ema.decay is None:
+        return None
+    return EmaCallback(
+        decay=float(ema.decay),
+        start_step=int(ema.start_step),
+        warmup=bool(ema.warmup),
+        warmup_power=float(ema.warmup_power),
+    )
+
+
+def fit(
+    ctx: RunContext,
+    module: ClassifierModule,
+    stage: str,
+    epochs: int | None = None,
+    ema: Any | None = None,
+) -> Fitted:
+    """Train ``module`` for ``epochs`` (default ``trainer.max_epochs``), resuming this stage's checkpoint when
+    the run is resumed, and return its best weights."""
+    checkpoint_dir = ctx.checkpoint_dir / stage
+    averaging = ema_callback(ema)
+    trainer = build_trainer(
+        ctx,
+        checkpoint_dir=checkpoint_dir,
+        max_epochs=epochs,
+        extra_callbacks=[averaging] if averaging else [],
+    )
+    resume = latest_checkpoint(checkpoint_dir) if ctx.resuming else None
+    if resume is not None:
+        log.info("stage %s: resuming from %s", stage, resume)
+    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(resume) if resume else None)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ema_state = None
+    if best:
+        log.info("stage %s: restoring the best checkpoint %s", stage, best)
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        module.load_state_dict(checkpoint["state_dict"])
+        ema_state = checkpoint.get(EMA_STATE_KEY)
+    net = module.net.eval()
+    if averaging is None:
+        return Fitted(net)
+    ema_net = copy.deepcopy(averaging.ema_net)
+    if ema_state is not None:
+        ema_net.load_state_dict(ema_state)
+    return Fitted(net, ema_net.eval())
