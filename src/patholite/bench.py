@@ -25,8 +25,8 @@ from patholite.accelerators import resolve_accelerator
 from patholite.errors import AcceleratorError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure import artifacts as art
-from patholite.measure.cost import count_flops, count_params, files_size
-from patholite.measure.evaluate import measure_memory
+from patholite.measure.cost import files_size
+from patholite.measure.evaluate import count_architecture, measure_memory
 from patholite.measure.records import ArtifactRecord, RunRecord, read_record
 from patholite.measure.report import print_records
 from patholite.measure.timing import time_artifacts
@@ -75,11 +75,8 @@ def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
     net, meta = art.load_artifact(directory)
     files = sorted(p.name for p in directory.iterdir() if p.is_file())
     cost: dict[str, Any] = {"size_bytes": files_size(directory, files)}
-    if meta["kind"] == "torch_float":
-        cost.update(params=count_params(net), **count_flops(net, image_size))
-    else:  # packed INT8 weights and ONNX graphs are invisible to torch's counters: count the float twin
-        twin = art.create_float_twin(meta)
-        cost.update(params=count_params(twin), **count_flops(twin, image_size))
+    cost.update(count_architecture(net, image_size, directory=directory))
+    if meta["kind"] != "torch_float":
         cost["count_note"] = "params and FLOPs of the float architecture"
     return {"files": files, "meta": meta, "cost": cost}
 

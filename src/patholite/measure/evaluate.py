@@ -78,6 +78,21 @@ def parity(logits: torch.Tensor, reference: torch.Tensor, against: str) -> dict[
     }
 
 
+def count_architecture(
+    model: nn.Module, image_size: int, device: torch.device | str = "cpu", directory: Path | None = None
+) -> dict[str, Any]:
+    """Parameters and FLOPs. Packed INT8 weights and ONNX graphs are invisible to torch's counters, so a
+    non-float artifact is counted on its float twin (same architecture, surgery replayed)."""
+    from patholite.measure import artifacts as art
+
+    if directory is not None:
+        meta = art.read_sidecar(directory)
+        if meta["kind"] != "torch_float":
+            twin = art.create_float_twin(meta)
+            return {"params": count_params(twin), **count_flops(twin, image_size)}
+    return {"params": count_params(model), **count_flops(model, image_size, device)}
+
+
 def measure_cost(
     model: nn.Module,
     image_size: int,
@@ -88,7 +103,7 @@ def measure_cost(
     """Parameters, FLOPs, latency and throughput with the ``bench`` protocol: timed in a fresh child from the
     artifact ``directory`` (``bench.isolation=child``), else in this process."""
     model.eval()
-    static = {"params": count_params(model), **count_flops(model, image_size, device)}
+    static = count_architecture(model, image_size, device, directory)
     protocol = {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats}
     if bench.isolation == "child" and directory is not None:
         timing = time_artifacts([directory], image_size, bench, str(device))
