@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m patholite.train experiment=demo
+	$(PY) -m patholite.train -m experiment=demo
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q

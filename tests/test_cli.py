@@ -148,13 +148,36 @@ def test_rerun_and_resume_reject_bad_references(tmp_path):
 @pytest.mark.slow
 def test_demo_teacher_lands_in_the_accuracy_band(tmp_path):
     """The demo's synthetic task must be learnable but not trivial, so compression effects stay visible."""
-    args = ["experiment=demo", "callbacks.progress_bar=none", "hydra.run.dir=outputs/demo"]
+    args = ["experiment=demo", "model=vit_mini", "callbacks.progress_bar=none", "hydra.run.dir=outputs/demo"]
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = read_record(tmp_path / "outputs" / "demo")
     accuracy = record["artifacts"][0]["quality"]["accuracy"]
     assert 0.75 <= accuracy <= 0.97, accuracy
     assert "record:" in result.stdout and "fp32" in result.stdout  # ends with the table and the paths
+
+
+@pytest.mark.slow
+def test_demo_sweep_ends_with_the_comparison_of_four_techniques(tmp_path):
+    args = ["-m", "experiment=demo", "callbacks.progress_bar=none", "hydra.sweep.dir=outputs/demo"]
+    result = run_cli(args, tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compare = tmp_path / "outputs" / "demo" / "compare"
+    rows = (compare / "compare.csv").read_text().splitlines()[1:]
+    techniques = {row.split(",")[0] for row in rows}
+    assert techniques == {"none", "kd_ema", "kd_ema_ptq", "qat"}
+    assert "pareto_accuracy_latency.png" in result.stdout
+    assert (compare / "pareto_accuracy_latency.png").is_file()
+    # the distilled student keeps up with its plainly trained twin (same architecture, same epochs)
+    records = [read_record(p) for p in sorted((tmp_path / "outputs" / "demo").glob("[0-9]*"))]
+    accuracy = {
+        (r["config"]["compression"]["name"], a["name"]): a["quality"]["accuracy"]
+        for r in records
+        for a in r["artifacts"]
+    }
+    assert accuracy[("kd_ema", "student_fp32_ema")] >= accuracy[("none", "fp32")] - 0.03
+    int8, ema = accuracy[("kd_ema_ptq", "int8_dynamic")], accuracy[("kd_ema_ptq", "student_fp32_ema")]
+    assert abs(int8 - ema) <= 0.01
 
 
 def test_worker_errors_are_unwrapped_for_the_one_line_message():

@@ -76,6 +76,18 @@ def test_int8_artifacts_reload_and_reproduce_their_recorded_accuracy(make_cfg, t
     assert set(int8_layer_names(net)) == set(plan["int8_layers"])  # exactly the planned layers run in INT8
 
 
+def test_a_runs_artifacts_are_timed_together_in_one_child(make_cfg, tmp_path):
+    assert run_job(make_cfg("compression=ptq", "bench.isolation=child")) == "ok"
+    fp32, int8 = read_record(tmp_path / "run")["artifacts"]
+    for art in (fp32, int8):
+        timing = art["cost"]["timing"]
+        assert timing["method"] == "child_alternating" and timing["timed_with"] == ["fp32", "int8_dynamic"]
+        assert set(art["cost"]["latency_ms"]) == {"1", "4"}
+    assert fp32["cost"]["timing"]["ratio_to_baseline"]["4"]["median"] == 1.0
+    ratio = int8["cost"]["timing"]["ratio_to_baseline"]["4"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"] and ratio["median"] > 0
+
+
 def test_pruned_network_is_smaller_and_reloads_as_such(make_cfg, tmp_path):
     assert run_job(make_cfg("compression=prune", "compression.prune.ratio=0.5")) == "ok"
     fp32, pruned = read_record(tmp_path / "run")["artifacts"]

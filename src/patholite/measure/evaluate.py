@@ -99,12 +99,24 @@ def measure_cost(
     bench,
     device: torch.device | str = "cpu",
     directory: Path | None = None,
+    defer_timing: bool = False,
 ) -> dict[str, Any]:
     """Parameters, FLOPs, latency and throughput with the ``bench`` protocol: timed in a fresh child from the
-    artifact ``directory`` (``bench.isolation=child``), else in this process."""
+    artifact ``directory`` (``bench.isolation=child``), else in this process. ``defer_timing``: the caller
+    times this artifact later, together with its run's others (``time_together``)."""
     model.eval()
     static = count_architecture(model, image_size, device, directory)
     protocol = {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats}
+    if defer_timing:
+        return {
+            **static,
+            "latency_ms": {},
+            "throughput_ips": {},
+            "device": str(device),
+            "threads": None,
+            "protocol": protocol,
+            "timing": {"method": "pending"},
+        }
     if bench.isolation == "child" and directory is not None:
         timing = time_artifacts([directory], image_size, bench, str(device))
         timed = timing["artifacts"][Path(directory).name]
@@ -162,6 +174,7 @@ def artifact_record(
     device: torch.device | str = "cpu",
     source: str | None = None,
     reference: torch.Tensor | None = None,
+    defer_timing: bool = False,
 ) -> tuple[ArtifactRecord, torch.Tensor]:
     """Quality on ``loader`` and cost of a saved artifact, as one record row, and its logits on ``loader``.
 
@@ -170,7 +183,7 @@ def artifact_record(
     model = model.to(device)
     logits, labels = predict(model, loader, device)
     quality = quality_from_logits(logits, labels, class_names)
-    cost = measure_cost(model, image_size, bench, device, Path(directory))
+    cost = measure_cost(model, image_size, bench, device, Path(directory), defer_timing)
     cost["size_bytes"] = files_size(directory, files)
     cost.update(measure_memory(directory, image_size, bench, device))
     assert set(quality) == set(QUALITY_KEYS) and set(cost) == set(COST_KEYS), "record schema drifted"
@@ -184,3 +197,27 @@ def artifact_record(
         parity=parity(logits, reference, source or "reference") if reference is not None else None,
     )
     return record, logits
+
+
+def time_together(records: list[ArtifactRecord], image_size: int, bench, device: str = "cpu") -> None:
+    """Time all of a run's artifacts in one fresh child, alternating (A B C A B C ...), and write each one's
+    latency, throughput and per-repeat ratio to the first artifact into its record: the only comparison that
+    survives a machine whose speed drifts between runs."""
+    timing = time_artifacts([r.path for r in records], image_size, bench, device)
+    for record in records:
+        timed = timing["artifacts"][Path(record.path).name]
+        record.cost.update(
+            latency_ms=timed["latency_ms"],
+            throughput_ips=timed["throughput_ips"],
+            device=timing["device"],
+            threads=timing["threads"],
+        )
+        record.cost["timing"] = {
+            "method": "child_alternating",
+            "sync": timing["sync"],
+            "timed_with": [r.name for r in records],
+            "baseline": Path(records[0].path).name,
+            "ratio_to_baseline": timed["ratio_to_baseline"],
+        }
+        if "energy_j_per_image" in timed:
+            record.cost["timing"]["energy_j_per_image"] = timed["energy_j_per_image"]

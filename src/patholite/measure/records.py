@@ -29,7 +29,9 @@ Schema (version ``SCHEMA_VERSION``)::
       "cost": COST_KEYS: {"params", "flops", "flops_fused_uncounted", "size_bytes",
                "latency_ms": {"<batch>": {"p50", "p90"}}, "throughput_ips": {"<batch>": value},
                "peak_rss_mb", "memory": {"method": "child" | "process", ...},
-               "timing": {"method": "child" | "process", "sync"?}, "device", "threads",
+               "timing": {"method": "child_alternating" | "child" | "process", "sync"?,
+                          "timed_with"?, "baseline"?, "ratio_to_baseline"?: {"<batch>": {"median", "min",
+                          "max", "per_repeat"}}}, "device", "threads",
                "protocol": {"warmup", "iters", "repeats"}}
 
 ``flops`` counts attention (2 FLOPs per multiply-add); ``flops_fused_uncounted`` is torch's count with fused

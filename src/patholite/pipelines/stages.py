@@ -24,7 +24,7 @@ from torch import nn
 
 from patholite.config.options import load_model_option
 from patholite.measure import artifacts as art
-from patholite.measure.evaluate import artifact_record, predict
+from patholite.measure.evaluate import artifact_record, predict, time_together
 from patholite.measure.io import write_json
 from patholite.measure.records import ArtifactRecord
 from patholite.models.factory import build_model
@@ -55,6 +55,8 @@ class StageRun:
         self.current: Current | None = None
         self.done: list[str] = []
         self.test_loader = ctx.datamodule.test_dataloader()
+        # On CPU every artifact runs on the same device: time them all together at the end, alternating.
+        self.time_at_end = ctx.cfg.bench.isolation == "child" and ctx.accelerator.device.type == "cpu"
 
     @property
     def c(self) -> DictConfig:
@@ -92,6 +94,7 @@ class StageRun:
             device,
             source=source.name if source else None,
             reference=source.logits if source else None,
+            defer_timing=self.time_at_end,
         )
         self.records.append(record)
         return logits
@@ -413,4 +416,7 @@ def run_stages(ctx: RunContext) -> list[ArtifactRecord]:
         export_onnx(run)
         run.done.append("export")
         run.save_state()
+    if run.time_at_end:
+        log.info("timing %d artifacts together, alternating", len(run.records))
+        time_together(run.records, run.image_size, ctx.cfg.bench, "cpu")
     return run.records
