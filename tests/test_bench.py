@@ -52,6 +52,19 @@ def test_bench_times_fp32_and_int8_side_by_side(tmp_path):
     assert fp32["cost"]["energy_j_per_image"] or fp32["cost"]["energy_absent_reason"]
 
 
+def test_bench_onnx_runtime_int8_variants(tmp_path):
+    variants = "variants=[fp32,onnx_fp32,int8_dynamic_ort,int8_static_ort]"
+    result = run_bench([*TINY, "model.num_classes=7", variants, "hydra.run.dir=outputs/o"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    arts = {a["name"]: a for a in read_record(tmp_path / "outputs" / "o")["artifacts"]}
+    assert list(arts) == ["fp32", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort"]
+    for name in ("int8_dynamic_ort", "int8_static_ort"):
+        # INT8 weights inside the .onnx: well under half the float file, same architecture counted
+        assert arts[name]["cost"]["size_bytes"] < 0.5 * arts["onnx_fp32"]["cost"]["size_bytes"]
+        assert arts[name]["cost"]["params"] == arts["fp32"]["cost"]["params"]
+        assert set(arts[name]["cost"]["ratio_to_baseline"]) == {"1", "2"}
+
+
 def test_bench_measures_given_artifacts_and_refuses_missing_ones(tmp_path):
     first = run_bench([*TINY, "variants=[fp32]", "hydra.run.dir=outputs/a"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

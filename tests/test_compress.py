@@ -54,10 +54,10 @@ def test_every_option_runs_and_records_its_artifacts_against_their_sources(make_
 
 
 def test_int8_artifacts_reload_and_reproduce_their_recorded_accuracy(make_cfg, tmp_path):
-    cfg = make_cfg("compression=ptq", "compression.ptq.methods=[dynamic,static_ort,mixed]")
+    cfg = make_cfg("compression=ptq", "compression.ptq.methods=[dynamic,dynamic_ort,static_ort,mixed]")
     assert run_job(cfg) == "ok"
     record = read_record(tmp_path / "run")
-    assert names(record) == ["fp32", "int8_dynamic", "int8_static_ort", "int8_mixed"]
+    assert names(record) == ["fp32", "int8_dynamic", "int8_dynamic_ort", "int8_static_ort", "int8_mixed"]
     from patholite.data import build_datamodule
     from patholite.measure.evaluate import evaluate_quality
 
@@ -69,7 +69,7 @@ def test_int8_artifacts_reload_and_reproduce_their_recorded_accuracy(make_cfg, t
         again = evaluate_quality(net, dm.test_dataloader(), meta["class_names"])
         assert again["confusion_matrix"] == art["quality"]["confusion_matrix"], art["name"]
         assert art["cost"]["size_bytes"] < fp32_size, art["name"]
-    plan = json.loads((Path(record["artifacts"][3]["path"]) / "plan.json").read_text())
+    plan = json.loads((Path(record["artifacts"][4]["path"]) / "plan.json").read_text())
     assert plan["accuracy_drop_pp"] <= cfg.compression.ptq.budget_pp
     from patholite.compress.quantize import int8_layer_names
 

@@ -27,14 +27,17 @@ from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure import artifacts as art
 from patholite.measure.cost import files_size
 from patholite.measure.evaluate import count_architecture, measure_memory
-from patholite.measure.records import ArtifactRecord, RunRecord, read_record
+from patholite.measure.records import ARTIFACT_NAMES, ArtifactRecord, RunRecord, read_record
 from patholite.measure.report import print_records
 from patholite.measure.timing import time_artifacts
 from patholite.train import CONF_DIR
 
 log = logging.getLogger("patholite.bench")
 KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic", "onnx": "onnx_fp32"}
-VARIANTS = ("fp32", "int8_dynamic", "onnx_fp32")
+VARIANTS = ("fp32", "int8_dynamic", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort")
+ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort"}
+# Random weights: static INT8 scales are fitted to random images, fine for speed, meaningless for accuracy.
+CALIBRATION_IMAGES = 16
 
 
 def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path]:
@@ -65,10 +68,34 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
             art.quantize_dynamic_int8(net, engine), out / "int8_dynamic", meta, engine
         )
         dirs.append(out / "int8_dynamic")
-    if "onnx_fp32" in cfg.variants:
-        art.save_onnx_artifact(net, out / "onnx_fp32", meta)
-        dirs.append(out / "onnx_fp32")
+    if ONNX_VARIANTS & set(cfg.variants):
+        onnx_dir = out / "onnx_fp32"
+        art.save_onnx_artifact(net, onnx_dir, meta)
+        if "onnx_fp32" in cfg.variants:
+            dirs.append(onnx_dir)
+        for variant in ("int8_dynamic_ort", "int8_static_ort"):
+            if variant in cfg.variants:
+                dirs.append(_ort_int8(onnx_dir / art.ONNX_FILE, out / variant, meta, variant, cfg.seed))
     return dirs
+
+
+def _ort_int8(float_onnx: Path, directory: Path, meta: dict[str, Any], variant: str, seed: int) -> Path:
+    from patholite.compress.quantize import quantize_dynamic_ort, quantize_static_ort
+    from patholite.measure.io import write_json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if variant == "int8_dynamic_ort":
+        quantize_dynamic_ort(float_onnx, directory / art.ONNX_FILE)
+        how = {"format": "dynamic"}
+    else:
+        g = torch.Generator().manual_seed(seed)
+        size = meta["image_size"]
+        batches = [torch.randn(CALIBRATION_IMAGES, 3, size, size, generator=g)]
+        quantize_static_ort(float_onnx, directory / art.ONNX_FILE, batches)
+        how = {"format": "QDQ", "calibration": f"{CALIBRATION_IMAGES} random images (speed only)"}
+    sidecar = {"kind": "onnx", "weights": art.ONNX_FILE, "quantization": how, **meta}
+    write_json(directory / art.SIDECAR, sidecar)
+    return directory
 
 
 def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
@@ -91,7 +118,7 @@ def run_bench(cfg: DictConfig) -> str:
         record.write()
         accel = resolve_accelerator(cfg.accelerator)
         record.device = accel.describe()
-        cpu_only = {"int8_dynamic", "onnx_fp32"} & set(cfg.variants)
+        cpu_only = ({"int8_dynamic"} | ONNX_VARIANTS) & set(cfg.variants)
         if accel.kind != "cpu" and cpu_only and not cfg.artifacts:
             raise AcceleratorError(
                 f"{sorted(cpu_only)} run on the CPU here (torch.ao INT8, ONNX Runtime's CPU provider): "
@@ -119,7 +146,8 @@ def run_bench(cfg: DictConfig) -> str:
                 "energy_absent_reason": timing["energy_absent_reason"],
                 "protocol": {k: cfg.bench[k] for k in ("warmup", "iters", "repeats")},
             }
-            name = KIND_NAMES.get(s["meta"]["kind"], "fp32")
+            # a run's artifact folders and the variants are named in the vocabulary; other folders by kind
+            name = d.name if d.name in ARTIFACT_NAMES else KIND_NAMES.get(s["meta"]["kind"], "fp32")
             record.artifacts.append(
                 ArtifactRecord(
                     name=name,
@@ -128,6 +156,7 @@ def run_bench(cfg: DictConfig) -> str:
                     quality={},
                     cost=cost,
                     source=None if name == "fp32" else "fp32",
+                    model=(s["meta"].get("model") or {}).get("name"),
                 )
             )
         record.finish("ok")

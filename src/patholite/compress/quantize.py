@@ -176,6 +176,30 @@ def quantize_static_ort(
             )
 
 
+def quantize_dynamic_ort(
+    float_onnx: Path, out_path: Path, *, per_channel: bool = False, reduce_range: bool = False
+) -> None:
+    """Dynamic INT8 through ONNX Runtime: INT8 weights, activation scales computed per batch at run time
+    (no calibration), MatMul/Gemm only, so LayerNorm, Softmax and GELU stay float (R2's choice, ORT's
+    kernels). ``out_path`` is replaced atomically."""
+    import onnxruntime.quantization as ortq
+
+    float_onnx, out_path = Path(float_onnx), Path(out_path)
+    if not float_onnx.is_file():
+        raise CheckpointError(
+            f"float ONNX model {float_onnx} does not exist; export it first (save_onnx_artifact)"
+        )
+    with atomic_path(out_path) as part, _quiet_ort_logging():
+        ortq.quantize_dynamic(
+            str(float_onnx),
+            str(part),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=ortq.QuantType.QInt8,
+        )
+
+
 @contextmanager
 def _quiet_ort_logging() -> Iterator[None]:
     # The quantizer logs advice through the root logger at WARNING for every node; keep only errors.

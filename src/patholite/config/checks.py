@@ -81,7 +81,7 @@ def _choice(value: Any, key: str, allowed: tuple) -> None:
 STAGES = ("train", "start", "distill", "prune", "lowrank", "qat", "ptq")
 # Stages that produce the run's first float model; every other stage transforms the current one.
 FIRST_STAGES = ("train", "start", "distill")
-PTQ_METHODS = ("dynamic", "static_ort", "mixed")
+PTQ_METHODS = ("dynamic", "dynamic_ort", "static_ort", "mixed")
 KD_LEVELS = ("logits", "attention", "features")
 
 

@@ -172,7 +172,8 @@ class EmaConfig:
 class PtqConfig:
     """Post-training INT8 quantization of the stage's float model."""
 
-    methods: list[str] = field(default_factory=lambda: ["dynamic"])  # dynamic | static_ort | mixed
+    # dynamic (torch.ao, R2) | dynamic_ort (ONNX Runtime) | static_ort (ORT QDQ, calibrated) | mixed (R1)
+    methods: list[str] = field(default_factory=lambda: ["dynamic"])
     engine: str = "x86"  # torch.ao engine for dynamic/mixed (x86 = fbgemm kernels)
     calibration_images: int = 256  # static_ort: training images fed to the calibrator
     per_channel: bool = True  # static_ort: per-channel weight scales

@@ -50,7 +50,7 @@ def _row(record: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
         "technique": cfg.get("compression", {}).get("name", "?"),
         "artifact": art["name"],
         "source": art.get("source"),
-        "model": cfg.get("model", {}).get("name", "?"),
+        "model": art.get("model") or cfg.get("model", {}).get("name", "?"),
         "dataset": cfg.get("dataset", {}).get("name", "?"),
         "accelerator": record.get("device", {}).get("kind") or cfg.get("accelerator", {}).get("name", "?"),
         **{key: q.get(key) for key in QUALITY_SCALARS},

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from patholite.measure.artifacts import read_sidecar
 from patholite.measure.cost import (
     count_flops,
     count_params,
@@ -195,6 +196,7 @@ def artifact_record(
         cost=cost,
         source=source,
         parity=parity(logits, reference, source or "reference") if reference is not None else None,
+        model=(read_sidecar(directory).get("model") or {}).get("name"),
     )
     return record, logits
 

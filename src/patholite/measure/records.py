@@ -21,6 +21,7 @@ Schema (version ``SCHEMA_VERSION``)::
     ARTIFACT = {
       "name": one of ARTIFACT_NAMES,
       "path": directory of the reloadable files, "files": [relative file names], "source": name | null,
+      "model": the artifact's model option name (a teacher's is not the run's model=),
       "parity": null | {"against": name, "flip_rate", "max_abs_logit_diff", "n_samples"},  # vs its source
       "quality": QUALITY_KEYS: {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece",
                   "accuracy_ci95": [low, high] (percentile bootstrap, 1000 resamples),
@@ -95,6 +96,7 @@ ARTIFACT_NAMES = {
     "lowrank_ema": "Nystrom low-rank attention, fine-tuned, EMA-averaged weights",
     "int8_dynamic": "torch.ao dynamic INT8 of Linear layers (x86/fbgemm), LayerNorm/Softmax in float",
     "int8_static_ort": "static INT8 QDQ through ONNX Runtime",
+    "int8_dynamic_ort": "dynamic INT8 (MatMul/Gemm) through ONNX Runtime",
     "int8_mixed": "per-layer mixed precision (INT8 where the task tolerates it)",
     "int8_qat": "quantization-aware trained, converted to INT8",
     "pruned": "structurally pruned (heads, MLP channels) and fine-tuned",
@@ -128,6 +130,7 @@ class ArtifactRecord:
     cost: dict[str, Any]
     source: str | None = None
     parity: dict[str, Any] | None = None
+    model: str | None = None  # the artifact's own model option (a teacher's differs from the run's model=)
 
     def __post_init__(self) -> None:
         if self.name not in ARTIFACT_NAMES:

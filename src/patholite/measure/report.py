@@ -47,7 +47,7 @@ def artifact_table(records: list[dict[str, Any]], title: str) -> Table:
                 job,
                 rec["status"],
                 art["name"],
-                model,
+                art.get("model") or model,
                 _fmt(q.get("accuracy")),
                 _fmt(q.get("balanced_accuracy")),
                 _fmt(q.get("macro_f1")),

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -73,6 +74,9 @@ def fit(
 ) -> Fitted:
     """Train ``module`` for ``epochs`` (default ``trainer.max_epochs``), resuming this stage's checkpoint when
     the run is resumed, and return its best weights."""
+    # Each stage starts from the run's seed, so its result does not depend on what ran before it in this
+    # process (e.g. whether the teacher came from the cache or was trained first).
+    L.seed_everything(int(ctx.cfg.seed), workers=True, verbose=False)
     checkpoint_dir = ctx.checkpoint_dir / stage
     averaging = ema_callback(ema)
     trainer = build_trainer(

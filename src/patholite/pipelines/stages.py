@@ -312,17 +312,35 @@ def _ptq_dynamic(run: StageRun, src: Current) -> None:
     run.record_file_artifact("int8_dynamic", files, src)
 
 
+def _float_onnx(run: StageRun, src: Current) -> Path:
+    """The current float model exported to ONNX once (the input of the ONNX Runtime quantizers)."""
+    work = run.ctx.run_dir / "stages" / f"onnx_{src.name}"
+    if not (work / art.ONNX_FILE).is_file():
+        art.save_onnx_artifact(src.net, work, run.meta(src.surgery), opset=run.c.export.opset)
+    return work / art.ONNX_FILE
+
+
+def _ptq_dynamic_ort(run: StageRun, src: Current) -> None:
+    from patholite.compress.quantize import quantize_dynamic_ort
+
+    directory = run.ctx.artifact_dir("int8_dynamic_ort")
+    directory.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic_ort(_float_onnx(run, src), directory / art.ONNX_FILE)
+    meta = {**run.meta(src.surgery), "opset": run.c.export.opset, "quantization": {"format": "dynamic"}}
+    write_json(directory / art.SIDECAR, {"kind": "onnx", "weights": art.ONNX_FILE, **meta})
+    run.record_file_artifact("int8_dynamic_ort", [art.ONNX_FILE, art.SIDECAR], src)
+
+
 def _ptq_static_ort(run: StageRun, src: Current) -> None:
     from patholite.compress.quantize import quantize_static_ort
 
     p = run.c.ptq
     directory = run.ctx.artifact_dir("int8_static_ort")
-    work = run.ctx.run_dir / "stages" / "onnx_float"
-    art.save_onnx_artifact(src.net, work, run.meta(src.surgery), opset=run.c.export.opset)
+    float_onnx = _float_onnx(run, src)
     calibration = run.ctx.datamodule.calibration_images(p.calibration_images, seed=run.ctx.cfg.seed)
     directory.mkdir(parents=True, exist_ok=True)
     quantize_static_ort(
-        work / art.ONNX_FILE,
+        float_onnx,
         directory / art.ONNX_FILE,
         calibration,
         per_channel=p.per_channel,
@@ -365,7 +383,12 @@ def _ptq_mixed(run: StageRun, src: Current) -> None:
     run.record_file_artifact("int8_mixed", [*files, "plan.json"], src)
 
 
-PTQ = {"dynamic": _ptq_dynamic, "static_ort": _ptq_static_ort, "mixed": _ptq_mixed}
+PTQ = {
+    "dynamic": _ptq_dynamic,
+    "dynamic_ort": _ptq_dynamic_ort,
+    "static_ort": _ptq_static_ort,
+    "mixed": _ptq_mixed,
+}
 
 
 def stage_ptq(run: StageRun) -> None:
