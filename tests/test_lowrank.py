@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,21 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from patholite.compress.lowrank import NystromAttention, apply_nystrom, iterative_pinv, segment_means
 from patholite.errors import ConfigError
 from patholite.models.pyramid import PyramidViT
+from tests import helpers
 
 
 def tiny_vit(img: int = 32, depth: int = 4, seed: int = 0) -> nn.Module:
-    """A random micro ViT: 4 heads of 16 dims; 65 tokens at 32 px, 1025 at 128 px."""
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=img,
-        patch_size=4,
-        embed_dim=64,
-        depth=depth,
-        num_heads=4,
-        num_classes=4,
-    ).eval()
+    """The shared micro ViT in eval mode: 65 tokens at 32 px, 1025 at 128 px."""
+    return helpers.tiny_vit(img, depth, seed).eval()
 
 
 def smooth_tokens(n: int = 65, dim: int = 64, seed: int = 0) -> torch.Tensor:

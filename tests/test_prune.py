@@ -22,6 +22,7 @@ from patholite.compress.prune import (
 from patholite.errors import ConfigError
 from patholite.measure.cost import torch_threads
 from patholite.models.pyramid import PyramidViT
+from tests.helpers import tiny_vit
 
 SIZE = 32
 HEADS, HIDDEN, DIM = 4, 256, 64
@@ -33,20 +34,6 @@ def one_thread():
     backward pass 100x slower (1.2 s instead of 7 ms)."""
     with torch_threads(1):
         yield
-
-
-def tiny_vit(seed: int = 0, depth: int = 4) -> nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=SIZE,
-        patch_size=4,
-        embed_dim=DIM,
-        depth=depth,
-        num_heads=HEADS,
-        num_classes=4,
-    )
 
 
 def batches(n: int = 2, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,7 +8,6 @@ import json
 import warnings
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,22 +29,9 @@ from patholite.compress.quantize import (
 )
 from patholite.errors import AcceleratorError, CheckpointError, ConfigError
 from patholite.measure.artifacts import ONNX_FILE, OrtModule, save_onnx_artifact
+from tests.helpers import tiny_vit
 
 SIZE = 32
-
-
-def tiny_vit(seed: int = 0, depth: int = 4) -> nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=SIZE,
-        patch_size=4,
-        embed_dim=64,
-        depth=depth,
-        num_heads=4,
-        num_classes=4,
-    )
 
 
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

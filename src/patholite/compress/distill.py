@@ -140,19 +140,18 @@ def kd_loss(
     ``targets`` are class indices [B] (or class probabilities [B, C]); ``weights`` optional per-sample weights
     [B]; ``label_smoothing`` applies to the label term only. The teacher receives no gradient.
     """
-    alpha, temperature = _check_alpha(alpha), _check_temperature(temperature)
-    _check_kind(kind, KD_KINDS)
-    ce, kd = _logit_terms(
+    # One head learning from both labels and teacher is the token loss with both heads the same.
+    return token_kd_loss(
         student_logits,
         student_logits,
         teacher_logits,
         targets,
+        alpha=alpha,
         temperature=temperature,
         kind=kind,
         weights=weights,
         label_smoothing=label_smoothing,
     )
-    return (1.0 - alpha) * ce + alpha * kd
 
 
 def token_kd_loss(
