@@ -53,6 +53,34 @@ def test_every_option_runs_and_records_its_artifacts_against_their_sources(make_
         assert art["cost"]["params"] > 1000 and art["cost"]["flops"] > 0
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["compression.kd.kind=hard"],
+        ["compression.kd.levels=[logits,attention,features]", "compression.kd.entropy_weight=1.0"],
+        ["model=deit_tiny_distilled", "compression.kd.kind=token"],
+    ],
+)
+def test_distillation_sub_modes_train_a_student(make_cfg, tmp_path, overrides):
+    assert run_job(make_cfg("compression=kd", *overrides)) == "ok"
+    teacher, student = read_record(tmp_path / "run")["artifacts"]
+    assert (teacher["model"], student["source"]) == ("vit_micro", "teacher_fp32")
+    net, meta = load_artifact(student["path"])  # the student alone: no teacher, no projections inside
+    assert meta["model"]["name"] == student["model"]
+    assert not any("proj" in k and k.startswith("projections") for k in net.state_dict())
+
+
+def test_onnx_export_of_a_pruned_model_matches_pytorch(make_cfg, tmp_path):
+    cfg = make_cfg("compression=prune", "compression.export.onnx=true")
+    assert run_job(cfg) == "ok"
+    arts = read_record(tmp_path / "run")["artifacts"]
+    assert [a["name"] for a in arts] == ["fp32", "pruned", "onnx_fp32"]
+    onnx = arts[2]
+    assert onnx["source"] == "pruned" and onnx["parity"]["flip_rate"] == 0.0
+    assert onnx["parity"]["max_abs_logit_diff"] <= 1e-3
+    assert onnx["cost"]["params"] == arts[1]["cost"]["params"]  # counted on the pruned float twin
+
+
 def test_int8_artifacts_reload_and_reproduce_their_recorded_accuracy(make_cfg, tmp_path):
     cfg = make_cfg("compression=ptq", "compression.ptq.methods=[dynamic,dynamic_ort,static_ort,mixed]")
     assert run_job(cfg) == "ok"
