@@ -34,7 +34,7 @@ from patholite.train import CONF_DIR
 
 log = logging.getLogger("patholite.bench")
 KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic", "onnx": "onnx_fp32"}
-VARIANTS = ("fp32", "int8_dynamic", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort")
+VARIANTS = ("fp32", "fp32_compile", "int8_dynamic", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort")
 ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort"}
 # Random weights: static INT8 scales are fitted to random images, fine for speed, meaningless for accuracy.
 CALIBRATION_IMAGES = 16
@@ -63,6 +63,9 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
     if "fp32" in cfg.variants:
         art.save_float_artifact(net, out / "fp32", meta)
         dirs.append(out / "fp32")
+    if "fp32_compile" in cfg.variants:  # compiled on load in the timing child; warm-up absorbs compilation
+        art.save_float_artifact(net, out / "fp32_compile", {**meta, "runtime": "torch_compile"})
+        dirs.append(out / "fp32_compile")
     if "int8_dynamic" in cfg.variants:
         art.save_int8_dynamic_artifact(
             art.quantize_dynamic_int8(net, engine), out / "int8_dynamic", meta, engine

@@ -162,7 +162,10 @@ def load_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Any patholite artifact, by the kind its sidecar names."""
     meta = read_sidecar(directory)
     if meta["kind"] == "torch_float":
-        return load_float_artifact(directory)
+        net, meta = load_float_artifact(directory)
+        if meta.get("runtime") == "torch_compile":  # same weights, run through inductor (bench variant)
+            net = torch.compile(net)
+        return net, meta
     if meta["kind"] == "torch_int8_dynamic":
         qnet = quantize_dynamic_int8(create_float_twin(meta), meta["engine"], meta.get("layers"))
         qnet.load_state_dict(_load_quantized_state(directory, meta))

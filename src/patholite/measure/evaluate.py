@@ -88,7 +88,7 @@ def count_architecture(
 
     if directory is not None:
         meta = art.read_sidecar(directory)
-        if meta["kind"] != "torch_float":
+        if meta["kind"] != "torch_float" or meta.get("runtime"):
             twin = art.create_float_twin(meta)
             return {"params": count_params(twin), **count_flops(twin, image_size)}
     return {"params": count_params(model), **count_flops(model, image_size, device)}

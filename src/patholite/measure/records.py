@@ -102,6 +102,7 @@ ARTIFACT_NAMES = {
     "pruned": "structurally pruned (heads, MLP channels) and fine-tuned",
     "lowrank": "Nystrom low-rank attention",
     "onnx_fp32": "float ONNX export run with ONNX Runtime",
+    "fp32_compile": "the float model run through torch.compile (inductor), benchmark only",
 }
 
 _PACKAGES = (
