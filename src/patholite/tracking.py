@@ -74,6 +74,8 @@ def _flat_summary(record: RunRecord) -> dict[str, Any]:
             summary[f"{art.name}/{key}"] = art.cost.get(key)
         for batch, lat in art.cost.get("latency_ms", {}).items():
             summary[f"{art.name}/latency_p50_ms_b{batch}"] = lat["p50"]
+        if art.parity:
+            summary[f"{art.name}/flip_rate"] = art.parity["flip_rate"]
     return summary
 
 
@@ -86,13 +88,29 @@ def log_record(loggers: list[Logger], record: RunRecord) -> None:
 
         run = logger.experiment
         run.summary.update(_flat_summary(record))
-        columns = ["artifact", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "params", "size_bytes"]
+        columns = [
+            "artifact",
+            "model",
+            "source",
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "auroc",
+            "flip_rate",
+            "params",
+            "size_bytes",
+            "latency_p50_ms_b1",
+        ]
         rows = [
             [
                 a.name,
-                *(a.quality.get(k) for k in columns[1:5]),
+                a.model,
+                a.source,
+                *(a.quality.get(k) for k in columns[3:7]),
+                (a.parity or {}).get("flip_rate"),
                 a.cost.get("params"),
                 a.cost.get("size_bytes"),
+                (a.cost.get("latency_ms") or {}).get("1", {}).get("p50"),
             ]
             for a in record.artifacts
         ]
