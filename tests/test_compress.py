@@ -301,3 +301,14 @@ def test_compression_sweep_in_a_subprocess_writes_one_record_per_job(tmp_path):
     rows = (tmp_path / "sweep" / "compare" / "compare.csv").read_text().splitlines()
     assert len(rows) - 1 == sum(len(v) for v in OPTIONS.values())
     assert (REPO / "conf" / "compression").is_dir()
+
+
+def test_a_stage_does_not_depend_on_whether_its_teacher_was_cached(make_cfg, tmp_path):
+    cache = tmp_path / "own-cache"
+    first = make_cfg("compression=kd", f"paths.cache_dir={cache}", run_dir=tmp_path / "a")  # trains teacher
+    assert run_job(first) == "ok"
+    again = make_cfg("compression=kd", f"paths.cache_dir={cache}", run_dir=tmp_path / "b")  # cached teacher
+    assert run_job(again) == "ok"
+    a, b = (load_artifact(read_record(tmp_path / r)["artifacts"][1]["path"])[0] for r in ("a", "b"))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name

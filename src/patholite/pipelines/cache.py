@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +130,3 @@ def _train_into(ctx: RunContext, model_cfg: DictConfig, entry: Path, inputs: dic
     meta = cache_ctx.artifact_meta()
     save_float_artifact(fitted.net, entry, {**meta, "cache_key": entry.name})
     write_json(entry / KEY_FILE, inputs)
-
-
-def copy_entry(entry: Path, directory: Path) -> list[str]:
-    """Copy a cache entry's artifact files into a run's artifact folder (the run's own copy)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS, SIDECAR):
-        shutil.copy2(entry / name, directory / name)
-    return [WEIGHTS, SIDECAR]

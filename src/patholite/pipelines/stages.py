@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -209,11 +210,12 @@ def _distiller(run: StageRun, student: nn.Module, teacher: nn.Module, kd: DictCo
 def stage_distill(run: StageRun) -> None:
     """Train ``model=`` (the student) from the frozen teacher; the teacher is recorded too."""
     ctx, c = run.ctx, run.c
+    # The student is initialised first, from the stage's seed: training a missing teacher uses the RNG too.
+    student = build_model(ctx.cfg.model, ctx.datamodule.num_classes, run.image_size)
     teacher_cfg = teacher_config(c)
     teacher = run.record_float(
         "teacher_fp32", _plain_network(run, teacher_cfg, "teacher"), model_cfg=teacher_cfg
     )
-    student = make_module(ctx).net
     module = make_module(ctx, distiller=_distiller(run, student, copy.deepcopy(teacher.net)))
     fitted = fit(ctx, module, "distill", ema=c.ema)
     if fitted.ema_net is None:
@@ -432,6 +434,9 @@ def run_stages(ctx: RunContext) -> list[ArtifactRecord]:
         if stage in run.done:
             continue
         log.info("stage %s", stage)
+        # Every stage starts from the run's seed (network init included), so its result does not depend on
+        # what ran before it in this process, e.g. whether the teacher came from the cache or was trained.
+        L.seed_everything(int(ctx.cfg.seed), workers=True, verbose=False)
         STAGES[stage](run)
         run.done.append(stage)
         run.save_state()
