@@ -345,17 +345,12 @@ def quantize_dynamic_layers(net: nn.Module, layers: list[str] | None, engine: st
     Weights become INT8 (per tensor), activations are quantized on the fly; everything else stays float.
     ``net`` itself is left as it was.
     """
+    from patholite.measure.artifacts import quantize_dynamic_int8
+
     _check_engine(engine)
     names = _check_layers(net, layers)
-    torch.backends.quantized.engine = engine
     qnet = copy.deepcopy(net).cpu().eval()
-    if not names:
-        return qnet
-    with warnings.catch_warnings():
-        # torch.ao.quantization and quantized tensors are deprecated; both still work in torch 2.14.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation", category=UserWarning)
-        return torch.ao.quantization.quantize_dynamic(qnet, set(names), dtype=torch.qint8, inplace=True)
+    return quantize_dynamic_int8(qnet, engine, names) if names else qnet
 
 
 def int8_layer_names(net: nn.Module) -> list[str]:

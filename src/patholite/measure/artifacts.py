@@ -60,7 +60,7 @@ def load_float_artifact(directory: str | Path) -> tuple[nn.Module, dict[str, Any
 
 def quantize_dynamic_int8(net: nn.Module, engine: str = "x86", layers: list[str] | None = None) -> nn.Module:
     """torch.ao dynamic INT8 of the Linear layers (``layers``: only these, by qualified name; mixed
-    precision); LayerNorm and Softmax stay in float (R2's protocol)."""
+    precision); LayerNorm and Softmax stay in float (R2's protocol). Returns a quantized copy."""
     torch.backends.quantized.engine = engine
     names = {name for name, m in net.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(layers or ()) - names)
@@ -68,9 +68,9 @@ def quantize_dynamic_int8(net: nn.Module, engine: str = "x86", layers: list[str]
         raise CheckpointError(f"dynamic INT8: {unknown} are not Linear layers of the network")
     spec: set = {nn.Linear} if layers is None else set(layers)
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", DeprecationWarning
-        )  # torch.ao.quantization is deprecated, still works
+        # torch.ao.quantization and quantized tensors are deprecated; both still work in torch 2.14.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation", category=UserWarning)
         return torch.ao.quantization.quantize_dynamic(net.eval(), spec, dtype=torch.qint8)
 
 

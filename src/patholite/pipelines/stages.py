@@ -13,6 +13,7 @@ run skips finished stages and continues the interrupted one from its checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -139,8 +140,6 @@ class StageRun:
         )
 
     def load_state(self) -> None:
-        import json
-
         if not self.ctx.resuming or not self.state_path.is_file():
             return
         state = json.loads(self.state_path.read_text())
@@ -247,8 +246,6 @@ def stage_prune(run: StageRun) -> None:
     structure_file = run.ctx.run_dir / "stages" / "prune_structure.json"
     resumable = run.ctx.resuming and structure_file.is_file()
     if resumable:  # the fine-tune's checkpoint holds the weights; rebuild the pruned shape to load them
-        import json
-
         op = json.loads(structure_file.read_text())
         net = apply_surgery(copy.deepcopy(src.net), [op])
     else:
@@ -308,7 +305,7 @@ def stage_qat(run: StageRun) -> None:
 
 def _ptq_dynamic(run: StageRun, src: Current) -> None:
     engine = run.ctx.cfg.compression.ptq.engine
-    qnet = art.quantize_dynamic_int8(copy.deepcopy(src.net), engine)
+    qnet = art.quantize_dynamic_int8(src.net, engine)  # a quantized copy
     files = art.save_int8_dynamic_artifact(
         qnet, run.ctx.artifact_dir("int8_dynamic"), run.meta(src.surgery), engine
     )
@@ -370,9 +367,9 @@ def _ptq_mixed(run: StageRun, src: Current) -> None:
 
     p = run.c.ptq
     batches = run.ctx.datamodule.labelled_batches(p.sensitivity_images, split="val", seed=run.ctx.cfg.seed)
-    plan = mixed_precision_plan(copy.deepcopy(src.net), batches, budget_pp=p.budget_pp, bits=tuple(p.bits))
+    plan = mixed_precision_plan(src.net, batches, budget_pp=p.budget_pp, bits=tuple(p.bits))
     layers = list(plan["int8_layers"])
-    qnet = art.quantize_dynamic_int8(copy.deepcopy(src.net), p.engine, layers)
+    qnet = art.quantize_dynamic_int8(src.net, p.engine, layers)
     directory = run.ctx.artifact_dir("int8_mixed")
     files = art.save_int8_dynamic_artifact(qnet, directory, run.meta(src.surgery), p.engine, layers)
     write_json(directory / "plan.json", plan)
