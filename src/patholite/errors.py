@@ -25,3 +25,7 @@ class CheckpointError(PatholiteError):
 
 class AcceleratorError(PatholiteError):
     """An accelerator the machine does not have, or a setting it cannot run."""
+
+
+class SlideError(DatasetError):
+    """A whole-slide image that cannot be opened or read, or that lacks what a step needs (mpp, tissue)."""

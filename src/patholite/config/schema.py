@@ -41,6 +41,9 @@ class DatasetConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     max_samples_per_split: int | None = None  # seeded, stratified subsample of every split (debug, smoke)
+    # microns per pixel of the images as read, before the resize to image_size: the slide engine reads
+    # tiles at this resolution (None: unknown; the family may know it, e.g. synthetic tiles)
+    mpp: float | None = None
     verify_images: bool = True  # read every image file's header before training (format, mode, pages)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
@@ -391,9 +394,13 @@ DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
 
 def register_schemas() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
+    from patholite.config.slide_schema import SLIDE_DATASET_SCHEMAS, SlideRunConfig
+
+    DATASET_SCHEMAS.update(SLIDE_DATASET_SCHEMAS)  # lazily: slide_schema builds on DatasetConfig
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="bench_schema", node=BenchRunConfig)
+    cs.store(name="slide_schema", node=SlideRunConfig)
     for name, schema in DATASET_SCHEMAS.items():
         cs.store(group="schema/dataset", name=name, node=schema)
     cs.store(group="schema/model", name="timm", node=ModelConfig)

@@ -29,11 +29,19 @@ _WHERE = (
 )
 
 
+PHOTO_MPP = 0.42  # microns per pixel of the BACH microscopy photos
+
+
 class BachDataModule(HistologyDataModule):
     """BACH photos, whole (mode=resize) or tiled (mode=tile), split by photo with ``split_seed``."""
 
     def default_class_names(self) -> list[str]:
         return list(BACH_CLASSES)
+
+    def tile_geometry(self) -> dict[str, float | int | None]:
+        if self.cfg.mode != "tile":  # a whole photo squeezed to a square has no single pixel size
+            return {"mpp": self.cfg.mpp, "tile_size": None}
+        return {"mpp": self.cfg.mpp or PHOTO_MPP, "tile_size": self.cfg.tile_size}
 
     def _photos_dir(self) -> Path:
         root = require_path(self.root, "dataset=bach", _WHERE, directory=True)

@@ -143,6 +143,11 @@ class HistologyDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def tile_geometry(self) -> dict[str, float | int | None]:
+        """The resolution of the images as read (before the resize to ``image_size``): ``mpp`` and the
+        side ``tile_size`` in pixels. Artifacts carry it so the slide engine cuts tiles the model knows."""
+        return {"mpp": self.cfg.mpp, "tile_size": None}
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return

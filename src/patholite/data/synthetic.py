@@ -50,6 +50,9 @@ _NEIGHBOURS = np.array(
 # than Ruifrok's eosin, closer to real slides).
 _H_VEC = np.array([0.5626, 0.7201, 0.4062])
 _E_VEC = np.array([0.2159, 0.8012, 0.5581])
+# The tissue field one tile shows, whatever its pixel size: the synthetic slides draw a tile as 256 px at
+# 0.5 um/px, so a model trained on these tiles reads slides at TILE_FIELD_UM / tile_size um/px.
+TILE_FIELD_UM = 128.0
 _SUPERSAMPLE = 2  # draw at twice the size and downsample: smooth edges without anti-aliased float drawing
 _BASE = 96.0  # lengths below are in pixels of a 96-px tile and scale with the size
 
@@ -384,6 +387,9 @@ class SyntheticDataModule(HistologyDataModule):
 
     def default_class_names(self) -> list[str]:
         return list(SYNTHETIC_CLASSES)
+
+    def tile_geometry(self) -> dict[str, float | int | None]:
+        return {"mpp": self.cfg.mpp or TILE_FIELD_UM / self.cfg.tile_size, "tile_size": self.cfg.tile_size}
 
     def per_class(self, split: str) -> int:
         """Tiles per class of ``split``; a ``max_samples_per_split`` cap generates only what it keeps."""

@@ -49,4 +49,5 @@ class RunContext:
             "mean": list(d.mean),
             "std": list(d.std),
             "dataset": d.name,
+            **self.datamodule.tile_geometry(),  # mpp and tile_size: how the slide engine cuts tiles
         }

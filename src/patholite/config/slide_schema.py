@@ -1,0 +1,136 @@
+"""Schemas of whole-slide work: the slide engine's entry config and the slide-derived datasets.
+
+The reading, tissue and tiling nodes are shared by ``python -m patholite.slide`` (top level) and by the slide
+datasets (under ``dataset``), so a model trained on tiles of one geometry is applied with the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from patholite.config.schema import DatasetConfig, PathsConfig
+
+
+@dataclass
+class ReaderConfig:
+    """How slides are opened. ``mpp`` overrides the level-0 microns per pixel of every slide read (for
+    slides whose own value is missing or nonsensical, e.g. a plain TIFF's 352.8 from its print resolution)."""
+
+    mpp: float | None = None
+    backend: str = "auto"  # auto (OpenSlide, then tiffslide) | openslide | tiffslide
+
+
+@dataclass
+class TissueConfig:
+    """Tissue detection on a low-resolution image of the slide (R1: closing(opening(Otsu)))."""
+
+    method: str = "otsu_saturation"  # otsu_saturation | otsu_gray
+    max_side: int = 2048  # long side of the low-resolution image the mask is computed on
+    open_um: float = 8.0  # radius of the opening (removes specks), micrometres
+    close_um: float = 16.0  # radius of the closing (fills gaps), micrometres
+    min_object_um2: float = 20000.0  # smaller tissue islands are dropped
+    min_hole_um2: float = 20000.0  # smaller holes in the tissue are filled
+    exclude_pen: bool = True  # pen ink (blue, green, black) is not tissue
+
+
+@dataclass
+class TileConfig:
+    """The tile grid. ``mpp`` / ``size`` None: what the artifact was trained on (its sidecar)."""
+
+    size: int | None = None  # tile side in pixels at the target resolution
+    mpp: float | None = None  # target microns per pixel
+    magnification: float | None = None  # or a target objective magnification
+    overlap: int = 0  # pixels shared by neighbouring tiles, at the target resolution
+    theta: float = 0.5  # keep tiles whose tissue fraction exceeds this (R1's theta_t)
+
+
+@dataclass
+class EngineConfig:
+    """The pipelined inference: loader workers read tiles, the main thread runs the model, a writer thread
+    saves predictions (R1: throughput = N / max(T_load, T_process, T_save))."""
+
+    batch_size: int = 32
+    workers: int = 2  # tile-reading processes (0: read in the main thread, no overlap)
+    threads: int | None = None  # model threads; None: the machine's cores minus the workers (at least 1)
+    prefetch: int = 4  # batches each worker reads ahead
+    device: str = "cpu"
+
+
+@dataclass
+class SlideReportConfig:
+    """What a slide's call is: the most severe class whose share of the tissue is at least ``min_share``."""
+
+    severity: list[str] | None = None  # class names, least to most severe; None: the artifact's class order
+    min_share: float = 0.05
+    thumbnail_px: int = 1024  # long side of the thumbnail the heatmap and figure are drawn at
+    figure: bool = True
+
+
+@dataclass
+class SlideRunConfig:
+    """``python -m patholite.slide``: a trained or compressed classifier over whole slides."""
+
+    slide: str | None = None  # one slide file
+    slides: str | None = None  # a folder of slides, or a text file with one slide path per line
+    artifact: str = MISSING  # an artifact folder (artifact.json) or a run folder (its best artifact)
+    artifact_name: str | None = None  # which artifact of a run folder; None: the run's last stage
+    annotations: str | None = None  # an XML file (one slide) or a folder of <slide stem>.xml
+    annotation_classes: dict[str, str] = field(default_factory=dict)  # XML group -> class name
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    report: SlideReportConfig = field(default_factory=SlideReportConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    task_name: str = "slide"
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------ slide datasets
+@dataclass
+class SlideDatasetConfig(DatasetConfig):
+    """Tiles cut from whole slides through the tiler, labelled from annotations, split by slide."""
+
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tile: TileConfig = field(default_factory=lambda: TileConfig(size=224, mpp=0.5))
+    label_min_fraction: float = 0.5  # a tile takes the class covering at least this share of it
+    max_tiles_per_slide: int | None = 2000  # seeded, class-balanced cap per slide (None: every tile)
+    cache_dir: str = "${paths.cache_dir}/slides"
+
+
+@dataclass
+class SyntheticSlidesConfig(SlideDatasetConfig):
+    """Synthetic whole slides written by patholite's generator (no download)."""
+
+    name: str = "synthetic_slides"
+    slides_per_split: list[int] = field(default_factory=lambda: [6, 2, 2])  # train, val, test
+    width: int = 8192
+    height: int = 8192
+    difficulty: float = 0.5
+    seed: int = 0
+    root: str | None = "${paths.cache_dir}/synthetic_slides"  # written here once
+
+
+@dataclass
+class Camelyon16Config(SlideDatasetConfig):
+    """CAMELYON16: normal/tumor training slides with ASAP lesion XML, the official test set."""
+
+    name: str = "camelyon16"
+    tile: TileConfig = field(default_factory=lambda: TileConfig(size=224, magnification=20.0))
+
+
+@dataclass
+class BachWsiConfig(SlideDatasetConfig):
+    """BACH part B: A01.svs..A10.svs with Aperio ImageScope XML region annotations."""
+
+    name: str = "bach_wsi"
+
+
+SLIDE_DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
+    "synthetic_slides": SyntheticSlidesConfig,
+    "camelyon16": Camelyon16Config,
+    "bach_wsi": BachWsiConfig,
+}
