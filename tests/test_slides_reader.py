@@ -59,7 +59,7 @@ def test_pyramid_levels_and_nonsense_mpp_needs_override(slides):
         assert s.level_dimensions[0] == (300, 250)
         assert s.native_mpp == pytest.approx(352.8, rel=0.01)
         assert s.mpp is None  # a print resolution, not a scan's
-        with pytest.raises(SlideError, match=r"slide\.mpp="):
+        with pytest.raises(SlideError, match=r"reader\.mpp="):
             s.require_mpp()
         assert s.best_level_for_downsample(1.0) == 0
         assert s.best_level_for_downsample(s.level_downsamples[2] * 1.5) == 2
@@ -84,9 +84,9 @@ def test_unopenable_slide_names_file_and_both_backends(slides):
 
 
 def test_read_failure_names_slide_and_region(slides):
-    with open_slide(slides / "unreadable.svs") as s:  # opens fine; the tile data is corrupt
-        with pytest.raises(SlideError) as err:
-            s.read_region((0, 0), 0, (16, 16))
+    # it opens fine; the tile data is corrupt
+    with open_slide(slides / "unreadable.svs") as s, pytest.raises(SlideError) as err:
+        s.read_region((0, 0), 0, (16, 16))
     text = str(err.value)
     assert "unreadable.svs" in text and "(0, 0)" in text and "16x16" in text
 

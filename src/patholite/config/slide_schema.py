@@ -65,7 +65,6 @@ class SlideReportConfig:
     severity: list[str] | None = None  # class names, least to most severe; None: the artifact's class order
     min_share: float = 0.05
     thumbnail_px: int = 1024  # long side of the thumbnail the heatmap and figure are drawn at
-    figure: bool = True
 
 
 @dataclass

@@ -131,7 +131,8 @@ class Slide:
             found = "none" if self.native_mpp is None else f"{self.native_mpp:g}, which no slide scan has"
             raise SlideError(
                 f"slide {self.path} has no usable microns per pixel (found: {found}); "
-                "set slide.mpp=<level-0 um/px> (40x is about 0.25, 20x about 0.5)"
+                "set reader.mpp=<level-0 um/px> (dataset.reader.mpp for slide datasets; "
+                "40x is about 0.25, 20x about 0.5)"
             )
         return mpp
 
@@ -194,9 +195,7 @@ class Slide:
         level_ds = self.level_downsamples[level]
         read = (max(1, round(size0[0] / level_ds)), max(1, round(size0[1] / level_ds)))
         image = self.read_region(location, level, read)
-        if read != tuple(size):
-            image = cv2.resize(image, (int(size[0]), int(size[1])), interpolation=cv2.INTER_AREA)
-        return image
+        return resize_rgb(image, size)
 
     def low_resolution(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """The whole slide at about ``max_side`` pixels on its long side, and its downsample.
@@ -271,6 +270,22 @@ class Slide:
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
     """Open a whole-slide image (``mpp``: override of the level-0 microns per pixel)."""
     return Slide(path, mpp=mpp, backend=backend)
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` resized to ``size`` (w, h) with box filtering (area averaging) when shrinking.
+
+    Pillow, not OpenCV: tiles are read in DataLoader worker processes forked from a parent whose OpenCV
+    thread pool (started by tissue detection) does not survive the fork, and a worker resizing with it hangs.
+    """
+    from PIL import Image
+
+    size = (int(size[0]), int(size[1]))
+    if (image.shape[1], image.shape[0]) == size:
+        return image
+    shrink = size[0] <= image.shape[1] and size[1] <= image.shape[0]
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize(size, method))
 
 
 def find_slides(source: str | Path) -> list[Path]:

@@ -1,0 +1,93 @@
+"""Entry point: ``python -m patholite.slide`` (or ``patholite-slide``): a tile classifier over whole slides.
+
+``slide=<file>`` or ``slides=<folder or list file>``, and ``artifact=<artifact or run folder>`` (float, torch
+INT8 or ONNX Runtime). Per slide: tissue detection, tiling at the resolution the model was trained at,
+pipelined inference, per-tile predictions, heatmaps, a call and a report; one summary for all slides.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import patholite.config  # noqa: F401  (registers the schemas)
+from patholite.config.options import CONF_DIR
+from patholite.errors import ConfigError, PatholiteError
+from patholite.jobs import run_hydra, sigterm_as_exit, user_message
+
+log = logging.getLogger("patholite.slide")
+
+
+def check_slide_config(cfg: DictConfig) -> None:
+    """Impossible settings fail before any model or slide is loaded."""
+    if bool(cfg.slide) == bool(cfg.slides):
+        raise ConfigError(
+            "give slide=<file> for one slide or slides=<folder or list file> for many (one of them)"
+        )
+    e, t = cfg.engine, cfg.tile
+    if e.batch_size < 1 or e.workers < 0 or e.prefetch < 1:
+        raise ConfigError(
+            f"engine.batch_size={e.batch_size}, engine.workers={e.workers}, engine.prefetch={e.prefetch}: "
+            "batch size and prefetch must be at least 1, workers at least 0"
+        )
+    if not 0.0 <= t.theta <= 1.0:
+        raise ConfigError(f"tile.theta={t.theta} is a tissue fraction: give a value in [0, 1]")
+    if t.size is not None and t.size < 8:
+        raise ConfigError(f"tile.size={t.size} px is too small for a tile; use 8 or more")
+    if t.overlap < 0 or (t.size is not None and t.overlap >= t.size):
+        raise ConfigError(f"tile.overlap={t.overlap} must be at least 0 and smaller than the tile size")
+    if not 0.0 < cfg.report.min_share <= 1.0:
+        raise ConfigError(f"report.min_share={cfg.report.min_share} is a share of the tissue: give (0, 1]")
+    if cfg.tissue.method not in ("otsu_saturation", "otsu_gray"):
+        raise ConfigError(f"tissue.method={cfg.tissue.method!r}: choose otsu_saturation or otsu_gray")
+
+
+def run_slide(cfg: DictConfig) -> int:
+    from patholite.slides.inference import run_slides
+    from patholite.slides.reader import find_slides
+
+    out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    try:
+        check_slide_config(cfg)
+        paths = find_slides(cfg.slide or cfg.slides)
+        rows = run_slides(paths, cfg, out)
+    except PatholiteError as err:
+        print(f"patholite: {type(err).__name__}: {user_message(err)}", file=sys.stderr)
+        raise SystemExit(1) from err
+    failed = [r for r in rows if r["status"] != "ok"]
+    for r in rows:
+        if r["status"] == "ok":
+            call = r["call"]
+            print(
+                f"{Path(r['slide']).name}: {call['label']} (confidence {call['confidence']:.2f}), "
+                f"{r['n_tiles']} tiles, {r['timings']['tiles_per_s']:.1f} tiles/s -> {r['out']}"
+            )
+        else:
+            print(f"{Path(r['slide']).name}: FAILED {r['error']}")
+    print(f"summary: {out / 'summary.csv'}")
+    if failed:
+        print(f"patholite: {len(failed)} of {len(rows)} slides failed; see the summary", file=sys.stderr)
+        return 1
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="slide")
+def _hydra_main(cfg: DictConfig) -> int:
+    with sigterm_as_exit():
+        code = run_slide(cfg)
+    if code:
+        raise SystemExit(code)
+    return code
+
+
+def main() -> None:
+    run_hydra(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

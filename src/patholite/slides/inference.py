@@ -1,0 +1,289 @@
+"""One slide, end to end: open, find tissue, tile (cached), stream the tiles through the model, report.
+
+``run_slides`` does it for many slides with one loaded model; a slide that fails is a failed row of the
+summary and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from patholite.errors import CheckpointError, ConfigError, PatholiteError
+from patholite.measure.artifacts import SIDECAR, load_artifact
+from patholite.slides.engine import TileSpec, stream_tiles
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------- artifact
+def resolve_artifact(path: str | Path, name: str | None = None) -> Path:
+    """The artifact folder ``path`` names: an artifact folder or one of its files, or a run folder (its
+    ``name`` artifact, else the last artifact its record lists that has a sidecar)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        path = path.parent
+    if (path / SIDECAR).is_file() and name is None:
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"artifact={path} does not exist; give an artifact folder or a run folder")
+    from patholite.measure.records import RECORD_FILE, read_record
+
+    if not (path / RECORD_FILE).is_file():
+        raise CheckpointError(
+            f"artifact={path} is neither an artifact ({SIDECAR} missing) nor a run folder ({RECORD_FILE} "
+            "missing)"
+        )
+    artifacts = [a for a in read_record(path).get("artifacts", []) if (Path(a["path"]) / SIDECAR).is_file()]
+    if name is not None:
+        artifacts = [a for a in artifacts if a["name"] == name]
+    if not artifacts:
+        which = f"named {name!r} " if name else ""
+        raise CheckpointError(f"run {path} has no artifact {which}on disk; see its metrics.json")
+    return Path(artifacts[-1]["path"])
+
+
+def load_classifier(directory: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The artifact's model, checked to produce one score per class its sidecar names."""
+    model, meta = load_artifact(directory)
+    if meta.get("slide_model"):
+        raise CheckpointError(f"artifact {directory} is a slide-level model, not a tile classifier")
+    if device != "cpu":
+        if meta["kind"] != "torch_float":
+            raise ConfigError(f"artifact {directory} ({meta['kind']}) runs on the CPU: use engine.device=cpu")
+        model = model.to(device)
+    size = int(meta["image_size"])
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, size, size, device=device))
+    n = len(meta["class_names"])
+    if out.ndim != 2 or out.shape[1] != n:
+        raise CheckpointError(
+            f"artifact {directory} outputs {tuple(out.shape)} scores but its sidecar names {n} classes "
+            f"{meta['class_names']}; the artifact is inconsistent, export it again"
+        )
+    return model.eval(), meta
+
+
+@dataclass
+class TileGeometry:
+    patch_size: int  # px at the target resolution
+    mpp: float | None
+    magnification: float | None
+
+
+def tile_geometry(tile_cfg, meta: dict[str, Any], directory: Path) -> TileGeometry:
+    """The tile size and resolution: the config's, else those the artifact was trained on."""
+    size = tile_cfg.size or meta.get("tile_size") or meta["image_size"]
+    if tile_cfg.mpp is not None and tile_cfg.magnification is not None:
+        raise ConfigError("set tile.mpp or tile.magnification, not both")
+    mpp = tile_cfg.mpp
+    if mpp is None and tile_cfg.magnification is None:
+        mpp = meta.get("mpp")
+        if mpp is None:
+            raise ConfigError(
+                f"artifact {directory} does not record the resolution it was trained at (no mpp in its "
+                f"sidecar; dataset={meta.get('dataset')}); set tile.mpp=<um/px> or tile.magnification=<x>"
+            )
+    return TileGeometry(int(size), None if mpp is None else float(mpp), tile_cfg.magnification)
+
+
+# ------------------------------------------------------------------------------------------ caching
+def slide_cache_dir(cache_root: Path, path: Path, cfg) -> Path:
+    """Where a slide's tissue mask and tile coordinates are kept: keyed by the file (path, size, mtime)
+    and by every setting that changes them, so a slide is tiled once per geometry."""
+    stat = path.stat()
+    key = {
+        "slide": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime": int(stat.st_mtime),
+        "mpp": cfg.reader.mpp,
+        "tissue": {k: cfg.tissue[k] for k in cfg.tissue},
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache_root / f"{path.stem}-{digest}"
+
+
+def tissue_for(slide, cfg, cache: Path):
+    """The slide's tissue mask, detected once and cached."""
+    from patholite.slides.tissue import TissueMask, detect_tissue
+
+    mask_path = cache / "tissue.npz"
+    if mask_path.is_file():
+        try:
+            return TissueMask.load(mask_path)
+        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            log.warning("tissue mask cache %s is unreadable (%s); detecting again", mask_path, err)
+    t = cfg.tissue
+    mask = detect_tissue(
+        slide,
+        max_side=t.max_side,
+        method=t.method,
+        open_um=t.open_um,
+        close_um=t.close_um,
+        min_object_um2=t.min_object_um2,
+        min_hole_um2=t.min_hole_um2,
+        exclude_pen=t.exclude_pen,
+    )
+    mask.save(mask_path)
+    return mask
+
+
+def annotation_path(cfg, slide_path: Path) -> Path | None:
+    """The slide's annotation XML: ``annotations`` as a file (one slide) or a folder of ``<stem>.xml``;
+    with neither, an XML beside the slide."""
+    if cfg.annotations:
+        source = Path(cfg.annotations).expanduser()
+        if source.is_file():
+            return source
+        if not source.is_dir():
+            raise ConfigError(f"annotations={source} does not exist")
+        candidate = source / f"{slide_path.stem}.xml"
+        return candidate if candidate.is_file() else None
+    beside = slide_path.with_suffix(".xml")
+    return beside if beside.is_file() else None
+
+
+def annotation_map(cfg, slide, class_names: list[str], downsample: float):
+    """The slide's annotations rasterised at ``downsample`` (class index, 255 unlabelled), or None."""
+    path = annotation_path(cfg, slide.path)
+    if path is None:
+        return None
+    from patholite.slides.annotations import check_fits, rasterize, read_annotations
+
+    class_map = dict(cfg.annotation_classes) or {c: c for c in class_names}
+    annotations = read_annotations(path, class_map=class_map)
+    check_fits(annotations, slide.dimensions, path)
+    labels, _ = rasterize(annotations, class_names, slide.dimensions, downsample, background=None)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------- one slide
+def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Every output of one slide into ``out_dir``; returns its report."""
+    from patholite.slides.reader import open_slide
+    from patholite.slides.report import SlideResult, write_slide_outputs
+    from patholite.slides.tiling import cached_tiles
+
+    start = time.perf_counter()
+    class_names = list(meta["class_names"])
+    geometry = tile_geometry(cfg.tile, meta, Path(meta["_directory"]))
+    with open_slide(path, mpp=cfg.reader.mpp, backend=cfg.reader.backend) as slide:
+        cache = slide_cache_dir(Path(cfg.paths.cache_dir) / "slides", path, cfg)
+        t0 = time.perf_counter()
+        tissue = tissue_for(slide, cfg, cache)
+        t1 = time.perf_counter()
+        grid = cached_tiles(
+            slide,
+            cache / f"tiles-{geometry.patch_size}-{geometry.mpp}-{geometry.magnification}.h5",
+            patch_size=geometry.patch_size,
+            mpp=geometry.mpp,
+            magnification=geometry.magnification,
+            overlap=cfg.tile.overlap,
+            tissue=tissue,
+            theta=cfg.tile.theta,
+        )
+        t2 = time.perf_counter()
+        thumbnail, thumb_ds = slide.thumbnail(cfg.report.thumbnail_px)
+        annotations = annotation_map(cfg, slide, class_names, thumb_ds)
+        describe = slide.describe()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = TileSpec(
+        path=str(path),
+        coords=grid.coords,
+        size0=int(grid.size0),
+        patch_size=geometry.patch_size,
+        image_size=int(meta["image_size"]),
+        mean=tuple(meta.get("mean") or (0.485, 0.456, 0.406)),
+        std=tuple(meta.get("std") or (0.229, 0.224, 0.225)),
+        mpp=cfg.reader.mpp,
+        backend=cfg.reader.backend,
+    )
+    e = cfg.engine
+    extra = {} if grid.tissue_fraction is None else {"tissue_fraction": grid.tissue_fraction}
+    stream = stream_tiles(
+        model, spec, class_names, out_dir / "tiles.csv", e.batch_size, e.workers, e.prefetch, e.device, extra
+    )
+    timings = {"tissue_s": t1 - t0, "tiling_s": t2 - t1, **stream.timings}
+    timings["total"] = time.perf_counter() - start
+    result = SlideResult(
+        slide=str(path),
+        class_names=class_names,
+        coords=grid.coords,
+        size0=int(grid.size0),
+        probs=stream.probs,
+        tissue_fraction=grid.tissue_fraction,
+        thumbnail=thumbnail,
+        thumb_downsample=thumb_ds,
+        tissue_mask=tissue.mask,
+        mask_downsample=tissue.downsample,
+        annotation_map=annotations,
+        annotation_downsample=thumb_ds if annotations is not None else None,
+        timings=timings,
+        extra={
+            "artifact": meta["_directory"],
+            "artifact_kind": meta["kind"],
+            "tile": {
+                "patch_size": geometry.patch_size,
+                "mpp": geometry.mpp,
+                "magnification": geometry.magnification,
+                "patch_level": grid.patch_level,
+                "downsample": grid.downsample,
+                "size0": int(grid.size0),
+                "overlap": cfg.tile.overlap,
+                "theta": cfg.tile.theta,
+            },
+            "slide": describe,
+            "tiles_file": "tiles.csv",
+        },
+    )
+    return write_slide_outputs(result, out_dir, _call_rule(cfg))
+
+
+def _call_rule(cfg):
+    from patholite.slides.report import CallRule
+
+    severity = None if cfg.report.severity is None else list(cfg.report.severity)
+    return CallRule(severity=severity, min_share=cfg.report.min_share)
+
+
+def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
+    """Every slide through one loaded model; failures become summary rows, the others go on."""
+    from patholite.slides.report import check_rule, write_summary
+
+    directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
+    threads = cfg.engine.threads or max(1, (torch.get_num_threads() or 1) - cfg.engine.workers)
+    torch.set_num_threads(threads)
+    model, meta = load_classifier(directory, cfg.engine.device)
+    meta["_directory"] = str(directory)
+    check_rule(_call_rule(cfg), meta["class_names"])  # a bad rule fails once, not once per slide
+    tile_geometry(cfg.tile, meta, directory)  # a missing resolution fails before any slide is read
+    rows = []
+    names = _unique_names(paths)
+    for path, name in zip(paths, names, strict=True):
+        log.info("slide %s", path)
+        start = time.perf_counter()
+        try:
+            report = process_slide(path, cfg, model, meta, out_dir / name)
+            rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
+        except PatholiteError as err:
+            if len(paths) == 1:
+                raise
+            log.error("slide %s failed: %s", path, err)
+            rows.append({"slide": str(path), "status": "failed", "error": f"{type(err).__name__}: {err}"})
+        rows[-1]["seconds"] = time.perf_counter() - start
+    write_summary(rows, out_dir)
+    return rows
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Output folder names: slide stems, made unique where two folders hold slides of the same name."""
+    stems = [p.stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]

@@ -1,0 +1,237 @@
+"""The whole-slide engine: the real CMU slide end to end, every artifact kind, many slides with bad ones,
+failures inside loader workers, and the bad inputs the issue lists."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from patholite.config.options import load_model_option
+from patholite.config.slide_schema import SlideRunConfig
+from patholite.errors import CheckpointError, ConfigError, SlideError
+from patholite.measure import artifacts as art
+from patholite.models.factory import create_network
+from patholite.slides.engine import TileSpec, stream_tiles
+from patholite.slides.inference import load_classifier, resolve_artifact, run_slides
+
+from .conftest import REPO
+
+CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
+OUTPUTS = ("tiles.csv", "heatmap.png", "overlay.png", "report.json", "report.png")
+
+
+@pytest.fixture
+def slides(shared):
+    path = shared / "data" / "slides"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+def _meta(**extra):
+    model = OmegaConf.to_container(load_model_option("vit_micro"), resolve=True)
+    return {
+        "model": {**model, "checkpoint": None},
+        "class_names": list(CLASSES),
+        "image_size": 32,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "mpp": 2.0,  # 64-px tiles at 2 um/px: 256 level-0 px of the 0.499 um/px CMU slide
+        "tile_size": 64,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def float_artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    net = create_network(load_model_option("vit_micro"), len(CLASSES), 32).eval()
+    directory = tmp_path_factory.mktemp("artifact") / "fp32"
+    art.save_float_artifact(net, directory, _meta())
+    return directory
+
+
+def _cfg(tmp_path, artifact, **overrides):
+    cfg = OmegaConf.structured(SlideRunConfig)
+    cfg.artifact = str(artifact)
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+    cfg.engine.workers = 0
+    cfg.engine.threads = 1
+    cfg.report.thumbnail_px = 256
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "patholite.slide", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATHOLITE_ROOT": str(cwd), "PATH": "/usr/bin:/bin", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"},
+    )
+
+
+def test_real_slide_end_to_end_through_the_cli(slides, float_artifact, tmp_path):
+    result = _cli(
+        f"slide={slides / 'CMU-1-Small-Region.svs'}", f"artifact={float_artifact}", "engine.workers=2",
+        "engine.batch_size=8", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next((tmp_path / "outputs" / "slides").glob("*/*"))
+    out = run / "CMU-1-Small-Region"
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    rows = _rows(out / "tiles.csv")
+    assert report["n_tiles"] == len(rows) > 10
+    assert report["call"]["label"] in CLASSES
+    assert sum(report["fractions"].values()) == pytest.approx(1.0, abs=1e-6)
+    # the tiles cover tissue at 2 um/px: 2 / 0.499 = 4.008 level-0 px per tile px, 256.5 per tile
+    xs, ys = np.array([int(r["x"]) for r in rows]), np.array([int(r["y"]) for r in rows])
+    steps = np.diff(np.unique(xs))
+    assert ((steps >= 256) & (steps <= 257)).all()
+    assert xs.max() + 256 <= 2220 and ys.max() + 256 <= 2967
+    probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-3)
+    assert [r["label"] for r in rows] == [CLASSES[int(r["prediction"])] for r in rows]
+    timings = report["timings"]
+    for key in ("load_busy_s", "load_wait_s", "process_s", "save_busy_s", "wall_s", "tissue_s", "tiling_s"):
+        assert timings[key] >= 0, key
+    assert report["extra"]["tile"]["size0"] in (256, 257)
+    summary = _rows(run / "summary.csv")
+    assert [r["status"] for r in summary] == ["ok"]
+    assert "CMU-1-Small-Region" in result.stdout and "tiles/s" in result.stdout
+    # a second run reuses the cached tissue mask and tile coordinates
+    cached = list((tmp_path / "outputs" / "cache" / "slides").glob("CMU-1-Small-Region-*/*.h5"))
+    assert len(cached) == 1
+
+
+def _float(directory):
+    """The network and the sidecar facts a new artifact of it would share (not its kind or files)."""
+    net, meta = art.load_float_artifact(directory)
+    return net, {k: v for k, v in meta.items() if k not in ("kind", "weights")}
+
+
+def test_every_artifact_kind_streams_the_same_tiles(slides, float_artifact, tmp_path):
+    net, meta = _float(float_artifact)
+    art.save_int8_dynamic_artifact(art.quantize_dynamic_int8(net), tmp_path / "int8", meta, "x86")
+    art.save_onnx_artifact(net, tmp_path / "onnx", meta)
+    coords = np.array([[512 * i, 1024] for i in range(4)])
+    spec = TileSpec(str(slides / "CMU-1-Small-Region.svs"), coords, 256, 64, 32, tuple(meta["mean"]),
+                    tuple(meta["std"]))  # fmt: skip
+    probs = {}
+    for kind, directory in (
+        ("fp32", float_artifact),
+        ("int8", tmp_path / "int8"),
+        ("onnx", tmp_path / "onnx"),
+    ):
+        model, _ = load_classifier(directory)
+        result = stream_tiles(model, spec, CLASSES, tmp_path / f"{kind}.csv", batch_size=3, workers=1)
+        probs[kind] = result.probs
+        assert result.timings["tiles"] == 4
+    assert np.abs(probs["onnx"] - probs["fp32"]).max() < 1e-4
+    assert np.abs(probs["int8"] - probs["fp32"]).max() < 0.05
+
+
+def test_many_slides_bad_ones_reported_others_go_on(slides, float_artifact, tmp_path):
+    listing = tmp_path / "slides.txt"
+    names = ["CMU-1-Small-Region.svs", "unreadable.svs", "unopenable.tiff", "small.svs"]
+    listing.write_text("\n".join(str(slides / n) for n in names))
+    result = _cli(f"slides={listing}", f"artifact={float_artifact}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "3 of 4 slides failed" in result.stderr
+    run = next((tmp_path / "outputs" / "slides").glob("*/*"))
+    rows = {r["slide"].split("/")[-1]: r for r in _rows(run / "summary.csv")}
+    assert rows["CMU-1-Small-Region.svs"]["status"] == "ok"
+    assert "Bogus marker length" in rows["unreadable.svs"]["error"]  # opens, fails when read
+    assert "cannot open" in rows["unopenable.tiff"]["error"]
+    assert "larger than the slide" in rows["small.svs"]["error"] or "tile" in rows["small.svs"]["error"]
+    assert (run / "CMU-1-Small-Region" / "report.png").is_file()
+
+
+def test_read_failure_inside_a_loader_worker_names_slide_and_region(slides, float_artifact, tmp_path):
+    model, meta = load_classifier(float_artifact)
+    spec = TileSpec(str(slides / "unreadable.svs"), np.array([[0, 0]]), 16, 16, 32, tuple(meta["mean"]),
+                    tuple(meta["std"]))  # fmt: skip
+    with pytest.raises(SlideError) as err:
+        stream_tiles(model, spec, CLASSES, tmp_path / "tiles.csv", batch_size=1, workers=1)
+    assert "unreadable.svs" in str(err.value) and "(0, 0)" in str(err.value)
+    assert "Traceback" not in str(err.value)
+    assert not (tmp_path / "tiles.csv").exists()  # nothing half-written
+    assert not list(tmp_path.glob(".tiles.csv*"))
+
+
+def test_artifact_with_wrong_class_count_is_refused(float_artifact, tmp_path):
+    net, meta = _float(float_artifact)
+    # an ONNX file carries its own head: nothing but the engine's check sees the sidecar disagree
+    art.save_onnx_artifact(net, tmp_path / "bad", {**meta, "class_names": ["a", "b"]})
+    with pytest.raises(CheckpointError, match="names 2 classes"):
+        load_classifier(tmp_path / "bad")
+
+
+def test_artifact_without_resolution_needs_tile_mpp(slides, float_artifact, tmp_path):
+    net, meta = _float(float_artifact)
+    art.save_float_artifact(net, tmp_path / "nompp", {**meta, "mpp": None})
+    cfg = _cfg(tmp_path, tmp_path / "nompp")
+    with pytest.raises(ConfigError, match="tile.mpp"):
+        run_slides([slides / "CMU-1-Small-Region.svs"], cfg, tmp_path / "out")
+    cfg.tile.mpp = 2.0  # given explicitly, it runs
+    rows = run_slides([slides / "CMU-1-Small-Region.svs"], cfg, tmp_path / "out")
+    assert rows[0]["status"] == "ok"
+
+
+def test_slide_without_usable_mpp_and_its_override(slides, float_artifact, tmp_path):
+    cfg = _cfg(tmp_path, float_artifact, **{"tile.size": 8, "tile.mpp": 2.0, "tile.theta": 0.0})
+    with pytest.raises(SlideError, match=r"reader\.mpp="):
+        run_slides([slides / "boxes.tiff"], cfg, tmp_path / "out")
+    cfg.reader.mpp = 0.25
+    rows = run_slides([slides / "boxes.tiff"], cfg, tmp_path / "out2")
+    assert rows[0]["status"] == "ok" and rows[0]["n_tiles"] > 0
+
+
+def test_bad_settings_fail_before_work(float_artifact, tmp_path, slides):
+    for args, needle in (
+        ([], "one of them"),
+        ([f"slide={slides / 'small.svs'}", "tile.theta=2"], "tile.theta"),
+        ([f"slide={slides / 'small.svs'}", "report.severity=[Invasive]"], "exactly once"),
+        ([f"slide={slides / 'small.svs'}", "engine.batch_size=0"], "batch"),
+    ):
+        result = _cli(*args, f"artifact={float_artifact}", cwd=tmp_path)
+        assert result.returncode == 1, args
+        assert needle in result.stderr, (args, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr
+
+
+def test_artifact_folder_run_folder_and_missing(float_artifact, tmp_path):
+    assert resolve_artifact(float_artifact) == float_artifact
+    assert resolve_artifact(float_artifact / "artifact.json") == float_artifact
+    with pytest.raises(CheckpointError, match="neither an artifact"):
+        resolve_artifact(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_artifact(tmp_path / "nothing")
+
+
+def test_repo_config_composes(tmp_path):
+    """conf/slide.yaml composes onto its schema (unknown keys fail at compose time)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("slide", overrides=["slide=x.svs", "artifact=a"])
+        assert cfg.engine.workers == 2 and cfg.tile.theta == 0.5
+        with pytest.raises(Exception, match="nonsense"):
+            compose("slide", overrides=["engine.nonsense=1"])
