@@ -15,6 +15,9 @@ FAMILIES = {
     "medmnist": "patholite.data.medmnist:MedmnistDataModule",
     "cifar": "patholite.data.cifar:CifarDataModule",
     "image_folder": "patholite.data.image_folder:ImageFolderDataModule",
+    "synthetic_slides": "patholite.data.slides:SyntheticSlidesDataModule",
+    "camelyon16": "patholite.data.slides:Camelyon16DataModule",
+    "bach_wsi": "patholite.data.slides:BachWsiDataModule",
 }
 
 

@@ -29,7 +29,9 @@ class ImageSet:
     """One split: integer labels plus images held in memory (N,H,W,3 uint8) or as files to read lazily.
 
     ``groups`` names what must not straddle splits (slide, lesion, patient); ``boxes`` crops a file into a
-    tile, so one photo can give several items.
+    tile, so one photo can give several items. With ``slide_read`` (``patch_size``, reader ``mpp`` override,
+    ``backend``) the paths are whole slides and each box is a level-0 square ``(x, y, size0, size0)`` read
+    and resampled to ``patch_size`` pixels (``patholite.data.slides.read_slide_tile``).
     """
 
     labels: np.ndarray
@@ -37,6 +39,7 @@ class ImageSet:
     paths: list[str] | None = None
     boxes: list[Box | None] | None = None
     groups: list[str] | None = None
+    slide_read: dict | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -53,11 +56,15 @@ class ImageSet:
         """The item's image as HxWx3 uint8 RGB."""
         if self.images is not None:
             return self.images[index]
+        path = self.paths[index]
+        box = self.boxes[index] if self.boxes is not None else None
+        if self.slide_read is not None:
+            from patholite.data.slides import read_slide_tile
+
+            return read_slide_tile(path, box, **self.slide_read)
         from patholite.data.images import read_rgb
 
-        path = self.paths[index]
         image = read_rgb(path)
-        box = self.boxes[index] if self.boxes is not None else None
         if box is not None:
             x, y, w, h = box
             image = image[y : y + h, x : x + w]
@@ -75,6 +82,7 @@ class ImageSet:
             paths=pick(self.paths),
             boxes=pick(self.boxes),
             groups=pick(self.groups),
+            slide_read=self.slide_read,
         )
 
 
@@ -167,7 +175,8 @@ class HistologyDataModule(L.LightningDataModule):
                     f"dataset={self.cfg.name}: {int(bad.sum())} {split} labels fall outside the "
                     f"{self.num_classes} classes {self.class_names}"
                 )
-            if images.paths is not None and self.cfg.verify_images:
+            # slides were opened and tiled while the splits were read; only image files need a probe
+            if images.paths is not None and images.slide_read is None and self.cfg.verify_images:
                 self._probe(images.paths)
             if self.cfg.max_samples_per_split:
                 keep = stratified_subsample(
