@@ -28,9 +28,9 @@ class TissueConfig:
 
     method: str = "otsu_saturation"  # otsu_saturation | otsu_gray
     max_side: int = 2048  # long side of the low-resolution image the mask is computed on
-    open_um: float = 8.0  # radius of the opening (removes specks), micrometres
+    open_um: float = 4.0  # radius of the opening (removes specks), micrometres; 8 erases thin strands
     close_um: float = 16.0  # radius of the closing (fills gaps), micrometres
-    min_object_um2: float = 20000.0  # smaller tissue islands are dropped
+    min_object_um2: float = 10000.0  # smaller tissue islands are dropped
     min_hole_um2: float = 20000.0  # smaller holes in the tissue are filled
     exclude_pen: bool = True  # pen ink (blue, green, black) is not tissue
 

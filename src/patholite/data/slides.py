@@ -241,7 +241,7 @@ class SlideDataModule(HistologyDataModule):
     def _tile_and_label(self, entry: SlideEntry) -> tuple[np.ndarray, np.ndarray, int, float]:
         """Tile grid and tile labels (-1: no clear label) of one slide, its tile side and target mpp."""
         from patholite.slides.annotations import check_fits, rasterize, read_annotations, tile_labels
-        from patholite.slides.inference import slide_cache_dir, tissue_for
+        from patholite.slides.cache import slide_cache_dir, tissue_for
         from patholite.slides.reader import open_slide
         from patholite.slides.tiling import cached_tiles
 

@@ -6,8 +6,6 @@ summary and the others go on.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from torch import nn
 
 from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.measure.artifacts import SIDECAR, load_artifact
+from patholite.slides.cache import slide_cache_dir, tissue_for
 from patholite.slides.engine import TileSpec, stream_tiles
 
 log = logging.getLogger(__name__)
@@ -93,47 +92,6 @@ def tile_geometry(tile_cfg, meta: dict[str, Any], directory: Path) -> TileGeomet
                 f"sidecar; dataset={meta.get('dataset')}); set tile.mpp=<um/px> or tile.magnification=<x>"
             )
     return TileGeometry(int(size), None if mpp is None else float(mpp), tile_cfg.magnification)
-
-
-# ------------------------------------------------------------------------------------------ caching
-def slide_cache_dir(cache_root: Path, path: Path, cfg) -> Path:
-    """Where a slide's tissue mask and tile coordinates are kept: keyed by the file (path, size, mtime)
-    and by every setting that changes them, so a slide is tiled once per geometry."""
-    stat = path.stat()
-    key = {
-        "slide": str(path.resolve()),
-        "size": stat.st_size,
-        "mtime": int(stat.st_mtime),
-        "mpp": cfg.reader.mpp,
-        "tissue": {k: cfg.tissue[k] for k in cfg.tissue},
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return cache_root / f"{path.stem}-{digest}"
-
-
-def tissue_for(slide, cfg, cache: Path):
-    """The slide's tissue mask, detected once and cached."""
-    from patholite.slides.tissue import TissueMask, detect_tissue
-
-    mask_path = cache / "tissue.npz"
-    if mask_path.is_file():
-        try:
-            return TissueMask.load(mask_path)
-        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
-            log.warning("tissue mask cache %s is unreadable (%s); detecting again", mask_path, err)
-    t = cfg.tissue
-    mask = detect_tissue(
-        slide,
-        max_side=t.max_side,
-        method=t.method,
-        open_um=t.open_um,
-        close_um=t.close_um,
-        min_object_um2=t.min_object_um2,
-        min_hole_um2=t.min_hole_um2,
-        exclude_pen=t.exclude_pen,
-    )
-    mask.save(mask_path)
-    return mask
 
 
 def annotation_path(cfg, slide_path: Path) -> Path | None:

@@ -179,7 +179,7 @@ class Slide:
                 "re-export or re-download it, or leave it out"
             ) from err
         rgba = np.asarray(region)
-        if rgba.ndim == 3 and rgba.shape[2] == 4:
+        if rgba.ndim == 3 and rgba.shape[2] == 4 and rgba[..., 3].min() < 255:  # most regions are opaque
             alpha = rgba[..., 3:4].astype(np.float32) / 255.0
             rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
             return rgb.round().astype(np.uint8)

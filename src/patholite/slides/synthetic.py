@@ -374,3 +374,28 @@ def generate_slides(
             slide = write_synthetic_slide(path, spec)
         slides.append(slide)
     return slides
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m patholite.slides.synthetic --out <folder> --n 4 --size 8192``: slides to try."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write synthetic whole slides with truth masks and ASAP XML.")
+    p.add_argument("--out", type=Path, required=True, help="folder the slides are written into")
+    p.add_argument("--n", type=int, default=4, help="number of slides (a quarter of them lesion-free)")
+    p.add_argument("--size", type=int, default=8192, help="level-0 side in pixels (0.5 um/px)")
+    p.add_argument("--difficulty", type=float, default=0.5, help="of the tissue texture, 0-1")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = SlideSpec(width=args.size, height=args.size, difficulty=args.difficulty)
+    try:
+        slides = generate_slides(args.out, args.n, spec, seed=args.seed)
+    except ConfigError as err:
+        raise SystemExit(f"patholite: {err}") from err
+    for s in slides:
+        print(f"{s.path}  {s.slide_class:<8}  {len(s.lesions)} lesions")
+
+
+if __name__ == "__main__":
+    main()

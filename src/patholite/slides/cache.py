@@ -1,0 +1,51 @@
+"""Where a slide's tissue mask and tile coordinates are kept, shared by the slide engine and the slide
+datasets, so a slide is analysed once per setting whoever reads it first."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def slide_cache_dir(cache_root: Path, path: Path, cfg) -> Path:
+    """Where a slide's tissue mask and tile coordinates are kept: keyed by the file (path, size, mtime)
+    and by every setting that changes them, so a slide is tiled once per geometry."""
+    stat = path.stat()
+    key = {
+        "slide": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime": int(stat.st_mtime),
+        "mpp": cfg.reader.mpp,
+        "tissue": {k: cfg.tissue[k] for k in cfg.tissue},
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache_root / f"{path.stem}-{digest}"
+
+
+def tissue_for(slide, cfg, cache: Path):
+    """The slide's tissue mask, detected once and cached."""
+    from patholite.slides.tissue import TissueMask, detect_tissue
+
+    mask_path = cache / "tissue.npz"
+    if mask_path.is_file():
+        try:
+            return TissueMask.load(mask_path)
+        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            log.warning("tissue mask cache %s is unreadable (%s); detecting again", mask_path, err)
+    t = cfg.tissue
+    mask = detect_tissue(
+        slide,
+        max_side=t.max_side,
+        method=t.method,
+        open_um=t.open_um,
+        close_um=t.close_um,
+        min_object_um2=t.min_object_um2,
+        min_hole_um2=t.min_hole_um2,
+        exclude_pen=t.exclude_pen,
+    )
+    mask.save(mask_path)
+    return mask
