@@ -113,3 +113,20 @@ def test_find_slides_folder_list_and_file(tmp_path, slides):
         find_slides(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
     with pytest.raises(SlideError, match="does not exist"):
         find_slides(tmp_path / "missing")
+
+
+def test_tiffslide_backend_reads_the_same_slide(slides):
+    with (
+        open_slide(slides / "CMU-1-Small-Region.svs") as a,
+        open_slide(slides / "CMU-1-Small-Region.svs", backend="tiffslide") as b,
+    ):
+        assert b.backend == "tiffslide"
+        assert b.dimensions == a.dimensions and b.mpp == pytest.approx(a.mpp)
+        ra, rb = a.read_region((1000, 1500), 0, (64, 64)), b.read_region((1000, 1500), 0, (64, 64))
+        assert np.abs(ra.astype(int) - rb.astype(int)).mean() < 2  # same JPEG tiles, decoders may differ
+
+
+def test_folder_without_dicom_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SlideError, match="without DICOM"):
+        open_slide(tmp_path)

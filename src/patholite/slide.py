@@ -63,9 +63,12 @@ def run_slide(cfg: DictConfig) -> int:
     for r in rows:
         if r["status"] == "ok":
             call = r["call"]
+            t = r["timings"]
+            confidence = "n/a" if call["confidence"] is None else f"{call['confidence']:.2f}"
             print(
-                f"{Path(r['slide']).name}: {call['label']} (confidence {call['confidence']:.2f}), "
-                f"{r['n_tiles']} tiles, {r['timings']['tiles_per_s']:.1f} tiles/s -> {r['out']}"
+                f"{Path(r['slide']).name}: {call['label']} (confidence {confidence}), {r['n_tiles']} tiles, "
+                f"{t['tiles_per_s']:.1f} tiles/s (load {t['load_busy_s']:.1f} s in {t['workers']} workers, "
+                f"model {t['process_s']:.1f} s, save {t['save_busy_s']:.2f} s) -> {r['out']}"
             )
         else:
             print(f"{Path(r['slide']).name}: FAILED {r['error']}")

@@ -71,7 +71,7 @@ class SlideTiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, float]:
         start = time.perf_counter()
-        tensor = torch.from_numpy(self.read(index)).permute(2, 0, 1).contiguous()
+        tensor = torch.from_numpy(np.ascontiguousarray(self.read(index).transpose(2, 0, 1)))
         return tensor, index, time.perf_counter() - start
 
 

@@ -55,7 +55,7 @@ def _open_backend(path: Path, backend: str):
             errors.append(f"tiffslide: {type(err).__name__}: {err}")
     raise SlideError(
         f"cannot open slide {path}: {'; '.join(errors)}. Check the file is a complete whole-slide image "
-        "in a format OpenSlide reads (.svs, .tif, .ndpi, .mrxs, DICOM, ...), or try slide.backend=tiffslide"
+        "in a format OpenSlide reads (.svs, .tif, .ndpi, .mrxs, DICOM, ...), or try reader.backend=tiffslide"
     )
 
 
@@ -87,7 +87,13 @@ class Slide:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError(f"slide {self.path} does not exist")
-        self._osr, self.backend = _open_backend(self.path, backend)
+        target = self.path
+        if self.path.is_dir():  # a DICOM slide is a folder of instances; OpenSlide opens it from any one
+            instances = sorted(p for p in self.path.iterdir() if p.suffix.lower() == ".dcm")
+            if not instances:
+                raise SlideError(f"slide {self.path} is a folder without DICOM (.dcm) files")
+            target = instances[0]
+        self._osr, self.backend = _open_backend(target, backend)
         self.properties = dict(self._osr.properties)
         self.dimensions: tuple[int, int] = tuple(int(v) for v in self._osr.dimensions)
         self.level_count: int = int(self._osr.level_count)
