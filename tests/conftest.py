@@ -40,6 +40,15 @@ def shared() -> Path:
 
 
 @pytest.fixture(scope="session")
+def slides(shared) -> Path:
+    """../shared/data/slides: the real slide fixtures (read in place, never copied into the project)."""
+    path = shared / "data" / "slides"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One synthetic-data cache for the whole session, so tiles are generated once."""
     return tmp_path_factory.mktemp("cache")

@@ -27,14 +27,6 @@ CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
 OUTPUTS = ("tiles.csv", "heatmap.png", "overlay.png", "report.json", "report.png")
 
 
-@pytest.fixture
-def slides(shared):
-    path = shared / "data" / "slides"
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent")
-    return path
-
-
 def _meta(**extra):
     model = OmegaConf.to_container(load_model_option("vit_micro"), resolve=True)
     return {

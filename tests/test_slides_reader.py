@@ -9,14 +9,6 @@ from patholite.errors import ConfigError, SlideError
 from patholite.slides.reader import find_slides, open_slide
 
 
-@pytest.fixture
-def slides(shared):
-    path = shared / "data" / "slides"
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent")
-    return path
-
-
 def test_real_aperio_slide_facts(slides):
     with open_slide(slides / "CMU-1-Small-Region.svs") as s:
         assert s.backend == "openslide"

@@ -16,8 +16,8 @@ FAMILIES = {
     "cifar": "patholite.data.cifar:CifarDataModule",
     "image_folder": "patholite.data.image_folder:ImageFolderDataModule",
     "synthetic_slides": "patholite.data.slides:SyntheticSlidesDataModule",
-    "camelyon16": "patholite.data.slides:Camelyon16DataModule",
-    "bach_wsi": "patholite.data.slides:BachWsiDataModule",
+    "camelyon16": "patholite.data.camelyon16:Camelyon16DataModule",
+    "bach_wsi": "patholite.data.bach:BachWsiDataModule",
 }
 
 

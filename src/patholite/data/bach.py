@@ -1,4 +1,5 @@
-"""ICIAR 2018 BACH microscopy photos: ``<root>/Photos/{Normal,Benign,InSitu,Invasive}/*.tif``.
+"""ICIAR 2018 BACH: the microscopy photos (part A, ``<root>/Photos/{Normal,Benign,InSitu,Invasive}/*.tif``)
+and the whole slides (part B, ``A01.svs``..``A10.svs`` with ImageScope XML, ``BachWsiDataModule``).
 
 Each photo is a 2048x1536 RGB TIFF of H&E-stained breast tissue at 0.42 um/px; the header-less
 ``Photos/microscopy_ground_truth.csv`` (``n001.tif,Normal``) is the label source when present and must agree
@@ -8,14 +9,15 @@ with the folders. BACH has no public test labels and no patient ids, so the spli
 
 from __future__ import annotations
 
-import csv
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from patholite.data.base import Box, HistologyDataModule, ImageSet
-from patholite.data.images import require_path, shown
+from patholite.data.images import headerless_rows, require_path, shown
+from patholite.data.slides import SlideDataModule, SlideEntry
 from patholite.data.splits import check_fractions, grouped_split
 from patholite.errors import DatasetError
 
@@ -73,17 +75,13 @@ class BachDataModule(HistologyDataModule):
     def _csv_labels(self, csv_path: Path) -> dict[str, str]:
         """file name -> class, from the header-less ground-truth CSV."""
         labels: dict[str, str] = {}
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            for line_no, row in enumerate(csv.reader(f), start=1):
-                row = [v.strip() for v in row]
-                if not any(row):
-                    continue
-                if len(row) != 2 or row[1] not in BACH_CLASSES:
-                    raise DatasetError(
-                        f"dataset=bach: {csv_path} line {line_no} is {row}; expected '<file>.tif,<class>' "
-                        f"with class one of {BACH_CLASSES} and no header"
-                    )
-                labels[row[0]] = row[1]
+        for line_no, row in headerless_rows(csv_path):
+            if len(row) != 2 or row[1] not in BACH_CLASSES:
+                raise DatasetError(
+                    f"dataset=bach: {csv_path} line {line_no} is {row}; expected '<file>.tif,<class>' "
+                    f"with class one of {BACH_CLASSES} and no header"
+                )
+            labels[row[0]] = row[1]
         return labels
 
     def _labelled_photos(self) -> tuple[list[Path], np.ndarray]:
@@ -173,3 +171,37 @@ class BachDataModule(HistologyDataModule):
                 groups=[groups[i] for i, _ in items],
             )
         return out
+
+
+# ------------------------------------------------------------------------------- BACH part B: slides
+_BACH_WSI_LAYOUT = (
+    "Expected BACH part B: A01.svs..A10.svs with their Aperio ImageScope annotations A01.xml..A10.xml in one "
+    "folder (the WSI folder of ICIAR2018_BACH_Challenge.zip, https://doi.org/10.5281/zenodo.3632035); set "
+    "dataset.root to it"
+)
+
+
+class BachWsiDataModule(SlideDataModule):
+    """BACH whole slides: tiles of the four BACH classes from ImageScope regions, split by slide."""
+
+    def default_class_names(self) -> list[str]:
+        return list(BACH_CLASSES)
+
+    def class_map(self) -> dict[str, str]:
+        from patholite.slides.annotations import BACH_CLASS_MAP
+
+        return dict(BACH_CLASS_MAP)
+
+    def list_slides(self) -> list[SlideEntry]:
+        root = require_path(self.root, "dataset=bach_wsi", _BACH_WSI_LAYOUT, directory=True)
+        slides = sorted(
+            p for p in root.iterdir() if p.suffix.lower() == ".svs" and re.fullmatch(r"A\d+", p.stem)
+        )
+        if not slides:
+            hint = f"set dataset.root={root / 'WSI'}" if (root / "WSI").is_dir() else _BACH_WSI_LAYOUT
+            raise DatasetError(f"dataset=bach_wsi: no A<NN>.svs slides in {root}. {hint}")
+        entries = []
+        for p in slides:
+            xml = require_path(p.with_suffix(".xml"), "dataset=bach_wsi", _BACH_WSI_LAYOUT)
+            entries.append(SlideEntry(p, xml, self.most_severe(xml)))
+        return entries

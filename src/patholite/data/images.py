@@ -8,6 +8,8 @@ range); anything else (float pixels, more than 4 channels, several pages, corrup
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,15 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 def shown(items: list, n: int = 5) -> str:
     """The first ``n`` items for an error message, and how many there are in all."""
     return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def headerless_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, stripped cells) of each non-blank row of a header-less CSV (a BOM is ignored)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            row = [v.strip() for v in row]
+            if any(row):
+                yield line_no, row
 
 
 def require_path(path: str | Path, what: str, hint: str, directory: bool = False) -> Path:

@@ -11,14 +11,10 @@ tiles never straddle splits. Families: ``synthetic_slides``, ``camelyon16``, ``b
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import os
-import re
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet
-from patholite.data.images import require_path, shown
+from patholite.data.images import shown
 from patholite.data.splits import check_fractions, grouped_split
 from patholite.errors import ConfigError, DatasetError
 from patholite.measure.io import atomic_path
@@ -37,14 +33,9 @@ NORMAL = "Normal"  # the class of tissue no annotation covers
 _CACHE_VERSION = 1  # bump when the labelling changes: it keys the per-slide tile cache
 _LABEL_MAP_PX = 16  # label-map pixels per tile side: tile fractions in steps of 1/256
 _MAX_LABEL_MAP_SIDE = 16384  # bounds the label map of very large slides
-_OPEN_SLIDES = 8  # slides kept open per process by read_slide_tile
 
 
 # ------------------------------------------------------------------------------------------- reading
-_open: OrderedDict[tuple, object] = OrderedDict()
-_open_pid: int | None = None
-
-
 def read_slide_tile(
     path: str,
     box: tuple[int, int, int, int],
@@ -52,25 +43,11 @@ def read_slide_tile(
     mpp: float | None = None,
     backend: str = "auto",
 ) -> np.ndarray:
-    """The level-0 square ``box`` = (x, y, size0, size0) of slide ``path`` as a ``patch_size`` HxWx3 tile.
+    """The level-0 square ``box`` = (x, y, size0, size0) of slide ``path`` as a ``patch_size`` HxWx3 tile."""
+    from patholite.slides.reader import open_cached
 
-    Slides stay open per process (a few, least recently used closed first); a forked loader worker opens its
-    own handles instead of sharing its parent's."""
-    global _open_pid
-    if _open_pid != os.getpid():
-        _open.clear()  # the parent's handles: dropped, not closed, as the parent still uses them
-        _open_pid = os.getpid()
-    key = (path, mpp, backend)
-    slide = _open.get(key)
-    if slide is None:
-        from patholite.slides.reader import open_slide
-
-        slide = _open[key] = open_slide(path, mpp=mpp, backend=backend)
-        while len(_open) > _OPEN_SLIDES:
-            _open.popitem(last=False)[1].close()
-    _open.move_to_end(key)
     x, y, w, h = box
-    return slide.read_scaled((x, y), (w, h), (patch_size, patch_size))
+    return open_cached(path, mpp, backend).read_scaled((x, y), (w, h), (patch_size, patch_size))
 
 
 # ------------------------------------------------------------------------------------------- slides
@@ -311,127 +288,4 @@ class SyntheticSlidesDataModule(SlideDataModule):
             # a seed per split (a bijection of seed and split): more training slides leave val and test alone
             for s in generate_slides(folder / split, n, spec, seed=3 * cfg.seed + i, prefix=split):
                 entries.append(SlideEntry(s.path, s.xml_path, s.slide_class, split))
-        return entries
-
-
-_C16_LAYOUT = (
-    "Expected the CAMELYON16 layout: training/normal/normal_NNN.tif, training/tumor/tumor_NNN.tif, "
-    "training/lesion_annotations/tumor_NNN.xml, testing/images/test_NNN.tif, testing/lesion_annotations/"
-    "test_NNN.xml (tumour test slides) and testing/reference.csv (header-less rows "
-    "'test_NNN,Tumor|Normal,...'). Get it from https://camelyon17.grand-challenge.org/Data/ and set "
-    "dataset.root to the folder holding training/ and testing/"
-)
-
-
-def _tifs(folder: Path, prefix: str) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in (".tif", ".tiff") and p.stem.startswith(prefix)
-    )
-
-
-class Camelyon16DataModule(SlideDataModule):
-    """CAMELYON16 lymph-node slides: Normal vs Tumor tiles; the official test set, val drawn from training."""
-
-    def default_class_names(self) -> list[str]:
-        return [NORMAL, "Tumor"]
-
-    def class_map(self) -> dict[str, str]:
-        from patholite.slides.annotations import CAMELYON16_CLASS_MAP
-
-        return dict(CAMELYON16_CLASS_MAP)
-
-    def _folder(self, relative: str) -> Path:
-        return require_path(self.root / relative, "dataset=camelyon16", _C16_LAYOUT, directory=True)
-
-    def list_slides(self) -> list[SlideEntry]:
-        require_path(self.root, "dataset=camelyon16", _C16_LAYOUT, directory=True)
-        lesions = self._folder("training/lesion_annotations")
-        entries = [SlideEntry(p, None, NORMAL) for p in _tifs(self._folder("training/normal"), "normal")]
-        for p in _tifs(self._folder("training/tumor"), "tumor"):
-            hint = f"Every tumour slide needs its lesion annotations. {_C16_LAYOUT}"
-            xml = require_path(lesions / f"{p.stem}.xml", "dataset=camelyon16", hint)
-            entries.append(SlideEntry(p, xml, "Tumor"))
-        if not entries:
-            raise DatasetError(
-                f"dataset=camelyon16: no training slides in {self.root}/training. {_C16_LAYOUT}"
-            )
-        return entries + self._test_slides()
-
-    def _test_slides(self) -> list[SlideEntry]:
-        images = self._folder("testing/images")
-        reference = _reference(
-            require_path(self.root / "testing/reference.csv", "dataset=camelyon16", _C16_LAYOUT)
-        )
-        slides = {p.stem.lower(): p for p in _tifs(images, "test")}
-        unlisted, missing = sorted(set(slides) - set(reference)), sorted(set(reference) - set(slides))
-        if unlisted or missing:
-            raise DatasetError(
-                f"dataset=camelyon16: testing/reference.csv and {images} disagree: slides without a row: "
-                f"{shown(unlisted) or 'none'}; rows without a slide: {shown(missing) or 'none'}. "
-                f"{_C16_LAYOUT}"
-            )
-        lesions = self._folder("testing/lesion_annotations") if "Tumor" in reference.values() else None
-        entries = []
-        for stem, path in sorted(slides.items()):
-            xml = None if lesions is None else lesions / f"{path.stem}.xml"
-            xml = xml if xml is not None and xml.is_file() else None
-            # the official test annotations are not complete: a tumour slide without them keeps its
-            # slide-level row (slide_table) but gives no tiles
-            tileable = xml is not None or reference[stem] == NORMAL
-            entries.append(SlideEntry(path, xml, reference[stem], "test", tileable=tileable))
-        return entries
-
-
-def _reference(path: Path) -> dict[str, str]:
-    """Lower-case slide id -> Normal | Tumor, from CAMELYON16's header-less testing/reference.csv."""
-    out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            row = [v.strip() for v in row]
-            if not any(row):
-                continue
-            label = row[1].capitalize() if len(row) >= 2 else ""
-            if label not in (NORMAL, "Tumor") or not row[0] or row[0].lower() in out:
-                raise DatasetError(
-                    f"dataset=camelyon16: {path} line {line_no} is {row}; expected 'test_NNN,Tumor' or "
-                    "'test_NNN,Normal' (more columns allowed), each slide once, no header"
-                )
-            out[row[0].lower()] = label
-    if not out:
-        raise DatasetError(f"dataset=camelyon16: {path} lists no slides. {_C16_LAYOUT}")
-    return out
-
-
-_BACH_WSI_LAYOUT = (
-    "Expected BACH part B: A01.svs..A10.svs with their Aperio ImageScope annotations A01.xml..A10.xml in one "
-    "folder (the WSI folder of ICIAR2018_BACH_Challenge.zip, https://doi.org/10.5281/zenodo.3632035); set "
-    "dataset.root to it"
-)
-
-
-class BachWsiDataModule(SlideDataModule):
-    """BACH whole slides: tiles of the four BACH classes from ImageScope regions, split by slide."""
-
-    def default_class_names(self) -> list[str]:
-        from patholite.data.bach import BACH_CLASSES
-
-        return list(BACH_CLASSES)
-
-    def class_map(self) -> dict[str, str]:
-        from patholite.slides.annotations import BACH_CLASS_MAP
-
-        return dict(BACH_CLASS_MAP)
-
-    def list_slides(self) -> list[SlideEntry]:
-        root = require_path(self.root, "dataset=bach_wsi", _BACH_WSI_LAYOUT, directory=True)
-        slides = sorted(
-            p for p in root.iterdir() if p.suffix.lower() == ".svs" and re.fullmatch(r"A\d+", p.stem)
-        )
-        if not slides:
-            hint = f"set dataset.root={root / 'WSI'}" if (root / "WSI").is_dir() else _BACH_WSI_LAYOUT
-            raise DatasetError(f"dataset=bach_wsi: no A<NN>.svs slides in {root}. {hint}")
-        entries = []
-        for p in slides:
-            xml = require_path(p.with_suffix(".xml"), "dataset=bach_wsi", _BACH_WSI_LAYOUT)
-            entries.append(SlideEntry(p, xml, self.most_severe(xml)))
         return entries

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from patholite.errors import SlideError
 from patholite.measure.io import atomic_path
-from patholite.slides.reader import open_slide, resize_rgb
+from patholite.slides.reader import open_cached, resize_rgb
 
 WORKER_NICE = 5  # scheduling priority of loader workers below the model thread's
 
@@ -46,27 +46,20 @@ class TileSpec:
 
 class SlideTiles(Dataset):
     """Tiles of one slide as 3xHxW uint8 tensors at the model's input size (normalised in batches by the
-    model thread: a quarter of the bytes through worker IPC); the slide is opened once per process."""
+    model thread: a quarter of the bytes through worker IPC)."""
 
     def __init__(self, spec: TileSpec) -> None:
         self.spec = spec
-        self._slide = None
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.spec.coords)
-
-    def _open(self):
-        if self._slide is None or self._pid != os.getpid():  # a forked worker must not share the handle
-            self._slide = open_slide(self.spec.path, mpp=self.spec.mpp, backend=self.spec.backend)
-            self._pid = os.getpid()
-        return self._slide
 
     def read(self, index: int) -> np.ndarray:
         """The tile as HxWx3 uint8 at the model's input size."""
         s = self.spec
         x, y = (int(v) for v in s.coords[index])
-        image = self._open().read_scaled((x, y), (s.size0, s.size0), (s.patch_size, s.patch_size))
+        slide = open_cached(s.path, s.mpp, s.backend)  # once per worker process
+        image = slide.read_scaled((x, y), (s.size0, s.size0), (s.patch_size, s.patch_size))
         return resize_rgb(image, (s.image_size, s.image_size))  # not OpenCV: see resize_rgb
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, float]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections import OrderedDict
 from pathlib import Path
 from types import TracebackType
 
@@ -276,6 +278,30 @@ class Slide:
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
     """Open a whole-slide image (``mpp``: override of the level-0 microns per pixel)."""
     return Slide(path, mpp=mpp, backend=backend)
+
+
+_OPEN_SLIDES = 8  # slides kept open per process by open_cached
+_open: OrderedDict[tuple, Slide] = OrderedDict()
+_open_pid: int | None = None
+
+
+def open_cached(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
+    """An open slide, kept open for this process (the least recently used of more than a few is closed).
+
+    For readers of many tiles (loader workers): a forked worker gets its own handles, never its parent's,
+    which the parent still uses (so they are dropped, not closed)."""
+    global _open_pid
+    if _open_pid != os.getpid():
+        _open.clear()
+        _open_pid = os.getpid()
+    key = (str(path), mpp, backend)
+    slide = _open.get(key)
+    if slide is None:
+        slide = _open[key] = open_slide(path, mpp=mpp, backend=backend)
+        while len(_open) > _OPEN_SLIDES:
+            _open.popitem(last=False)[1].close()
+    _open.move_to_end(key)
+    return slide
 
 
 def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -202,10 +202,15 @@ def _flatten(feature: np.ndarray, background: np.ndarray, max_samples: int = 50_
 
     values = feature[ys, xs].astype(np.float64)
     coef, *_ = np.linalg.lstsq(design(xs.astype(np.float64), ys.astype(np.float64)), values, rcond=None)
-    grid_y, grid_x = np.mgrid[0:h, 0:w].astype(np.float64)
+    # the surface over the whole image from a row and a column (float32, broadcast): a 2048-px image needs
+    # one image-sized array, not six float64 design columns
+    c = coef.astype(np.float32)
+    x = (np.arange(w, dtype=np.float32) / max(w - 1, 1) - 0.5)[None, :]
+    y = (np.arange(h, dtype=np.float32) / max(h - 1, 1) - 0.5)[:, None]
+    surface = c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y
     # extrapolation under the tissue stays within the range seen on the glass
-    surface = np.clip(design(grid_x, grid_y) @ coef, values.min(), values.max())
-    return (feature - surface + np.median(values)).astype(np.float32)
+    np.clip(surface, values.min(), values.max(), out=surface)
+    return (feature - surface + np.float32(np.median(values))).astype(np.float32)
 
 
 def _thresholds(
