@@ -3,8 +3,9 @@
 1. Overlap: end-to-end tiles/s of the engine (loader workers -> model -> writer thread) against the same
    model alone on the same tiles held in memory, same batch size; the model-only run gets the same thread
    budget. Both are alternated in one process, repeated, and reported as ratios.
-2. Memory: peak RSS of the whole process tree (engine + loader workers), sampled every 50 ms, for a slide
-   and one with 16x its area, each run in a fresh child.
+2. Memory: peak memory of the whole process tree (engine + loader workers; PSS, so pages a forked worker
+   shares with its parent count once), sampled every 100 ms, for a slide and ones with 16x (and, with
+   --memory-scales 1 4 8, 64x) its area, each run in a fresh child.
 3. Tissue: IoU of the detected tissue mask against the generator's ground truth, nuisances included.
 
     .venv/bin/python scripts/bench_slides.py --out outputs/bench-slides [--model deit_small] [--quick]
@@ -166,44 +167,52 @@ def _engine_child(slide: Path, artifact: Path, cache: Path, workers: int, thread
     print(json.dumps({"n_tiles": rows[0]["n_tiles"], "status": rows[0]["status"]}))
 
 
-def peak_tree_rss(cmd: list[str]) -> tuple[float, str]:
-    """Peak resident memory (MiB) of a command and all its descendants, sampled every 50 ms."""
+def peak_tree_memory(cmd: list[str]) -> tuple[dict[str, float], str]:
+    """Peak memory (MiB) of a command and its descendants, sampled every 100 ms: the total proportional set
+    size (PSS: pages shared by the forked loader workers and their parent counted once, not per process),
+    the parent's RSS alone, and the total RSS (shared pages counted in every process)."""
     import psutil
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parent = psutil.Process(proc.pid)
-    peak = 0.0
+    peak = {"pss_total": 0.0, "rss_parent": 0.0, "rss_total": 0.0}
     while proc.poll() is None:
         try:
             procs = [parent, *parent.children(recursive=True)]
-            total = sum(p.memory_info().rss for p in procs if p.is_running())
-            peak = max(peak, total / 2**20)
+            infos = [p.memory_full_info() for p in procs]
+            sample = {
+                "pss_total": sum(i.pss for i in infos) / 2**20,
+                "rss_parent": infos[0].rss / 2**20,
+                "rss_total": sum(i.rss for i in infos) / 2**20,
+            }
+            peak = {k: max(v, sample[k]) for k, v in peak.items()}
         except psutil.Error:
             pass
-        time.sleep(0.05)
+        time.sleep(0.1)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"engine child failed: {stderr[-2000:]}")
-    return peak, stdout.strip().splitlines()[-1]
+    return {k: round(v, 1) for k, v in peak.items()}, stdout.strip().splitlines()[-1]
 
 
 def bench_memory(args, out: Path) -> dict:
     artifact = make_artifact(out, args.memory_model, 96, 96, 128.0 / 96)  # a synthetic-tile model
     rows = {}
-    for side in (args.memory_side, args.memory_side * 4):
+    for side in (args.memory_side * k for k in args.memory_scales):
         slide = make_slide(out, side, seed=2)
         cmd = [
             sys.executable, __file__, "--child", str(slide), str(artifact), str(out / f"cache-{side}"),
             str(args.workers), str(args.threads), str(args.batch),
         ]  # fmt: skip
-        peak, line = peak_tree_rss(cmd)
-        rows[f"{side}x{side}"] = {"peak_tree_rss_mib": round(peak, 1), **json.loads(line)}
-    small, large = rows.values()
+        peak, line = peak_tree_memory(cmd)
+        rows[f"{side}x{side}"] = {"peak_mib": peak, **json.loads(line)}
+    peaks = [r["peak_mib"]["pss_total"] for r in rows.values()]
     return {
         "model": args.memory_model,
         "slides": rows,
-        "area_ratio": 16,
-        "peak_ratio_16x_area": round(large["peak_tree_rss_mib"] / small["peak_tree_rss_mib"], 3),
+        "peak_ratio_to_smallest": {
+            f"{k * k}x area": round(p / peaks[0], 3) for k, p in zip(args.memory_scales, peaks, strict=True)
+        },
     }
 
 
@@ -254,6 +263,7 @@ def main() -> None:
     p.add_argument("--overlap-side", type=int, default=8192)
     p.add_argument("--memory-model", default="vit_mini")
     p.add_argument("--memory-side", type=int, default=4096)
+    p.add_argument("--memory-scales", type=int, nargs="+", default=[1, 4], help="side multiples")
     p.add_argument("--tissue-slides", type=int, default=6)
     p.add_argument("--tissue-side", type=int, default=8192)
     p.add_argument("--only", choices=["overlap", "memory", "tissue"], action="append")
