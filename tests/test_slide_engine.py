@@ -203,6 +203,7 @@ def test_bad_settings_fail_before_work(float_artifact, tmp_path, slides):
         ([f"slide={slides / 'small.svs'}", "tile.theta=2"], "tile.theta"),
         ([f"slide={slides / 'small.svs'}", "report.severity=[Invasive]"], "exactly once"),
         ([f"slide={slides / 'small.svs'}", "engine.batch_size=0"], "batch"),
+        ([f"slide={slides / 'small.svs'}", "engine.device=tpu"], "engine.device"),
     ):
         result = _cli(*args, f"artifact={float_artifact}", cwd=tmp_path)
         assert result.returncode == 1, args

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite.config.options import CONF_DIR
-from patholite.errors import ConfigError, PatholiteError
+from patholite.errors import AcceleratorError, ConfigError, PatholiteError
 from patholite.jobs import run_hydra, sigterm_as_exit, user_message
 
 log = logging.getLogger("patholite.slide")
@@ -43,6 +43,16 @@ def check_slide_config(cfg: DictConfig) -> None:
         raise ConfigError(f"tile.overlap={t.overlap} must be at least 0 and smaller than the tile size")
     if not 0.0 < cfg.report.min_share <= 1.0:
         raise ConfigError(f"report.min_share={cfg.report.min_share} is a share of the tissue: give (0, 1]")
+    device = str(cfg.engine.device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AcceleratorError(
+                f"engine.device={device}, but this machine has no CUDA GPU: use engine.device=cpu"
+            )
+    elif device != "cpu":
+        raise ConfigError(f"engine.device={device!r}: use cpu or cuda (cuda:N for one GPU)")
     if cfg.tissue.method not in ("otsu_saturation", "otsu_gray"):
         raise ConfigError(f"tissue.method={cfg.tissue.method!r}: choose otsu_saturation or otsu_gray")
 
