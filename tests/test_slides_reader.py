@@ -122,3 +122,13 @@ def test_folder_without_dicom_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SlideError, match="without DICOM"):
         open_slide(tmp_path)
+
+
+def test_a_dicom_folder_is_one_slide(tmp_path):
+    dicom = tmp_path / "slide_a"
+    dicom.mkdir()
+    for i in range(3):
+        (dicom / f"instance{i}.dcm").write_bytes(b"")
+    assert find_slides(dicom) == [dicom]  # slides=<the DICOM folder>: one slide, not one per instance
+    (tmp_path / "b.svs").write_bytes(b"")
+    assert find_slides(tmp_path) == [tmp_path / "b.svs", dicom]

@@ -122,13 +122,18 @@ def test_h5_round_trip_in_clam_layout(tmp_path, boxes):
         coords = f["coords"]
         assert coords.dtype == np.int64 and coords.shape == (len(grid), 2)
         assert {"patch_size", "patch_level", "downsample"} <= set(coords.attrs)  # what CLAM reads
-        assert (coords.attrs["patch_size"], coords.attrs["patch_level"]) == (32, 1)
+        # CLAM's meaning: read patch_size px at patch_level. 32 px at 0.75 um/px = 96 level-0 px, which
+        # level 1 (downsample 2) holds in 48 px; the model-side tile is kept as target_patch_size
+        assert (coords.attrs["patch_size"], coords.attrs["patch_level"]) == (48, 1)
+        assert coords.attrs["downsample"] == pytest.approx(boxes.level_downsamples[1])
+        assert (coords.attrs["target_patch_size"], coords.attrs["target_downsample"]) == (32, 3.0)
         assert coords.attrs["slide"] == "boxes.tiff"
         assert f["tissue_fraction"].shape == (len(grid),)
     loaded = load_tiles_h5(path)
     np.testing.assert_array_equal(loaded.coords, grid.coords)
     np.testing.assert_array_equal(loaded.tissue_fraction, grid.tissue_fraction)
-    for name in ("patch_size", "patch_level", "downsample", "size0", "mpp", "overlap", "slide_dimensions"):
+    names = ("patch_size", "patch_level", "downsample", "size0", "mpp", "overlap", "slide_dimensions")
+    for name in (*names, "level_downsample"):
         assert getattr(loaded, name) == getattr(grid, name)
     assert [p.name for p in tmp_path.iterdir()] == ["tiles.h5"]  # no temp file left
 

@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from patholite.slides.tissue import TISSUE_VERSION
+
 log = logging.getLogger(__name__)
 
 
@@ -18,7 +20,8 @@ def slide_cache_dir(cache_root: Path, path: Path, cfg) -> Path:
     key = {
         "slide": str(path.resolve()),
         "size": stat.st_size,
-        "mtime": int(stat.st_mtime),
+        "mtime_ns": stat.st_mtime_ns,
+        "tissue_version": TISSUE_VERSION,  # a changed detector never reuses old masks
         "mpp": cfg.reader.mpp,
         "tissue": {k: cfg.tissue[k] for k in cfg.tissue},
     }

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from patholite.errors import SlideError
+from patholite.errors import CheckpointError, SlideError
 from patholite.measure.io import atomic_path
-from patholite.slides.reader import open_cached, resize_rgb
+from patholite.slides.reader import forget_cached, open_cached, resize_rgb
 
 WORKER_NICE = 5  # scheduling priority of loader workers below the model thread's
+LOADER_TIMEOUT_S = 300  # seconds a batch may take to arrive from the workers
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,14 @@ class PredictionWriter:
             self.busy_s += time.perf_counter() - start
 
     def close(self, ok: bool = True) -> None:
+        """Finish the file (``ok``), or drop it when the run failed; the writer's own error is raised only
+        when nothing else failed first."""
         self._queue.put(None)
         self._thread.join()
         self._file.close()
         if self._error is not None or not ok:
             self._atomic.__exit__(RuntimeError, None, None)  # drops the temporary file
-            if self._error is not None:
+            if self._error is not None and ok:
                 raise self._error
             return
         self._atomic.__exit__(None, None, None)
@@ -158,7 +161,12 @@ class StreamResult:
 def _loader(dataset: SlideTiles, batch_size: int, workers: int, prefetch: int) -> DataLoader:
     kwargs = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init, "persistent_workers": False}
+        kwargs = {
+            "prefetch_factor": prefetch,
+            "worker_init_fn": _worker_init,
+            "persistent_workers": False,
+            "timeout": LOADER_TIMEOUT_S,  # a stalled read (network storage, a deadlock) fails, never hangs
+        }
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, **kwargs)
 
 
@@ -190,12 +198,13 @@ def stream_tiles(
     normalise = Normalise(spec.mean, spec.std, device)
     n = len(dataset)
     probs = np.zeros((n, len(class_names)), np.float32)
-    writer = PredictionWriter(csv_path, class_names, spec.coords, extra_columns or {})
     load_busy = wait = process = 0.0
     start = time.perf_counter()
-    ok = False
+    ok, writer = False, None
     try:
+        # workers fork here, before the writer thread exists: a fork copies no running thread's locks
         batches = iter(_loader(dataset, batch_size, workers, prefetch))
+        writer = PredictionWriter(csv_path, class_names, spec.coords, extra_columns or {})
         while True:
             t0 = time.perf_counter()
             try:
@@ -205,7 +214,7 @@ def stream_tiles(
             except SlideError as err:
                 raise _unwrap_worker_error(err, spec.path) from None
             except Exception as err:
-                if workers > 0:
+                if workers > 0:  # a worker's error, or its timeout
                     raise _unwrap_worker_error(err, spec.path) from None
                 raise
             t1 = time.perf_counter()
@@ -214,12 +223,20 @@ def stream_tiles(
             logits = model(normalise(images)).float()
             batch_probs = torch.softmax(logits, dim=1).cpu().numpy()
             process += time.perf_counter() - t1
+            if not np.isfinite(batch_probs).all():
+                raise CheckpointError(
+                    f"the model's scores on tiles of slide {spec.path} are not finite (NaN or inf): the "
+                    "artifact is broken (diverged training, or a bad INT8 conversion)"
+                )
             idx = indices.numpy()
             probs[idx] = batch_probs
             writer.put(idx, batch_probs)
         ok = True
     finally:
-        writer.close(ok)
+        if writer is not None:
+            writer.close(ok)
+        if workers == 0:
+            forget_cached(spec.path)  # the main process keeps no slide open between slides
     total = time.perf_counter() - start
     timings = {
         "tiles": n,
@@ -227,11 +244,11 @@ def stream_tiles(
         "load_busy_s": load_busy,  # summed over workers: reading, decoding, resizing, normalising
         "load_wait_s": wait,  # the model thread waiting for a batch: loading not hidden by the overlap
         "process_s": process,
-        "save_busy_s": writer.busy_s,
+        "save_busy_s": writer.busy_s if writer is not None else 0.0,
         "workers": workers,
         "tiles_per_s": n / total if total > 0 else float("nan"),
     }
     # R1's bound: the slowest stage, the loading spread over its workers
-    slowest = max(load_busy / max(1, workers), process, writer.busy_s)
+    slowest = max(load_busy / max(1, workers), process, timings["save_busy_s"])
     timings["bound_tiles_per_s"] = n / slowest if slowest > 0 else float("nan")
     return StreamResult(probs=probs, timings=timings)

@@ -7,6 +7,7 @@ summary and the others go on.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patholite.errors import CheckpointError, ConfigError, PatholiteError
+from patholite.errors import CheckpointError, ConfigError, PatholiteError, SlideError
 from patholite.measure.artifacts import SIDECAR, load_artifact
 from patholite.slides.cache import slide_cache_dir, tissue_for
 from patholite.slides.engine import TileSpec, stream_tiles
@@ -30,7 +31,12 @@ def resolve_artifact(path: str | Path, name: str | None = None) -> Path:
     path = Path(path).expanduser()
     if path.is_file():
         path = path.parent
-    if (path / SIDECAR).is_file() and name is None:
+    if (path / SIDECAR).is_file():
+        if name is not None:
+            raise ConfigError(
+                f"artifact={path} is an artifact folder; artifact_name={name} picks an artifact of a run "
+                "folder: give the run folder, or leave artifact_name out"
+            )
         return path
     if not path.is_dir():
         raise CheckpointError(f"artifact={path} does not exist; give an artifact folder or a run folder")
@@ -109,17 +115,35 @@ def annotation_path(cfg, slide_path: Path) -> Path | None:
     return beside if beside.is_file() else None
 
 
+def annotation_classes(cfg, class_names: list[str]) -> dict[str, str]:
+    """XML group -> class: the model's class names themselves, the CAMELYON16 and BACH groups whose class
+    the model predicts, then ``annotation_classes`` (the user's word wins)."""
+    from patholite.slides.annotations import BACH_CLASS_MAP, CAMELYON16_CLASS_MAP, EXCLUSION
+
+    known = {**CAMELYON16_CLASS_MAP, **BACH_CLASS_MAP}
+    mapping = {group: c for group, c in known.items() if c in class_names or c == EXCLUSION}
+    return {**mapping, **{c: c for c in class_names}, **dict(cfg.annotation_classes)}
+
+
 def annotation_map(cfg, slide, class_names: list[str], downsample: float):
-    """The slide's annotations rasterised at ``downsample`` (class index, 255 unlabelled), or None."""
+    """The slide's annotations rasterised at ``downsample`` (class index, 255 unlabelled), or None.
+
+    Annotations only draw the report's map. An XML found beside the slide that does not fit the model's
+    classes is left out with a warning; one named by ``annotations=`` must fit (its error says how)."""
     path = annotation_path(cfg, slide.path)
     if path is None:
         return None
     from patholite.slides.annotations import check_fits, rasterize, read_annotations
 
-    class_map = dict(cfg.annotation_classes) or {c: c for c in class_names}
-    annotations = read_annotations(path, class_map=class_map)
-    check_fits(annotations, slide.dimensions, path)
-    labels, _ = rasterize(annotations, class_names, slide.dimensions, downsample, background=None)
+    try:
+        annotations = read_annotations(path, class_map=annotation_classes(cfg, class_names))
+        check_fits(annotations, slide.dimensions, path)
+        labels, _ = rasterize(annotations, class_names, slide.dimensions, downsample, background=None)
+    except SlideError as err:
+        if cfg.annotations:
+            raise
+        log.warning("annotations %s beside the slide are not drawn: %s", path, err)
+        return None
     return labels
 
 
@@ -213,30 +237,42 @@ def _call_rule(cfg):
 
 
 def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
-    """Every slide through one loaded model; failures become summary rows, the others go on."""
+    """Every slide through one loaded model. With ``slides=`` (many), a slide's failure of any kind is a
+    failed summary row and the others go on; with ``slide=`` (one), its error is raised."""
     from patholite.slides.report import check_rule, write_summary
+    from patholite.slides.tiling import check_request
 
     directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
-    threads = cfg.engine.threads or max(1, (torch.get_num_threads() or 1) - cfg.engine.workers)
-    torch.set_num_threads(threads)
-    model, meta = load_classifier(directory, cfg.engine.device)
-    meta["_directory"] = str(directory)
-    check_rule(_call_rule(cfg), meta["class_names"])  # a bad rule fails once, not once per slide
-    tile_geometry(cfg.tile, meta, directory)  # a missing resolution fails before any slide is read
-    rows = []
-    names = _unique_names(paths)
-    for path, name in zip(paths, names, strict=True):
-        log.info("slide %s", path)
-        start = time.perf_counter()
-        try:
-            report = process_slide(path, cfg, model, meta, out_dir / name)
-            rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
-        except PatholiteError as err:
-            if len(paths) == 1:
-                raise
-            log.error("slide %s failed: %s", path, err)
-            rows.append({"slide": str(path), "status": "failed", "error": f"{type(err).__name__}: {err}"})
-        rows[-1]["seconds"] = time.perf_counter() - start
+    previous_threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cfg.engine.threads or max(1, cores - cfg.engine.workers))
+    try:
+        model, meta = load_classifier(directory, cfg.engine.device)
+        meta["_directory"] = str(directory)
+        # settings that would fail every slide fail once, before any slide is read
+        check_rule(_call_rule(cfg), meta["class_names"])
+        geometry = tile_geometry(cfg.tile, meta, directory)
+        t = cfg.tile
+        check_request(geometry.patch_size, geometry.mpp, geometry.magnification, t.overlap, t.theta)
+        many = not cfg.slide
+        rows = []
+        for path, name in zip(paths, _unique_names(paths), strict=True):
+            log.info("slide %s", path)
+            start = time.perf_counter()
+            try:
+                report = process_slide(path, cfg, model, meta, out_dir / name)
+                rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
+            except Exception as err:
+                if not many:
+                    raise
+                if isinstance(err, PatholiteError):
+                    log.error("slide %s failed: %s", path, err)
+                else:  # a bug or an environment failure: keep its traceback in the log
+                    log.exception("slide %s failed", path)
+                rows.append({"slide": str(path), "status": "failed", "error": f"{type(err).__name__}: {err}"})
+            rows[-1]["seconds"] = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous_threads)
     write_summary(rows, out_dir)
     return rows
 

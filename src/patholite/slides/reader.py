@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # What OpenSlide reads (plus plain TIFFs through tiffslide); folders are DICOM or MIRAX companions.
 SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi",
 )  # fmt: skip
 BACKENDS = ("auto", "openslide", "tiffslide")
 # Microns per pixel a real slide scan can have (40x ~0.25, 20x ~0.5, 1.25x overview ~8).
@@ -304,6 +304,12 @@ def open_cached(path: str | Path, mpp: float | None = None, backend: str = "auto
     return slide
 
 
+def forget_cached(path: str | Path) -> None:
+    """Close this process's cached handles of ``path``."""
+    for key in [k for k in _open if k[0] == str(path)]:
+        _open.pop(key).close()
+
+
 def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``image`` resized to ``size`` (w, h) with box filtering (area averaging) when shrinking.
 
@@ -326,6 +332,8 @@ def find_slides(source: str | Path) -> list[Path]:
     source = Path(source).expanduser()
     if not source.exists():
         raise SlideError(f"slides={source} does not exist; give a slide file, a folder or a list file")
+    if _is_dicom(source):  # a DICOM slide: a folder of instances, one slide
+        return [source]
     if source.is_dir():
         found = sorted(p for p in source.iterdir() if _is_slide_file(p) or _is_dicom(p))
         if not found:

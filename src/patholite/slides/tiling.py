@@ -8,9 +8,10 @@ overlap) * downsample`` level-0 pixels apart; every tile lies fully inside the s
 reads there and resizes when the target falls between levels.
 
 HDF5 layout (CLAM's, so its feature extraction reads ours): dataset ``coords`` (N, 2) int64, level-0 (x, y),
-with attributes ``patch_size``, ``patch_level``, ``downsample`` (ours: level-0 px per target px, a float;
-CLAM's is the level's downsample, the same number when the target is a pyramid level), ``level_dim`` and
-``level_downsample`` of the patch level, plus ours: ``size0``, ``overlap``, ``mpp`` (NaN: unknown),
+with attributes ``patch_size`` (pixels read at ``patch_level``: ``read_region(coord, patch_level,
+(patch_size, patch_size))`` covers the tile), ``patch_level``, ``downsample`` (that level's downsample),
+``level_dim``, plus ours: ``target_patch_size`` and ``target_downsample`` (the tile at the target
+resolution, what the model sees), ``level_downsample``, ``size0``, ``overlap``, ``mpp`` (NaN: unknown),
 ``theta``, ``slide_dimensions``, ``slide`` (file name) and the request (``request_mpp``,
 ``request_magnification``, ``tissue_digest``) that ``cached_tiles`` compares. Dataset ``tissue_fraction``
 (N,) float32 when a tissue mask chose the tiles.
@@ -33,8 +34,11 @@ from patholite.slides.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-_REQUIRED_ATTRS = ("patch_size", "patch_level", "downsample", "size0", "overlap", "mpp", "slide_dimensions")
+FORMAT_VERSION = 2  # 2: patch_size and downsample mean what CLAM means (at patch_level)
+_REQUIRED_ATTRS = (
+    "target_patch_size", "patch_level", "target_downsample", "level_downsample", "size0", "overlap", "mpp",
+    "slide_dimensions", "format_version",
+)  # fmt: skip
 
 
 @dataclass
@@ -50,6 +54,7 @@ class TileGrid:
     overlap: int  # px at the target resolution shared by neighbours
     tissue_fraction: np.ndarray | None  # (N,) tissue share of each tile; None: no tissue mask was used
     slide_dimensions: tuple[int, int]  # level-0 (w, h)
+    level_downsample: float = 1.0  # the downsample of patch_level
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -69,13 +74,16 @@ def tissue_digest(tissue: TissueMask | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_request(patch_size: int, mpp, magnification, overlap: int, theta: float) -> None:
+def check_request(patch_size: int, mpp, magnification, overlap: int, theta: float) -> None:
     if int(patch_size) != patch_size or patch_size < 1:
         raise ConfigError(f"tile.size={patch_size} must be a positive whole number of pixels")
     if mpp is not None and magnification is not None:
         raise ConfigError(
             f"tile.mpp={mpp} and tile.magnification={magnification} both set: give one target resolution"
         )
+    for name, value in (("tile.mpp", mpp), ("tile.magnification", magnification)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name}={value} must be positive")
     if int(overlap) != overlap or not 0 <= overlap < patch_size:
         raise ConfigError(f"tile.overlap={overlap} must be in [0, tile.size={patch_size}): neighbours "
                           "would not advance")  # fmt: skip
@@ -135,7 +143,7 @@ def tile_grid(
 ) -> TileGrid:
     """The grid of ``patch_size`` tiles at a target ``mpp`` or ``magnification`` (neither: level 0), kept
     where the tissue fraction exceeds ``theta`` when a ``tissue`` mask is given."""
-    _check_request(patch_size, mpp, magnification, overlap, theta)
+    check_request(patch_size, mpp, magnification, overlap, theta)
     patch_size, overlap = int(patch_size), int(overlap)
     geo = _geometry(slide, patch_size, mpp, magnification)
     _warn_upsampling(slide, geo)
@@ -165,6 +173,7 @@ def tile_grid(
         overlap=overlap,
         tissue_fraction=fractions,
         slide_dimensions=(width, height),
+        level_downsample=float(slide.level_downsamples[geo.patch_level]),
     )
 
 
@@ -183,9 +192,12 @@ def save_tiles_h5(path: str | Path, grid: TileGrid, **extra_attrs) -> None:
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         dset = f.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2))
         attrs = {
-            "patch_size": int(grid.patch_size),
+            "patch_size": int(round(grid.size0 / grid.level_downsample)),  # CLAM: read at patch_level
             "patch_level": int(grid.patch_level),
-            "downsample": float(grid.downsample),
+            "downsample": float(grid.level_downsample),
+            "level_downsample": float(grid.level_downsample),
+            "target_patch_size": int(grid.patch_size),
+            "target_downsample": float(grid.downsample),
             "size0": int(grid.size0),
             "overlap": int(grid.overlap),
             "mpp": _nan(grid.mpp),
@@ -216,9 +228,10 @@ def _read(path: Path) -> tuple[TileGrid, dict]:
             raise ValueError(f"'tissue_fraction' has shape {fractions.shape}, not ({coords.shape[0]},)")
         grid = TileGrid(
             coords=coords.astype(np.int64),
-            patch_size=int(attrs["patch_size"]),
+            patch_size=int(attrs["target_patch_size"]),
             patch_level=int(attrs["patch_level"]),
-            downsample=float(attrs["downsample"]),
+            downsample=float(attrs["target_downsample"]),
+            level_downsample=float(attrs["level_downsample"]),
             size0=int(attrs["size0"]),
             mpp=_none(attrs["mpp"]),
             overlap=int(attrs["overlap"]),
@@ -241,18 +254,19 @@ def load_tiles_h5(path: str | Path) -> TileGrid:
 def _request(slide, patch_size: int, mpp=None, magnification=None, overlap: int = 0, tissue=None,
              theta: float = 0.5) -> dict:  # fmt: skip
     """What a grid of this slide was asked for, as stored with it and compared by ``cached_tiles``."""
-    _check_request(patch_size, mpp, magnification, overlap, theta)
+    check_request(patch_size, mpp, magnification, overlap, theta)
     geo = _geometry(slide, int(patch_size), mpp, magnification)
     return {
         "slide": Path(slide.path).name,
         "slide_dimensions": tuple(int(v) for v in slide.dimensions),
         "request_mpp": _nan(mpp),
         "request_magnification": _nan(magnification),
-        "patch_size": int(patch_size),
+        "target_patch_size": int(patch_size),
         "overlap": int(overlap),
         "theta": float(theta),
         "tissue_digest": tissue_digest(tissue),
-        "downsample": geo.downsample,
+        "target_downsample": geo.downsample,
+        "format_version": FORMAT_VERSION,
         "mpp": _nan(geo.mpp),
         "size0": geo.size0,
         "patch_level": geo.patch_level,
@@ -301,6 +315,5 @@ def cached_tiles(slide, h5_path: str | Path, **tile_grid_kwargs) -> TileGrid:
         grid,
         **stored,
         level_dim=np.asarray(slide.level_dimensions[level], dtype=np.int64),
-        level_downsample=float(slide.level_downsamples[level]),
     )
     return grid
