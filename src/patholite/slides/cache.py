@@ -39,16 +39,7 @@ def tissue_for(slide, cfg, cache: Path):
             return TissueMask.load(mask_path)
         except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             log.warning("tissue mask cache %s is unreadable (%s); detecting again", mask_path, err)
-    t = cfg.tissue
-    mask = detect_tissue(
-        slide,
-        max_side=t.max_side,
-        method=t.method,
-        open_um=t.open_um,
-        close_um=t.close_um,
-        min_object_um2=t.min_object_um2,
-        min_hole_um2=t.min_hole_um2,
-        exclude_pen=t.exclude_pen,
-    )
+    # the tissue node's keys are detect_tissue's options (config/slide_schema.TissueConfig)
+    mask = detect_tissue(slide, **{key: cfg.tissue[key] for key in cfg.tissue})
     mask.save(mask_path)
     return mask
