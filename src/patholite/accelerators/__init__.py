@@ -1,4 +1,4 @@
-"""Where a run executes: accelerator resolution (the NPU accelerator comes in its own issue)."""
+"""Where a run executes: accelerator resolution, and the Ascend NPU accelerator for Lightning (``npu``)."""
 
 from patholite.accelerators.resolve import ResolvedAccelerator, describe_machine, resolve_accelerator
 

@@ -28,15 +28,34 @@ class ResolvedAccelerator:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
+        # an Accelerator instance (the NPU's) is recorded by its class name
+        lightning = {k: _plain(v) for k, v in self.lightning.items()}
         return {
             "requested": self.name,
             "kind": self.kind,
-            **self.lightning,
+            **lightning,
             "eval_device": str(self.device),
             "int8_engine": self.int8_engine,
             "notes": self.notes,
             **describe_machine(self.device),
         }
+
+
+def default_int8_engine(machine: str | None = None) -> str:
+    """torch.ao's quantized engine for this CPU: qnnpack on ARM, x86 (fbgemm with oneDNN) elsewhere."""
+    machine = (machine or platform.machine()).lower()
+    return "qnnpack" if machine.startswith(("arm", "aarch")) else "x86"
+
+
+def _plain(value: Any) -> Any:
+    """A Lightning setting as a record can hold it: objects (the NPU accelerator, precision plugins) by
+    their class name and precision."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    precision = getattr(value, "precision", None)
+    return type(value).__name__ + (f"({precision})" if precision else "")
 
 
 def _cpu_name() -> str:
@@ -121,7 +140,52 @@ def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     return "gpu", lightning, torch.device("cuda", first)
 
 
-_RESOLVERS: dict[str, Callable] = {"cpu": _resolve_cpu, "gpu": _resolve_gpu}
+def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
+    """Ascend NPUs through torch_npu (the ``npu`` extra): fp16 mixed precision by default."""
+    from patholite.accelerators.npu import NPUAccelerator, npu_device_count, register
+
+    available = npu_device_count()  # imports torch_npu, or says what to install
+    if available == 0:
+        raise AcceleratorError("accelerator=npu: torch_npu sees no NPU on this machine (check npu-smi info)")
+    n = _count_devices(cfg.devices)
+    if n is not None and n > available:
+        raise AcceleratorError(f"accelerator.devices={cfg.devices} but this machine has {available} NPU(s)")
+    _one_device(cfg)
+    register()
+    first = int(cfg.devices[0]) if isinstance(cfg.devices, (list, tuple)) else 0
+    precision = "16-mixed" if cfg.precision == "auto" else cfg.precision
+    lightning: dict[str, Any] = {"accelerator": NPUAccelerator(), "devices": [first]}
+    lightning["strategy"] = cfg.strategy
+    if cfg.strategy == "auto":
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        # Lightning's "auto" puts a custom accelerator's single device on the CPU: name the NPU
+        lightning["strategy"] = SingleDeviceStrategy(device=torch.device("npu", first))
+    if precision in ("16-mixed", "bf16-mixed"):
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        # Lightning would autocast a custom accelerator as "cuda": name the device type for autocast and
+        # the gradient scaler explicitly
+        lightning["plugins"] = [MixedPrecision(precision, device="npu")]
+    else:
+        lightning["precision"] = precision
+    return "npu", lightning, torch.device("npu", first)
+
+
+_RESOLVERS: dict[str, Callable] = {"cpu": _resolve_cpu, "gpu": _resolve_gpu, "npu": _resolve_npu}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: what a timer must do before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def sync_name(device: torch.device) -> str:
+    names = {"cuda": "cuda.synchronize", "npu": "npu.synchronize"}
+    return names.get(device.type, "none (CPU is synchronous)")
 
 
 def resolve_accelerator(cfg) -> ResolvedAccelerator:
@@ -134,12 +198,12 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
     if asked not in _RESOLVERS:
         raise ConfigError(
             f"accelerator.accelerator={cfg.accelerator!r} is not one of {sorted(_RESOLVERS) + ['auto']}"
-            " (NPU and multi-GPU support come with the accelerators issue)"
+            " (multi-GPU support comes with the accelerators issue)"
         )
     kind, lightning, device = _RESOLVERS[asked](cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    engine = cfg.int8_engine
+    engine = default_int8_engine() if cfg.int8_engine == "auto" else cfg.int8_engine
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
         raise AcceleratorError(

@@ -262,12 +262,12 @@ class CompressionConfig:
 @dataclass
 class AcceleratorConfig:
     name: str = MISSING
-    accelerator: str = "cpu"  # Lightning accelerator: cpu | gpu | auto (npu in a later issue)
+    accelerator: str = "cpu"  # cpu | gpu | npu (Ascend, through torch_npu) | auto
     devices: Any = 1  # int, list of ids, or "auto"
     strategy: str = "auto"
     precision: str = "32-true"  # "auto": bf16-mixed where the GPU supports it, else 16-mixed
     threads: int | None = None  # torch intra-op threads; None: torch's default
-    int8_engine: str = "x86"  # torch.backends.quantized.engine for CPU INT8
+    int8_engine: str = "auto"  # torch.ao engine for CPU INT8; auto: x86 (fbgemm), qnnpack on ARM
     pin_memory: bool = False
 
 

@@ -81,8 +81,9 @@ def peak_rss_mb() -> float:
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from patholite.accelerators.resolve import synchronize
+
+    synchronize(device)
 
 
 def time_block(

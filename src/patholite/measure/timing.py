@@ -53,6 +53,7 @@ def time_artifacts(
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from patholite.accelerators.resolve import sync_name
     from patholite.measure.artifacts import load_artifact
     from patholite.measure.cost import latency_summary, time_block
     from patholite.measure.energy import open_meter
@@ -82,7 +83,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "sync": "cuda.synchronize" if device.type == "cuda" else "none (CPU is synchronous)",
+        "sync": sync_name(device),
         "energy_source": energy_source if meter else None,
         "energy_absent_reason": None if meter else energy_source,
         "artifacts": {},
