@@ -1,0 +1,57 @@
+"""Accelerators: the Ascend NPU path (in its own process: see npu_fake_checks.py), the CPU INT8 engine
+choice, and sweeps that ask for hardware the machine lacks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from patholite.accelerators import resolve_accelerator
+from patholite.config.schema import AcceleratorConfig
+
+from .conftest import REPO, run_cli
+
+
+def test_npu_path_against_a_fake_torch_npu_in_its_own_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/npu_fake_checks.py"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) >= 7, result.stdout[-2000:]
+
+
+def test_cpu_int8_engine_follows_the_cpu():
+    from patholite.accelerators.resolve import default_int8_engine
+
+    assert default_int8_engine("x86_64") == "x86"
+    assert default_int8_engine("aarch64") == "qnnpack" and default_int8_engine("arm64") == "qnnpack"
+    cfg = OmegaConf.merge(OmegaConf.structured(AcceleratorConfig), {"name": "cpu", "int8_engine": "auto"})
+    assert resolve_accelerator(cfg).int8_engine == default_int8_engine()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_sweep_over_present_and_absent_accelerators_finishes_the_present_ones(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["-m", "accelerator=cpu,gpu", "debug=fast", "logger=none", f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
+    assert result.returncode == 1  # a sweep with a failed job says so
+    records = {i: json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)}
+    assert records[0]["status"] == "ok" and records[0]["artifacts"]
+    assert records[1]["status"] == "failed"
+    assert "AcceleratorError" in records[1]["error"] and "no CUDA device" in records[1]["error"]
+    assert not (sweep / "1" / "checkpoints").exists()  # refused before any training
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert summary["failed"] == 1
+    assert [(j["status"], j["overrides"][0]) for j in summary["jobs"]] == [
+        ("ok", "accelerator=cpu"),
+        ("failed", "accelerator=gpu"),
+    ]
