@@ -55,3 +55,47 @@ def test_a_sweep_over_present_and_absent_accelerators_finishes_the_present_ones(
         ("ok", "accelerator=cpu"),
         ("failed", "accelerator=gpu"),
     ]
+
+
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["-m", "hydra/launcher=submitit_local", "model=vit_micro,vit_nano", "debug=fast", "logger=none",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert [r["config"]["model"]["name"] for r in records] == ["vit_micro", "vit_nano"]
+    assert list((sweep / ".submitit").iterdir())  # the jobs went through submitit
+    assert (sweep / "compare" / "compare.csv").is_file()
+
+
+def test_slurm_launcher_defaults_compose(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+    assert launcher.timeout_min == 240
+
+
+def test_submitit_launcher_without_the_extra_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from patholite.errors import ConfigError
+    from patholite.overrides import check_launcher
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if "submitit" in name else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"patholite\[slurm\]"):
+        check_launcher(["-m", "hydra/launcher=slurm", "model=deit_tiny"])
+    check_launcher(["-m", "model=deit_tiny"])  # the default launcher needs nothing

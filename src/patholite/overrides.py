@@ -92,3 +92,21 @@ def expand_run_references(argv: list[str]) -> list[str]:
             raise ConfigError("resume= continues a run as it was; use rerun=<run dir> to change overrides")
         return [*flags, *old, f"resume={quote(str(run_dir))}", f"hydra.run.dir={quote(str(run_dir))}"]
     return [*flags, *merge_overrides(old, overrides), f"rerun={quote(str(run_dir))}"]
+
+
+_SUBMITIT_LAUNCHERS = ("slurm", "submitit_slurm", "submitit_local")
+
+
+def check_launcher(argv: list[str]) -> None:
+    """``hydra/launcher=slurm`` (or submitit_*) needs the ``slurm`` extra: say so before Hydra fails to find
+    the launcher's config."""
+    asked = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra/launcher=")]
+    if not any(name in _SUBMITIT_LAUNCHERS for name in asked):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        raise ConfigError(
+            f"hydra/launcher={asked[-1]} runs sweep jobs through submitit, which is not installed: "
+            "pip install 'patholite[slurm]' (hydra-submitit-launcher)"
+        )

@@ -26,7 +26,7 @@ from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.records import RunRecord, read_record
 from patholite.measure.report import print_records
-from patholite.overrides import expand_run_references
+from patholite.overrides import check_launcher, expand_run_references
 
 log = logging.getLogger("patholite.train")
 CONF_DIR = str(options.CONF_DIR)
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry: expand ``resume=``/``rerun=``, run Hydra, exit non-zero if any sweep job failed."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        check_launcher(argv)
         sys.argv = [sys.argv[0], *expand_run_references(argv)]
     except PatholiteError as err:
         print(f"patholite: error: {err}", file=sys.stderr)
