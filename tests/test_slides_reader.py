@@ -101,8 +101,9 @@ def test_find_slides_folder_list_and_file(tmp_path, slides):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# slides\n{slides / 'small.svs'}\nb.tif\n")
     assert find_slides(listing) == [slides / "small.svs", tmp_path / "b.tif"]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SlideError, match="no slide files"):
-        find_slides(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+        find_slides(tmp_path / "empty")
     with pytest.raises(SlideError, match="does not exist"):
         find_slides(tmp_path / "missing")
 

@@ -29,3 +29,13 @@ class AcceleratorError(PatholiteError):
 
 class SlideError(DatasetError):
     """A whole-slide image that cannot be opened or read, or that lacks what a step needs (mpp, tissue)."""
+
+
+def user_message(err: BaseException) -> str:
+    """The error's own message; a loader worker's error arrives wrapped in its traceback, so unwrap it."""
+    text = str(err)
+    # torch's ExceptionWrapper: the message is the worker's traceback, ending "<module>.<Error>: <message>"
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(f"{type(err).__name__}: ", 1)[-1]
+    return text

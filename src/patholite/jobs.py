@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from patholite import sweep
+from patholite.errors import user_message  # noqa: F401  (entry points import it from here)
 
 
 def job_info(hc) -> dict[str, Any]:
@@ -26,16 +27,6 @@ def job_info(hc) -> dict[str, Any]:
         "sweep_dir": str(Path(hc.sweep.dir).resolve()) if multirun else None,
         "multirun": multirun,
     }
-
-
-def user_message(err: BaseException) -> str:
-    """The error's own message; a loader worker's error arrives wrapped in its traceback, so unwrap it."""
-    text = str(err)
-    # torch's ExceptionWrapper: the message is the worker's traceback, ending "<module>.<Error>: <message>"
-    if "Original Traceback" in text:
-        last = text.rstrip().splitlines()[-1]
-        return last.split(f"{type(err).__name__}: ", 1)[-1]
-    return text
 
 
 @contextlib.contextmanager

@@ -66,13 +66,6 @@ class SlideEntry:
         return self.slide.stem
 
 
-def _file_id(path: Path | None) -> list | None:
-    if path is None:
-        return None
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-
-
 def cap_tiles(labels: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of at most ``cap`` tiles, shared as evenly as the classes allow (a class with few tiles
     keeps them all; the rest go to the larger ones)."""
@@ -176,12 +169,14 @@ class SlideDataModule(HistologyDataModule):
         return out
 
     def _cache_file(self, entry: SlideEntry) -> Path:
+        from patholite.slides.cache import file_identity
+
         cfg = self.cfg
         settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("reader", "tissue", "tile")}
         key = {
             "version": _CACHE_VERSION,
-            "slide": _file_id(entry.slide),
-            "annotation": _file_id(entry.annotation),
+            "slide": file_identity(entry.slide),
+            "annotation": file_identity(entry.annotation),
             "class_names": self.class_names,
             "class_map": self.class_map(),
             "min_fraction": cfg.label_min_fraction,

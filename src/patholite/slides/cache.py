@@ -13,14 +13,19 @@ from patholite.slides.tissue import TISSUE_VERSION
 log = logging.getLogger(__name__)
 
 
+def file_identity(path: Path | None) -> list | None:
+    """What identifies a file's content for a cache key without reading it: path, size, modification time."""
+    if path is None:
+        return None
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
 def slide_cache_dir(cache_root: Path, path: Path, cfg) -> Path:
     """Where a slide's tissue mask and tile coordinates are kept: keyed by the file (path, size, mtime)
     and by every setting that changes them, so a slide is tiled once per geometry."""
-    stat = path.stat()
     key = {
-        "slide": str(path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "slide": file_identity(path),
         "tissue_version": TISSUE_VERSION,  # a changed detector never reuses old masks
         "mpp": cfg.reader.mpp,
         "tissue": {k: cfg.tissue[k] for k in cfg.tissue},

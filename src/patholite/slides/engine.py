@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from patholite.errors import CheckpointError, SlideError
+from patholite.errors import CheckpointError, SlideError, user_message
 from patholite.measure.io import atomic_path
 from patholite.slides.reader import forget_cached, open_cached, resize_rgb
 
@@ -171,11 +171,8 @@ def _loader(dataset: SlideTiles, batch_size: int, workers: int, prefetch: int) -
 
 
 def _unwrap_worker_error(err: BaseException, path: str) -> SlideError:
-    """A loader worker's error arrives re-raised with the worker's traceback as its message: keep the
-    message, name the slide."""
-    text = str(err)
-    if "Original Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    """A loader worker's error, as our error naming the slide (without the worker's traceback)."""
+    text = user_message(err)
     if isinstance(err, SlideError):
         return SlideError(text)
     return SlideError(f"slide {path}: reading tiles failed in a loader worker: {type(err).__name__}: {text}")

@@ -239,7 +239,7 @@ def _call_rule(cfg):
 def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
     """Every slide through one loaded model. With ``slides=`` (many), a slide's failure of any kind is a
     failed summary row and the others go on; with ``slide=`` (one), its error is raised."""
-    from patholite.slides.report import check_rule, write_summary
+    from patholite.slides.report import check_rule, failed_row, write_summary
     from patholite.slides.tiling import check_request
 
     directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
@@ -269,7 +269,7 @@ def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
                     log.error("slide %s failed: %s", path, err)
                 else:  # a bug or an environment failure: keep its traceback in the log
                     log.exception("slide %s failed", path)
-                rows.append({"slide": str(path), "status": "failed", "error": f"{type(err).__name__}: {err}"})
+                rows.append(failed_row(path, err))
             rows[-1]["seconds"] = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous_threads)
