@@ -54,16 +54,18 @@ def fake_npu(monkeypatch):
 def test_resolves_to_the_npu_accelerator_with_fp16_mixed(fake_npu):
     resolved = resolve_accelerator(_cfg())
     assert resolved.kind == "npu" and resolved.device == torch.device("npu", 0)
-    assert isinstance(resolved.lightning["accelerator"], NPUAccelerator)
-    (plugin,) = resolved.lightning["plugins"]
+    settings = resolved.trainer_kwargs()
+    assert isinstance(settings["accelerator"], NPUAccelerator)
+    (plugin,) = settings["plugins"]
     assert (plugin.precision, plugin.device) == ("16-mixed", "npu")
     described = resolved.describe()
     assert described["accelerator"] == "NPUAccelerator" and described["plugins"] == [
         "MixedPrecision(16-mixed)"
     ]
-    trainer = L.Trainer(**resolved.lightning, logger=False, enable_checkpointing=False)
-    assert isinstance(trainer.accelerator, NPUAccelerator)
-    assert trainer.strategy.root_device == torch.device("npu", 0)  # not Lightning's CPU default
+    for _ in range(2):  # a teacher's Trainer, then its student's: each gets its own strategy
+        trainer = L.Trainer(**resolved.trainer_kwargs(), logger=False, enable_checkpointing=False)
+        assert isinstance(trainer.accelerator, NPUAccelerator)
+        assert trainer.strategy.root_device == torch.device("npu", 0)  # not Lightning's CPU default
     assert resolve_accelerator(_cfg(precision="32-true")).lightning["precision"] == "32-true"
 
 

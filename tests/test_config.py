@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -152,9 +153,10 @@ def test_checkpoint_with_other_class_count_fails_unless_head_skipped(tmp_path):
     preflight(cfg)
 
 
-def test_several_cpu_devices_fail_before_training(tmp_path):
-    cfg = compose_config(["debug=fast", "accelerator.devices=2"], tmp_path, tmp_path / "cache")
-    with pytest.raises(AcceleratorError, match="accelerator.devices=2: this version trains on one device"):
+def test_more_cpu_processes_than_cores_fail_before_training(tmp_path):
+    n = (os.cpu_count() or 1) + 1
+    cfg = compose_config(["debug=fast", f"accelerator.devices={n}"], tmp_path, tmp_path / "cache")
+    with pytest.raises(AcceleratorError, match=f"accelerator.devices={n} but this machine has .* CPU cores"):
         preflight(cfg)
 
 
@@ -195,9 +197,15 @@ def test_gpu_resolution_picks_bf16_where_supported(monkeypatch):
     cfg.devices = 3
     with pytest.raises(AcceleratorError, match="devices=3 but this machine has 2"):
         resolve_accelerator(cfg)
-    cfg.devices = 2  # several devices relaunch the command per rank: refused until DDP support lands
-    with pytest.raises(AcceleratorError, match="trains on one device"):
+    cfg.devices = [0, 5]
+    with pytest.raises(AcceleratorError, match=r"has 2 CUDA device\(s\) \(ids 0-1\)"):
         resolve_accelerator(cfg)
+    for devices in (2, "auto", [0, 1]):  # several GPUs: DDP in spawned processes over NCCL
+        cfg.devices = devices
+        resolved = resolve_accelerator(cfg)
+        strategy = resolved.trainer_kwargs()["strategy"]
+        assert resolved.world_size == 2 and resolved.lightning["devices"] == [0, 1]
+        assert strategy._start_method == "spawn" and strategy.process_group_backend == "nccl"
 
 
 def test_bench_presets_carry_the_protocols(tmp_path):

@@ -1,7 +1,11 @@
 """Turn the ``accelerator`` config into Lightning's settings and a torch device, failing early.
 
-``cpu`` and ``gpu`` are what they say; ``auto`` picks what the machine has and records its pick. New
-backends (the Ascend NPU, multi-GPU strategies) add a branch to ``_RESOLVERS``.
+``cpu`` and ``gpu`` are what they say; ``auto`` picks what the machine has and records its pick; ``npu`` is
+Ascend through torch_npu. More than one device (``gpu_ddp``, or ``devices=N``; on the CPU, N gloo processes)
+trains with DDP in spawned processes (``ddp_spawn``): Lightning's default ``ddp`` relaunches the whole
+command line per rank, which under Hydra ``-m`` re-runs the sweep; spawned ranks run only ``trainer.fit``,
+and the job's own process (the driver) evaluates, benchmarks and writes the record, so nothing after
+training needs rank guards.
 """
 
 from __future__ import annotations
@@ -10,11 +14,21 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
+from omegaconf import ListConfig
 
 from patholite.errors import AcceleratorError, ConfigError
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """A Lightning object made anew for each Trainer: a strategy, accelerator or plugin that has run is bound
+    to its trainer, and the next one (a student after its teacher) refuses it."""
+
+    make: Callable[[], Any]
 
 
 @dataclass
@@ -26,16 +40,22 @@ class ResolvedAccelerator:
     pin_memory: bool
     int8_engine: str
     notes: list[str] = field(default_factory=list)
+    world_size: int = 1  # training processes (DDP ranks); evaluation always runs in the driver
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """``lightning`` for one new Trainer, its strategy and plugin objects freshly made."""
+        return {k: v.make() if isinstance(v, Fresh) else v for k, v in self.lightning.items()}
 
     def describe(self) -> dict[str, Any]:
         # an Accelerator instance (the NPU's) is recorded by its class name
-        lightning = {k: _plain(v) for k, v in self.lightning.items()}
+        lightning = {k: _plain(v) for k, v in self.trainer_kwargs().items()}
         return {
             "requested": self.name,
             "kind": self.kind,
             **lightning,
             "eval_device": str(self.device),
             "int8_engine": self.int8_engine,
+            "world_size": self.world_size,
             "notes": self.notes,
             **describe_machine(self.device),
         }
@@ -83,61 +103,90 @@ def describe_machine(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
-def _count_devices(devices: Any) -> int | None:
-    if isinstance(devices, int):
-        return devices
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    return None  # "auto"
+def _plain_devices(devices: Any) -> Any:
+    return list(devices) if isinstance(devices, (list, tuple, ListConfig)) else devices
 
 
-def _one_device(cfg) -> None:
-    # Several devices make Lightning relaunch the command per rank (and, under -m, the whole sweep);
-    # the accelerators issue brings DDP with a launcher that is safe under Hydra.
-    n = _count_devices(cfg.devices)
-    if n is not None and n != 1:
-        raise AcceleratorError(
-            f"accelerator.devices={cfg.devices}: this version trains on one device; multi-device (DDP) "
-            "training comes with the accelerators issue. Use accelerator.devices=1"
+def _device_ids(cfg, available: int, what: str) -> list[int]:
+    """The device ids ``accelerator.devices`` names: a count, a list of ids, or "auto"/-1 for every one."""
+    devices = _plain_devices(cfg.devices)
+    if devices in ("auto", -1):
+        ids = list(range(available))
+    elif isinstance(devices, int) and devices >= 1:
+        ids = list(range(devices))
+    elif isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices):
+        ids = list(devices)
+    else:
+        raise ConfigError(
+            f"accelerator.devices={devices!r}: give a count (2), a list of ids ([0,1]) or auto (every one)"
         )
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"accelerator.devices={devices}: each device may be named once")
+    if not ids or max(ids) >= available:
+        raise AcceleratorError(
+            f"accelerator.devices={devices} but this machine has {available} {what}"
+            + (f" (ids 0-{available - 1})" if available else "")
+        )
+    return ids
+
+
+def _strategy(cfg, ids: list[int], backend: str) -> Any:
+    """One device: Lightning's choice. Several: DDP in spawned processes (safe under ``-m``, see above)."""
+    if len(ids) == 1:
+        return cfg.strategy
+    if cfg.strategy not in ("auto", "ddp_spawn"):
+        raise ConfigError(
+            f"accelerator.strategy={cfg.strategy} with {len(ids)} devices: patholite trains on several "
+            "devices with ddp_spawn (the subprocess 'ddp' launcher re-runs the command line, and with it "
+            "a whole Hydra sweep, per rank); leave accelerator.strategy=auto"
+        )
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return Fresh(
+        partial(
+            DDPStrategy,
+            start_method="spawn",
+            process_group_backend=backend,
+            find_unused_parameters=bool(cfg.find_unused_parameters),
+        )
+    )
 
 
 def _resolve_cpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     precision = "32-true" if cfg.precision == "auto" else cfg.precision
     if precision not in ("32-true", "32", "bf16-mixed", "bf16-true", "64-true"):
         raise ConfigError(f"accelerator.precision={precision} does not run on CPU; use 32-true or bf16-mixed")
-    _one_device(cfg)
-    return (
-        "cpu",
-        {"accelerator": "cpu", "devices": 1, "strategy": cfg.strategy, "precision": precision},
-        torch.device("cpu"),
-    )
+    # On the CPU a "device" is a training process; gloo runs DDP between them (tests, CPU clusters).
+    cores = os.cpu_count() or 1
+    if isinstance(_plain_devices(cfg.devices), list):
+        raise ConfigError(f"accelerator.devices={cfg.devices}: on the CPU give a process count, e.g. 2")
+    ids = _device_ids(cfg, cores, "CPU cores")
+    lightning = {
+        "accelerator": "cpu",
+        "devices": len(ids),
+        "strategy": _strategy(cfg, ids, "gloo"),
+        "precision": precision,
+    }
+    return "cpu", lightning, torch.device("cpu")
 
 
 def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     if not torch.cuda.is_available():
         raise AcceleratorError(
-            "accelerator=gpu but torch sees no CUDA device on this machine; run with accelerator=cpu, "
-            "or accelerator=auto to use a GPU only where there is one"
+            f"accelerator={cfg.name} but torch sees no CUDA device on this machine; run with "
+            "accelerator=cpu, or accelerator=auto to use a GPU only where there is one"
         )
-    available = torch.cuda.device_count()
-    n = _count_devices(cfg.devices)
-    if n is not None and n > available:
-        raise AcceleratorError(
-            f"accelerator.devices={cfg.devices} but this machine has {available} CUDA device(s)"
-        )
-    _one_device(cfg)
-    first = int(cfg.devices[0]) if isinstance(cfg.devices, (list, tuple)) else 0
+    ids = _device_ids(cfg, torch.cuda.device_count(), "CUDA device(s)")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     lightning = {
         "accelerator": "gpu",
-        "devices": [first],
-        "strategy": cfg.strategy,
+        "devices": ids,
+        "strategy": _strategy(cfg, ids, "nccl"),
         "precision": precision,
     }
-    return "gpu", lightning, torch.device("cuda", first)
+    return "gpu", lightning, torch.device("cuda", ids[0])
 
 
 def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
@@ -147,26 +196,28 @@ def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     available = npu_device_count()  # imports torch_npu, or says what to install
     if available == 0:
         raise AcceleratorError("accelerator=npu: torch_npu sees no NPU on this machine (check npu-smi info)")
-    n = _count_devices(cfg.devices)
-    if n is not None and n > available:
-        raise AcceleratorError(f"accelerator.devices={cfg.devices} but this machine has {available} NPU(s)")
-    _one_device(cfg)
+    ids = _device_ids(cfg, available, "NPU(s)")
+    if len(ids) > 1:
+        raise AcceleratorError(
+            f"accelerator=npu with devices={cfg.devices}: patholite trains on one NPU (HCCL multi-NPU DDP is "
+            "not wired); use accelerator.devices=1, or a list with one id"
+        )
     register()
-    first = int(cfg.devices[0]) if isinstance(cfg.devices, (list, tuple)) else 0
+    first = ids[0]
     precision = "16-mixed" if cfg.precision == "auto" else cfg.precision
-    lightning: dict[str, Any] = {"accelerator": NPUAccelerator(), "devices": [first]}
+    lightning: dict[str, Any] = {"accelerator": Fresh(NPUAccelerator), "devices": [first]}
     lightning["strategy"] = cfg.strategy
     if cfg.strategy == "auto":
         from lightning.pytorch.strategies import SingleDeviceStrategy
 
         # Lightning's "auto" puts a custom accelerator's single device on the CPU: name the NPU
-        lightning["strategy"] = SingleDeviceStrategy(device=torch.device("npu", first))
+        lightning["strategy"] = Fresh(partial(SingleDeviceStrategy, device=torch.device("npu", first)))
     if precision in ("16-mixed", "bf16-mixed"):
         from lightning.pytorch.plugins.precision import MixedPrecision
 
         # Lightning would autocast a custom accelerator as "cuda": name the device type for autocast and
         # the gradient scaler explicitly
-        lightning["plugins"] = [MixedPrecision(precision, device="npu")]
+        lightning["plugins"] = Fresh(lambda: [MixedPrecision(precision, device="npu")])
     else:
         lightning["precision"] = precision
     return "npu", lightning, torch.device("npu", first)
@@ -198,9 +249,12 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
     if asked not in _RESOLVERS:
         raise ConfigError(
             f"accelerator.accelerator={cfg.accelerator!r} is not one of {sorted(_RESOLVERS) + ['auto']}"
-            " (multi-GPU support comes with the accelerators issue)"
         )
     kind, lightning, device = _RESOLVERS[asked](cfg)
+    devices = lightning["devices"]
+    world = devices if isinstance(devices, int) else len(devices)
+    if world > 1:
+        notes.append(f"DDP over {world} {kind} processes (ddp_spawn); evaluation runs in the driver")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     engine = default_int8_engine() if cfg.int8_engine == "auto" else cfg.int8_engine
@@ -218,4 +272,5 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
         pin_memory=bool(cfg.pin_memory) and kind == "gpu",
         int8_engine=engine,
         notes=notes,
+        world_size=world,
     )

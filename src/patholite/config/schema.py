@@ -37,6 +37,7 @@ class DatasetConfig:
     batch_size: int = 32
     eval_batch_size: int | None = None  # None: same as batch_size
     num_workers: int = 0
+    shuffle: bool = True  # training batches in random order; false: a fixed order (reproducibility checks)
     split_seed: int = 0  # seeds the splits of datasets without official ones
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -263,8 +264,9 @@ class CompressionConfig:
 class AcceleratorConfig:
     name: str = MISSING
     accelerator: str = "cpu"  # cpu | gpu | npu (Ascend, through torch_npu) | auto
-    devices: Any = 1  # int, list of ids, or "auto"
-    strategy: str = "auto"
+    devices: Any = 1  # a count, a list of ids, or "auto" (every one); more than one trains with DDP
+    strategy: str = "auto"  # one device: Lightning's; several: ddp_spawn (safe under Hydra -m)
+    find_unused_parameters: bool = False  # DDP: needed only when some trained parameter gets no gradient
     precision: str = "32-true"  # "auto": bf16-mixed where the GPU supports it, else 16-mixed
     threads: int | None = None  # torch intra-op threads; None: torch's default
     int8_engine: str = "auto"  # torch.ao engine for CPU INT8; auto: x86 (fbgemm), qnnpack on ARM

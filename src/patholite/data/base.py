@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from patholite.errors import DatasetError
+from patholite.errors import ConfigError, DatasetError
 
 SPLITS = ("train", "val", "test")
 
@@ -117,6 +117,41 @@ def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.
     return np.sort(np.concatenate(picked))
 
 
+def ddp_world_size() -> int:
+    """Processes training together in this process's DDP group (1 outside DDP, e.g. in the driver)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank_loader(dataset: Dataset, global_batch: int, shuffle: bool, **kwargs) -> DataLoader:
+    """A DataLoader of this process's share: outside DDP all of ``dataset`` in batches of ``global_batch``;
+    under DDP every ``world``-th sample (DistributedSampler) in batches of ``global_batch / world``.
+
+    The sampler is ours, not Lightning's (the trainer sets ``use_distributed_sampler=False`` under DDP):
+    Lightning's would shuffle every training loader, so ``dataset.shuffle=false`` would not hold."""
+    world = ddp_world_size()
+    if world == 1:
+        return DataLoader(dataset, batch_size=global_batch, shuffle=shuffle, drop_last=False, **kwargs)
+    from torch.utils.data import DistributedSampler
+
+    # set_epoch is called by Lightning's fit loop, so each epoch gets its own order
+    sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=False)
+    return DataLoader(dataset, batch_size=global_batch // world, sampler=sampler, drop_last=False, **kwargs)
+
+
+def check_global_batch(cfg, world_size: int) -> None:
+    """Under DDP ``dataset.batch_size`` (and ``eval_batch_size``) is the global batch, split evenly."""
+    for key in ("batch_size", "eval_batch_size"):
+        batch = cfg.get(key)
+        if batch is not None and world_size > 1 and batch % world_size:
+            lower, upper = batch - batch % world_size, batch + world_size - batch % world_size
+            raise ConfigError(
+                f"dataset.{key}={batch} is the global batch of {world_size} DDP processes and must divide "
+                f"evenly among them; use dataset.{key}={lower or upper} or {upper}"
+            )
+
+
 class HistologyDataModule(L.LightningDataModule):
     """Base datamodule: seeded splits, histology augmentation, loaders. Subclasses read the data."""
 
@@ -199,18 +234,17 @@ class HistologyDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         batch = self.cfg.batch_size if split == "train" else (self.cfg.eval_batch_size or self.cfg.batch_size)
-        return DataLoader(
+        return rank_loader(
             self.datasets[split],
-            batch_size=batch,
-            shuffle=shuffle,
+            batch,
+            shuffle,
             num_workers=self.cfg.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.cfg.num_workers > 0,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=bool(self.cfg.get("shuffle", True)))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

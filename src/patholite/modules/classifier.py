@@ -70,12 +70,17 @@ class ClassifierModule(L.LightningModule):
         if self.distiller is not None:
             out = self.distiller(images, labels)
             logits, loss = out.logits, out.loss
-            self.log_dict({f"train/{k}": v for k, v in out.terms.items()}, on_step=False, on_epoch=True)
+            self.log_dict(
+                {f"train/{k}": v for k, v in out.terms.items()}, on_step=False, on_epoch=True, sync_dist=True
+            )
         else:
             logits = self(images)
             loss = self.criterion(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean()
-        self.log_dict({"train/loss": loss, "train/accuracy": acc}, on_step=True, on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP every logged value is the mean over the ranks (a no-op in one process);
+        # torchmetrics collections synchronise their states themselves when computed
+        values = {"train/loss": loss, "train/accuracy": acc}
+        self.log_dict(values, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def _eval_step(self, batch, *collections) -> torch.Tensor:
@@ -88,12 +93,12 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss = self._eval_step(batch, self.val_metrics, self.val_per_class)
-        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict(self.val_metrics, prog_bar=False)
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss = self._eval_step(batch, self.test_metrics, self.test_per_class)
-        self.log("test/loss", loss)
+        self.log("test/loss", loss, sync_dist=True)
         self.log_dict(self.test_metrics)
 
     def _log_per_class(self, stage: str, metrics) -> None:
@@ -101,9 +106,9 @@ class ClassifierModule(L.LightningModule):
         values = metrics.compute()
         for key in ("f1_per_class", "recall_per_class"):
             metric = key.removesuffix("_per_class")
-            self.log_dict(
-                {f"{stage}/{metric}/{name}": v for name, v in zip(self.class_names, values[key], strict=True)}
-            )
+            named = zip(self.class_names, values[key], strict=True)
+            # sync_dist: already equal on every rank (computed from synced states); it silences Lightning
+            self.log_dict({f"{stage}/{metric}/{name}": v for name, v in named}, sync_dist=True)
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -42,8 +42,9 @@ _TRAINER_KEYS = (
 )
 
 
-def cache_inputs(cfg: DictConfig, model_cfg: DictConfig) -> dict[str, Any]:
-    """Everything that determines the plain training of ``model_cfg`` on ``cfg``'s data."""
+def cache_inputs(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
+    """Everything that determines the plain training of ``model_cfg`` on ``cfg``'s data (``world_size``:
+    DDP processes; same global batch, but another data order, so another model)."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in _DATASET_NOISE:
         dataset.pop(key, None)
@@ -61,15 +62,15 @@ def cache_inputs(cfg: DictConfig, model_cfg: DictConfig) -> dict[str, Any]:
         },
         "precision": cfg.accelerator.precision,
         "recipe": "plain-v1",  # bump when the plain recipe changes what it trains
-    }
+    } | ({"ddp_world_size": world_size} if world_size > 1 else {})  # single-process keys stay as they were
 
 
 def cache_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def entry_dir(cfg: DictConfig, model_cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
-    inputs = cache_inputs(cfg, model_cfg)
+def entry_dir(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) -> tuple[Path, dict[str, Any]]:
+    inputs = cache_inputs(cfg, model_cfg, world_size)
     name = f"{model_cfg.name}-{cfg.dataset.name}-{cache_key(inputs)}"
     return Path(cfg.paths.cache_dir).resolve() / "trained" / name, inputs
 
@@ -87,7 +88,7 @@ def publish(ctx: RunContext, net: nn.Module, model_cfg: DictConfig | None = None
     """Store a plainly trained ``net`` as the cache entry of ``model_cfg`` (default: the run's model)
     unless one is already there."""
     model_cfg = model_cfg if model_cfg is not None else ctx.cfg.model
-    entry, inputs = entry_dir(ctx.cfg, model_cfg)
+    entry, inputs = entry_dir(ctx.cfg, model_cfg, ctx.accelerator.world_size)
     with _lock(entry):
         if not is_complete(entry):
             meta = ctx.artifact_meta(model_cfg)
@@ -100,7 +101,7 @@ def publish(ctx: RunContext, net: nn.Module, model_cfg: DictConfig | None = None
 def trained_plain(ctx: RunContext, model_cfg: DictConfig, role: str) -> Path:
     """The cache entry of ``model_cfg`` trained with the plain recipe on this run's data, training it (once,
     under the lock) when absent. ``role`` names it in the logs ("teacher", "starting point")."""
-    entry, inputs = entry_dir(ctx.cfg, model_cfg)
+    entry, inputs = entry_dir(ctx.cfg, model_cfg, ctx.accelerator.world_size)
     with _lock(entry):
         if is_complete(entry):
             log.info("%s %s: from the cache %s", role, model_cfg.name, entry)

@@ -99,7 +99,13 @@ def fit(
     net = module.net.eval()
     if averaging is None:
         return Fitted(net)
-    ema_net = copy.deepcopy(averaging.ema_net)
+    if ema_state is None and ctx.accelerator.world_size > 1:
+        # DDP ranks ran in spawned processes: the average lives in their checkpoints, not in this callback
+        last = latest_checkpoint(checkpoint_dir)
+        if last is not None:
+            ema_state = torch.load(last, map_location="cpu", weights_only=True).get(EMA_STATE_KEY)
+    # the driver's callback never trained under DDP; a copy of the network takes the saved average
+    ema_net = copy.deepcopy(net if ema_state is not None else averaging.ema_net)
     if ema_state is not None:
         ema_net.load_state_dict(ema_state)
     return Fitted(net, ema_net.eval())

@@ -71,7 +71,7 @@ def build_trainer(
 ) -> L.Trainer:
     t = ctx.cfg.trainer
     return L.Trainer(
-        **ctx.accelerator.lightning,
+        **ctx.accelerator.trainer_kwargs(),
         max_epochs=t.max_epochs if max_epochs is None else max_epochs,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
@@ -86,6 +86,8 @@ def build_trainer(
         callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir) + list(extra_callbacks or []),
         enable_progress_bar=ctx.cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,
+        # under DDP the datamodules shard with their own sampler (data.base.rank_loader)
+        use_distributed_sampler=ctx.accelerator.world_size == 1,
     )
 
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from patholite.accelerators import ResolvedAccelerator, resolve_accelerator
 from patholite.config import check_config
 from patholite.data import HistologyDataModule, build_datamodule
+from patholite.data.base import check_global_batch
 from patholite.errors import ConfigError
 from patholite.models.factory import checkpoint_num_classes, create_network, load_weights, read_state_dict
 
@@ -117,6 +118,7 @@ def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator
     """Validate ``cfg`` against itself, this machine and the data; return the datamodule and accelerator."""
     check_config(cfg)
     accelerator = resolve_accelerator(cfg.accelerator)
+    check_global_batch(cfg.dataset, accelerator.world_size)
     check_compression_fits(cfg, accelerator)
     datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory)
     check_model_fits(cfg.model, datamodule.num_classes, cfg.dataset.image_size)
