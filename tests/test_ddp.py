@@ -82,12 +82,16 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_a_sweep_of_ddp_jobs_runs_each_job_once_with_ema_and_a_teacher(tmp_path):
-    """Under -m each job spawns its ranks; nothing relaunches the sweep (Lightning's subprocess ddp would)."""
+    """Under -m each job spawns its ranks; nothing relaunches the sweep (Lightning's subprocess ddp would).
+    Run as inside a one-task SLURM job (hydra/launcher=slurm): the job's process still owns its ranks."""
     sweep = tmp_path / "sweep"
+    slurm = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "12", "SLURM_JOB_NAME": "patholite", "SLURM_NODELIST": "localhost"}  # fmt: skip
     result = run_cli(
         ["-m", "debug=fast", "model=vit_micro", "logger=csv", "accelerator.devices=2", "compression=ema,kd",
          f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
+        env=slurm,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((sweep / "sweep.json").read_text())

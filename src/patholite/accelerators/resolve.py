@@ -140,16 +140,20 @@ def _strategy(cfg, ids: list[int], backend: str) -> Any:
             "devices with ddp_spawn (the subprocess 'ddp' launcher re-runs the command line, and with it "
             "a whole Hydra sweep, per rank); leave accelerator.strategy=auto"
         )
+    from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies import DDPStrategy
 
-    return Fresh(
-        partial(
-            DDPStrategy,
+    def make() -> DDPStrategy:
+        # LightningEnvironment: this job's process spawns every rank on this node, even inside a SLURM job,
+        # whose environment Lightning would otherwise read as "the ranks are SLURM's tasks" (1 here)
+        return DDPStrategy(
             start_method="spawn",
             process_group_backend=backend,
             find_unused_parameters=bool(cfg.find_unused_parameters),
+            cluster_environment=LightningEnvironment(),
         )
-    )
+
+    return Fresh(make)
 
 
 def _resolve_cpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
