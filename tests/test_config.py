@@ -36,13 +36,32 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path):
-    cfg = compose_config([f"{group}={option}"], tmp_path, tmp_path / "cache")
+    slide_model = group == "model" and option.startswith("smt")  # diagnoses slides: needs slide data
+    extra = ["dataset=smt_synthetic"] if slide_model else []
+    cfg = compose_config([f"{group}={option}", *extra], tmp_path, tmp_path / "cache")
     check_config(cfg)
     if group == "model":
         check_model_fits(cfg.model, num_classes=4, image_size=64)
         assert cfg.model.name == option and cfg.model.pretrained is False
     if group == "dataset":
         assert cfg.dataset.name == option
+
+
+def test_smt_needs_slides_and_sane_geometry(tmp_path):
+    def cfg(*overrides):
+        return compose_config(["model=smt_micro", "dataset=smt_synthetic", *overrides], tmp_path, tmp_path)
+
+    with pytest.raises(ConfigError, match="dataset=synthetic has no slides"):
+        check_config(cfg("dataset=synthetic"))
+    with pytest.raises(ConfigError, match=r"top_k=65: K must lie in 1..grid\^2 = 64"):
+        check_config(cfg("model.smt.top_k=65"))
+    with pytest.raises(ConfigError, match="image_size=64 must be a multiple of model.smt.grid=6"):
+        check_config(cfg("model.smt.grid=6"))
+    with pytest.raises(ConfigError, match="distillation and QAT of SMT are not built yet"):
+        check_config(cfg("compression=kd"))
+    with pytest.raises(ConfigError, match="model.smt.reform"):
+        check_config(cfg("model.smt.reform=[ret,cls]"))
+    check_config(cfg("compression=ptq"))
 
 
 def test_every_group_has_options():

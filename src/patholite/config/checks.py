@@ -162,6 +162,46 @@ def check_compression(c: DictConfig) -> None:
     _require(c.export.opset >= 17, f"compression.export.opset={c.export.opset}: use 17 or later")
 
 
+SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
+SMT_STAGES = (["train"], ["train", "ptq"], ["start", "ptq"])  # start: SMT is trained in the run
+
+
+def check_smt(cfg: DictConfig) -> None:
+    """An SMT run: slide-level data, its own geometry, and the compression it supports so far."""
+    m, c = cfg.model, cfg.compression
+    _require(
+        m.family == "smt" and m.smt is not None,
+        f"model={m.name}: family smt and a model.smt block go together (use model=smt or smt_micro)",
+    )
+    _require(
+        cfg.dataset.name in SLIDE_LEVEL_DATASETS,
+        f"model={m.name} diagnoses whole slides; dataset={cfg.dataset.name} has no slides. Use one of "
+        f"{list(SLIDE_LEVEL_DATASETS)}",
+    )
+    s = m.smt
+    _require(s.layers >= 2, f"model.smt.layers={s.layers} must be >= 2 (a thumbnail and a magnified layer)")
+    _require(
+        s.grid >= 2 and s.image_size % s.grid == 0,
+        f"model.smt.image_size={s.image_size} must be a multiple of model.smt.grid={s.grid} (>= 2)",
+    )
+    _require(
+        1 <= s.top_k <= s.grid**2,
+        f"model.smt.top_k={s.top_k}: K must lie in 1..grid^2 = {s.grid**2} (patches per image)",
+    )
+    for key in ("start_epochs", "lrs"):
+        _require(len(s[key]) == s.layers, f"model.smt.{key} needs {s.layers} values, one per layer")
+    _require(set(s.reform) <= {"ret", "emb"}, f"model.smt.reform={list(s.reform)}: a subset of [ret, emb]")
+    _choice(s.aggregate, "model.smt.aggregate", ("mean", "max"))
+    _choice(s.too_small, "model.smt.too_small", ("upsample", "refuse"))
+    _choice(s.class_weights, "model.smt.class_weights", ("auto", "none"))
+    _choice(s.emb_reduction, "model.smt.emb_reduction", ("mean", "sum"))
+    _require(
+        list(c.stages) in [list(x) for x in SMT_STAGES] and list(c.ptq.methods) == ["dynamic"],
+        f"compression={c.name} with model={m.name}: SMT supports compression=none and compression=ptq "
+        "(dynamic INT8 of every encoder) so far; distillation and QAT of SMT are not built yet",
+    )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value or combination cannot work."""
     _check_against_schema(cfg)
@@ -190,7 +230,9 @@ def check_config(cfg: DictConfig) -> None:
         f"model.pretrained=true would download weights; patholite runs offline: set model.pretrained=false "
         f"and model.checkpoint=<local weights file> for {m.name}",
     )
-    _choice(m.family, "model.family", ("vit", "cnn"))
+    _choice(m.family, "model.family", ("vit", "cnn", "smt"))
+    if m.family == "smt" or m.smt is not None:
+        check_smt(cfg)
     _require(m.num_classes is None or m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
     t = cfg.trainer
     _require(t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs} must be >= 1")

@@ -120,10 +120,37 @@ class PyramidConfig:
 
 
 @dataclass
+class SmtConfig:
+    """R3's Self-reform Multilayer Transformer (``family: smt``): ``layers`` ViT encoders of S x S images cut
+    into grid x grid patches; the top-K patches of each layer are re-read at ``grid`` times the
+    magnification for the next. Inference reads 1 + K + K^2 regions per slide (3 layers)."""
+
+    image_size: int = 256  # S
+    grid: int = 16  # L: patches per side, and the magnification of each hop
+    top_k: int = 4  # K: focused patches per image
+    layers: int = 3
+    start_epochs: list[int] = field(default_factory=lambda: [0, 20, 50])  # when each layer joins (R3)
+    lrs: list[float] = field(default_factory=lambda: [0.002, 0.002, 0.01])  # per layer (R3), SGD
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 0.9  # temporal ensembling of the focusing score: S(e) = eps*S(e-1) + (1-eps)*g
+    fwd_weight: float = 1.0  # L_cls and L_focus weights ramp to this
+    bwd_weight: float = 0.1  # L_emb and L_ret weights ramp to this
+    ramp_epochs: float = 5.0
+    reform: list[str] = field(default_factory=lambda: ["ret", "emb"])  # backward reform; []: forward only
+    emb_reduction: str = "mean"  # L_emb over the embedding: mean (scale-free) | sum (R3's literal squared L2)
+    weak_negative: bool = True  # one lowest-score patch per image trains the next layer as a negative
+    aggregate: str = "mean"  # slide probabilities from the last layer's images: mean | max
+    too_small: str = "upsample"  # a slide smaller than image_size * grid^(layers-1): upsample | refuse
+    class_weights: str = "auto"  # auto: inverse class frequency of the training slides | none
+    eval_depth: int | None = None  # layers walked in validation/test; None: the deepest trained so far
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     timm_name: str = MISSING
-    family: str = "vit"  # vit | cnn
+    family: str = "vit"  # vit | cnn | smt (timm_name/kwargs then describe each SMT encoder)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     pretrained: bool = False  # never downloads; weights come from `checkpoint`
     checkpoint: str | None = None  # local .safetensors / .pth / .pt / Lightning .ckpt
@@ -131,6 +158,7 @@ class ModelConfig:
     num_classes: int | None = None  # None: the dataset's class count
     drop_path_rate: float = 0.0
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    smt: SmtConfig | None = None  # family smt only
 
 
 # ----------------------------------------------------------------------------------------- compression

@@ -75,6 +75,9 @@ class SlideRunConfig:
     slides: str | None = None  # a folder of slides, or a text file with one slide path per line
     artifact: str = MISSING  # an artifact folder (artifact.json) or a run folder (its best artifact)
     artifact_name: str | None = None  # which artifact of a run folder; None: the run's last stage
+    # auto: by the artifact's sidecar (an SMT slide model -> smt, a tile classifier -> tiles); tiles: tile the
+    # tissue and classify every tile; smt: the SMT walk (1 + K + K^2 region reads per slide)
+    mode: str = "auto"
     annotations: str | None = None  # an XML file (one slide) or a folder of <slide stem>.xml
     annotation_classes: dict[str, str] = field(default_factory=dict)  # XML group -> class name
     reader: ReaderConfig = field(default_factory=ReaderConfig)
@@ -98,6 +101,9 @@ class SlideDatasetConfig(DatasetConfig):
     label_min_fraction: float = 0.5  # a tile takes the class covering at least this share of it
     max_tiles_per_slide: int | None = 2000  # seeded, class-balanced cap per slide (None: every tile)
     cache_dir: str = "${paths.cache_dir}/slides"
+    # slide-level models (model=smt, MIL): binary (the family's Normal vs the rest, PANDA: ISUP 0 vs > 0) or
+    # classes (the family's slide classes: the most severe annotated class; PANDA: ISUP grades 0-5)
+    slide_labels: str = "binary"
 
 
 @dataclass
@@ -111,6 +117,27 @@ class SyntheticSlidesConfig(SlideDatasetConfig):
     difficulty: float = 0.5
     seed: int = 0
     root: str | None = "${paths.cache_dir}/synthetic_slides"  # written here once
+    # None: each slide is lesion-free with the generator's chance (1/4); a share: exactly round(n * share)
+    # lesion-free slides in each split, the others with lesions
+    normal_share: float | None = None
+    # None: the generator's lesions (5-12% of the slide's short side across); [min, max] micrometres:
+    # lesions of that equivalent diameter, 1..lesion_count of each of 1-2 lesion classes per lesion slide
+    lesion_diameter_um: list[float] | None = None
+    lesion_count: int = 2
+
+
+@dataclass
+class SmtSyntheticConfig(SyntheticSlidesConfig):
+    """Synthetic slides for slide-level models: half of them lesion-free, small lesions on the others
+    (a few percent of the tissue, like CAMELYON16's micro- and macro-metastases)."""
+
+    name: str = "smt_synthetic"
+    slides_per_split: list[int] = field(default_factory=lambda: [8, 4, 4])
+    width: int = 4096
+    height: int = 4096
+    normal_share: float | None = 0.5
+    lesion_diameter_um: list[float] | None = field(default_factory=lambda: [60.0, 140.0])
+    lesion_count: int = 2
 
 
 @dataclass
@@ -128,8 +155,18 @@ class BachWsiConfig(SlideDatasetConfig):
     name: str = "bach_wsi"
 
 
+@dataclass
+class PandaConfig(SlideDatasetConfig):
+    """PANDA prostate biopsies (train_images/*.tiff, train_label_masks/*_mask.tiff, train.csv): slide-level
+    ISUP labels only (no tiles)."""
+
+    name: str = "panda"
+
+
 SLIDE_DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
     "synthetic_slides": SyntheticSlidesConfig,
+    "smt_synthetic": SmtSyntheticConfig,
     "camelyon16": Camelyon16Config,
     "bach_wsi": BachWsiConfig,
+    "panda": PandaConfig,
 }

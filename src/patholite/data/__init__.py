@@ -18,11 +18,22 @@ FAMILIES = {
     "synthetic_slides": "patholite.data.slides:SyntheticSlidesDataModule",
     "camelyon16": "patholite.data.camelyon16:Camelyon16DataModule",
     "bach_wsi": "patholite.data.bach:BachWsiDataModule",
+    "smt_synthetic": "patholite.data.slides:SyntheticSlidesDataModule",
+    "panda": "patholite.data.panda:PandaDataModule",
 }
 
 
-def build_datamodule(cfg, pin_memory: bool = False) -> HistologyDataModule:
-    """The datamodule for ``cfg`` (the ``dataset`` node)."""
+def build_datamodule(cfg, pin_memory: bool = False, model=None) -> HistologyDataModule:
+    """The datamodule for ``cfg`` (the ``dataset`` node); with an SMT ``model`` node, the slide-level one over
+    the same family (one thumbnail and label per slide)."""
+    if model is not None and model.get("family") == "smt":
+        from patholite.data.slide_level import SlideLevelDataModule
+
+        s = model.smt
+        return SlideLevelDataModule(
+            cfg, pin_memory=pin_memory, image_size=s.image_size, grid=s.grid, too_small=s.too_small,
+            hops=s.layers - 1,
+        )  # fmt: skip
     if cfg.name not in FAMILIES:
         raise ConfigError(f"dataset.name={cfg.name!r} is not one of {sorted(FAMILIES)}")
     module, cls = FAMILIES[cfg.name].split(":")

@@ -275,12 +275,46 @@ class SyntheticSlidesDataModule(SlideDataModule):
         cfg, counts = self.cfg, list(self.cfg.slides_per_split)
         if len(counts) != 3 or min(counts) < 1:
             raise ConfigError(f"dataset.slides_per_split={counts} needs three counts >= 1 (train, val, test)")
-        spec = SlideSpec(width=cfg.width, height=cfg.height, difficulty=cfg.difficulty)
+        lesions, tag = self._lesion_menu()
+        spec = SlideSpec(width=cfg.width, height=cfg.height, difficulty=cfg.difficulty, lesions=lesions)
         # a folder per setting, so sweeps over them never rewrite each other's slides
-        folder = self.root / f"{cfg.width}x{cfg.height}-d{cfg.difficulty:g}-s{cfg.seed}"
+        folder = self.root / f"{cfg.width}x{cfg.height}-d{cfg.difficulty:g}-s{cfg.seed}{tag}"
+        share = cfg.get("normal_share")
         entries = []
         for i, (split, n) in enumerate(zip(SPLITS, counts, strict=True)):
-            # a seed per split (a bijection of seed and split): more training slides leave val and test alone
-            for s in generate_slides(folder / split, n, spec, seed=3 * cfg.seed + i, prefix=split):
-                entries.append(SlideEntry(s.path, s.xml_path, s.slide_class, split))
+            if share is None:
+                # a seed per split (a bijection of seed and split): more training slides leave val and test
+                # alone; each slide is lesion-free with the generator's chance
+                drawn = generate_slides(folder / split, n, spec, seed=3 * cfg.seed + i, prefix=split)
+            else:  # exactly round(n * share) lesion-free slides per split (at least one of each kind)
+                normal = min(max(round(n * share), int(share > 0)), n - int(share < 1))
+                drawn = [
+                    *generate_slides(folder / split, normal, spec, seed=6 * cfg.seed + 2 * i,
+                                     normal_share=1.0, prefix=f"{split}_normal"),
+                    *generate_slides(folder / split, n - normal, spec, seed=6 * cfg.seed + 2 * i + 1,
+                                     normal_share=0.0, prefix=f"{split}_tumor"),
+                ]  # fmt: skip
+            entries += [SlideEntry(s.path, s.xml_path, s.slide_class, split) for s in drawn]
         return entries
+
+    def _lesion_menu(self) -> tuple[list, str]:
+        """The lesions slides may hold (``lesion_diameter_um``, ``lesion_count``; none set: the generator's
+        default menu) and the folder-name tag of the lesion and normal-share settings."""
+        from patholite.slides.synthetic import LESION_CLASSES, LesionSpec
+
+        cfg, tag = self.cfg, ""
+        if cfg.get("normal_share") is not None:
+            if not 0.0 <= cfg.normal_share <= 1.0:
+                raise ConfigError(f"dataset.normal_share={cfg.normal_share} must lie in [0, 1], or null")
+            tag += f"-n{cfg.normal_share:g}"
+        sizes = cfg.get("lesion_diameter_um")
+        if sizes is None:
+            return [], tag
+        sizes, count = [float(v) for v in sizes], int(cfg.lesion_count)
+        if len(sizes) != 2 or not 0 < sizes[0] <= sizes[1] or count < 1:
+            raise ConfigError(
+                f"dataset.lesion_diameter_um={sizes} must be [min, max] micrometres with 0 < min <= max and "
+                f"dataset.lesion_count={count} at least 1"
+            )
+        lesions = [LesionSpec(c, count, (sizes[0], sizes[1])) for c in LESION_CLASSES]
+        return lesions, f"{tag}-l{count}x{sizes[0]:g}-{sizes[1]:g}um"

@@ -103,6 +103,12 @@ ARTIFACT_NAMES = {
     "lowrank": "Nystrom low-rank attention",
     "onnx_fp32": "float ONNX export run with ONNX Runtime",
     "fp32_compile": "the float model run through torch.compile (inductor), benchmark only",
+    # slide-level models (model=smt and its baselines); quality per slide, cost per slide
+    "smt_fp32": "R3's SMT in float: thumbnail plus 1 + K + K^2 focused regions per slide",
+    "smt_int8_dynamic": "SMT with torch.ao dynamic INT8 Linear layers in every encoder",
+    "tiling_max": "full tiling of the tissue with the patch classifier, max pooling of tile scores (R3)",
+    "tiling_mean": "full tiling of the tissue with the patch classifier, mean pooling of tile scores",
+    "mil_gated": "gated-attention MIL (CLAM-SB-like) over the patch classifier's tile embeddings",
 }
 
 _PACKAGES = (

@@ -30,6 +30,10 @@ def _plain(cfg: Any) -> dict:
 def create_network(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
     """The bare network of ``model_cfg`` (no weights loaded). Works under ``torch.device("meta")``."""
     cfg = _plain(model_cfg)
+    if cfg.get("family") == "smt":  # R3's multilayer network; its image size is model.smt.image_size
+        from patholite.models.smt import smt_from_config
+
+        return smt_from_config(cfg, num_classes)
     kwargs = dict(cfg.get("kwargs") or {})
     if cfg.get("family", "vit") == "vit":
         kwargs.setdefault("img_size", image_size)

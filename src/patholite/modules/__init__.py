@@ -1,5 +1,6 @@
-"""LightningModules: the plain classifier (teacher); distillation students and SMT come later."""
+"""LightningModules: the plain classifier (teacher) and SMT (R3); distillation students come later."""
 
 from patholite.modules.classifier import ClassifierModule
+from patholite.modules.smt import SMTModule
 
-__all__ = ["ClassifierModule"]
+__all__ = ["ClassifierModule", "SMTModule"]

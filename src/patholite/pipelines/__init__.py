@@ -8,6 +8,10 @@ from patholite.pipelines.context import RunContext
 
 
 def run_pipeline(ctx: RunContext) -> list[ArtifactRecord]:
+    if ctx.cfg.model.family == "smt":  # slide-level: its own training and per-slide records
+        from patholite.pipelines.smt import run_smt
+
+        return run_smt(ctx)
     from patholite.pipelines.stages import run_stages
 
     return run_stages(ctx)

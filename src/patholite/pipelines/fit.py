@@ -67,7 +67,7 @@ def ema_callback(ema: Any | None) -> EmaCallback | None:
 
 def fit(
     ctx: RunContext,
-    module: ClassifierModule,
+    module: L.LightningModule,
     stage: str,
     epochs: int | None = None,
     ema: Any | None = None,
@@ -84,6 +84,7 @@ def fit(
         checkpoint_dir=checkpoint_dir,
         max_epochs=epochs,
         extra_callbacks=[averaging] if averaging else [],
+        manual_optimization=not module.automatic_optimization,
     )
     resume = latest_checkpoint(checkpoint_dir) if ctx.resuming else None
     if resume is not None:

@@ -68,7 +68,10 @@ def build_trainer(
     checkpoint_dir: Path | None = None,
     max_epochs: int | None = None,
     extra_callbacks: list[L.Callback] | None = None,
+    manual_optimization: bool = False,
 ) -> L.Trainer:
+    """``manual_optimization``: the module steps its own optimisers (SMT) and clips itself; Lightning
+    refuses its gradient clipping and accumulation then."""
     t = ctx.cfg.trainer
     return L.Trainer(
         **ctx.accelerator.trainer_kwargs(),
@@ -76,8 +79,8 @@ def build_trainer(
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=None if manual_optimization else t.gradient_clip_val,
+        accumulate_grad_batches=1 if manual_optimization else t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         deterministic=t.deterministic,

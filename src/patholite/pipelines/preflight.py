@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int, key: str = "model") -> None:
     """The model can take the dataset's images and classes, and its checkpoint fits both (``key``: where the
     model is configured, for the messages: ``model`` or ``compression.teacher``)."""
+    if model_cfg.family == "smt":  # its images are model.smt.image_size; SMTNet checks its own geometry
+        image_size = int(model_cfg.smt.image_size)
     if "img_size" in (model_cfg.kwargs or {}):
         raise ConfigError(
             "model.kwargs.img_size is set by the dataset: use dataset.image_size=<pixels> instead"
@@ -34,7 +36,9 @@ def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int, k
     with torch.device("meta"):
         net = create_network(model_cfg, num_classes, image_size)
     embed = getattr(net, "patch_embed", None) or getattr(getattr(net, "vit", None), "patch_embed", None)
-    if embed is not None:
+    if model_cfg.family == "smt":
+        pass
+    elif embed is not None:
         patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
         if image_size % patch:
             raise ConfigError(
@@ -120,7 +124,7 @@ def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator
     accelerator = resolve_accelerator(cfg.accelerator)
     check_global_batch(cfg.dataset, accelerator.world_size)
     check_compression_fits(cfg, accelerator)
-    datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory)
+    datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory, model=cfg.model)
     check_model_fits(cfg.model, datamodule.num_classes, cfg.dataset.image_size)
     if "distill" in cfg.compression.stages:
         check_teacher(cfg, datamodule.num_classes)

@@ -156,6 +156,7 @@ class PredictionWriter:
 class StreamResult:
     probs: np.ndarray  # (N, C) in tile order
     timings: dict[str, float] = field(default_factory=dict)
+    embeddings: np.ndarray | None = None  # (N, d) in tile order, when the model returns (logits, features)
 
 
 def _loader(dataset: SlideTiles, batch_size: int, workers: int, prefetch: int) -> DataLoader:
@@ -183,25 +184,30 @@ def stream_tiles(
     model: nn.Module,
     spec: TileSpec,
     class_names: list[str],
-    csv_path: Path,
+    csv_path: Path | None,
     batch_size: int = 32,
     workers: int = 2,
     prefetch: int = 4,
     device: str = "cpu",
     extra_columns: dict[str, np.ndarray] | None = None,
 ) -> StreamResult:
-    """Run ``model`` over every tile of ``spec``; per-tile predictions go to ``csv_path``."""
+    """Run ``model`` over every tile of ``spec``; per-tile predictions go to ``csv_path`` (None: no file).
+
+    ``model`` returns logits, or a tuple ``(logits, features)`` whose per-tile features are kept in tile
+    order as the result's ``embeddings`` (``slides.baselines.EmbeddingTap`` makes one of a classifier)."""
     dataset = SlideTiles(spec)
     normalise = Normalise(spec.mean, spec.std, device)
     n = len(dataset)
     probs = np.zeros((n, len(class_names)), np.float32)
+    embeddings = None
     load_busy = wait = process = 0.0
     start = time.perf_counter()
     ok, writer = False, None
     try:
         # workers fork here, before the writer thread exists: a fork copies no running thread's locks
         batches = iter(_loader(dataset, batch_size, workers, prefetch))
-        writer = PredictionWriter(csv_path, class_names, spec.coords, extra_columns or {})
+        if csv_path is not None:
+            writer = PredictionWriter(csv_path, class_names, spec.coords, extra_columns or {})
         while True:
             t0 = time.perf_counter()
             try:
@@ -217,7 +223,14 @@ def stream_tiles(
             t1 = time.perf_counter()
             wait += t1 - t0
             load_busy += float(read_s.sum())
-            logits = model(normalise(images)).float()
+            logits = model(normalise(images))
+            if isinstance(logits, tuple):
+                logits, features = logits
+                features = features.float().flatten(1).cpu().numpy()
+                if embeddings is None:
+                    embeddings = np.zeros((n, features.shape[1]), np.float32)
+                embeddings[indices.numpy()] = features
+            logits = logits.float()
             batch_probs = torch.softmax(logits, dim=1).cpu().numpy()
             process += time.perf_counter() - t1
             if not np.isfinite(batch_probs).all():
@@ -227,7 +240,8 @@ def stream_tiles(
                 )
             idx = indices.numpy()
             probs[idx] = batch_probs
-            writer.put(idx, batch_probs)
+            if writer is not None:
+                writer.put(idx, batch_probs)
         ok = True
     finally:
         if writer is not None:
@@ -248,4 +262,4 @@ def stream_tiles(
     # R1's bound: the slowest stage, the loading spread over its workers
     slowest = max(load_busy / max(1, workers), process, timings["save_busy_s"])
     timings["bound_tiles_per_s"] = n / slowest if slowest > 0 else float("nan")
-    return StreamResult(probs=probs, timings=timings)
+    return StreamResult(probs=probs, timings=timings, embeddings=embeddings)

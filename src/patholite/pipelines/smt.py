@@ -1,0 +1,202 @@
+"""``model=smt``: train R3's focusing transformer on slide labels, then record each artifact on the test
+slides the way SMT is used: one walk per slide (1 + K + K^2 regions read from the slide file), slide-level
+quality, and per-slide cost (regions and level-0 pixels read, reading and model seconds).
+
+``compression=ptq`` adds dynamic INT8 of every encoder (torch.ao, Linear layers), recorded beside the float
+model with its parity.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from patholite.measure import artifacts as art
+from patholite.measure.cost import files_size, peak_rss_mb
+from patholite.measure.evaluate import bootstrap_accuracy_ci, count_architecture, parity
+from patholite.measure.metrics import QualityMeter
+from patholite.measure.records import ArtifactRecord
+from patholite.pipelines.context import RunContext
+from patholite.pipelines.fit import fit
+
+log = logging.getLogger(__name__)
+
+
+def smt_meta(ctx: RunContext) -> dict[str, Any]:
+    """The sidecar of an SMT artifact: a slide model (the tile engine refuses it) with its geometry."""
+    dm = ctx.datamodule
+    return {
+        **ctx.artifact_meta(),
+        "image_size": int(ctx.cfg.model.smt.image_size),
+        "slide_model": True,
+        "negative_class": dm.negative_class,
+    }
+
+
+def class_weights(ctx: RunContext) -> list[float] | None:
+    """Inverse class frequency over the training slides (``model.smt.class_weights=auto``)."""
+    if ctx.cfg.model.smt.class_weights == "none":
+        return None
+    from patholite.models.smt_focus import class_weights_from_counts
+
+    labels = ctx.datamodule.datasets["train"].labels
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=ctx.datamodule.num_classes)
+    return [float(w) for w in class_weights_from_counts(counts.tolist())]
+
+
+def train_smt(ctx: RunContext) -> nn.Module:
+    from patholite.modules.smt import SMTModule
+
+    dm, s = ctx.datamodule, ctx.cfg.model.smt
+    module = SMTModule(
+        model=ctx.plain("model"),
+        class_names=list(dm.class_names),
+        mean=list(ctx.cfg.dataset.mean),
+        std=list(ctx.cfg.dataset.std),
+        class_weights=class_weights(ctx),
+        negative_class=dm.class_names.index(dm.negative_class),
+        eval_depth=s.eval_depth,
+        gradient_clip_val=ctx.cfg.trainer.gradient_clip_val,
+    )
+    return fit(ctx, module, "train").net
+
+
+def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
+    """One fresh walk per slide of ``split``, reading every region from the slide file (thumbnail
+    included): slide probabilities and what each slide cost."""
+    from patholite.models.smt import predict_slide
+    from patholite.slides.focus import RegionReader
+
+    dm, s = ctx.datamodule, ctx.cfg.model.smt
+    dataset = dm.datasets[split]
+    negative = dm.class_names.index(dm.negative_class)
+    probs, per_slide = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        slide = int(item["slide"])
+        reader = RegionReader(dm.slide_paths[slide], mpp=ctx.cfg.dataset.reader.mpp)
+        box = _box(item["box"])
+        start = time.perf_counter()
+        out = predict_slide(
+            net, reader, box, int(s.top_k), ctx.cfg.dataset.mean, ctx.cfg.dataset.std,
+            aggregate=s.aggregate, negative_class=negative,
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        probs.append(torch.as_tensor(np.asarray(out["probs"], dtype=np.float32)))
+        sides = [b[2] for layer in out["layers"] for b in layer["boxes"]]
+        per_slide.append(
+            {
+                "slide": Path(dm.slide_paths[slide]).name,
+                "wall_s": wall,
+                "read_s": out["read_seconds"],
+                "model_s": out["model_seconds"],
+                "reads": out["reads"],
+                "level0_pixels": float(sum(side * side for side in sides)),
+            }
+        )
+    labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
+    return {"probs": torch.stack(probs), "labels": labels, "slides": per_slide}
+
+
+def _box(values: Any):
+    from patholite.slides.focus import Box
+
+    x, y, side = (float(v) for v in values)
+    return Box(x, y, side)
+
+
+def _per_slide_cost(slides: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return float(statistics.median(s[key] for s in slides))
+
+    walls = sorted(s["wall_s"] for s in slides)
+    return {
+        "n_slides": len(slides),
+        "wall_s_median": med("wall_s"),
+        "wall_s_p90": float(walls[min(len(walls) - 1, int(0.9 * len(walls)))]),
+        "read_s_median": med("read_s"),
+        "model_s_median": med("model_s"),
+        "reads_per_slide": med("reads"),
+        "level0_pixels_median": med("level0_pixels"),
+        "slides": slides,
+    }
+
+
+def smt_record(
+    name: str,
+    net: nn.Module,
+    directory: Path,
+    files: list[str],
+    ctx: RunContext,
+    source: str | None = None,
+    reference: torch.Tensor | None = None,
+) -> tuple[ArtifactRecord, torch.Tensor]:
+    """Slide-level quality and per-slide cost of a reloaded SMT artifact; returns its log-probabilities."""
+    dm = ctx.datamodule
+    walked = walk_test_slides(net, ctx)
+    probs, labels = walked["probs"], walked["labels"]
+    meter = QualityMeter(list(dm.class_names))
+    meter.update(probs, labels)
+    quality = meter.compute()
+    quality["accuracy_ci95"] = bootstrap_accuracy_ci(probs.argmax(1) == labels)
+    logits = torch.log(probs.clamp_min(1e-12))
+    per_slide = _per_slide_cost(walked["slides"])
+    wall = per_slide["wall_s_median"]
+    # one encoder pass on an S x S image, times the images a slide's walk sees (encoders share a shape)
+    counted = count_architecture(net, int(ctx.cfg.model.smt.image_size), "cpu", directory)
+    images = per_slide["reads_per_slide"]
+    cost = {
+        "params": counted["params"],
+        "flops": int(counted["flops"] * images),
+        "flops_fused_uncounted": int(counted["flops_fused_uncounted"] * images),
+        "size_bytes": files_size(directory, files),
+        # per slide, not per batch of images: "slide" is the unit SMT is timed in
+        "latency_ms": {"slide": {"p50": 1000 * wall, "p90": 1000 * per_slide["wall_s_p90"]}},
+        "throughput_ips": {"slide": 1.0 / wall if wall > 0 else None},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "memory": {"method": "process", "note": "the job's peak so far, training included"},
+        "timing": {"method": "process", "unit": "slide", "note": "one walk per test slide, regions read "
+                   "from the slide file (thumbnail included), tissue box from the cached mask"},
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "protocol": {"per_slide": per_slide},
+    }  # fmt: skip
+    record = ArtifactRecord(
+        name=name,
+        path=str(directory),
+        files=files,
+        quality=quality,
+        cost=cost,
+        source=source,
+        parity=parity(logits, reference, source) if reference is not None and source else None,
+        model=ctx.cfg.model.name,
+    )
+    return record, logits
+
+
+def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
+    """Train SMT (``compression.stages`` ``[train]``), record it, and with ``ptq`` its dynamic INT8."""
+    trained = train_smt(ctx).cpu().eval()
+    meta = smt_meta(ctx)
+    directory = ctx.artifact_dir("smt_fp32")
+    files = art.save_float_artifact(trained, directory, meta)
+    net, _ = art.load_float_artifact(directory)
+    record, logits = smt_record("smt_fp32", net, directory, files, ctx)
+    records = [record]
+    if "ptq" in ctx.cfg.compression.stages:
+        engine = ctx.accelerator.int8_engine
+        qnet = art.quantize_dynamic_int8(copy.deepcopy(net), engine)
+        qdir = ctx.artifact_dir("smt_int8_dynamic")
+        qfiles = art.save_int8_dynamic_artifact(qnet, qdir, meta, engine)
+        loaded, _ = art.load_artifact(qdir)
+        qrecord, _ = smt_record("smt_int8_dynamic", loaded, qdir, qfiles, ctx, "smt_fp32", logits)
+        records.append(qrecord)
+    return records

@@ -1,0 +1,48 @@
+"""``python -m patholite.train model=smt``: a tiny SMT trains on tiny synthetic slides, is recorded per slide,
+and its dynamic-INT8 twin runs too."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .conftest import run_cli
+
+TINY_SLIDES = [
+    "dataset=smt_synthetic",
+    "dataset.width=2048",
+    "dataset.height=2048",
+    "dataset.slides_per_split=[4,2,2]",
+]
+
+
+def test_a_tiny_smt_trains_and_is_recorded_per_slide(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(
+        ["model=smt_micro", *TINY_SLIDES, "debug=fast", "trainer.max_epochs=2", "compression=ptq",
+         "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "ok"
+    fp32, int8 = record["artifacts"]
+    assert (fp32["name"], int8["name"], int8["source"]) == ("smt_fp32", "smt_int8_dynamic", "smt_fp32")
+    k = 2  # smt_micro: top_k 2, three layers
+    for artifact in (fp32, int8):
+        per_slide = artifact["cost"]["protocol"]["per_slide"]
+        assert per_slide["n_slides"] == 2 == artifact["quality"]["n_samples"]  # the test slides
+        assert [s["reads"] for s in per_slide["slides"]] == [1 + k + k * k] * 2
+        assert all(s["read_s"] + s["model_s"] <= s["wall_s"] * 1.01 for s in per_slide["slides"])
+        assert artifact["cost"]["latency_ms"]["slide"]["p50"] > 0
+    assert int8["cost"]["size_bytes"] < fp32["cost"]["size_bytes"]
+    assert int8["parity"]["against"] == "smt_fp32"
+
+    sidecar = json.loads((run / "artifacts" / "smt_fp32" / "artifact.json").read_text())
+    assert sidecar["slide_model"] is True and sidecar["negative_class"] == "Normal"
+    assert sidecar["class_names"] == ["Normal", "Tumor"] and sidecar["model"]["family"] == "smt"
+    # the focusing memory (temporal ensembling) travels in the checkpoint, so a resumed run continues it
+    last = run / "checkpoints" / "train" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["smt_focus_memory"]
