@@ -1,4 +1,5 @@
-"""Entry point: ``python -m patholite.slide`` (or ``patholite-slide``): a tile classifier over whole slides.
+"""Entry point: ``python -m patholite.slide`` (or ``patholite-slide``): a tile classifier over whole slides,
+or an SMT slide model (``mode``: auto picks by the artifact; see ``slides.smt_inference``).
 
 ``slide=<file>`` or ``slides=<folder or list file>``, and ``artifact=<artifact or run folder>`` (float, torch
 INT8 or ONNX Runtime). Per slide: tissue detection, tiling at the resolution the model was trained at,
@@ -53,6 +54,8 @@ def check_slide_config(cfg: DictConfig) -> None:
             )
     elif device != "cpu":
         raise ConfigError(f"engine.device={device!r}: use cpu or cuda (cuda:N for one GPU)")
+    if str(cfg.get("mode", "auto")) not in ("auto", "tiles", "smt"):
+        raise ConfigError(f"mode={cfg.mode!r}: use auto (by the artifact), tiles or smt")
     if cfg.tissue.method not in ("otsu_saturation", "otsu_gray"):
         raise ConfigError(f"tissue.method={cfg.tissue.method!r}: choose otsu_saturation or otsu_gray")
 
@@ -71,7 +74,16 @@ def run_slide(cfg: DictConfig) -> int:
         raise SystemExit(1) from err
     failed = [r for r in rows if r["status"] != "ok"]
     for r in rows:
-        if r["status"] == "ok":
+        if r["status"] == "ok" and r.get("mode") == "smt":
+            t, call = r["timings"], r["call"]
+            megapixels = r["level0_pixels_read"] / 1e6
+            print(
+                f"{Path(r['slide']).name}: {call['label']} (confidence {call['confidence']:.2f}), SMT read "
+                f"{r['reads']} regions ({megapixels:.1f} Mpx of level 0) in {t['read_s']:.2f} s, model "
+                f"{t['model_s']:.2f} s, tissue {t['tissue_s']:.2f} s, total {t['total_s']:.2f} s "
+                f"-> {r['out']}"
+            )
+        elif r["status"] == "ok":
             call = r["call"]
             t = r["timings"]
             confidence = "n/a" if call["confidence"] is None else f"{call['confidence']:.2f}"

@@ -1,7 +1,7 @@
 """One slide, end to end: open, find tissue, tile (cached), stream the tiles through the model, report.
 
 ``run_slides`` does it for many slides with one loaded model; a slide that fails is a failed row of the
-summary and the others go on.
+summary and the others go on. An SMT artifact is run by ``slides.smt_inference`` instead (``mode``).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from patholite.errors import CheckpointError, ConfigError, PatholiteError, SlideError
-from patholite.measure.artifacts import SIDECAR, load_artifact
+from patholite.measure.artifacts import SIDECAR, load_artifact, read_sidecar
 from patholite.slides.cache import slide_cache_dir, tissue_for
 from patholite.slides.engine import TileSpec, stream_tiles
 
@@ -56,11 +58,52 @@ def resolve_artifact(path: str | Path, name: str | None = None) -> Path:
     return Path(artifacts[-1]["path"])
 
 
+MODES = ("auto", "tiles", "smt")
+
+
+def is_smt_artifact(meta: dict[str, Any]) -> bool:
+    """Whether a sidecar describes an SMT slide model (a ``model=smt`` run's artifact)."""
+    return (meta.get("model") or {}).get("family") == "smt"
+
+
+def check_slide_artifact(directory: Path, meta: dict[str, Any]) -> None:
+    """Refuse, from the sidecar alone, artifacts the slide CLI cannot run at all (MIL bags)."""
+    if meta.get("kind") == "mil":
+        raise CheckpointError(
+            f"artifact {directory} is a gated-attention MIL slide model: its bags are built from a tile "
+            "classifier's embeddings, so the slide CLI does not run it; run it with scripts/bench_smt.py, or "
+            "give the slide CLI a tile classifier or an SMT artifact"
+        )
+
+
+def slide_mode(mode: str, meta: dict[str, Any], directory: Path) -> str:
+    """``tiles`` or ``smt``: what ``mode`` (auto | tiles | smt) means for the artifact ``meta`` describes."""
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r}: use auto (by the artifact), tiles or smt")
+    check_slide_artifact(directory, meta)
+    smt = is_smt_artifact(meta)
+    if mode == "auto":
+        return "smt" if smt else "tiles"
+    if mode == "smt" and not smt:
+        raise CheckpointError(
+            f"artifact {directory} is a tile classifier, not an SMT slide model; use mode=tiles or an "
+            "artifact of a model=smt run"
+        )
+    return mode
+
+
 def load_classifier(directory: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The artifact's model, checked to produce one score per class its sidecar names."""
-    model, meta = load_artifact(directory)
-    if meta.get("slide_model"):
+    sidecar = read_sidecar(directory)
+    check_slide_artifact(directory, sidecar)
+    if is_smt_artifact(sidecar):
+        raise CheckpointError(
+            f"artifact {directory} is an SMT slide-level model, not a tile classifier; run it with mode=smt "
+            "(or mode=auto)"
+        )
+    if sidecar.get("slide_model"):
         raise CheckpointError(f"artifact {directory} is a slide-level model, not a tile classifier")
+    model, meta = load_artifact(directory)
     if device != "cpu":
         if meta["kind"] != "torch_float":
             raise ConfigError(f"artifact {directory} ({meta['kind']}) runs on the CPU: use engine.device=cpu")
@@ -237,16 +280,19 @@ def _call_rule(cfg):
 
 
 def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
-    """Every slide through one loaded model. With ``slides=`` (many), a slide's failure of any kind is a
+    """Every slide through one loaded model: a tile classifier (tiling) or an SMT slide model (its focusing
+    walk), as ``mode`` and the artifact say. With ``slides=`` (many), a slide's failure of any kind is a
     failed summary row and the others go on; with ``slide=`` (one), its error is raised."""
-    from patholite.slides.report import check_rule, failed_row, write_summary
+    from patholite.slides.report import check_rule
     from patholite.slides.tiling import check_request
 
     directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
-    previous_threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cfg.engine.threads or max(1, cores - cfg.engine.workers))
-    try:
+    mode = slide_mode(str(cfg.get("mode", "auto")), read_sidecar(directory), directory)
+    if mode == "smt":
+        from patholite.slides.smt_inference import run_smt_slides
+
+        return run_smt_slides(paths, cfg, out_dir, directory=directory)
+    with model_threads(cfg.engine.threads or max(1, available_cores() - cfg.engine.workers)):
         model, meta = load_classifier(directory, cfg.engine.device)
         meta["_directory"] = str(directory)
         # settings that would fail every slide fail once, before any slide is read
@@ -254,25 +300,49 @@ def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
         geometry = tile_geometry(cfg.tile, meta, directory)
         t = cfg.tile
         check_request(geometry.patch_size, geometry.mpp, geometry.magnification, t.overlap, t.theta)
-        many = not cfg.slide
-        rows = []
-        for path, name in zip(paths, _unique_names(paths), strict=True):
-            log.info("slide %s", path)
-            start = time.perf_counter()
-            try:
-                report = process_slide(path, cfg, model, meta, out_dir / name)
-                rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
-            except Exception as err:
-                if not many:
-                    raise
-                if isinstance(err, PatholiteError):
-                    log.error("slide %s failed: %s", path, err)
-                else:  # a bug or an environment failure: keep its traceback in the log
-                    log.exception("slide %s failed", path)
-                rows.append(failed_row(path, err))
-            rows[-1]["seconds"] = time.perf_counter() - start
+        # process_slide is looked up per slide (tests replace it)
+        return each_slide(paths, cfg, out_dir, lambda path, out: process_slide(path, cfg, model, meta, out))
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def model_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` within, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
     finally:
-        torch.set_num_threads(previous_threads)
+        torch.set_num_threads(previous)
+
+
+def each_slide(
+    paths: list[Path], cfg, out_dir: Path, process: Callable[[Path, Path], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``process(path, out_dir / <name>)`` for every slide, then summary.csv/.md. With ``slides=`` (many), a
+    slide's failure of any kind is a failed row and the others go on; with ``slide=`` (one), it is raised."""
+    from patholite.slides.report import failed_row, write_summary
+
+    many = not cfg.slide
+    rows = []
+    for path, name in zip(paths, _unique_names(paths), strict=True):
+        log.info("slide %s", path)
+        start = time.perf_counter()
+        try:
+            report = process(path, out_dir / name)
+            rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
+        except Exception as err:
+            if not many:
+                raise
+            if isinstance(err, PatholiteError):
+                log.error("slide %s failed: %s", path, err)
+            else:  # a bug or an environment failure: keep its traceback in the log
+                log.exception("slide %s failed", path)
+            rows.append(failed_row(path, err))
+        rows[-1]["seconds"] = time.perf_counter() - start
     write_summary(rows, out_dir)
     return rows
 

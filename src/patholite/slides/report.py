@@ -25,6 +25,7 @@ from patholite.measure.io import atomic_path, write_json
 
 UNLABELLED = 255  # annotation-map value of pixels no annotation covers
 OVERLAY_ALPHA = 0.5  # weight of the class colour over the thumbnail in overlay.png
+OPTIONAL_COLUMNS = ("reads", "level0_pixels_read")  # summary columns of rows that have them (SMT)
 FILES = {"heatmap": "heatmap.png", "overlay": "overlay.png", "report": "report.png", "json": "report.json"}
 
 
@@ -275,11 +276,15 @@ def write_slide_outputs(
     report = json.loads(json.dumps(report, default=_plain))  # what report.json will hold, exactly
     _write_png(out_dir / FILES["heatmap"], colorize(argmax, n_classes))
     _write_png(out_dir / FILES["overlay"], overlay(result.thumbnail, argmax, n_classes))
-    figure = report_figure(result, argmax, fractions, call, rule)
-    with atomic_path(out_dir / FILES["report"]) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+    save_figure(report_figure(result, argmax, fractions, call, rule), out_dir / FILES["report"])
     write_json(out_dir / FILES["json"], report)
     return report
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> None:
+    """Write a matplotlib figure (no pyplot: Agg) as PNG, atomically."""
+    with atomic_path(Path(path)) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
 
 
 def _layout(aspect: float, n_classes: int) -> tuple[tuple[float, float], int, int, list[float], list[float]]:
@@ -390,8 +395,13 @@ def summary_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         )
     columns = ["slide", "status", "error", "call", "confidence", "call_share"]
     columns += [f"frac_{c}" for c in classes] + ["n_tiles", "tiles_per_s", "seconds"]
-    frame = pd.DataFrame(table, columns=columns)
-    frame["n_tiles"] = frame["n_tiles"].astype("Int64")  # integers, blank for failed slides
+    # focused slide models (SMT) read regions, not tiles: their columns appear when a row has them
+    optional = [c for c in OPTIONAL_COLUMNS if any(row.get(c) is not None for row in rows)]
+    for entry, row in zip(table, rows, strict=True):
+        entry.update({c: row.get(c) for c in optional})
+    frame = pd.DataFrame(table, columns=columns + optional)
+    for column in ["n_tiles", *optional]:
+        frame[column] = frame[column].astype("Int64")  # integers, blank for failed slides
     return frame
 
 

@@ -1,0 +1,347 @@
+"""SMT over whole slides (R3): each slide diagnosed from 1 + K + K^2 region reads, not from its tiles.
+
+Per slide: the tissue box (from the slide engine's cached tissue mask), the magnification-chain check
+(``model.smt.too_small``), then ``models.smt.predict_slide`` reading the thumbnail and every focused region
+through one ``RegionReader``, which counts the reads. Outputs per slide: ``report.json`` (the call, the
+timings, and per layer the boxes read in level-0 px with their focusing scores and class probabilities, the
+layer-3 image(s) that drove the call marked) and ``focus.png`` (R3 Figure 4: the thumbnail with the focused
+boxes, the magnified crops below). ``run_smt_slides`` shares the tile engine's summary and failure policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from patholite.errors import CheckpointError, ConfigError, SlideError
+from patholite.measure.artifacts import load_artifact, read_sidecar
+from patholite.measure.io import write_json
+from patholite.slides.focus import POLICIES, Box, RegionReader, chain_check, tissue_box
+
+log = logging.getLogger(__name__)
+
+FILES = {"focus": "focus.png", "json": "report.json"}
+LAYER_COLORS = ("#1f77b4", "#ffbf00", "#00c0ff", "#ff00c8", "#40ff40")  # box of an image of layer l+1
+DROVE_COLOR = "#e31a1c"  # frame of the image(s) that drove the call
+MAX_COLUMNS = 8  # crops per figure row
+
+
+@dataclass(frozen=True)
+class SmtSettings:
+    """What the walk needs from an SMT artifact's sidecar."""
+
+    image_size: int
+    grid: int
+    top_k: int
+    layers: int
+    aggregate: str
+    too_small: str
+    negative: int  # index of the negative class
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def expected_reads(self) -> int:
+        """1 + K + ... + K^(layers-1): 1 + K + K^2 for three layers."""
+        return sum(self.top_k**layer for layer in range(self.layers))
+
+
+def smt_settings(net, meta: dict[str, Any], directory: str | Path) -> SmtSettings:
+    """The walk's settings from the sidecar, checked against the loaded network."""
+    from patholite.models.smt import check_top_k
+
+    smt = dict((meta.get("model") or {}).get("smt") or {})
+    names = list(meta["class_names"])
+    if len(names) != net.num_classes:
+        raise CheckpointError(
+            f"artifact {directory}: its network has {net.num_classes} classes but its sidecar names "
+            f"{len(names)} {names}; the artifact is inconsistent, export it again"
+        )
+    negative = meta.get("negative_class", names[0])
+    if negative not in names:
+        raise CheckpointError(
+            f"artifact {directory}: negative_class {negative!r} is not one of its classes {names}"
+        )
+    aggregate, too_small = str(smt.get("aggregate", "mean")), str(smt.get("too_small", "upsample"))
+    if aggregate not in ("mean", "max") or too_small not in POLICIES:
+        raise CheckpointError(
+            f"artifact {directory}: model.smt.aggregate={aggregate!r} / too_small={too_small!r} in its "
+            f"sidecar; expected mean|max and one of {list(POLICIES)}"
+        )
+    return SmtSettings(
+        image_size=int(net.image_size),
+        grid=int(net.grid),
+        top_k=check_top_k(int(smt.get("top_k") or net.top_k or 4), net.grid),
+        layers=int(net.layers),
+        aggregate=aggregate,
+        too_small=too_small,
+        negative=names.index(negative),
+        mean=tuple(float(v) for v in meta.get("mean") or (0.485, 0.456, 0.406)),
+        std=tuple(float(v) for v in meta.get("std") or (0.229, 0.224, 0.225)),
+    )
+
+
+def load_smt_model(directory: str | Path, device: str = "cpu"):
+    """The SMT network of an artifact (float or dynamic INT8) and its sidecar (``_directory`` added)."""
+    from patholite.models.smt import SMTNet
+    from patholite.slides.inference import check_slide_artifact, is_smt_artifact
+
+    directory = Path(directory)
+    sidecar = read_sidecar(directory)
+    check_slide_artifact(directory, sidecar)
+    if not is_smt_artifact(sidecar):
+        raise CheckpointError(
+            f"artifact {directory} is a tile classifier, not an SMT slide model; use mode=tiles or an "
+            "artifact of a model=smt run"
+        )
+    net, meta = load_artifact(directory)
+    if not isinstance(net, SMTNet):
+        raise CheckpointError(
+            f"artifact {directory} ({meta['kind']}) does not load as an SMT network; SMT runs from a "
+            "torch float or dynamic-INT8 artifact"
+        )
+    if device != "cpu":
+        if meta["kind"] != "torch_float":
+            raise ConfigError(f"artifact {directory} ({meta['kind']}) runs on the CPU: use engine.device=cpu")
+        net = net.to(device)
+    meta["_directory"] = str(directory)
+    smt_settings(net, meta, directory)  # an inconsistent sidecar fails before any slide is read
+    return net.eval(), meta
+
+
+class RecordingReader:
+    """Passes reads to a ``RegionReader`` (which counts them) and keeps each image, for the figure."""
+
+    def __init__(self, reader: RegionReader) -> None:
+        self.reader = reader
+        self.images: list[tuple[Box, np.ndarray]] = []
+
+    def read(self, box: Box, size: int) -> np.ndarray:
+        image = self.reader.read(box, size)
+        self.images.append((box, image))
+        return image
+
+
+# ------------------------------------------------------------------------------------------ one slide
+def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Diagnose one slide with the SMT walk; write report.json and focus.png into ``out_dir``; return the
+    report (a summary row: call, confidence, reads, level0_pixels_read, seconds)."""
+    from patholite.models.smt import predict_slide
+    from patholite.slides.cache import slide_cache_dir, tissue_for
+
+    start = time.perf_counter()
+    path = Path(path)
+    settings = smt_settings(net, meta, meta.get("_directory", "?"))
+    class_names = list(meta["class_names"])
+    reader = RegionReader(path, cfg.reader.mpp, cfg.reader.backend)
+    slide = reader.slide  # opened once for the process (open_cached), shared with the reads
+    t0 = time.perf_counter()
+    mask = tissue_for(slide, cfg, slide_cache_dir(Path(cfg.paths.cache_dir) / "slides", path, cfg))
+    box = tissue_box(mask, slide.dimensions)
+    t1 = time.perf_counter()
+    chain_check(box, settings.image_size, settings.grid, settings.layers - 1, settings.too_small,
+                source=f"slide {path.name}")  # fmt: skip
+    recorder = RecordingReader(reader)
+    result = predict_slide(net, recorder, box, settings.top_k, settings.mean, settings.std,
+                           aggregate=settings.aggregate, negative_class=settings.negative)  # fmt: skip
+    t2 = time.perf_counter()
+    if not reader.reads == result["reads"] == settings.expected_reads == len(recorder.images):
+        raise SlideError(
+            f"slide {path.name}: the SMT walk read {reader.reads} regions, not 1 + K + K^2 = "
+            f"{settings.expected_reads} (K={settings.top_k}); this is a bug, please report it"
+        )
+    layers = layer_records(result["layers"], settings, class_names)
+    probs = result["probs"]
+    label = int(result["label"])
+    side = box.side / settings.grid ** (settings.layers - 1)
+    report: dict[str, Any] = {
+        "slide": str(path),
+        "status": "ok",
+        "mode": "smt",
+        "call": {
+            "label": class_names[label],
+            "confidence": float(probs[label]),
+            "share": None,
+            "by": f"argmax of the slide probabilities ({settings.aggregate} over layer {settings.layers})",
+            "driven_by": [r["index"] for r in layers[-1]["regions"] if r["drove_call"]],
+        },
+        "probs": dict(zip(class_names, map(float, probs), strict=True)),
+        "class_names": class_names,
+        "negative_class": class_names[settings.negative],
+        "reads": reader.reads,
+        "expected_reads": settings.expected_reads,
+        "level0_pixels_read": round(sum(b.side**2 for b, _ in recorder.images)),
+        "tissue_box": box.as_list(),
+        "layers": layers,
+        "smt": {
+            "image_size": settings.image_size,
+            "grid": settings.grid,
+            "top_k": settings.top_k,
+            "layers": settings.layers,
+            "aggregate": settings.aggregate,
+            "too_small": settings.too_small,
+            "last_layer_level0_per_px": side / settings.image_size,
+            "upsampled": side < settings.image_size,
+        },
+        "timings": {
+            "open_s": t0 - start,
+            "tissue_s": t1 - t0,
+            "read_s": float(result["read_seconds"]),
+            "model_s": float(result["model_seconds"]),
+            "total_s": t2 - start,
+        },
+        "extra": {
+            "artifact": meta.get("_directory"),
+            "artifact_kind": meta.get("kind"),
+            "slide": slide.describe(),
+        },  # fmt: skip
+        "out_dir": str(out_dir),
+        "files": {"focus": FILES["focus"]},
+    }
+    report["seconds"] = report["timings"]["total_s"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = _images_by_layer(recorder.images, layers)
+    from patholite.slides.report import save_figure
+
+    save_figure(focus_figure(report, images), out_dir / FILES["focus"])
+    report["timings"]["report_s"] = time.perf_counter() - t2
+    write_json(out_dir / FILES["json"], report)
+    return report
+
+
+def layer_records(
+    walk: Sequence[dict[str, Any]], settings: SmtSettings, class_names: list[str]
+) -> list[dict]:
+    """report.json's ``layers``: per layer its regions (box, parent image and patch, focusing score, class
+    probabilities, positive probability); the last layer's most positive image(s) marked ``drove_call``."""
+    k, grid, negative = settings.top_k, settings.grid, settings.negative
+    out = []
+    for layer, rec in enumerate(walk):
+        regions = []
+        for j, (box, score, p) in enumerate(zip(rec["boxes"], rec["scores"], rec["probs"], strict=True)):
+            region: dict[str, Any] = {"index": j, "box": [float(v) for v in box]}
+            if layer:
+                parent = walk[layer - 1]["boxes"][j // k]
+                col = round((box[0] - parent[0]) / box[2])
+                row = round((box[1] - parent[1]) / box[2])
+                region.update(parent=j // k, patch=int(row * grid + col))
+            region.update(
+                score=None if score is None else float(score),
+                probs=dict(zip(class_names, map(float, p), strict=True)),
+                positive=1.0 - float(p[negative]),
+                drove_call=False,
+            )
+            regions.append(region)
+        side = float(rec["boxes"][0][2])
+        out.append({"layer": layer + 1, "level0_px_per_image_px": side / settings.image_size,
+                    "regions": regions})  # fmt: skip
+    top = max(r["positive"] for r in out[-1]["regions"])
+    for r in out[-1]["regions"]:
+        r["drove_call"] = bool(r["positive"] >= top - 1e-9)
+    return out
+
+
+def _images_by_layer(read: list[tuple[Box, np.ndarray]], layers: list[dict]) -> list[list[np.ndarray]]:
+    """The images read, in walk order, split by layer (checked against the boxes the report records)."""
+    out, i = [], 0
+    for layer in layers:
+        n = len(layer["regions"])
+        chunk = read[i : i + n]
+        if [b.as_list() for b, _ in chunk] != [r["box"] for r in layer["regions"]]:
+            raise SlideError(
+                "the regions read do not match the walk's boxes; this is a bug, please report it"
+            )
+        out.append([image for _, image in chunk])
+        i += n
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the figure
+def _frame(ax, box: Sequence[float], color: str, width: float = 1.5) -> None:
+    x, y, side = box
+    ax.add_patch(Rectangle((x, y), side, side, fill=False, edgecolor=color, linewidth=width))
+
+
+def _show(ax, image: np.ndarray, box: Sequence[float], title: str) -> None:
+    """``image`` drawn over its level-0 box (so boxes of the next layer can be drawn in slide coordinates)."""
+    x, y, side = box
+    ax.imshow(image, extent=(x, x + side, y + side, y), interpolation="nearest")
+    ax.set(xlim=(x, x + side), ylim=(y + side, y), xticks=[], yticks=[])
+    ax.set_title(title, fontsize=7)
+
+
+def focus_figure(report: dict[str, Any], images: list[list[np.ndarray]]) -> Figure:
+    """R3 Figure 4: the thumbnail with layer 1's top-K boxes (and layer 2's inside them, another colour),
+    then a row per deeper layer of its magnified crops with their focusing score and positive probability;
+    the crop(s) that drove the call framed in red."""
+    layers = report["layers"]
+    negative = report["negative_class"]
+    deeper = [len(layer["regions"]) for layer in layers[1:]]
+    cols = max(1, min(MAX_COLUMNS, max(deeper, default=1)))
+    crop_rows = [math.ceil(n / cols) for n in deeper]
+    cell = 1.6
+    width = max(7.0, cols * cell)
+    thumb_h = min(width, 5.0)
+    heights = [thumb_h] + [cell + 0.35] * sum(crop_rows)
+    fig = Figure(figsize=(width, sum(heights) + 0.9), layout="constrained")
+    grid = fig.add_gridspec(1 + sum(crop_rows), cols, height_ratios=heights)
+    ax = fig.add_subplot(grid[0, :])
+    _show(
+        ax,
+        images[0][0],
+        layers[0]["regions"][0]["box"],
+        f"layer 1: tissue box at {report['smt']['image_size']} px",
+    )
+    for depth, layer in enumerate(layers[1:3], start=1):  # layer 2's regions, then layer 3's inside them
+        for region in layer["regions"]:
+            _frame(ax, region["box"], LAYER_COLORS[depth % len(LAYER_COLORS)], 2.0 if depth == 1 else 1.0)
+    row = 1
+    for depth, layer in enumerate(layers[1:], start=1):
+        children = layers[depth + 1]["regions"] if depth + 1 < len(layers) else []
+        for j, region in enumerate(layer["regions"]):
+            sub = fig.add_subplot(grid[row + j // cols, j % cols])
+            score = "" if region["score"] is None else f"f={region['score']:.2f} "
+            _show(
+                sub, images[depth][j], region["box"], f"L{depth + 1} #{j} {score}p+={region['positive']:.2f}"
+            )
+            for child in children:
+                if child["parent"] == j:
+                    _frame(sub, child["box"], LAYER_COLORS[(depth + 1) % len(LAYER_COLORS)])
+            edge = LAYER_COLORS[depth % len(LAYER_COLORS)]
+            for spine in sub.spines.values():
+                spine.set(edgecolor=DROVE_COLOR if region["drove_call"] else edge,
+                          linewidth=3.0 if region["drove_call"] else 1.5)  # fmt: skip
+        row += math.ceil(len(layer["regions"]) / cols)
+    call = report["call"]
+    fig.suptitle(
+        f"{Path(report['slide']).name}: {call['label']} (confidence {call['confidence']:.2f}), "
+        f"{report['reads']} regions read\nf = focusing score, p+ = 1 - p({negative}); red: drove the call",
+        fontsize=9,
+    )
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ many slides
+def run_smt_slides(
+    paths: list[Path], cfg, out_dir: Path, net=None, meta: dict[str, Any] | None = None,
+    directory: str | Path | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every slide through one SMT network (``net``/``meta``, else loaded from ``directory``, else from
+    ``cfg.artifact``), with the tile engine's summary and failure policy (``slides.inference.each_slide``)."""
+    from patholite.slides.inference import available_cores, each_slide, model_threads, resolve_artifact
+
+    with model_threads(cfg.engine.threads or available_cores()):
+        if net is None or meta is None:
+            directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)
+            net, meta = load_smt_model(directory, cfg.engine.device)
+        return each_slide(paths, cfg, out_dir, lambda path, out: process_smt_slide(path, cfg, net, meta, out))
