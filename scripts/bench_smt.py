@@ -1,0 +1,379 @@
+"""SMT against full tiling on the same slides (the SMT issue's targets), with the same trained weights for
+every timing.
+
+    python scripts/bench_smt.py --smt-run <model=smt run> --tile-run <tile classifier run> --out <dir>
+        [--sizes 8192 32768] [--scale-slides 2] [--mil-epochs 40]
+
+Per test slide of the SMT run's dataset, alternating which goes first (this machine is shared and noisy):
+- SMT: tissue detection from scratch, the tissue box, the focusing walk reading 1 + K + K^2 regions from the
+  slide file (a fresh reader); level-0-equivalent pixels read = the sum of the read boxes' areas.
+- Full tiling: the slide engine over every tissue tile at the tile classifier's resolution (tissue detection
+  and tiling from scratch), keeping tile probabilities and embeddings; pixels = tiles x (tile side)^2.
+Quality per slide: SMT; tiling with max and mean pooling of tile scores (R3's baseline); gated-attention MIL
+trained on the training slides' tile embeddings (slide labels only). Focusing precision: the share of layer-1
+and layer-2 top-K regions that overlap a lesion on positive slides (synthetic truth), beside chance (the
+share of all candidate patches that do). ``--sizes``: slides of other sizes (positive, same lesion settings)
+timed the same way, to show how the gap grows. Writes ``results.json``, ``results.md`` and run records
+under ``records/`` that ``python -m patholite.compare`` puts beside the SMT run's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from patholite.data import build_datamodule
+from patholite.measure.io import write_json
+from patholite.measure.records import ArtifactRecord, RunRecord, read_record
+from patholite.models.mil import predict_mil, save_mil, train_mil
+from patholite.models.smt import predict_slide
+from patholite.slides.baselines import pool_scores, tile_outputs
+from patholite.slides.focus import Box, RegionReader, chain_check, patch_box, tissue_box
+from patholite.slides.inference import load_classifier, resolve_artifact
+from patholite.slides.reader import forget_cached, open_slide
+from patholite.slides.smt_inference import load_smt_model
+from patholite.slides.synthetic import LesionSpec, SlideSpec, generate_slides, read_truth
+from patholite.slides.tissue import detect_tissue
+
+log = logging.getLogger("bench_smt")
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_smt(net, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
+    """One cold SMT pass: tissue from scratch, then the walk with a fresh reader."""
+    s = meta["model"]["smt"]
+    forget_cached(path)
+    start = time.perf_counter()
+    with open_slide(path, mpp=mpp) as slide:
+        mask = detect_tissue(slide)
+        box = tissue_box(mask, slide.dimensions)
+    tissue_s = time.perf_counter() - start
+    chain_check(box, int(s["image_size"]), int(s["grid"]), int(s["layers"]) - 1, "upsample", str(path))
+    reader = RegionReader(path, mpp=mpp)
+    negative = meta["class_names"].index(meta.get("negative_class") or meta["class_names"][0])
+    out = predict_slide(
+        net, reader, box, int(s["top_k"]), meta["mean"], meta["std"], aggregate=s.get("aggregate", "mean"),
+        negative_class=negative,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    forget_cached(path)
+    sides = [b[2] for layer in out["layers"] for b in layer["boxes"]]
+    return {
+        "probs": [float(p) for p in out["probs"]],
+        "positive": 1.0 - float(out["probs"][negative]),
+        "wall_s": wall,
+        "tissue_s": tissue_s,
+        "read_s": out["read_seconds"],
+        "model_s": out["model_seconds"],
+        "reads": out["reads"],
+        "level0_pixels": float(sum(side * side for side in sides)),
+        "box": [box.x, box.y, box.side],
+        "layers": [{"boxes": layer["boxes"]} for layer in out["layers"]],
+    }
+
+
+def run_tiling(model, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
+    forget_cached(path)
+    start = time.perf_counter()
+    out = tile_outputs(path, model, meta, reader={"mpp": mpp} if mpp else None, embeddings=True)
+    wall = time.perf_counter() - start
+    forget_cached(path)
+    negative = 0  # the tile classes' first is Normal
+    return {
+        "wall_s": wall,
+        "tissue_s": float(out.timings.get("tissue_s", 0.0)) + float(out.timings.get("tiling_s", 0.0)),
+        "read_s": out.read_seconds,
+        "model_s": out.model_seconds,
+        "tiles": out.n_tiles,
+        "level0_pixels": float(out.read_pixels_level0),
+        "max": 1.0 - float(pool_scores(out.probabilities, "max", negative)[negative]),
+        "mean": 1.0 - float(pool_scores(out.probabilities, "mean", negative)[negative]),
+        "embeddings": out.embeddings,
+    }
+
+
+# ----------------------------------------------------------------------------------------- measures
+def binary_quality(scores: list[float], labels: list[int]) -> dict[str, Any]:
+    from torchmetrics.functional.classification import binary_auroc
+
+    y, p = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    pred = (p >= 0.5).astype(int)
+    recalls = [float((pred[y == c] == c).mean()) for c in (0, 1) if (y == c).any()]
+    both = 0 < y.sum() < len(y)
+    return {
+        "n_slides": len(y),
+        "n_positive": int(y.sum()),
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "auroc": float(binary_auroc(torch.as_tensor(p), torch.as_tensor(y))) if both else None,
+    }
+
+
+def overlaps_lesion(box: list[float], truth) -> bool:
+    ds = truth.downsample
+    x0, y0 = max(0, int(box[0] // ds)), max(0, int(box[1] // ds))
+    x1, y1 = int(np.ceil((box[0] + box[2]) / ds)), int(np.ceil((box[1] + box[2]) / ds))
+    window = truth.labels[y0:y1, x0:x1]
+    return bool(((window > 0) & (window != 255)).any())
+
+
+def focusing_precision(smt: dict, truth, grid: int) -> dict[str, Any]:
+    """Share of each layer's focused regions over a lesion, and chance: the share of the parent images'
+    candidate patches over a lesion."""
+    out = {}
+    for layer in (1, 2):
+        boxes = smt["layers"][layer]["boxes"]
+        parents = smt["layers"][layer - 1]["boxes"]
+        hits = [overlaps_lesion(b, truth) for b in boxes]
+        candidates = [
+            overlaps_lesion(patch_box(Box(*p), i, grid).as_list(), truth)
+            for p in parents
+            for i in range(grid * grid)
+        ]
+        out[f"layer{layer}"] = {"precision": float(np.mean(hits)), "chance": float(np.mean(candidates))}
+    return out
+
+
+def _without_embeddings(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "embeddings"}
+
+
+def ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def datamodule_of(run: Path):
+    record = read_record(run / "metrics.json")
+    cfg = OmegaConf.create(record["config"])
+    dm = build_datamodule(cfg.dataset, model=cfg.model)
+    dm.setup("fit")
+    return cfg, dm
+
+
+def measure_split(dm, split, smt, tile, mpp, truth_ok=True) -> list[dict[str, Any]]:
+    rows = []
+    dataset = dm.datasets[split]
+    for n, i in enumerate(dataset.slides):
+        path, label = Path(dm.slide_paths[int(i)]), int(dataset.labels[n])
+        order = [("smt", smt), ("tiling", tile)] if n % 2 == 0 else [("tiling", tile), ("smt", smt)]
+        row: dict[str, Any] = {"slide": path.name, "label": label, "lesion_share": dm.lesion_share(int(i))}
+        for name, (net, meta) in order:
+            row[name] = (run_smt if name == "smt" else run_tiling)(net, meta, path, mpp)
+        if truth_ok and label == 1:
+            row["focus"] = focusing_precision(
+                row["smt"], read_truth(path), int(smt[1]["model"]["smt"]["grid"])
+            )
+        log.info("%s: SMT %.2fs (%d reads), tiling %.2fs (%d tiles)", path.name, row["smt"]["wall_s"],
+                 row["smt"]["reads"], row["tiling"]["wall_s"], row["tiling"]["tiles"])  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def scaling(cfg, smt, tile, sizes: list[int], n: int, mpp, folder: Path) -> list[dict[str, Any]]:
+    d = cfg.dataset
+    lesions = [
+        LesionSpec(c, int(d.lesion_count), tuple(d.lesion_diameter_um)) for c in ("InSitu", "Invasive")
+    ]
+    out = []
+    for size in sizes:
+        spec = SlideSpec(width=size, height=size, difficulty=float(d.difficulty), lesions=lesions)
+        slides = generate_slides(folder / str(size), n, spec, seed=7, normal_share=0.0, prefix=f"scale{size}")
+        for k, s in enumerate(slides):
+            order = ["smt", "tiling"] if k % 2 == 0 else ["tiling", "smt"]
+            row = {"size": size, "slide": s.path.name}
+            for name in order:
+                net, meta = smt if name == "smt" else tile
+                row[name] = (run_smt if name == "smt" else run_tiling)(net, meta, s.path, mpp)
+                row[name].pop("embeddings", None)
+            out.append(row)
+            log.info("size %d: SMT %.2fs, tiling %.2fs (%d tiles)", size, row["smt"]["wall_s"],
+                     row["tiling"]["wall_s"], row["tiling"]["tiles"])  # fmt: skip
+    return out
+
+
+def _warm(run: dict[str, Any]) -> float:
+    """Wall time without tissue detection and tiling (what precomputed masks and thumbnails leave)."""
+    return run["wall_s"] - run["tissue_s"]
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(fn) -> float:
+        return float(statistics.median(fn(r) for r in rows))
+
+    return {
+        "n_slides": len(rows),
+        "smt_wall_s": med(lambda r: r["smt"]["wall_s"]),
+        "tiling_wall_s": med(lambda r: r["tiling"]["wall_s"]),
+        "smt_wall_s_tissue_excluded": med(lambda r: _warm(r["smt"])),
+        "tiling_wall_s_tissue_excluded": med(lambda r: _warm(r["tiling"])),
+        "wall_ratio": med(lambda r: ratio(r["tiling"]["wall_s"], r["smt"]["wall_s"])),
+        "wall_ratio_tissue_excluded": med(lambda r: ratio(_warm(r["tiling"]), _warm(r["smt"]))),
+        "pixel_ratio": med(lambda r: ratio(r["tiling"]["level0_pixels"], r["smt"]["level0_pixels"])),
+        "tiles": med(lambda r: r["tiling"]["tiles"]),
+        "smt_reads": med(lambda r: r["smt"]["reads"]),
+    }
+
+
+def mil_baseline(dm, tile, mpp, test_rows, epochs: int, out: Path) -> list[float]:
+    """Gated-attention MIL on the training slides' tile embeddings (slide labels only); test-slide scores."""
+    bags, labels = [], []
+    train = dm.datasets["train"]
+    for n, i in enumerate(train.slides):
+        outs = tile_outputs(Path(dm.slide_paths[int(i)]), *tile, reader={"mpp": mpp} if mpp else None,
+                            cache_dir=out / "cache")  # fmt: skip
+        bags.append(torch.as_tensor(outs.embeddings))
+        labels.append(int(train.labels[n]))
+    model = train_mil(bags, labels, num_classes=2, epochs=epochs, seed=0)
+    save_mil(model, out / "mil_artifact", {"class_names": list(dm.class_names), "tile_artifact": tile[1]})
+    return [float(predict_mil(model, torch.as_tensor(r["tiling"]["embeddings"]))[1]) for r in test_rows]
+
+
+def write_records(out: Path, cfg, quality: dict, test: list[dict], summary: dict) -> None:
+    """One run record per slide-level method, in the record schema, for ``patholite.compare``."""
+    methods = {
+        "smt_fp32": ("smt", lambda r: r["smt"]),
+        "tiling_max": ("tiling", lambda r: r["tiling"]),
+        "tiling_mean": ("tiling", lambda r: r["tiling"]),
+        "mil_gated": ("tiling", lambda r: r["tiling"]),
+    }
+    base = OmegaConf.to_container(cfg, resolve=True)
+    for name, (model, part) in methods.items():
+        q = quality[name]
+        walls = sorted(part(r)["wall_s"] for r in test)
+        p50 = statistics.median(walls)
+        record = RunRecord(
+            run_dir=str(out / "records" / name), config={**base, "compression": {"name": name}}
+        )
+        record.artifacts = [
+            ArtifactRecord(
+                name=name,
+                path=str(out),
+                files=[],
+                model=cfg.model.name if model == "smt" else "tile classifier",
+                quality={
+                    "accuracy": q["accuracy"],
+                    "balanced_accuracy": q["balanced_accuracy"],
+                    "macro_f1": None,
+                    "auroc": q["auroc"],
+                    "ece": None,
+                    "n_samples": q["n_slides"],
+                },
+                cost={
+                    "latency_ms": {
+                        "slide": {"p50": 1000 * p50, "p90": 1000 * walls[int(0.9 * (len(walls) - 1))]}
+                    },
+                    "throughput_ips": {"slide": 1 / p50},
+                    "level0_pixels_median": statistics.median(part(r)["level0_pixels"] for r in test),
+                    "timing": {
+                        "method": "bench_smt",
+                        "unit": "slide",
+                        "note": "cold: tissue detection included",
+                    },
+                },
+            )  # fmt: skip
+        ]
+        record.finish("ok")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(results: dict) -> str:
+    s, q = results["summary"], results["quality"]
+    lines = [
+        "# SMT against full tiling", "",
+        f"{s['n_slides']} test slides ({results['slide_side']} px), same weights for every timing.", "",
+        "| method | accuracy | balanced acc. | AUROC |", "| --- | --- | --- | --- |",
+        *[f"| {k} | {v['accuracy']:.3f} | {v['balanced_accuracy']:.3f} | {_num(v['auroc'])} |"
+          for k, v in q.items()],
+        "", "| per slide (median) | SMT | full tiling | ratio |", "| --- | --- | --- | --- |",
+        f"| wall s (tissue detection included) | {s['smt_wall_s']:.2f} | {s['tiling_wall_s']:.2f} | "
+        f"{s['wall_ratio']:.1f}x |",
+        f"| wall s (tissue excluded) | {s['smt_wall_s_tissue_excluded']:.2f} | "
+        f"{s['tiling_wall_s_tissue_excluded']:.2f} | {s['wall_ratio_tissue_excluded']:.1f}x |",
+        f"| regions / tiles read | {s['smt_reads']:.0f} | {s['tiles']:.0f} | |",
+        f"| level-0 pixels read | | | {s['pixel_ratio']:.1f}x |",
+    ]  # fmt: skip
+    if results.get("focus"):
+        f = results["focus"]
+        lines += ["", "| focusing (positive slides) | precision | chance |", "| --- | --- | --- |"]
+        lines += [
+            f"| {k} top-K over a lesion | {v['precision']:.3f} | {v['chance']:.3f} |" for k, v in f.items()
+        ]
+    if results.get("scaling"):
+        lines += ["", "| slide side | SMT s | tiling s | tiles | wall ratio | pixel ratio |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for size, v in results["scaling"].items():
+            lines.append(f"| {size} | {v['smt_wall_s']:.2f} | {v['tiling_wall_s']:.2f} | {v['tiles']:.0f} | "
+                         f"{v['wall_ratio']:.1f}x | {v['pixel_ratio']:.1f}x |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smt-run", type=Path, required=True, help="a finished model=smt run folder")
+    parser.add_argument("--tile-run", type=Path, required=True, help="a tile classifier run (or artifact)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[], help="extra slide sides for the scaling")
+    parser.add_argument("--scale-slides", type=int, default=2)
+    parser.add_argument("--mil-epochs", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    cfg, dm = datamodule_of(args.smt_run)
+    mpp = cfg.dataset.reader.mpp
+    smt = load_smt_model(resolve_artifact(args.smt_run, "smt_fp32"))
+    tile = load_classifier(resolve_artifact(args.tile_run))
+    test = measure_split(dm, "test", smt, tile, mpp)
+    labels = [r["label"] for r in test]
+    mil = mil_baseline(dm, tile, mpp, test, args.mil_epochs, args.out)
+    quality = {
+        "smt_fp32": binary_quality([r["smt"]["positive"] for r in test], labels),
+        "tiling_max": binary_quality([r["tiling"]["max"] for r in test], labels),
+        "tiling_mean": binary_quality([r["tiling"]["mean"] for r in test], labels),
+        "mil_gated": binary_quality(mil, labels),
+    }
+    focus = [r["focus"] for r in test if "focus" in r]
+    results = {
+        "slide_side": cfg.dataset.width,
+        "tile_mpp": tile[1].get("mpp"),
+        "smt": {k: smt[1]["model"]["smt"][k] for k in ("image_size", "grid", "top_k", "layers")},
+        "quality": quality,
+        "summary": summarise(test),
+        "focus": {
+            layer: {
+                "precision": float(np.mean([f[layer]["precision"] for f in focus])),
+                "chance": float(np.mean([f[layer]["chance"] for f in focus])),
+                "n_slides": len(focus),
+            }
+            for layer in ("layer1", "layer2")
+        }
+        if focus
+        else None,
+        "slides": [{**r, "tiling": _without_embeddings(r["tiling"])} for r in test],
+    }
+    if args.sizes:
+        rows = scaling(cfg, smt, tile, args.sizes, args.scale_slides, mpp, args.out / "scaling_slides")
+        results["scaling"] = {size: summarise([r for r in rows if r["size"] == size]) for size in args.sizes}
+        results["scaling_slides"] = rows
+    write_json(args.out / "results.json", results)
+    (args.out / "results.md").write_text(markdown(results))
+    write_records(args.out, cfg, quality, test, results["summary"])
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
