@@ -61,6 +61,8 @@ def test_smt_needs_slides_and_sane_geometry(tmp_path):
         check_config(cfg("compression=kd"))
     with pytest.raises(ConfigError, match="model.smt.reform"):
         check_config(cfg("model.smt.reform=[ret,cls]"))
+    with pytest.raises(ConfigError, match=r"start_epochs=\[0, 20, 50\] but trainer.max_epochs=10"):
+        check_config(cfg("model.smt.start_epochs=[0,20,50]", "trainer.max_epochs=10"))
     check_config(cfg("compression=ptq"))
 
 

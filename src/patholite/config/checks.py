@@ -190,6 +190,13 @@ def check_smt(cfg: DictConfig) -> None:
     )
     for key in ("start_epochs", "lrs"):
         _require(len(s[key]) == s.layers, f"model.smt.{key} needs {s.layers} values, one per layer")
+    epochs = cfg.trainer.max_epochs
+    _require(
+        max(s.start_epochs) < epochs,
+        f"model.smt.start_epochs={list(s.start_epochs)} but trainer.max_epochs={epochs}: a layer starting at "
+        f"epoch {max(s.start_epochs)} would never train. R3 runs [0,20,50] of 100 epochs; scale them to your "
+        "epochs, e.g. model.smt.start_epochs=[0,2,5] for 10",
+    )
     _require(set(s.reform) <= {"ret", "emb"}, f"model.smt.reform={list(s.reform)}: a subset of [ret, emb]")
     _choice(s.aggregate, "model.smt.aggregate", ("mean", "max"))
     _choice(s.too_small, "model.smt.too_small", ("upsample", "refuse"))
