@@ -171,3 +171,11 @@ def test_gpu_ddp_without_cuda_fails_clearly(make_cfg):
 
     with pytest.raises(AcceleratorError, match="accelerator=gpu_ddp but torch sees no CUDA device"):
         preflight(make_cfg("accelerator=gpu_ddp"))
+
+
+def test_smt_is_refused_under_ddp(make_cfg):
+    from patholite.pipelines.preflight import preflight
+
+    cfg = make_cfg("model=smt_micro", "dataset=smt_synthetic", "accelerator.devices=2")
+    with pytest.raises(ConfigError, match="focusing memory .* use accelerator.devices=1"):
+        preflight(cfg)

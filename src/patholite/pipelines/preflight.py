@@ -123,6 +123,12 @@ def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator
     check_config(cfg)
     accelerator = resolve_accelerator(cfg.accelerator)
     check_global_batch(cfg.dataset, accelerator.world_size)
+    if cfg.model.family == "smt" and accelerator.world_size > 1:
+        raise ConfigError(
+            f"model={cfg.model.name} trains in one process: its focusing memory (the per-slide temporal "
+            "ensemble of focusing scores) would split across DDP ranks that see different slides each epoch; "
+            "use accelerator.devices=1"
+        )
     check_compression_fits(cfg, accelerator)
     datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory, model=cfg.model)
     check_model_fits(cfg.model, datamodule.num_classes, cfg.dataset.image_size)
