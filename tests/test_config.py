@@ -57,8 +57,13 @@ def test_smt_needs_slides_and_sane_geometry(tmp_path):
         check_config(cfg("model.smt.top_k=65"))
     with pytest.raises(ConfigError, match="image_size=64 must be a multiple of model.smt.grid=6"):
         check_config(cfg("model.smt.grid=6"))
-    with pytest.raises(ConfigError, match="distillation and QAT of SMT are not built yet"):
-        check_config(cfg("compression=kd"))
+    with pytest.raises(ConfigError, match="QAT, pruning and low-rank SMT are not built yet"):
+        check_config(cfg("compression=qat"))
+    with pytest.raises(ConfigError, match="learns from a float SMT teacher"):
+        check_config(cfg("compression=kd", "compression.teacher.model=deit_small"))
+    with pytest.raises(ConfigError, match="must share model.smt.image_size, grid and layers"):
+        check_config(cfg("compression=kd", "compression.teacher.model=smt"))  # 256/16 against 64/8
+    check_config(cfg("compression=kd", "compression.teacher.model=smt_micro"))
     with pytest.raises(ConfigError, match="model.smt.reform"):
         check_config(cfg("model.smt.reform=[ret,cls]"))
     with pytest.raises(ConfigError, match=r"start_epochs=\[0, 20, 50\] but trainer.max_epochs=10"):

@@ -46,3 +46,21 @@ def test_a_tiny_smt_trains_and_is_recorded_per_slide(tmp_path):
     last = run / "checkpoints" / "train" / "last.ckpt"
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["smt_focus_memory"]
+
+
+def test_an_smt_student_distils_from_a_float_smt_teacher(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(
+        ["model=smt_micro", *TINY_SLIDES, "debug=fast", "compression=kd",
+         "compression.teacher.model=smt_micro", "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}",
+         f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run / "metrics.json").read_text())
+    names = [(a["name"], a["source"]) for a in record["artifacts"]]
+    assert names == [("teacher_fp32", None), ("student_fp32", "teacher_fp32")]
+    assert record["artifacts"][1]["parity"]["against"] == "teacher_fp32"
+    # the student's distillation term was logged per layer: the teacher scored the student's images
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/kd_0" in header and "train/kd_1" in header

@@ -163,7 +163,8 @@ def check_compression(c: DictConfig) -> None:
 
 
 SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
-SMT_STAGES = (["train"], ["train", "ptq"], ["start", "ptq"])  # start: SMT is trained in the run
+# start: SMT is trained in the run; distill: from a float SMT teacher (compression.teacher.model=smt...)
+SMT_STAGES = (["train"], ["train", "ptq"], ["start", "ptq"], ["distill"], ["distill", "ptq"])
 
 
 def check_smt(cfg: DictConfig) -> None:
@@ -204,9 +205,30 @@ def check_smt(cfg: DictConfig) -> None:
     _choice(s.emb_reduction, "model.smt.emb_reduction", ("mean", "sum"))
     _require(
         list(c.stages) in [list(x) for x in SMT_STAGES] and list(c.ptq.methods) == ["dynamic"],
-        f"compression={c.name} with model={m.name}: SMT supports compression=none and compression=ptq "
-        "(dynamic INT8 of every encoder) so far; distillation and QAT of SMT are not built yet",
+        f"compression={c.name} with model={m.name}: SMT supports compression=none, kd (from a float SMT "
+        "teacher) and ptq (dynamic INT8 of every encoder) so far; QAT, pruning and low-rank SMT are not "
+        "built yet",
     )
+    if "distill" in c.stages:
+        from patholite.config.options import load_model_option
+
+        t = load_model_option(c.teacher.model)
+        _require(
+            t.family == "smt" and t.smt is not None,
+            f"compression.teacher.model={c.teacher.model}: an SMT student learns from a float SMT teacher; "
+            "use e.g. compression.teacher.model=smt",
+        )
+        same = all(t.smt[key] == s[key] for key in ("image_size", "grid", "layers"))
+        _require(
+            same,
+            f"compression.teacher.model={c.teacher.model} and model={m.name} must share "
+            "model.smt.image_size, grid and layers: the teacher scores the images the student focuses on",
+        )
+        _require(
+            c.kd.kind in ("soft", "hard") and list(c.kd.levels) == ["logits"],
+            "SMT distillation is logit-level: compression.kd.kind=soft|hard and "
+            "compression.kd.levels=[logits]",
+        )
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from patholite.compress.distill import kd_loss
 from patholite.errors import ConfigError
 from patholite.measure.metrics import per_class_metrics, scalar_metrics
 from patholite.models.factory import build_model
@@ -82,6 +83,8 @@ class SMTModule(L.LightningModule):
         load_checkpoint: bool = True,
         region_reader: Callable[[int], Any] | None = None,
         net: SMTNet | None = None,
+        teacher: SMTNet | None = None,
+        kd: dict[str, Any] | None = None,
     ) -> None:
         """``model``: the plain ``model`` config node (``family: smt`` with its ``smt`` block);
         ``class_weights``: per-class CE weights (resolve ``class_weights: auto`` before, e.g. with
@@ -94,7 +97,7 @@ class SMTModule(L.LightningModule):
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         class_weights = None if class_weights is None else [float(w) for w in _plain(class_weights)]
         super().__init__()
-        self.save_hyperparameters(ignore=["region_reader", "net"])
+        self.save_hyperparameters(ignore=["region_reader", "net", "teacher"])
         self.automatic_optimization = False
         smt = dict(model.get("smt") or {})
         if not smt:
@@ -133,6 +136,18 @@ class SMTModule(L.LightningModule):
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
         self.memory = FocusMemory(float(smt.get("eps", 0.9)))
+        # distillation from a trained float SMT: every layer's logits on the images this student focuses on.
+        # A tuple keeps the teacher out of the module tree (parameters, state_dict, optimisers).
+        self._teacher: tuple[SMTNet, ...] = ()
+        if teacher is not None:
+            if (teacher.image_size, teacher.grid, teacher.layers) != (net.image_size, net.grid, net.layers):
+                raise ConfigError(
+                    f"the SMT teacher sees {teacher.image_size}-px images in a {teacher.grid}-grid with "
+                    f"{teacher.layers} layers, the student {net.image_size}/{net.grid}/{net.layers}: they "
+                    "must match (model.smt.image_size, grid, layers)"
+                )
+            self._teacher = (teacher.eval().requires_grad_(False),)
+        self.kd = {"alpha": 0.5, "temperature": 4.0, "kind": "soft", **dict(_plain(kd or {}))}
         self.trained_depth = 0
         self._region_reader = region_reader
         n = len(class_names)
@@ -176,7 +191,7 @@ class SMTModule(L.LightningModule):
             encoder = net.encoders[layer]
             with attention_probe(encoder) if has_predictor else nullcontext([]) as captured:
                 logits, cls, patches = net.encode(layer, x)
-            terms["cls"].append(cls_loss(logits, labels, self.class_weight))
+            terms["cls"].append(self._label_loss(layer, x, logits, labels, terms))
             if pending is not None:  # backward reform of the previous layer, now that this one has run
                 chosen, cls_prev = pending
                 p_next = logits[: chosen.numel()].float().softmax(-1)[:, self.positive].sum(-1)
@@ -223,6 +238,22 @@ class SMTModule(L.LightningModule):
         terms["loss"] = terms["loss_v"] + terms["loss_f"]
         return terms
 
+    def _label_loss(self, layer: int, x, logits, labels, terms: dict[str, Any]) -> torch.Tensor:
+        """L_cls of one layer; with a teacher (1-a)*L_cls + a*distillation from the teacher's same layer."""
+        loss = cls_loss(logits, labels, self.class_weight)
+        if not self._teacher:
+            return loss
+        teacher = self._teacher[0].to(x.device)
+        with torch.no_grad():
+            teacher_logits = teacher.encode(layer, x)[0]
+        kd = self.kd
+        distill = kd_loss(
+            logits, teacher_logits, labels, alpha=1.0, temperature=float(kd["temperature"]), kind=kd["kind"]
+        )
+        terms.setdefault("kd", []).append(distill.detach())
+        alpha = float(kd["alpha"])
+        return (1 - alpha) * loss + alpha * distill
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         epoch = self.current_epoch
         terms = self.step_losses(batch, epoch)
@@ -241,8 +272,8 @@ class SMTModule(L.LightningModule):
                 )
             opt.step()
         logs = {"train/loss": terms["loss"], "train/loss_v": terms["loss_v"], "train/loss_f": terms["loss_f"]}
-        for name in ("cls", "focus", "ret", "emb"):
-            logs.update({f"train/{name}_{i}": v.detach() for i, v in enumerate(terms[name])})
+        for name in ("cls", "focus", "ret", "emb", "kd"):
+            logs.update({f"train/{name}_{i}": v.detach() for i, v in enumerate(terms.get(name, []))})
         batch_size = len(batch["label"])
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/reads", float(terms["reads"]), on_step=False, on_epoch=True, batch_size=batch_size)

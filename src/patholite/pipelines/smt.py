@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from patholite.measure import artifacts as art
@@ -30,12 +31,13 @@ from patholite.pipelines.fit import fit
 log = logging.getLogger(__name__)
 
 
-def smt_meta(ctx: RunContext) -> dict[str, Any]:
+def smt_meta(ctx: RunContext, model_cfg: DictConfig | None = None) -> dict[str, Any]:
     """The sidecar of an SMT artifact: a slide model (the tile engine refuses it) with its geometry."""
     dm = ctx.datamodule
+    model_cfg = ctx.cfg.model if model_cfg is None else model_cfg
     return {
-        **ctx.artifact_meta(),
-        "image_size": int(ctx.cfg.model.smt.image_size),
+        **ctx.artifact_meta(model_cfg),
+        "image_size": int(model_cfg.smt.image_size),
         "slide_model": True,
         "negative_class": dm.negative_class,
     }
@@ -52,12 +54,21 @@ def class_weights(ctx: RunContext) -> list[float] | None:
     return [float(w) for w in class_weights_from_counts(counts.tolist())]
 
 
-def train_smt(ctx: RunContext) -> nn.Module:
+def train_smt(
+    ctx: RunContext,
+    model_cfg: DictConfig | None = None,
+    stage: str = "train",
+    teacher: nn.Module | None = None,
+) -> nn.Module:
+    """Fit an SMT (``model_cfg``: another option than ``model=``, e.g. the teacher) on slide labels, with
+    distillation from ``teacher`` when given."""
     from patholite.modules.smt import SMTModule
 
-    dm, s = ctx.datamodule, ctx.cfg.model.smt
+    model_cfg = ctx.cfg.model if model_cfg is None else model_cfg
+    dm, s = ctx.datamodule, model_cfg.smt
+    kd = ctx.cfg.compression.kd
     module = SMTModule(
-        model=ctx.plain("model"),
+        model=OmegaConf.to_container(model_cfg, resolve=True),
         class_names=list(dm.class_names),
         mean=list(ctx.cfg.dataset.mean),
         std=list(ctx.cfg.dataset.std),
@@ -65,8 +76,12 @@ def train_smt(ctx: RunContext) -> nn.Module:
         negative_class=dm.class_names.index(dm.negative_class),
         eval_depth=s.eval_depth,
         gradient_clip_val=ctx.cfg.trainer.gradient_clip_val,
+        teacher=teacher,
+        kd={"alpha": kd.alpha, "temperature": kd.temperature, "kind": kd.kind}
+        if teacher is not None
+        else None,
     )
-    return fit(ctx, module, "train").net
+    return fit(ctx, module, stage).net
 
 
 def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
@@ -138,6 +153,7 @@ def smt_record(
     ctx: RunContext,
     source: str | None = None,
     reference: torch.Tensor | None = None,
+    model_name: str | None = None,
 ) -> tuple[ArtifactRecord, torch.Tensor]:
     """Slide-level quality and per-slide cost of a reloaded SMT artifact; returns its log-probabilities."""
     dm = ctx.datamodule
@@ -177,26 +193,59 @@ def smt_record(
         cost=cost,
         source=source,
         parity=parity(logits, reference, source) if reference is not None and source else None,
-        model=ctx.cfg.model.name,
+        model=model_name or ctx.cfg.model.name,
     )
     return record, logits
 
 
+def _save_and_record(
+    ctx: RunContext, name: str, net: nn.Module, model_cfg: DictConfig, source: tuple[str, torch.Tensor] | None
+) -> tuple[nn.Module, ArtifactRecord, torch.Tensor]:
+    """Save ``net`` as a float SMT artifact, reload it from its files and record it."""
+    directory = ctx.artifact_dir(name)
+    files = art.save_float_artifact(net.cpu().eval(), directory, smt_meta(ctx, model_cfg))
+    loaded, _ = art.load_float_artifact(directory)
+    src, reference = source if source else (None, None)
+    record, logits = smt_record(name, loaded, directory, files, ctx, src, reference, model_cfg.name)
+    return loaded, record, logits
+
+
+def teacher_smt(ctx: RunContext, records: list[ArtifactRecord]) -> tuple[nn.Module, torch.Tensor]:
+    """The float SMT a student distils from: ``compression.teacher.checkpoint``, or trained in this run."""
+    from patholite.models.factory import build_model
+    from patholite.pipelines.stages import teacher_config
+
+    teacher_cfg = teacher_config(ctx.cfg.compression)
+    if teacher_cfg.checkpoint:
+        net = build_model(teacher_cfg, ctx.datamodule.num_classes, int(teacher_cfg.smt.image_size))
+    else:
+        log.info("training the SMT teacher %s first (give compression.teacher.checkpoint to reuse one)",
+                 teacher_cfg.name)  # fmt: skip
+        net = train_smt(ctx, teacher_cfg, stage="teacher")
+    teacher, record, logits = _save_and_record(ctx, "teacher_fp32", net, teacher_cfg, None)
+    records.append(record)
+    return teacher, logits
+
+
 def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
-    """Train SMT (``compression.stages`` ``[train]``), record it, and with ``ptq`` its dynamic INT8."""
-    trained = train_smt(ctx).cpu().eval()
-    meta = smt_meta(ctx)
-    directory = ctx.artifact_dir("smt_fp32")
-    files = art.save_float_artifact(trained, directory, meta)
-    net, _ = art.load_float_artifact(directory)
-    record, logits = smt_record("smt_fp32", net, directory, files, ctx)
-    records = [record]
-    if "ptq" in ctx.cfg.compression.stages:
+    """Train SMT (``[train]``; ``[distill]``: from a float SMT teacher), record it, and with ``ptq`` its
+    dynamic INT8 twin."""
+    records: list[ArtifactRecord] = []
+    stages = list(ctx.cfg.compression.stages)
+    if stages[0] == "distill":
+        teacher, teacher_logits = teacher_smt(ctx, records)
+        student = train_smt(ctx, stage="distill", teacher=teacher)
+        name, source = "student_fp32", ("teacher_fp32", teacher_logits)
+    else:
+        student, name, source = train_smt(ctx), "smt_fp32", None
+    net, record, logits = _save_and_record(ctx, name, student, ctx.cfg.model, source)
+    records.append(record)
+    if "ptq" in stages:
         engine = ctx.accelerator.int8_engine
         qnet = art.quantize_dynamic_int8(copy.deepcopy(net), engine)
         qdir = ctx.artifact_dir("smt_int8_dynamic")
-        qfiles = art.save_int8_dynamic_artifact(qnet, qdir, meta, engine)
+        qfiles = art.save_int8_dynamic_artifact(qnet, qdir, smt_meta(ctx), engine)
         loaded, _ = art.load_artifact(qdir)
-        qrecord, _ = smt_record("smt_int8_dynamic", loaded, qdir, qfiles, ctx, "smt_fp32", logits)
+        qrecord, _ = smt_record("smt_int8_dynamic", loaded, qdir, qfiles, ctx, name, logits)
         records.append(qrecord)
     return records
