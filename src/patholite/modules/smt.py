@@ -301,6 +301,12 @@ class SMTModule(L.LightningModule):
             torch.optim.SGD(predictor_groups, lr=self.lrs[0], momentum=momentum, weight_decay=wd),
         ]
 
+    @property
+    def complete_from_epoch(self) -> int:
+        """The first epoch in which every layer trains: checkpoint selection starts there (an earlier,
+        shallower epoch must not be restored with untrained layers)."""
+        return int(max(self.starts))
+
     # -------------------------------------------------------------------------------------- evaluation
     def walk_depth(self) -> int:
         """Validation/test walk depth: ``eval_depth``, else the deepest layer trained (at least layer 1)."""

@@ -85,6 +85,8 @@ def fit(
         max_epochs=epochs,
         extra_callbacks=[averaging] if averaging else [],
         manual_optimization=not module.automatic_optimization,
+        # a model whose parts join during training (SMT) names the first epoch where all of them trained
+        select_from_epoch=int(getattr(module, "complete_from_epoch", 0)),
     )
     resume = latest_checkpoint(checkpoint_dir) if ctx.resuming else None
     if resume is not None:

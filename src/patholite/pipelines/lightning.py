@@ -27,10 +27,37 @@ warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called witho
 warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
 
 
-def build_callbacks(ctx: RunContext, checkpoint_dir: Path) -> list[L.Callback]:
+class BestFromEpoch(ModelCheckpoint):
+    """The best checkpoint among epochs ``from_epoch`` on: a model whose parts join during training (SMT's
+    layers 2 and 3) is only comparable once all of them trained; an earlier, shallower epoch could tie or win
+    on a few validation slides and be restored with untrained layers."""
+
+    def __init__(self, *args, from_epoch: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.from_epoch = int(from_epoch)
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if trainer.current_epoch >= self.from_epoch:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+class StopFromEpoch(EarlyStopping):
+    """Early stopping that starts counting at ``from_epoch`` (see ``BestFromEpoch``)."""
+
+    def __init__(self, *args, from_epoch: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.from_epoch = int(from_epoch)
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        if trainer.current_epoch >= self.from_epoch:
+            super()._run_early_stopping_check(trainer)
+
+
+def build_callbacks(ctx: RunContext, checkpoint_dir: Path, select_from_epoch: int = 0) -> list[L.Callback]:
     cb = ctx.cfg.callbacks
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        BestFromEpoch(
+            from_epoch=select_from_epoch,
             dirpath=checkpoint_dir,
             filename="best-{epoch:03d}",
             monitor=cb.monitor,
@@ -53,7 +80,12 @@ def build_callbacks(ctx: RunContext, checkpoint_dir: Path) -> list[L.Callback]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cb.early_stopping_patience:
         callbacks.append(
-            EarlyStopping(monitor=cb.monitor, mode=cb.monitor_mode, patience=cb.early_stopping_patience)
+            StopFromEpoch(
+                monitor=cb.monitor,
+                mode=cb.monitor_mode,
+                patience=cb.early_stopping_patience,
+                from_epoch=select_from_epoch,
+            )
         )
     if cb.progress_bar == "rich":
         callbacks.append(RichProgressBar(leave=True))
@@ -69,9 +101,11 @@ def build_trainer(
     max_epochs: int | None = None,
     extra_callbacks: list[L.Callback] | None = None,
     manual_optimization: bool = False,
+    select_from_epoch: int = 0,
 ) -> L.Trainer:
     """``manual_optimization``: the module steps its own optimisers (SMT) and clips itself; Lightning
-    refuses its gradient clipping and accumulation then."""
+    refuses its gradient clipping and accumulation then. ``select_from_epoch``: the best checkpoint and early
+    stopping consider epochs from this one on."""
     t = ctx.cfg.trainer
     return L.Trainer(
         **ctx.accelerator.trainer_kwargs(),
@@ -86,7 +120,8 @@ def build_trainer(
         deterministic=t.deterministic,
         default_root_dir=str(ctx.run_dir),
         logger=ctx.loggers or False,
-        callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir) + list(extra_callbacks or []),
+        callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir, select_from_epoch)
+        + list(extra_callbacks or []),
         enable_progress_bar=ctx.cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,
         # under DDP the datamodules shard with their own sampler (data.base.rank_loader)
