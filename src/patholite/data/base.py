@@ -7,6 +7,7 @@ RGB arrays, however they are stored.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +136,10 @@ def rank_loader(dataset: Dataset, global_batch: int, shuffle: bool, **kwargs) ->
         return DataLoader(dataset, batch_size=global_batch, shuffle=shuffle, drop_last=False, **kwargs)
     from torch.utils.data import DistributedSampler
 
-    # set_epoch is called by Lightning's fit loop, so each epoch gets its own order
-    sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=False)
+    # set_epoch is called by Lightning's fit loop, so each epoch gets its own order; the run's seed (which
+    # seed_everything exports to the spawned ranks) makes seed sweeps differ in data order too
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=False, seed=seed)
     return DataLoader(dataset, batch_size=global_batch // world, sampler=sampler, drop_last=False, **kwargs)
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from patholite.data.base import SPLITS, HistologyDataModule, ImageSet, ddp_world_size, stratified_subsample
+from patholite.data.base import SPLITS, HistologyDataModule, ImageSet, stratified_subsample
 from patholite.data.slides import NORMAL, SlideEntry
 from patholite.errors import ConfigError, DatasetError
 from patholite.slides.focus import POLICIES, Box, RegionReader, cached_thumbnail, chain_check
@@ -213,18 +213,6 @@ class SlideLevelDataModule(HistologyDataModule):
         mean = torch.tensor(list(self.cfg.mean), dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(list(self.cfg.std), dtype=torch.float32).view(3, 1, 1)
         return (images.float() / 255.0 - mean.to(images.device)) / std.to(images.device)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        batch = self.cfg.batch_size if split == "train" else (self.cfg.eval_batch_size or self.cfg.batch_size)
-        return DataLoader(
-            self.datasets[split],
-            batch_size=max(1, batch // ddp_world_size()),
-            shuffle=shuffle,
-            num_workers=self.cfg.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.cfg.num_workers > 0,
-            drop_last=False,
-        )
 
     def labelled_batches(
         self, count: int, split: str = "val", seed: int = 0

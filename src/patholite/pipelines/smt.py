@@ -40,6 +40,9 @@ def smt_meta(ctx: RunContext, model_cfg: DictConfig | None = None) -> dict[str, 
         "image_size": int(model_cfg.smt.image_size),
         "slide_model": True,
         "negative_class": dm.negative_class,
+        # how the training thumbnails were found: inference compares its own settings with these
+        "tissue": OmegaConf.to_container(ctx.cfg.dataset.tissue, resolve=True),
+        "reader_backend": ctx.cfg.dataset.reader.backend,
     }
 
 
@@ -97,7 +100,8 @@ def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> di
     for i in range(len(dataset)):
         item = dataset[i]
         slide = int(item["slide"])
-        reader = RegionReader(dm.slide_paths[slide], mpp=ctx.cfg.dataset.reader.mpp)
+        r = ctx.cfg.dataset.reader
+        reader = RegionReader(dm.slide_paths[slide], mpp=r.mpp, backend=r.backend)
         box = _box(item["box"])
         start = time.perf_counter()
         out = predict_slide(

@@ -132,6 +132,23 @@ class RecordingReader:
 
 
 # ------------------------------------------------------------------------------------------ one slide
+def _check_tissue_settings(cfg, meta: dict[str, Any]) -> None:
+    """Warn (once per run) when this run finds tissue with other settings than the model was trained with:
+    the tissue box, and with it the thumbnail layer 1 sees, may then differ."""
+    trained = meta.get("tissue")
+    if not trained or meta.get("_tissue_checked"):
+        return
+    meta["_tissue_checked"] = True
+    here = {key: cfg.tissue[key] for key in cfg.tissue}
+    changed = {k: (trained.get(k), v) for k, v in here.items() if trained.get(k) != v}
+    if changed:
+        log.warning(
+            "tissue settings differ from the SMT artifact's training data (setting: trained, now): %s; "
+            "set tissue.<key>= to the trained values to see the thumbnails the model was trained on",
+            changed,
+        )
+
+
 def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Diagnose one slide with the SMT walk; write report.json and focus.png into ``out_dir``; return the
     report (a summary row: call, confidence, reads, level0_pixels_read, seconds)."""
@@ -144,6 +161,7 @@ def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path)
     class_names = list(meta["class_names"])
     reader = RegionReader(path, cfg.reader.mpp, cfg.reader.backend)
     slide = reader.slide  # opened once for the process (open_cached), shared with the reads
+    _check_tissue_settings(cfg, meta)
     t0 = time.perf_counter()
     mask = tissue_for(slide, cfg, slide_cache_dir(Path(cfg.paths.cache_dir) / "slides", path, cfg))
     box = tissue_box(mask, slide.dimensions)

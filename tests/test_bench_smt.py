@@ -1,0 +1,51 @@
+"""scripts/bench_smt.py end to end on tiny slides: a tiny SMT and a tiny tile classifier on the same slides,
+then SMT against full tiling, MIL and the records compare reads (slow: three trainings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, run_cli
+
+SLIDES = [
+    "dataset=smt_synthetic",
+    "dataset.width=2048",
+    "dataset.height=2048",
+    "dataset.slides_per_split=[4,2,2]",
+]
+
+
+@pytest.mark.slow
+def test_bench_smt_compares_smt_with_full_tiling_on_the_same_slides(tmp_path):
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    runs = {"smt": ["model=smt_micro"], "tile": ["model=vit_micro"]}
+    for name, model in runs.items():
+        run = f"hydra.run.dir={tmp_path / name}"
+        result = run_cli([*model, *SLIDES, "debug=fast", "logger=csv", cache, run], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_smt.py"), "--smt-run", str(tmp_path / "smt"),
+         "--tile-run", str(tmp_path / "tile"), "--out", str(out), "--sizes", "3072", "--scale-slides", "1",
+         "--mil-epochs", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["quality"]) == {"smt_fp32", "tiling_max", "tiling_mean", "mil_gated"}
+    assert all(q["n_slides"] == 2 and q["n_positive"] == 1 for q in results["quality"].values())
+    summary = results["summary"]
+    assert summary["smt_reads"] == 1 + 2 + 4  # smt_micro: K = 2
+    assert summary["tiles"] > 0 and summary["pixel_ratio"] > 0
+    for slide in results["slides"]:  # level-0 pixels as the definitions say
+        assert slide["smt"]["reads"] == len([b for layer in slide["smt"]["layers"] for b in layer["boxes"]])
+        assert slide["tiling"]["level0_pixels"] > 0
+    assert set(results["focus"]) == {"layer1", "layer2"} and results["focus"]["layer1"]["n_slides"] == 1
+    assert list(results["scaling"]) == ["3072"]
+    compare = run_cli([str(out / "records")], cwd=tmp_path, module="patholite.compare")
+    assert compare.returncode == 0, compare.stderr[-2000:]
+    assert "tiling_max" in compare.stdout and "mil_gated" in compare.stdout
