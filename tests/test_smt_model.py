@@ -287,3 +287,28 @@ def test_lightning_fit_checkpoints_the_memory_and_loads_weights_only(tmp_path):
         assert torch.equal(restored.memory.raw(key), module.memory.raw(key))
     probs = restored.slide_probs(fake_batch(2))
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
+    from patholite.errors import CheckpointError
+    from patholite.measure.artifacts import save_float_artifact
+    from patholite.models.factory import build_model, create_network
+
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+    tile_cfg = {
+        "name": "t",
+        "timm_name": "vit_tiny_patch16_224",
+        "family": "vit",
+        "kwargs": {**kwargs, "patch_size": 8},
+    }
+    tile = create_network(tile_cfg, 4, 64)  # 4 tile classes; the SMT has 2 slide classes: head dropped
+    save_float_artifact(tile, tmp_path / "tile", {"model": tile_cfg, "class_names": list("abcd")})
+    smt = {"image_size": 64, "grid": 8, "top_k": 2, "layers": 3, "encoder_checkpoint": str(tmp_path / "tile")}
+    cfg = {"name": "s", "timm_name": "vit_tiny_patch16_224", "family": "smt", "kwargs": kwargs, "smt": smt}
+    net = build_model(cfg, 2, 64)
+    for encoder in net.encoders:
+        assert torch.equal(encoder.blocks[1].mlp.fc2.weight, tile.blocks[1].mlp.fc2.weight)
+        assert encoder.head.out_features == 2
+    assert not torch.equal(net.encoders[0].head.weight[:2], tile.head.weight[:2])
+    with pytest.raises(CheckpointError, match="encoder_checkpoint=.*no weights there"):
+        build_model({**cfg, "smt": {**smt, "encoder_checkpoint": str(tmp_path / "none")}}, 2, 64)

@@ -144,6 +144,9 @@ class SmtConfig:
     too_small: str = "upsample"  # a slide smaller than image_size * grid^(layers-1): upsample | refuse
     class_weights: str = "auto"  # auto: inverse class frequency of the training slides | none
     eval_depth: int | None = None  # layers walked in validation/test; None: the deepest trained so far
+    # every encoder starts from these weights (head dropped): a tile classifier of the encoders' architecture
+    # (an artifact folder or weights file), e.g. one trained on the same slides' tiles, or foundation weights
+    encoder_checkpoint: str | None = None
 
 
 @dataclass

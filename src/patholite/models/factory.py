@@ -63,7 +63,24 @@ def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
     cfg = _plain(model_cfg)
     if cfg.get("checkpoint"):
         load_weights(net, cfg["checkpoint"], skip_head=bool(cfg.get("checkpoint_skip_head")))
+    elif cfg.get("family") == "smt" and (cfg.get("smt") or {}).get("encoder_checkpoint"):
+        init_smt_encoders(net, cfg["smt"]["encoder_checkpoint"])
     return net
+
+
+def init_smt_encoders(net: nn.Module, source: str | Path) -> None:
+    """Start every SMT encoder from one tile classifier's weights (its head dropped): a patch classifier of
+    the same architecture, or a foundation model's weights. ``source``: an artifact folder or weights file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(
+            f"model.smt.encoder_checkpoint={source}: no weights there; give a float artifact folder of a "
+            "tile classifier with the encoders' architecture, or its .safetensors/.pth file"
+        )
+    for encoder in net.encoders:
+        load_weights(encoder, path, skip_head=True)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -41,6 +41,8 @@ class RunContext:
         teacher's)."""
         model = self.plain("model") if model_cfg is None else OmegaConf.to_container(model_cfg, resolve=True)
         model["checkpoint"] = None  # the artifact's own weights replace it
+        if model.get("smt"):
+            model["smt"]["encoder_checkpoint"] = None
         d = self.cfg.dataset
         return {
             "model": model,

@@ -14,7 +14,13 @@ from patholite.config import check_config
 from patholite.data import HistologyDataModule, build_datamodule
 from patholite.data.base import check_global_batch
 from patholite.errors import ConfigError
-from patholite.models.factory import checkpoint_num_classes, create_network, load_weights, read_state_dict
+from patholite.models.factory import (
+    checkpoint_num_classes,
+    create_network,
+    init_smt_encoders,
+    load_weights,
+    read_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,8 @@ def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int, k
         net = create_network(model_cfg, num_classes, image_size)
     embed = getattr(net, "patch_embed", None) or getattr(getattr(net, "vit", None), "patch_embed", None)
     if model_cfg.family == "smt":
-        pass
+        if model_cfg.smt.encoder_checkpoint and not model_cfg.checkpoint:  # every encoder fits it, or say so
+            init_smt_encoders(net, model_cfg.smt.encoder_checkpoint)
     elif embed is not None:
         patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
         if image_size % patch:
