@@ -70,3 +70,12 @@ def quality_dict(scalars: dict, per_class: dict, class_names: list[str], n_sampl
     out["confusion_matrix"] = per_class["confusion_matrix"].int().tolist()
     out["n_samples"] = int(n_samples)
     return out
+
+
+def attach_eval_metrics(module, num_classes: int) -> None:
+    """A LightningModule's validation and test metrics (scalars with their prefix, per-class F1/recall), as
+    attributes Lightning moves, resets and synchronises with the module."""
+    module.val_metrics = scalar_metrics(num_classes).clone(prefix="val/")
+    module.test_metrics = scalar_metrics(num_classes).clone(prefix="test/")
+    module.val_per_class = per_class_metrics(num_classes)
+    module.test_per_class = per_class_metrics(num_classes)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from patholite.measure.metrics import per_class_metrics, scalar_metrics
+from patholite.measure.metrics import attach_eval_metrics
 from patholite.models.factory import build_model
 
 
@@ -56,11 +56,7 @@ class ClassifierModule(L.LightningModule):
         self.net = net
         self.distiller = distiller
         self.criterion = nn.CrossEntropyLoss(label_smoothing=optim.get("label_smoothing", 0.0))
-        n = len(class_names)
-        self.val_metrics = scalar_metrics(n).clone(prefix="val/")
-        self.test_metrics = scalar_metrics(n).clone(prefix="test/")
-        self.val_per_class = per_class_metrics(n)
-        self.test_per_class = per_class_metrics(n)
+        attach_eval_metrics(self, len(class_names))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

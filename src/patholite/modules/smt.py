@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from patholite.compress.distill import kd_loss
 from patholite.errors import ConfigError
-from patholite.measure.metrics import per_class_metrics, scalar_metrics
+from patholite.measure.metrics import attach_eval_metrics
 from patholite.models.factory import build_model
 from patholite.models.smt import (
     SMTNet,
@@ -150,11 +150,7 @@ class SMTModule(L.LightningModule):
         self.kd = {"alpha": 0.5, "temperature": 4.0, "kind": "soft", **dict(_plain(kd or {}))}
         self.trained_depth = 0
         self._region_reader = region_reader
-        n = len(class_names)
-        self.val_metrics = scalar_metrics(n).clone(prefix="val/")
-        self.test_metrics = scalar_metrics(n).clone(prefix="test/")
-        self.val_per_class = per_class_metrics(n)
-        self.test_per_class = per_class_metrics(n)
+        attach_eval_metrics(self, len(class_names))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -25,8 +25,8 @@ from torch import nn
 
 from patholite.config.slide_schema import EngineConfig, ReaderConfig, TileConfig, TissueConfig
 from patholite.errors import CheckpointError, ConfigError
-from patholite.slides.engine import TileSpec, stream_tiles
-from patholite.slides.inference import TileGeometry, tile_geometry
+from patholite.slides.engine import stream_tiles
+from patholite.slides.inference import TileGeometry, tile_geometry, tile_spec
 
 POOLING = ("max", "mean")
 
@@ -180,17 +180,7 @@ def tile_outputs(
             grid = cached_tiles(slide, cache / name, tissue=mask, **request)
         t2 = time.perf_counter()
     class_names = list(meta["class_names"])
-    spec = TileSpec(
-        path=str(path),
-        coords=grid.coords,
-        size0=int(grid.size0),
-        patch_size=geometry.patch_size,
-        image_size=int(meta["image_size"]),
-        mean=tuple(meta.get("mean") or (0.485, 0.456, 0.406)),
-        std=tuple(meta.get("std") or (0.229, 0.224, 0.225)),
-        mpp=read.mpp,
-        backend=read.backend,
-    )
+    spec = tile_spec(path, grid, geometry, meta, read.mpp, read.backend)
     extra = {} if grid.tissue_fraction is None else {"tissue_fraction": grid.tissue_fraction}
     stream = stream_tiles(
         net, spec, class_names, None if csv_path is None else Path(csv_path), run.batch_size, run.workers,

@@ -191,6 +191,21 @@ def annotation_map(cfg, slide, class_names: list[str], downsample: float):
 
 
 # ---------------------------------------------------------------------------------------- one slide
+def tile_spec(path: Path, grid, geometry: TileGeometry, meta: dict[str, Any], mpp, backend: str) -> TileSpec:
+    """What the engine's loader workers need to read one slide's tiles for the artifact ``meta``."""
+    return TileSpec(
+        path=str(path),
+        coords=grid.coords,
+        size0=int(grid.size0),
+        patch_size=geometry.patch_size,
+        image_size=int(meta["image_size"]),
+        mean=tuple(meta.get("mean") or (0.485, 0.456, 0.406)),
+        std=tuple(meta.get("std") or (0.229, 0.224, 0.225)),
+        mpp=mpp,
+        backend=backend,
+    )
+
+
 def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Every output of one slide into ``out_dir``; returns its report."""
     from patholite.slides.reader import open_slide
@@ -220,17 +235,7 @@ def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_d
         annotations = annotation_map(cfg, slide, class_names, thumb_ds)
         describe = slide.describe()
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = TileSpec(
-        path=str(path),
-        coords=grid.coords,
-        size0=int(grid.size0),
-        patch_size=geometry.patch_size,
-        image_size=int(meta["image_size"]),
-        mean=tuple(meta.get("mean") or (0.485, 0.456, 0.406)),
-        std=tuple(meta.get("std") or (0.229, 0.224, 0.225)),
-        mpp=cfg.reader.mpp,
-        backend=cfg.reader.backend,
-    )
+    spec = tile_spec(path, grid, geometry, meta, cfg.reader.mpp, cfg.reader.backend)
     e = cfg.engine
     extra = {} if grid.tissue_fraction is None else {"tissue_fraction": grid.tissue_fraction}
     stream = stream_tiles(
