@@ -54,7 +54,7 @@ def run(directories: list[str], out: str | None = None) -> tuple[Comparison, lis
             plot_pareto(
                 comparison,
                 f"p50_ms_b{b}",
-                f"latency p50 (ms, batch {b})",
+                f"latency p50 (ms, batch {b})" if isinstance(b, int) else f"latency p50 (ms per {b})",
                 out_dir / "pareto_accuracy_latency.png",
             )
         )

@@ -22,7 +22,7 @@ BASELINE_TECHNIQUE, BASELINE_ARTIFACT = "none", "fp32"
 class Comparison:
     rows: list[dict[str, Any]]
     failed: list[dict[str, Any]]
-    batch_sizes: list[int]
+    batch_sizes: list[int | str]  # batch sizes, then named units (slide)
 
 
 def find_records(directories: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -128,9 +128,17 @@ def compare(records: list[dict[str, Any]]) -> Comparison:
             )
             continue
         rows += [_row(record, art) for art in record.get("artifacts", [])]
-    batch_sizes = sorted({int(k[len("p50_ms_b") :]) for r in rows for k in r if k.startswith("p50_ms_b")})
+    batch_sizes = sorted(
+        {_unit(k[len("p50_ms_b") :]) for r in rows for k in r if k.startswith("p50_ms_b")},
+        key=lambda b: (isinstance(b, str), b),
+    )
     _ratios(rows, batch_sizes)
     return Comparison(rows=rows, failed=failed, batch_sizes=batch_sizes)
+
+
+def _unit(key: str) -> int | str:
+    """A latency column's unit: a batch size, or a named unit such as ``slide`` (slide-level models)."""
+    return int(key) if key.isdigit() else key
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
