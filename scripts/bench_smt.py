@@ -47,7 +47,7 @@ log = logging.getLogger("bench_smt")
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def run_smt(net, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
+def run_smt(net, meta: dict, path: Path, mpp: float | None, tissue_side: int = 2048) -> dict[str, Any]:
     """One cold SMT pass: tissue from scratch, then the walk with a fresh reader. ``tissue_s`` is tissue
     detection and the box only (opening the slide stays in the warm time, as for tiling)."""
     s = meta["model"]["smt"]
@@ -55,7 +55,7 @@ def run_smt(net, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
     start = time.perf_counter()
     with open_slide(path, mpp=mpp) as slide:
         t0 = time.perf_counter()
-        mask = detect_tissue(slide)
+        mask = detect_tissue(slide, max_side=tissue_side)
         box = tissue_box(mask, slide.dimensions)
         tissue_s = time.perf_counter() - t0
     chain_check(box, int(s["image_size"]), int(s["grid"]), int(s["layers"]) - 1, "upsample", str(path))
@@ -68,6 +68,9 @@ def run_smt(net, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
     wall = time.perf_counter() - start
     forget_cached(path)
     sides = [b[2] for layer in out["layers"] for b in layer["boxes"]]
+    size = int(s["image_size"])
+    with open_slide(path, mpp=mpp) as slide:  # untimed: what each read decoded from the file
+        decoded = sum(w * h for _, w, h in (slide.scaled_read_size((d, d), (size, size)) for d in sides))
     return {
         "probs": [float(p) for p in out["probs"]],
         "positive": 1.0 - float(out["probs"][negative]),
@@ -76,7 +79,9 @@ def run_smt(net, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
         "read_s": out["read_seconds"],
         "model_s": out["model_seconds"],
         "reads": out["reads"],
-        "level0_pixels": float(sum(side * side for side in sides)),
+        "area_level0": float(sum(side * side for side in sides)),
+        "file_pixels": float(decoded),
+        "model_pixels": float(len(sides) * size * size),
         "box": [box.x, box.y, box.side],
         "layer3_level0_px_per_px": box.side / int(s["grid"]) ** (int(s["layers"]) - 1) / int(s["image_size"]),
         "layers": [{"boxes": layer["boxes"]} for layer in out["layers"]],
@@ -85,10 +90,15 @@ def run_smt(net, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
 
 def run_tiling(model, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
     forget_cached(path)
+    size0, tile_px = None, int(meta.get("tile_size") or meta["image_size"])
     start = time.perf_counter()
     out = tile_outputs(path, model, meta, reader={"mpp": mpp} if mpp else None, embeddings=True)
     wall = time.perf_counter() - start
     forget_cached(path)
+    size0 = float(out.size0)
+    with open_slide(path, mpp=mpp) as slide:  # untimed: what each tile read decoded from the file
+        _, w, h = slide.scaled_read_size((size0, size0), (tile_px, tile_px))
+    decoded = w * h
     negative = negative_index(meta["class_names"], "tile classifier")
     return {
         "wall_s": wall,
@@ -96,7 +106,9 @@ def run_tiling(model, meta: dict, path: Path, mpp: float | None) -> dict[str, An
         "read_s": out.read_seconds,
         "model_s": out.model_seconds,
         "tiles": out.n_tiles,
-        "level0_pixels": float(out.read_pixels_level0),
+        "area_level0": float(out.read_pixels_level0),
+        "file_pixels": float(out.n_tiles * decoded),
+        "model_pixels": float(out.n_tiles * int(meta["image_size"]) ** 2),
         "level0_px_per_px": float(out.size0) / float(meta.get("tile_size") or out.size0),
         "max": 1.0 - float(pool_scores(out.probabilities, "max", negative)[negative]),
         "mean": 1.0 - float(pool_scores(out.probabilities, "mean", negative)[negative]),
@@ -112,6 +124,28 @@ def negative_index(class_names: list[str], what: str) -> int:
     raise SystemExit(
         f"bench_smt: the {what}'s classes {class_names} have no Normal/Benign class to score against"
     )
+
+
+# SMT with the tissue box from the same 2048-px tissue detection the tiler uses; SMT with its box from a
+# 512-px detection (a bounding box needs no fine mask; R3 keeps thumbnails); full tiling.
+METHODS = ("smt", "smt_coarse_box", "tiling")
+PIXELS = (
+    ("file_pixels", "pixels decoded from the file"),
+    ("model_pixels", "pixels fed to the model"),
+    ("area_level0", "level-0 area the reads cover"),
+)
+
+
+def rotate(methods: tuple[str, ...], n: int) -> list[str]:
+    """The methods in a different order for each slide: none always runs first (warm caches, drift)."""
+    k = n % len(methods)
+    return list(methods[k:] + methods[:k])
+
+
+def run_method(name: str, smt, tile, path: Path, mpp) -> dict[str, Any]:
+    if name == "tiling":
+        return run_tiling(*tile, path, mpp)
+    return run_smt(*smt, path, mpp, tissue_side=512 if name == "smt_coarse_box" else 2048)
 
 
 # ----------------------------------------------------------------------------------------- measures
@@ -156,6 +190,16 @@ def focusing_precision(smt: dict, truth, grid: int) -> dict[str, Any]:
     return out
 
 
+def _box_shift(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """How far the 512-px detection's tissue box is from the 2048-px one, in units of the box side."""
+    shifts = [
+        max(abs(a - b) for a, b in zip(r["smt"]["box"], r["smt_coarse_box"]["box"], strict=True))
+        / r["smt"]["box"][2]
+        for r in rows
+    ]
+    return {"median": float(np.median(shifts)), "max": float(np.max(shifts))}
+
+
 def _without_embeddings(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if k != "embeddings"}
 
@@ -179,10 +223,9 @@ def measure_split(dm, split, smt, tile, mpp, truth_ok=True) -> list[dict[str, An
     negative = dm.class_names.index(dm.negative_class)
     for n, i in enumerate(dataset.slides):
         path, label = Path(dm.slide_paths[int(i)]), int(int(dataset.labels[n]) != negative)
-        order = [("smt", smt), ("tiling", tile)] if n % 2 == 0 else [("tiling", tile), ("smt", smt)]
         row: dict[str, Any] = {"slide": path.name, "label": label, "lesion_share": dm.lesion_share(int(i))}
-        for name, (net, meta) in order:
-            row[name] = (run_smt if name == "smt" else run_tiling)(net, meta, path, mpp)
+        for name in rotate(METHODS, n):
+            row[name] = run_method(name, smt, tile, path, mpp)
         if truth_ok and label == 1:
             row["focus"] = focusing_precision(
                 row["smt"], read_truth(path), int(smt[1]["model"]["smt"]["grid"])
@@ -203,11 +246,9 @@ def scaling(cfg, smt, tile, sizes: list[int], n: int, mpp, folder: Path) -> list
         spec = SlideSpec(width=size, height=size, difficulty=float(d.difficulty), lesions=lesions)
         slides = generate_slides(folder / str(size), n, spec, seed=7, normal_share=0.0, prefix=f"scale{size}")
         for k, s in enumerate(slides):
-            order = ["smt", "tiling"] if k % 2 == 0 else ["tiling", "smt"]
             row = {"size": size, "slide": s.path.name}
-            for name in order:
-                net, meta = smt if name == "smt" else tile
-                row[name] = (run_smt if name == "smt" else run_tiling)(net, meta, s.path, mpp)
+            for name in rotate(METHODS, k):
+                row[name] = run_method(name, smt, tile, s.path, mpp)
                 row[name].pop("embeddings", None)
             out.append(row)
             log.info("size %d: SMT %.2fs, tiling %.2fs (%d tiles)", size, row["smt"]["wall_s"],
@@ -221,23 +262,33 @@ def _warm(run: dict[str, Any]) -> float:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over slides of each method's wall time (cold, and without tissue detection), and of the
+    per-slide ratios tiling / method: wall time and pixels (decoded from the file, fed to the model, and the
+    level-0 area the reads cover)."""
+
     def med(fn) -> float:
         return float(statistics.median(fn(r) for r in rows))
 
-    return {
+    out: dict[str, Any] = {
         "n_slides": len(rows),
-        "smt_layer3_level0_px_per_px": med(lambda r: r["smt"]["layer3_level0_px_per_px"]),
-        "tiling_level0_px_per_px": med(lambda r: r["tiling"]["level0_px_per_px"]),
-        "smt_wall_s": med(lambda r: r["smt"]["wall_s"]),
-        "tiling_wall_s": med(lambda r: r["tiling"]["wall_s"]),
-        "smt_wall_s_tissue_excluded": med(lambda r: _warm(r["smt"])),
-        "tiling_wall_s_tissue_excluded": med(lambda r: _warm(r["tiling"])),
-        "wall_ratio": med(lambda r: ratio(r["tiling"]["wall_s"], r["smt"]["wall_s"])),
-        "wall_ratio_tissue_excluded": med(lambda r: ratio(_warm(r["tiling"]), _warm(r["smt"]))),
-        "pixel_ratio": med(lambda r: ratio(r["tiling"]["level0_pixels"], r["smt"]["level0_pixels"])),
         "tiles": med(lambda r: r["tiling"]["tiles"]),
         "smt_reads": med(lambda r: r["smt"]["reads"]),
+        "smt_layer3_level0_px_per_px": med(lambda r: r["smt"]["layer3_level0_px_per_px"]),
+        "tiling_level0_px_per_px": med(lambda r: r["tiling"]["level0_px_per_px"]),
     }
+    for m in METHODS:
+        out[f"{m}_wall_s"] = med(lambda r, m=m: r[m]["wall_s"])
+        out[f"{m}_tissue_s"] = med(lambda r, m=m: r[m]["tissue_s"])
+        out[f"{m}_wall_s_tissue_excluded"] = med(lambda r, m=m: _warm(r[m]))
+        for what in ("file_pixels", "model_pixels", "area_level0"):
+            out[f"{m}_{what}"] = med(lambda r, m=m, w=what: r[m][w])
+        if m == "tiling":
+            continue
+        out[f"{m}_wall_ratio"] = med(lambda r, m=m: ratio(r["tiling"]["wall_s"], r[m]["wall_s"]))
+        out[f"{m}_wall_ratio_tissue_excluded"] = med(lambda r, m=m: ratio(_warm(r["tiling"]), _warm(r[m])))
+        for what in ("file_pixels", "model_pixels", "area_level0"):
+            out[f"{m}_{what}_ratio"] = med(lambda r, m=m, w=what: ratio(r["tiling"][w], r[m][w]))
+    return out
 
 
 def mil_baseline(dm, tile, mpp, test_rows, epochs: int, out: Path) -> list[float]:
@@ -255,50 +306,31 @@ def mil_baseline(dm, tile, mpp, test_rows, epochs: int, out: Path) -> list[float
     return [float(predict_mil(model, torch.as_tensor(r["tiling"]["embeddings"]))[1]) for r in test_rows]
 
 
-def write_records(out: Path, cfg, quality: dict, test: list[dict], summary: dict) -> None:
+def write_records(out: Path, cfg, quality: dict, test: list[dict]) -> None:
     """One run record per slide-level method, in the record schema, for ``patholite.compare``."""
-    methods = {
-        "smt_fp32": ("smt", lambda r: r["smt"]),
-        "tiling_max": ("tiling", lambda r: r["tiling"]),
-        "tiling_mean": ("tiling", lambda r: r["tiling"]),
-        "mil_gated": ("tiling", lambda r: r["tiling"]),
-    }
+    part = {"smt_fp32": "smt", "tiling_max": "tiling", "tiling_mean": "tiling", "mil_gated": "tiling"}
     base = OmegaConf.to_container(cfg, resolve=True)
-    for name, (model, part) in methods.items():
+    for name, method in part.items():
         q = quality[name]
-        walls = sorted(part(r)["wall_s"] for r in test)
-        p50 = statistics.median(walls)
-        record = RunRecord(
-            run_dir=str(out / "records" / name), config={**base, "compression": {"name": name}}
-        )
+        walls = sorted(r[method]["wall_s"] for r in test)
+        p50, p90 = statistics.median(walls), walls[min(len(walls) - 1, int(0.9 * len(walls)))]
+        config = {**base, "compression": {"name": f"bench:{name}"}}
+        record = RunRecord(run_dir=str(out / "records" / name), config=config)
         record.artifacts = [
             ArtifactRecord(
-                name=name,
-                path=str(out),
-                files=[],
-                model=cfg.model.name if model == "smt" else "tile classifier",
-                quality={
-                    "accuracy": q["accuracy"],
-                    "balanced_accuracy": q["balanced_accuracy"],
-                    "macro_f1": None,
-                    "auroc": q["auroc"],
-                    "ece": None,
-                    "n_samples": q["n_slides"],
-                },
+                name=name, path=str(out), files=[],
+                model=cfg.model.name if method == "smt" else "tile classifier",
+                quality={"accuracy": q["accuracy"], "balanced_accuracy": q["balanced_accuracy"],
+                         "macro_f1": None, "auroc": q["auroc"], "ece": None, "n_samples": q["n_slides"]},
                 cost={
-                    "latency_ms": {
-                        "slide": {"p50": 1000 * p50, "p90": 1000 * walls[int(0.9 * (len(walls) - 1))]}
-                    },
+                    "latency_ms": {"slide": {"p50": 1000 * p50, "p90": 1000 * p90}},
                     "throughput_ips": {"slide": 1 / p50},
-                    "level0_pixels_median": statistics.median(part(r)["level0_pixels"] for r in test),
-                    "timing": {
-                        "method": "bench_smt",
-                        "unit": "slide",
-                        "note": "cold: tissue detection included",
-                    },
+                    "file_pixels_median": statistics.median(r[method]["file_pixels"] for r in test),
+                    "timing": {"method": "bench_smt", "unit": "slide",
+                               "note": "cold: tissue detection included"},
                 },
-            )  # fmt: skip
-        ]
+            )
+        ]  # fmt: skip
         record.finish("ok")
 
 
@@ -314,15 +346,25 @@ def markdown(results: dict) -> str:
         "| method | accuracy | balanced acc. | AUROC |", "| --- | --- | --- | --- |",
         *[f"| {k} | {v['accuracy']:.3f} | {v['balanced_accuracy']:.3f} | {_num(v['auroc'])} |"
           for k, v in q.items()],
-        "", "| per slide (median) | SMT | full tiling | ratio |", "| --- | --- | --- | --- |",
-        f"| wall s (tissue detection included) | {s['smt_wall_s']:.2f} | {s['tiling_wall_s']:.2f} | "
-        f"{s['wall_ratio']:.1f}x |",
-        f"| wall s (tissue excluded) | {s['smt_wall_s_tissue_excluded']:.2f} | "
-        f"{s['tiling_wall_s_tissue_excluded']:.2f} | {s['wall_ratio_tissue_excluded']:.1f}x |",
-        f"| regions / tiles read | {s['smt_reads']:.0f} | {s['tiles']:.0f} | |",
-        f"| level-0 pixels read | | | {s['pixel_ratio']:.1f}x |",
-        f"| level-0 px per image px (SMT layer 3 / tiles) | {s['smt_layer3_level0_px_per_px']:.2f} | "
-        f"{s['tiling_level0_px_per_px']:.2f} | |",
+        "", "| per slide (median) | SMT | SMT, 512-px tissue box | full tiling |",
+        "| --- | --- | --- | --- |",
+        "| wall s, cold (tissue detection included) | "
+        + " | ".join(f"{s[f'{m}_wall_s']:.2f}" for m in METHODS) + " |",
+        "| of which tissue detection (and tiling) s | "
+        + " | ".join(f"{s[f'{m}_tissue_s']:.2f}" for m in METHODS) + " |",
+        "| wall s, tissue excluded | "
+        + " | ".join(f"{s[f'{m}_wall_s_tissue_excluded']:.2f}" for m in METHODS) + " |",
+        "| tiling / method: wall, cold | " + " | ".join(f"{s[f'{m}_wall_ratio']:.1f}x" for m in METHODS[:2])
+        + " | |",
+        "| tiling / method: wall, tissue excluded | "
+        + " | ".join(f"{s[f'{m}_wall_ratio_tissue_excluded']:.1f}x" for m in METHODS[:2]) + " | |",
+        f"| regions / tiles read | {s['smt_reads']:.0f} | {s['smt_reads']:.0f} | {s['tiles']:.0f} |",
+        *[f"| {label} (M) | " + " | ".join(f"{s[f'{m}_{what}'] / 1e6:.2f}" for m in METHODS) + " |"
+          for what, label in PIXELS],
+        *[f"| tiling / method: {label} | " + " | ".join(f"{s[f'{m}_{what}_ratio']:.1f}x" for m in METHODS[:2])
+          + " | |" for what, label in PIXELS],
+        f"| level-0 px per image px (SMT layer 3 / tiles) | {s['smt_layer3_level0_px_per_px']:.2f} | | "
+        f"{s['tiling_level0_px_per_px']:.2f} |",
     ]  # fmt: skip
     if results.get("focus"):
         f = results["focus"]
@@ -331,11 +373,12 @@ def markdown(results: dict) -> str:
             f"| {k} top-K over a lesion | {v['precision']:.3f} | {v['chance']:.3f} |" for k, v in f.items()
         ]
     if results.get("scaling"):
-        lines += ["", "| slide side | SMT s | tiling s | tiles | wall ratio | pixel ratio |",
-                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += ["", "| slide side | tiles | SMT s | tiling s | wall ratio | tissue-excluded ratio | "
+                  "file-pixel ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for size, v in results["scaling"].items():
-            lines.append(f"| {size} | {v['smt_wall_s']:.2f} | {v['tiling_wall_s']:.2f} | {v['tiles']:.0f} | "
-                         f"{v['wall_ratio']:.1f}x | {v['pixel_ratio']:.1f}x |")  # fmt: skip
+            lines.append(f"| {size} | {v['tiles']:.0f} | {v['smt_wall_s']:.2f} | {v['tiling_wall_s']:.2f} | "
+                         f"{v['smt_wall_ratio']:.1f}x | {v['smt_wall_ratio_tissue_excluded']:.1f}x | "
+                         f"{v['smt_file_pixels_ratio']:.1f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     mil = mil_baseline(dm, tile, mpp, test, args.mil_epochs, args.out)
     quality = {
         "smt_fp32": binary_quality([r["smt"]["positive"] for r in test], labels),
+        "smt_fp32 (512-px tissue box)": binary_quality(
+            [r["smt_coarse_box"]["positive"] for r in test], labels
+        ),
         "tiling_max": binary_quality([r["tiling"]["max"] for r in test], labels),
         "tiling_mean": binary_quality([r["tiling"]["mean"] for r in test], labels),
         "mil_gated": binary_quality(mil, labels),
@@ -384,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         if focus
         else None,
         "slides": [{**r, "tiling": _without_embeddings(r["tiling"])} for r in test],
+        "box_shift": _box_shift(test),
     }
     if args.sizes:
         rows = scaling(cfg, smt, tile, args.sizes, args.scale_slides, mpp, args.out / "scaling_slides")
@@ -391,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         results["scaling_slides"] = rows
     write_json(args.out / "results.json", results)
     (args.out / "results.md").write_text(markdown(results))
-    write_records(args.out, cfg, quality, test, results["summary"])
+    write_records(args.out, cfg, quality, test)
     print(markdown(results))
 
 

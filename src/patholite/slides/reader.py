@@ -193,16 +193,21 @@ class Slide:
             return rgb.round().astype(np.uint8)
         return np.ascontiguousarray(rgba[..., :3]).astype(np.uint8, copy=False)
 
+    def scaled_read_size(self, size0: tuple[float, float], size: tuple[int, int]) -> tuple[int, int, int]:
+        """(level, width, height) that ``read_scaled`` reads from the file for a level-0 region of ``size0``
+        shown at ``size``: what a read costs in decoded pixels."""
+        ds = min(size0[0] / size[0], size0[1] / size[1])
+        level = self.best_level_for_downsample(ds)
+        level_ds = self.level_downsamples[level]
+        return level, max(1, round(size0[0] / level_ds)), max(1, round(size0[1] / level_ds))
+
     def read_scaled(
         self, location: tuple[int, int], size0: tuple[int, int], size: tuple[int, int]
     ) -> np.ndarray:
         """A level-0 region of ``size0`` pixels resampled to ``size``: read from the coarsest level that is
         still at least as fine as needed, then resized (area interpolation)."""
-        ds = min(size0[0] / size[0], size0[1] / size[1])
-        level = self.best_level_for_downsample(ds)
-        level_ds = self.level_downsamples[level]
-        read = (max(1, round(size0[0] / level_ds)), max(1, round(size0[1] / level_ds)))
-        image = self.read_region(location, level, read)
+        level, *read = self.scaled_read_size(size0, size)
+        image = self.read_region(location, level, tuple(read))
         return resize_rgb(image, size)
 
     def low_resolution(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
