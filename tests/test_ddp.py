@@ -140,7 +140,9 @@ def test_the_global_batch_must_divide_by_the_processes(make_cfg):
     from patholite.pipelines.preflight import preflight
 
     cfg = make_cfg("dataset.batch_size=9", "accelerator.devices=2")
-    with pytest.raises(ConfigError, match=r"dataset.batch_size=9 .* 2 DDP processes .*dataset.batch_size=8 or 10"):
+    with pytest.raises(
+        ConfigError, match=r"dataset.batch_size=9 .* 2 DDP processes .*dataset.batch_size=8 or 10"
+    ):
         preflight(cfg)
     check_global_batch(OmegaConf.create({"batch_size": 9, "eval_batch_size": None}), 1)  # one process: any
     with pytest.raises(ConfigError, match="eval_batch_size=7"):
