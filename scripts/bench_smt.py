@@ -36,7 +36,7 @@ from patholite.measure.records import ArtifactRecord, RunRecord, read_record
 from patholite.models.mil import predict_mil, save_mil, train_mil
 from patholite.models.smt import predict_slide
 from patholite.slides.baselines import pool_scores, tile_outputs
-from patholite.slides.focus import Box, RegionReader, chain_check, patch_box, tissue_box
+from patholite.slides.focus import Box, RegionReader, chain_check, patch_box, pixels_decoded, tissue_box
 from patholite.slides.inference import load_classifier, resolve_artifact
 from patholite.slides.reader import forget_cached, open_slide
 from patholite.slides.smt_inference import load_smt_model
@@ -70,7 +70,7 @@ def run_smt(net, meta: dict, path: Path, mpp: float | None, tissue_side: int = 2
     sides = [b[2] for layer in out["layers"] for b in layer["boxes"]]
     size = int(s["image_size"])
     with open_slide(path, mpp=mpp) as slide:  # untimed: what each read decoded from the file
-        decoded = sum(w * h for _, w, h in (slide.scaled_read_size((d, d), (size, size)) for d in sides))
+        decoded = pixels_decoded(slide, sides, size)
     return {
         "probs": [float(p) for p in out["probs"]],
         "positive": 1.0 - float(out["probs"][negative]),

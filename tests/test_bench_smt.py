@@ -43,7 +43,9 @@ def test_bench_smt_compares_smt_with_full_tiling_on_the_same_slides(tmp_path):
     assert summary["tiles"] > 0 and summary["pixel_ratio"] > 0
     for slide in results["slides"]:  # level-0 pixels as the definitions say
         assert slide["smt"]["reads"] == len([b for layer in slide["smt"]["layers"] for b in layer["boxes"]])
-        assert slide["tiling"]["level0_pixels"] > 0
+        assert (
+            slide["tiling"]["file_pixels"] > 0 and slide["smt"]["file_pixels"] < slide["smt"]["area_level0"]
+        )
     assert set(results["focus"]) == {"layer1", "layer2"} and results["focus"]["layer1"]["n_slides"] == 1
     assert list(results["scaling"]) == ["3072"]
     compare = run_cli([str(out / "records")], cwd=tmp_path, module="patholite.compare")

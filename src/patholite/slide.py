@@ -76,10 +76,10 @@ def run_slide(cfg: DictConfig) -> int:
     for r in rows:
         if r["status"] == "ok" and r.get("mode") == "smt":
             t, call = r["timings"], r["call"]
-            megapixels = r["level0_pixels_read"] / 1e6
+            megapixels = r["pixels_read"] / 1e6
             print(
                 f"{Path(r['slide']).name}: {call['label']} (confidence {call['confidence']:.2f}), SMT read "
-                f"{r['reads']} regions ({megapixels:.1f} Mpx of level 0) in {t['read_s']:.2f} s, model "
+                f"{r['reads']} regions ({megapixels:.2f} Mpx decoded) in {t['read_s']:.2f} s, model "
                 f"{t['model_s']:.2f} s, tissue {t['tissue_s']:.2f} s, total {t['total_s']:.2f} s "
                 f"-> {r['out']}"
             )

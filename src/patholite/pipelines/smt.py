@@ -91,7 +91,7 @@ def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> di
     """One fresh walk per slide of ``split``, reading every region from the slide file (thumbnail
     included): slide probabilities and what each slide cost."""
     from patholite.models.smt import predict_slide
-    from patholite.slides.focus import RegionReader
+    from patholite.slides.focus import RegionReader, pixels_decoded
 
     dm, s = ctx.datamodule, ctx.cfg.model.smt
     dataset = dm.datasets[split]
@@ -111,6 +111,7 @@ def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> di
         wall = time.perf_counter() - start
         probs.append(torch.as_tensor(np.asarray(out["probs"], dtype=np.float32)))
         sides = [b[2] for layer in out["layers"] for b in layer["boxes"]]
+        decoded = pixels_decoded(reader.slide, sides, int(s.image_size))
         per_slide.append(
             {
                 "slide": Path(dm.slide_paths[slide]).name,
@@ -118,7 +119,8 @@ def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> di
                 "read_s": out["read_seconds"],
                 "model_s": out["model_seconds"],
                 "reads": out["reads"],
-                "level0_pixels": float(sum(side * side for side in sides)),
+                "pixels_read": float(decoded),  # decoded from the file, at the levels read
+                "area_level0": float(sum(side * side for side in sides)),  # level-0 area the reads cover
             }
         )
     labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
@@ -144,7 +146,8 @@ def _per_slide_cost(slides: list[dict[str, Any]]) -> dict[str, Any]:
         "read_s_median": med("read_s"),
         "model_s_median": med("model_s"),
         "reads_per_slide": med("reads"),
-        "level0_pixels_median": med("level0_pixels"),
+        "pixels_read_median": med("pixels_read"),
+        "area_level0_median": med("area_level0"),
         "slides": slides,
     }
 

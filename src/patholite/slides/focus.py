@@ -221,3 +221,10 @@ def cached_thumbnail(
     with atomic_path(file) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add ".npz"
         np.savez_compressed(f, image=image, box=np.array(box.as_list()), key=np.array(key_text))
     return image, box
+
+
+def pixels_decoded(slide, sides: list[float], size: int) -> int:
+    """Pixels the reads of these level-0 square sides at ``size`` px decode from the slide file, each at the
+    pyramid level ``read_scaled`` picks: what reading costs (the level-0 *area* they cover is another
+    measure: a thumbnail covers the whole tissue box from a coarse level)."""
+    return int(sum(w * h for _, w, h in (slide.scaled_read_size((d, d), (size, size)) for d in sides)))

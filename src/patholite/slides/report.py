@@ -25,7 +25,7 @@ from patholite.measure.io import atomic_path, write_json
 
 UNLABELLED = 255  # annotation-map value of pixels no annotation covers
 OVERLAY_ALPHA = 0.5  # weight of the class colour over the thumbnail in overlay.png
-OPTIONAL_COLUMNS = ("reads", "level0_pixels_read")  # summary columns of rows that have them (SMT)
+OPTIONAL_COLUMNS = ("reads", "pixels_read")  # summary columns of rows that have them (SMT)
 FILES = {"heatmap": "heatmap.png", "overlay": "overlay.png", "report": "report.png", "json": "report.json"}
 
 

@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.measure.artifacts import load_artifact, read_sidecar
 from patholite.measure.io import write_json
-from patholite.slides.focus import POLICIES, Box, RegionReader, chain_check, tissue_box
+from patholite.slides.focus import POLICIES, Box, RegionReader, chain_check, pixels_decoded, tissue_box
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _check_tissue_settings(cfg, meta: dict[str, Any]) -> None:
 
 def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Diagnose one slide with the SMT walk; write report.json and focus.png into ``out_dir``; return the
-    report (a summary row: call, confidence, reads, level0_pixels_read, seconds)."""
+    report (a summary row: call, confidence, reads, pixels_read, seconds)."""
     from patholite.models.smt import predict_slide
     from patholite.slides.cache import slide_cache_dir, tissue_for
 
@@ -197,7 +197,9 @@ def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path)
         "negative_class": class_names[settings.negative],
         "reads": reader.reads,
         "expected_reads": settings.expected_reads,
-        "level0_pixels_read": round(sum(b.side**2 for b, _ in recorder.images)),
+        # pixels decoded from the file (each at the level read_scaled picks); the level-0 area covered
+        "pixels_read": pixels_decoded(slide, [b.side for b, _ in recorder.images], settings.image_size),
+        "area_level0": round(sum(b.side**2 for b, _ in recorder.images)),
         "tissue_box": box.as_list(),
         "layers": layers,
         "smt": {
