@@ -126,9 +126,9 @@ def negative_index(class_names: list[str], what: str) -> int:
     )
 
 
-# SMT with the tissue box from the same 2048-px tissue detection the tiler uses; SMT with its box from a
-# 512-px detection (a bounding box needs no fine mask; R3 keeps thumbnails); full tiling.
-METHODS = ("smt", "smt_coarse_box", "tiling")
+# SMT with its tissue box found as in training (model.smt.tissue_px, e.g. 512 px: a bounding box needs no
+# fine mask); SMT with the box from the tiler's 2048-px mask instead; full tiling.
+METHODS = ("smt", "smt_tiler_mask", "tiling")
 PIXELS = (
     ("file_pixels", "pixels decoded from the file"),
     ("model_pixels", "pixels fed to the model"),
@@ -145,7 +145,8 @@ def rotate(methods: tuple[str, ...], n: int) -> list[str]:
 def run_method(name: str, smt, tile, path: Path, mpp) -> dict[str, Any]:
     if name == "tiling":
         return run_tiling(*tile, path, mpp)
-    return run_smt(*smt, path, mpp, tissue_side=512 if name == "smt_coarse_box" else 2048)
+    trained = smt[1]["model"]["smt"].get("tissue_px") or 2048  # the framing the model was trained on
+    return run_smt(*smt, path, mpp, tissue_side=trained if name == "smt" else 2048)
 
 
 # ----------------------------------------------------------------------------------------- measures
@@ -191,9 +192,9 @@ def focusing_precision(smt: dict, truth, grid: int) -> dict[str, Any]:
 
 
 def _box_shift(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """How far the 512-px detection's tissue box is from the 2048-px one, in units of the box side."""
+    """How far the box found as in training is from the tiler's mask's box, in units of the box side."""
     shifts = [
-        max(abs(a - b) for a, b in zip(r["smt"]["box"], r["smt_coarse_box"]["box"], strict=True))
+        max(abs(a - b) for a, b in zip(r["smt"]["box"], r["smt_tiler_mask"]["box"], strict=True))
         / r["smt"]["box"][2]
         for r in rows
     ]
@@ -346,7 +347,7 @@ def markdown(results: dict) -> str:
         "| method | accuracy | balanced acc. | AUROC |", "| --- | --- | --- | --- |",
         *[f"| {k} | {v['accuracy']:.3f} | {v['balanced_accuracy']:.3f} | {_num(v['auroc'])} |"
           for k, v in q.items()],
-        "", "| per slide (median) | SMT | SMT, 512-px tissue box | full tiling |",
+        "", "| per slide (median) | SMT | SMT, box from the tiler's mask | full tiling |",
         "| --- | --- | --- | --- |",
         "| wall s, cold (tissue detection included) | "
         + " | ".join(f"{s[f'{m}_wall_s']:.2f}" for m in METHODS) + " |",
@@ -405,8 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     mil = mil_baseline(dm, tile, mpp, test, args.mil_epochs, args.out)
     quality = {
         "smt_fp32": binary_quality([r["smt"]["positive"] for r in test], labels),
-        "smt_fp32 (512-px tissue box)": binary_quality(
-            [r["smt_coarse_box"]["positive"] for r in test], labels
+        "smt_fp32 (box from the tiler's mask)": binary_quality(
+            [r["smt_tiler_mask"]["positive"] for r in test], labels
         ),
         "tiling_max": binary_quality([r["tiling"]["max"] for r in test], labels),
         "tiling_mean": binary_quality([r["tiling"]["mean"] for r in test], labels),

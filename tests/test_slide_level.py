@@ -146,6 +146,17 @@ def test_thumbnail_is_cached_once_and_shares_the_tissue_mask(tumor_slide, tmp_pa
     assert box_again == box
 
 
+def test_a_coarse_tissue_box_frames_the_same_tissue_without_the_tilers_mask(tumor_slide, tmp_path):
+    _, fine = cached_thumbnail(tumor_slide, tmp_path / "fine", 64, TISSUE)
+    image, coarse = cached_thumbnail(tumor_slide, tmp_path / "coarse", 64, TISSUE, tissue_px=256)
+    assert image.shape == (64, 64, 3)
+    shift = max(abs(a - b) for a, b in zip(fine.as_list(), coarse.as_list(), strict=True)) / fine.side
+    assert shift < 0.05  # a bounding box from a 256-px image: within 5% of its side
+    assert not list((tmp_path / "coarse").rglob("tissue.npz"))  # no fine mask computed or cached
+    again, box = cached_thumbnail(tumor_slide, tmp_path / "coarse", 64, TISSUE, tissue_px=256)
+    assert box == coarse and len(list((tmp_path / "coarse" / THUMB_DIR).glob("*.npz"))) == 1
+
+
 def test_corrupt_or_stale_thumbnail_cache_is_rebuilt(tumor_slide, tmp_path, caplog):
     image, box = cached_thumbnail(tumor_slide, tmp_path, 64, TISSUE)
     (file,) = (tmp_path / THUMB_DIR).glob("*.npz")

@@ -32,7 +32,7 @@ def build_datamodule(cfg, pin_memory: bool = False, model=None) -> HistologyData
         s = model.smt
         return SlideLevelDataModule(
             cfg, pin_memory=pin_memory, image_size=s.image_size, grid=s.grid, too_small=s.too_small,
-            hops=s.layers - 1,
+            hops=s.layers - 1, tissue_px=s.get("tissue_px"),
         )  # fmt: skip
     if cfg.name not in FAMILIES:
         raise ConfigError(f"dataset.name={cfg.name!r} is not one of {sorted(FAMILIES)}")

@@ -56,13 +56,14 @@ class SlideLevelDataModule(HistologyDataModule):
 
     def __init__(
         self, cfg, pin_memory: bool = False, image_size: int | None = None, grid: int = 16,
-        too_small: str = "upsample", hops: int = 2,
+        too_small: str = "upsample", hops: int = 2, tissue_px: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(cfg, pin_memory=pin_memory)
         from patholite.data import build_datamodule
 
         self.image_size = int(image_size or cfg.image_size)
         self.grid, self.hops, self.too_small = int(grid), int(hops), too_small
+        self.tissue_px = tissue_px  # the tissue box's detection size (slides.focus.smt_tissue_box)
         if self.grid < 1 or self.image_size % self.grid:
             raise ConfigError(
                 f"model.smt.image_size={self.image_size} must be a multiple of model.smt.grid={self.grid} "
@@ -147,7 +148,7 @@ class SlideLevelDataModule(HistologyDataModule):
         if slide not in self._thumbs:
             path = self.slide_paths[slide]
             image, box = cached_thumbnail(
-                path, self.cfg.cache_dir, self.image_size, self.cfg.tissue, self.cfg.reader
+                path, self.cfg.cache_dir, self.image_size, self.cfg.tissue, self.cfg.reader, self.tissue_px
             )
             chain_check(box, self.image_size, self.grid, self.hops, self.too_small, source=f"slide {path}")
             self._thumbs[slide] = image, box

@@ -187,15 +187,32 @@ def _load_thumbnail(file: Path, key_text: str, image_size: int) -> tuple[np.ndar
         return None
 
 
+def smt_tissue_box(slide, cfg, cache_root: str | Path | None = None, tissue_px: int | None = None) -> Box:
+    """SMT's layer-1 region: the square around the tissue's bounding box. ``tissue_px``: the long side of
+    the low-resolution image the tissue is found on; a bounding box needs no fine mask, and a 512-px image
+    costs a few hundredths of a second where the tiler's 2048-px mask costs about one. None: the tiler's
+    mask, from (and to) its cache under ``cache_root``. ``cfg``: a node with ``tissue`` and ``reader``."""
+    from patholite.slides.cache import slide_cache_dir, tissue_for
+    from patholite.slides.tissue import detect_tissue
+
+    if tissue_px is None:
+        mask = tissue_for(slide, cfg, slide_cache_dir(Path(cache_root), Path(slide.path), cfg))
+    else:
+        options = {key: cfg.tissue[key] for key in cfg.tissue}
+        mask = detect_tissue(slide, **{**options, "max_side": int(tissue_px)})
+    return tissue_box(mask, slide.dimensions)
+
+
 def cached_thumbnail(
-    path: str | Path, cache_root: str | Path, image_size: int, tissue_cfg=None, reader_cfg=None
-) -> tuple[np.ndarray, Box]:
+    path: str | Path, cache_root: str | Path, image_size: int, tissue_cfg=None, reader_cfg=None,
+    tissue_px: int | None = None,
+) -> tuple[np.ndarray, Box]:  # fmt: skip
     """The slide's tissue box rendered at ``image_size`` px (uint8 SxSx3) and the box, rendered once per
     slide file and settings under ``cache_root/smt_thumbs``; the tissue mask comes from (and goes to) the
     slide engine's cache under ``cache_root``. ``tissue_cfg`` / ``reader_cfg``: the ``tissue`` and
-    ``reader`` nodes (None: their defaults)."""
+    ``reader`` nodes (None: their defaults); ``tissue_px``: see ``smt_tissue_box``."""
     from patholite.config.slide_schema import ReaderConfig, TissueConfig
-    from patholite.slides.cache import file_identity, slide_cache_dir, tissue_for
+    from patholite.slides.cache import file_identity
     from patholite.slides.reader import open_cached
     from patholite.slides.tissue import TISSUE_VERSION
 
@@ -208,6 +225,8 @@ def cached_thumbnail(
     settings = OmegaConf.to_container(cfg, resolve=True)
     key = {"version": THUMB_VERSION, "tissue_version": TISSUE_VERSION, "slide": file_identity(path),
            "image_size": int(image_size), **settings}  # fmt: skip
+    if tissue_px is not None:  # keys of thumbnails on the tiler's mask stay as they were
+        key["tissue_px"] = int(tissue_px)
     key_text = json.dumps(key, sort_keys=True, default=str)
     file = thumbnail_file(path, cache_root, key)
     if file.is_file():
@@ -215,8 +234,7 @@ def cached_thumbnail(
         if found is not None:
             return found
     slide = open_cached(path, cfg.reader.mpp, cfg.reader.backend)
-    mask = tissue_for(slide, cfg, slide_cache_dir(cache_root, path, cfg))
-    box = tissue_box(mask, slide.dimensions)
+    box = smt_tissue_box(slide, cfg, cache_root, tissue_px)
     image = read_box(slide, box, int(image_size))
     with atomic_path(file) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add ".npz"
         np.savez_compressed(f, image=image, box=np.array(box.as_list()), key=np.array(key_text))

@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.measure.artifacts import load_artifact, read_sidecar
 from patholite.measure.io import write_json
-from patholite.slides.focus import POLICIES, Box, RegionReader, chain_check, pixels_decoded, tissue_box
+from patholite.slides.focus import POLICIES, Box, RegionReader, chain_check, pixels_decoded, smt_tissue_box
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,6 @@ def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path)
     """Diagnose one slide with the SMT walk; write report.json and focus.png into ``out_dir``; return the
     report (a summary row: call, confidence, reads, pixels_read, seconds)."""
     from patholite.models.smt import predict_slide
-    from patholite.slides.cache import slide_cache_dir, tissue_for
 
     start = time.perf_counter()
     path = Path(path)
@@ -163,8 +162,9 @@ def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path)
     slide = reader.slide  # opened once for the process (open_cached), shared with the reads
     _check_tissue_settings(cfg, meta)
     t0 = time.perf_counter()
-    mask = tissue_for(slide, cfg, slide_cache_dir(Path(cfg.paths.cache_dir) / "slides", path, cfg))
-    box = tissue_box(mask, slide.dimensions)
+    # the box as the model's thumbnails were framed: found on a tissue_px image, or on the tiler's mask
+    tissue_px = (meta["model"].get("smt") or {}).get("tissue_px")
+    box = smt_tissue_box(slide, cfg, Path(cfg.paths.cache_dir) / "slides", tissue_px)
     t1 = time.perf_counter()
     chain_check(box, settings.image_size, settings.grid, settings.layers - 1, settings.too_small,
                 source=f"slide {path.name}")  # fmt: skip
