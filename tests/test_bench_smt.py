@@ -36,11 +36,13 @@ def test_bench_smt_compares_smt_with_full_tiling_on_the_same_slides(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["quality"]) == {"smt_fp32", "tiling_max", "tiling_mean", "mil_gated"}
+    assert set(results["quality"]) == {
+        "smt_fp32", "smt_fp32 (box from the tiler's mask)", "tiling_max", "tiling_mean", "mil_gated"
+    }  # fmt: skip
     assert all(q["n_slides"] == 2 and q["n_positive"] == 1 for q in results["quality"].values())
     summary = results["summary"]
     assert summary["smt_reads"] == 1 + 2 + 4  # smt_micro: K = 2
-    assert summary["tiles"] > 0 and summary["pixel_ratio"] > 0
+    assert summary["tiles"] > 0 and summary["smt_file_pixels_ratio"] > 0 and summary["smt_wall_ratio"] > 0
     for slide in results["slides"]:  # level-0 pixels as the definitions say
         assert slide["smt"]["reads"] == len([b for layer in slide["smt"]["layers"] for b in layer["boxes"]])
         assert (
