@@ -90,7 +90,7 @@ def run_smt(net, meta: dict, path: Path, mpp: float | None, tissue_side: int = 2
 
 def run_tiling(model, meta: dict, path: Path, mpp: float | None) -> dict[str, Any]:
     forget_cached(path)
-    size0, tile_px = None, int(meta.get("tile_size") or meta["image_size"])
+    tile_px = int(meta.get("tile_size") or meta["image_size"])
     start = time.perf_counter()
     out = tile_outputs(path, model, meta, reader={"mpp": mpp} if mpp else None, embeddings=True)
     wall = time.perf_counter() - start
@@ -218,7 +218,7 @@ def datamodule_of(run: Path):
     return cfg, dm
 
 
-def measure_split(dm, split, smt, tile, mpp, truth_ok=True) -> list[dict[str, Any]]:
+def measure_split(dm, split, smt, tile, mpp) -> list[dict[str, Any]]:
     rows = []
     dataset = dm.datasets[split]
     negative = dm.class_names.index(dm.negative_class)
@@ -227,7 +227,7 @@ def measure_split(dm, split, smt, tile, mpp, truth_ok=True) -> list[dict[str, An
         row: dict[str, Any] = {"slide": path.name, "label": label, "lesion_share": dm.lesion_share(int(i))}
         for name in rotate(METHODS, n):
             row[name] = run_method(name, smt, tile, path, mpp)
-        if truth_ok and label == 1:
+        if label == 1:  # focusing precision needs a lesion to find
             row["focus"] = focusing_precision(
                 row["smt"], read_truth(path), int(smt[1]["model"]["smt"]["grid"])
             )

@@ -40,3 +40,11 @@ def tiny_vit(img: int = 32, depth: int = 4, seed: int = 0):
         num_heads=4,
         num_classes=4,
     )
+
+
+def csv_rows(path) -> list[dict]:
+    """The rows of a CSV the slide engine wrote (tiles.csv, summary.csv) as dicts."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

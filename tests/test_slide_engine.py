@@ -3,7 +3,6 @@ failures inside loader workers, and the bad inputs the issue lists."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from patholite.slides.engine import TileSpec, stream_tiles
 from patholite.slides.inference import load_classifier, resolve_artifact, run_slides
 
 from .conftest import REPO
+from .helpers import csv_rows
 
 CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
 OUTPUTS = ("tiles.csv", "heatmap.png", "overlay.png", "report.json", "report.png")
@@ -62,11 +62,6 @@ def _cfg(tmp_path, artifact, **overrides):
     return cfg
 
 
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _cli(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "patholite.slide", *args],
@@ -89,7 +84,7 @@ def test_real_slide_end_to_end_through_the_cli(slides, float_artifact, tmp_path)
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
-    rows = _rows(out / "tiles.csv")
+    rows = csv_rows(out / "tiles.csv")
     assert report["n_tiles"] == len(rows) > 10
     assert report["call"]["label"] in CLASSES
     assert sum(report["fractions"].values()) == pytest.approx(1.0, abs=1e-6)
@@ -107,7 +102,7 @@ def test_real_slide_end_to_end_through_the_cli(slides, float_artifact, tmp_path)
     assert timings["tiles"] == report["n_tiles"] and timings["workers"] == 2
     assert timings["wall_s"] >= timings["process_s"]
     assert report["extra"]["tile"]["size0"] in (256, 257)
-    summary = _rows(run / "summary.csv")
+    summary = csv_rows(run / "summary.csv")
     assert [r["status"] for r in summary] == ["ok"]
     assert "CMU-1-Small-Region" in result.stdout and "tiles/s" in result.stdout
     # a second run reuses the cached tissue mask and tile coordinates
@@ -119,7 +114,7 @@ def test_real_slide_end_to_end_through_the_cli(slides, float_artifact, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # reused, not rewritten
     second = max((tmp_path / "outputs" / "slides").glob("*/*"))
-    assert _rows(second / "CMU-1-Small-Region" / "tiles.csv") == rows  # same tiles, same predictions
+    assert csv_rows(second / "CMU-1-Small-Region" / "tiles.csv") == rows  # same tiles, same predictions
 
 
 def _float(directory):
@@ -157,7 +152,7 @@ def test_many_slides_bad_ones_reported_others_go_on(slides, float_artifact, tmp_
     assert result.returncode == 1
     assert "3 of 4 slides failed" in result.stderr
     run = next((tmp_path / "outputs" / "slides").glob("*/*"))
-    rows = {r["slide"].split("/")[-1]: r for r in _rows(run / "summary.csv")}
+    rows = {r["slide"].split("/")[-1]: r for r in csv_rows(run / "summary.csv")}
     assert rows["CMU-1-Small-Region.svs"]["status"] == "ok"
     assert "Bogus marker length" in rows["unreadable.svs"]["error"]  # opens, fails when read
     assert "cannot open" in rows["unopenable.tiff"]["error"]

@@ -4,7 +4,6 @@ an INT8 SMT."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from patholite.models.factory import create_network
 from patholite.models.mil import GatedAttentionMIL, save_mil
 from patholite.slides.inference import load_classifier, run_slides
 from patholite.slides.synthetic import LesionSpec, SlideSpec, write_synthetic_slide
+
+from .helpers import csv_rows
 
 CLASSES = ["Normal", "Tumor"]
 K = 2
@@ -70,11 +71,6 @@ def _cfg(work, artifact, tmp_path, **overrides):
     return cfg
 
 
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _inside(child, parent):
     return (
         parent[0] - 1e-6 <= child[0]
@@ -121,7 +117,7 @@ def test_cli_reads_one_plus_k_plus_k_squared_and_reports(work, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imread(str(png))
     assert image is not None and min(image.shape[:2]) > 300
-    summary = _rows(run / "summary.csv")
+    summary = csv_rows(run / "summary.csv")
     assert len(summary) == 1 and summary[0]["status"] == "ok"
     assert summary[0]["call"] == report["call"]["label"] and int(summary[0]["reads"]) == READS
     assert int(summary[0]["pixels_read"]) == report["pixels_read"]
@@ -165,7 +161,7 @@ def test_slide_too_small_with_refuse_is_a_failed_row_naming_the_fix(work, tmp_pa
     assert [r["status"] for r in rows] == ["failed", "ok"]
     assert "too small for the magnification chain" in rows[0]["error"]
     assert "model.smt.grid=8" in rows[0]["error"] and "model.smt.too_small=upsample" in rows[0]["error"]
-    summary = _rows(tmp_path / "out" / "summary.csv")
+    summary = csv_rows(tmp_path / "out" / "summary.csv")
     assert [r["status"] for r in summary] == ["failed", "ok"] and summary[0]["reads"] == ""
     # the default policy upsamples the small slide's last layer and still reads 1 + K + K^2 regions
     rows = run_slides([work["small"]], _cfg(work, "smt", tmp_path), tmp_path / "up")

@@ -17,15 +17,20 @@ TINY_SLIDES = [
 ]
 
 
-def test_a_tiny_smt_trains_and_is_recorded_per_slide(tmp_path):
+def train_tiny(tmp_path, *overrides: str):
+    """``python -m patholite.train model=smt_micro`` on the tiny slides; returns the run folder."""
     run = tmp_path / "run"
     result = run_cli(
-        ["model=smt_micro", *TINY_SLIDES, "debug=fast", "trainer.max_epochs=2", "compression=ptq",
-         "model.smt.start_epochs=[0,1,1]", "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}",
-         f"hydra.run.dir={run}"],
+        ["model=smt_micro", *TINY_SLIDES, "debug=fast", "logger=csv", *overrides,
+         f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"],
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_a_tiny_smt_trains_and_is_recorded_per_slide(tmp_path):
+    run = train_tiny(tmp_path, "trainer.max_epochs=2", "compression=ptq", "model.smt.start_epochs=[0,1,1]")
     record = json.loads((run / "metrics.json").read_text())
     assert record["status"] == "ok"
     fp32, int8 = record["artifacts"]
@@ -52,14 +57,7 @@ def test_a_tiny_smt_trains_and_is_recorded_per_slide(tmp_path):
 
 
 def test_an_smt_student_distils_from_a_float_smt_teacher(tmp_path):
-    run = tmp_path / "run"
-    result = run_cli(
-        ["model=smt_micro", *TINY_SLIDES, "debug=fast", "compression=kd",
-         "compression.teacher.model=smt_micro", "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}",
-         f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run = train_tiny(tmp_path, "compression=kd", "compression.teacher.model=smt_micro")
     record = json.loads((run / "metrics.json").read_text())
     names = [(a["name"], a["source"]) for a in record["artifacts"]]
     assert names == [("teacher_fp32", None), ("student_fp32", "teacher_fp32")]
