@@ -312,3 +312,39 @@ def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
     assert not torch.equal(net.encoders[0].head.weight[:2], tile.head.weight[:2])
     with pytest.raises(CheckpointError, match="encoder_checkpoint=.*no weights there"):
         build_model({**cfg, "smt": {**smt, "encoder_checkpoint": str(tmp_path / "none")}}, 2, 64)
+
+
+def test_dynamic_qat_keeps_the_focusing_score_and_converts_to_dynamic_int8():
+    """SMT's QAT is eager mode: the attention hook still yields the focusing score, weights are
+    fake-quantized (the score moves), and the conversion is the dynamic INT8 network quantize_dynamic makes."""
+    from torch.ao.nn.qat import dynamic as nnqatd
+    from torch.ao.nn.quantized import dynamic as nnqd
+
+    from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
+    from patholite.measure.artifacts import quantize_dynamic_int8
+
+    net = tiny_net().eval()
+    images = torch.rand(2, 3, S, S)
+    qat = prepare_dynamic_qat(net)
+    assert qat.training and not any(isinstance(m, nnqatd.Linear) for m in net.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+    assert sum(isinstance(m, nnqatd.Linear) for m in qat.modules()) == linears
+    float_score = focusing_gradient(net, 0, images, [1])
+    qat.eval()
+    qat_score = focusing_gradient(qat, 0, images, [1])
+    assert qat_score.shape == (2, GRID * GRID) and torch.isfinite(qat_score).all()
+    assert not torch.equal(qat_score, float_score)  # INT8-rounded weights
+    assert torch.allclose(qat_score, float_score, atol=0.2 * float_score.abs().max().item())
+    logits, _, _ = qat.train().encode(2, images)
+    logits.sum().backward()  # straight-through: the float weights under the fake quantizers learn
+    assert qat.encoders[2].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+    int8 = convert_dynamic_qat(qat)
+    assert sum(isinstance(m, nnqd.Linear) for m in int8.modules()) == linears
+    reference = quantize_dynamic_int8(net)
+    assert int8.state_dict().keys() == reference.state_dict().keys()  # reloads as a dynamic INT8 artifact
+    with torch.no_grad():
+        a, b = int8.encode(0, images)[0], qat.eval().encode(0, images)[0]
+    assert torch.allclose(a, b, atol=0.1)  # only the activations' run-time quantization differs
+    with pytest.raises(ConfigError, match="needs a network from prepare_dynamic_qat"):
+        convert_dynamic_qat(net)

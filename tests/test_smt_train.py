@@ -65,3 +65,27 @@ def test_an_smt_student_distils_from_a_float_smt_teacher(tmp_path):
     # the student's distillation term was logged per layer: the teacher scored the student's images
     header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/kd_0" in header and "train/kd_1" in header
+
+
+def test_qat_fine_tunes_an_smt_for_dynamic_int8(tmp_path):
+    from torch.ao.nn.quantized import dynamic as nnqd
+
+    from patholite.measure.artifacts import load_artifact, quantize_dynamic_int8
+
+    run = train_tiny(tmp_path, "compression=qat", "compression.qat.finetune.epochs=1")
+    record = json.loads((run / "metrics.json").read_text())
+    names = [(a["name"], a["source"]) for a in record["artifacts"]]
+    assert names == [("smt_fp32", None), ("smt_int8_qat", "smt_fp32")]
+    qat = record["artifacts"][1]
+    assert [s["reads"] for s in qat["cost"]["protocol"]["per_slide"]["slides"]] == [1 + 2 + 4] * 2
+    assert qat["cost"]["size_bytes"] < record["artifacts"][0]["cost"]["size_bytes"]
+    assert list((run / "checkpoints" / "qat").glob("*.ckpt"))  # the fine-tuning is its own stage
+    net, meta = load_artifact(run / "artifacts" / "smt_int8_qat")
+    assert meta["qat"] is True and meta["slide_model"] is True
+    assert any(isinstance(m, nnqd.Linear) for m in net.modules())
+    # fine-tuning moved the weights: the INT8 weights are not the float model's own INT8 rounding
+    fp32, _ = load_artifact(run / "artifacts" / "smt_fp32")
+    ptq = quantize_dynamic_int8(fp32)
+    w_ptq = ptq.encoders[2].blocks[0].attn.qkv.weight().int_repr()
+    w_qat = net.encoders[2].blocks[0].attn.qkv.weight().int_repr()
+    assert w_qat.shape == w_ptq.shape and not torch.equal(w_qat, w_ptq)

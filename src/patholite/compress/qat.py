@@ -191,3 +191,50 @@ def load_qat_artifact(
             f"QAT artifact {directory} does not fit the float twin it was given (the sidecar's model?): {err}"
         ) from err
     return qnet.eval()
+
+
+# ---------------------------------------------------------------------------------------- dynamic QAT
+# For networks torch.fx cannot trace as they must run (SMT reads block 1's attention weights through a hook
+# and switches its attention to the unfused path): eager-mode QAT that targets *dynamic* INT8. Every Linear
+# becomes torch.ao's dynamic-QAT Linear (per-tensor symmetric INT8 fake-quantized weights, the observer
+# dynamic INT8 uses at conversion); activations stay float in training and are quantized per batch at run
+# time, as in any dynamic INT8 model. The converted network is exactly what ``quantize_dynamic`` makes of
+# the float twin (same modules, same state-dict keys), so it saves and reloads as a dynamic INT8 artifact.
+def prepare_dynamic_qat(net: nn.Module, engine: str = "x86") -> nn.Module:
+    """A trainable copy of ``net`` whose Linear layers fake-quantize their weights (``net`` is untouched)."""
+    from torch.ao.nn.qat import dynamic as nnqatd
+    from torch.ao.quantization import convert
+    from torch.ao.quantization.qconfig import default_dynamic_qat_qconfig
+
+    _check_engine(engine)
+    torch.backends.quantized.engine = engine
+    check_qat_device(next(net.parameters(), torch.empty(0)).device)
+    prepared = copy.deepcopy(net).train()
+    linears = [m for m in prepared.modules() if type(m) is nn.Linear]
+    if not linears:
+        raise ConfigError(f"dynamic QAT quantizes Linear layers; {type(net).__name__} has none")
+    for m in linears:
+        m.qconfig = default_dynamic_qat_qconfig
+    with _quiet():
+        convert(prepared, mapping={nn.Linear: nnqatd.Linear}, inplace=True, remove_qconfig=False)
+    prepared.patholite_qat_engine = engine
+    return prepared
+
+
+def convert_dynamic_qat(qat_net: nn.Module) -> nn.Module:
+    """The dynamic INT8 model (CPU, eval) of a ``prepare_dynamic_qat`` network, which is left as it was."""
+    from torch.ao.nn.qat import dynamic as nnqatd
+    from torch.ao.nn.quantized import dynamic as nnqd
+    from torch.ao.quantization import convert
+
+    if not any(isinstance(m, nnqatd.Linear) for m in qat_net.modules()):
+        raise ConfigError("convert_dynamic_qat needs a network from prepare_dynamic_qat (no QAT Linear layers)")
+    engine = getattr(qat_net, "patholite_qat_engine", torch.backends.quantized.engine)
+    _check_engine(engine)
+    torch.backends.quantized.engine = engine
+    with _quiet():
+        qnet = convert(copy.deepcopy(qat_net).cpu().eval(), mapping={nnqatd.Linear: nnqd.Linear})
+    for m in qnet.modules():  # as quantize_dynamic leaves it: no qconfig attributes on the float modules
+        if hasattr(m, "qconfig"):
+            del m.qconfig
+    return qnet.eval()

@@ -164,7 +164,9 @@ def check_compression(c: DictConfig) -> None:
 
 SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
 # start: SMT is trained in the run; distill: from a float SMT teacher (compression.teacher.model=smt...)
-SMT_STAGES = (["train"], ["train", "ptq"], ["start", "ptq"], ["distill"], ["distill", "ptq"])
+SMT_STAGES = tuple(
+    [first, *rest] for first in ("train", "start", "distill") for rest in ([], ["ptq"], ["qat"], ["ptq", "qat"])
+)
 
 
 def check_smt(cfg: DictConfig) -> None:
@@ -206,8 +208,8 @@ def check_smt(cfg: DictConfig) -> None:
     _require(
         list(c.stages) in [list(x) for x in SMT_STAGES] and list(c.ptq.methods) == ["dynamic"],
         f"compression={c.name} with model={m.name}: SMT supports compression=none, kd (from a float SMT "
-        "teacher) and ptq (dynamic INT8 of every encoder) so far; QAT, pruning and low-rank SMT are not "
-        "built yet",
+        "teacher), ptq (dynamic INT8 of every encoder) and qat (fine-tuned for dynamic INT8); pruning and "
+        "low-rank SMT are not built yet",
     )
     if "distill" in c.stages:
         from patholite.config.options import load_model_option

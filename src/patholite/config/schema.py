@@ -150,6 +150,8 @@ class SmtConfig:
     # every encoder starts from these weights (head dropped): a tile classifier of the encoders' architecture
     # (an artifact folder or weights file), e.g. one trained on the same slides' tiles, or foundation weights
     encoder_checkpoint: str | None = None
+    # fine-tuning a trained SMT (compression=qat): every layer trains from the first epoch at lrs times this
+    finetune_lr_scale: float = 0.1
 
 
 @dataclass

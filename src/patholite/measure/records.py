@@ -106,6 +106,7 @@ ARTIFACT_NAMES = {
     # slide-level models (model=smt and its baselines); quality per slide, cost per slide
     "smt_fp32": "R3's SMT in float: thumbnail plus 1 + K + K^2 focused regions per slide",
     "smt_int8_dynamic": "SMT with torch.ao dynamic INT8 Linear layers in every encoder",
+    "smt_int8_qat": "SMT fine-tuned with fake-quantized Linear weights (dynamic QAT), then dynamic INT8",
     "tiling_max": "full tiling of the tissue with the patch classifier, max pooling of tile scores (R3)",
     "tiling_mean": "full tiling of the tissue with the patch classifier, mean pooling of tile scores",
     "mil_gated": "gated-attention MIL (CLAM-SB-like) over the patch classifier's tile embeddings",

@@ -3,7 +3,8 @@ slides the way SMT is used: one walk per slide (1 + K + K^2 regions read from th
 quality, and per-slide cost (regions and level-0 pixels read, reading and model seconds).
 
 ``compression=ptq`` adds dynamic INT8 of every encoder (torch.ao, Linear layers), recorded beside the float
-model with its parity.
+model with its parity; ``compression=qat`` fine-tunes the trained SMT with fake-quantized Linear weights first
+and converts that to dynamic INT8.
 """
 
 from __future__ import annotations
@@ -62,16 +63,25 @@ def train_smt(
     model_cfg: DictConfig | None = None,
     stage: str = "train",
     teacher: nn.Module | None = None,
+    net: nn.Module | None = None,
+    epochs: int | None = None,
 ) -> nn.Module:
     """Fit an SMT (``model_cfg``: another option than ``model=``, e.g. the teacher) on slide labels, with
-    distillation from ``teacher`` when given."""
+    distillation from ``teacher`` when given. ``net``: fine-tune this trained SMT instead (e.g. fake-quantized
+    for QAT) for ``epochs``: every layer trains from the first epoch, at ``model.smt.finetune_lr_scale``
+    times the per-layer learning rates."""
     from patholite.modules.smt import SMTModule
 
     model_cfg = ctx.cfg.model if model_cfg is None else model_cfg
     dm, s = ctx.datamodule, model_cfg.smt
     kd = ctx.cfg.compression.kd
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    if net is not None:  # the layers are trained already: no staged start, no ramp
+        scale = float(s.finetune_lr_scale)
+        spec["smt"] = {**spec["smt"], "start_epochs": [0] * int(s.layers), "ramp_epochs": 0,
+                       "lrs": [scale * float(lr) for lr in s.lrs]}  # fmt: skip
     module = SMTModule(
-        model=OmegaConf.to_container(model_cfg, resolve=True),
+        model=spec,
         class_names=list(dm.class_names),
         mean=list(ctx.cfg.dataset.mean),
         std=list(ctx.cfg.dataset.std),
@@ -83,8 +93,9 @@ def train_smt(
         kd={"alpha": kd.alpha, "temperature": kd.temperature, "kind": kd.kind}
         if teacher is not None
         else None,
+        net=net,
     )
-    return fit(ctx, module, stage).net
+    return fit(ctx, module, stage, epochs=epochs).net
 
 
 def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
@@ -255,4 +266,22 @@ def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
         loaded, _ = art.load_artifact(qdir)
         qrecord, _ = smt_record("smt_int8_dynamic", loaded, qdir, qfiles, ctx, name, logits)
         records.append(qrecord)
+    if "qat" in stages:
+        records.append(qat_smt(ctx, net, name, logits))
     return records
+
+
+def qat_smt(ctx: RunContext, net: nn.Module, source: str, reference: torch.Tensor) -> ArtifactRecord:
+    """Dynamic-INT8 QAT of every encoder: fine-tune with fake-quantized Linear weights (eager mode, so the
+    attention hook of the focusing score still works), then convert to dynamic INT8 and record it."""
+    from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
+
+    q = ctx.cfg.compression.qat
+    prepared = prepare_dynamic_qat(net, q.engine)
+    tuned = train_smt(ctx, stage="qat", net=prepared, epochs=int(q.finetune.epochs))
+    int8 = convert_dynamic_qat(tuned)
+    directory = ctx.artifact_dir("smt_int8_qat")
+    files = art.save_int8_dynamic_artifact(int8, directory, {**smt_meta(ctx), "qat": True}, q.engine)
+    loaded, _ = art.load_artifact(directory)
+    record, _ = smt_record("smt_int8_qat", loaded, directory, files, ctx, source, reference)
+    return record
