@@ -316,7 +316,7 @@ def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
 
 def test_dynamic_qat_keeps_the_focusing_score_and_converts_to_dynamic_int8():
     """SMT's QAT is eager mode: the attention hook still yields the focusing score, weights are
-    fake-quantized (the score moves), and the conversion is the dynamic INT8 network quantize_dynamic makes."""
+    fake-quantized (the score moves), and it converts to the dynamic INT8 network quantize_dynamic makes."""
     from torch.ao.nn.qat import dynamic as nnqatd
     from torch.ao.nn.quantized import dynamic as nnqd
 

@@ -228,7 +228,7 @@ def convert_dynamic_qat(qat_net: nn.Module) -> nn.Module:
     from torch.ao.quantization import convert
 
     if not any(isinstance(m, nnqatd.Linear) for m in qat_net.modules()):
-        raise ConfigError("convert_dynamic_qat needs a network from prepare_dynamic_qat (no QAT Linear layers)")
+        raise ConfigError("convert_dynamic_qat needs a network from prepare_dynamic_qat (no QAT Linears)")
     engine = getattr(qat_net, "patholite_qat_engine", torch.backends.quantized.engine)
     _check_engine(engine)
     torch.backends.quantized.engine = engine

@@ -164,9 +164,8 @@ def check_compression(c: DictConfig) -> None:
 
 SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
 # start: SMT is trained in the run; distill: from a float SMT teacher (compression.teacher.model=smt...)
-SMT_STAGES = tuple(
-    [first, *rest] for first in ("train", "start", "distill") for rest in ([], ["ptq"], ["qat"], ["ptq", "qat"])
-)
+_SMT_AFTER = ([], ["ptq"], ["qat"], ["ptq", "qat"])
+SMT_STAGES = tuple([first, *rest] for first in ("train", "start", "distill") for rest in _SMT_AFTER)
 
 
 def check_smt(cfg: DictConfig) -> None:
