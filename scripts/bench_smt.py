@@ -36,12 +36,11 @@ from patholite.measure.records import ArtifactRecord, RunRecord, read_record
 from patholite.models.mil import predict_mil, save_mil, train_mil
 from patholite.models.smt import predict_slide
 from patholite.slides.baselines import pool_scores, tile_outputs
-from patholite.slides.focus import Box, RegionReader, chain_check, patch_box, pixels_decoded, tissue_box
+from patholite.slides.focus import Box, RegionReader, chain_check, patch_box, pixels_decoded, smt_tissue_box
 from patholite.slides.inference import load_classifier, resolve_artifact
 from patholite.slides.reader import forget_cached, open_slide
 from patholite.slides.smt_inference import load_smt_model
 from patholite.slides.synthetic import LesionSpec, SlideSpec, generate_slides, read_truth
-from patholite.slides.tissue import detect_tissue
 
 log = logging.getLogger("bench_smt")
 
@@ -55,8 +54,8 @@ def run_smt(net, meta: dict, path: Path, mpp: float | None, tissue_side: int = 2
     start = time.perf_counter()
     with open_slide(path, mpp=mpp) as slide:
         t0 = time.perf_counter()
-        mask = detect_tissue(slide, max_side=tissue_side)
-        box = tissue_box(mask, slide.dimensions)
+        # the tissue settings the model was trained with (its sidecar), found from scratch (no cache)
+        box = smt_tissue_box(slide, OmegaConf.create({"tissue": meta["tissue"]}), tissue_px=tissue_side)
         tissue_s = time.perf_counter() - t0
     chain_check(box, int(s["image_size"]), int(s["grid"]), int(s["layers"]) - 1, "upsample", str(path))
     reader = RegionReader(path, mpp=mpp)
