@@ -3,6 +3,8 @@ reads, and training steps of the module on fake slides."""
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import numpy as np
 import pytest
@@ -312,6 +314,15 @@ def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
     assert not torch.equal(net.encoders[0].head.weight[:2], tile.head.weight[:2])
     with pytest.raises(CheckpointError, match="encoder_checkpoint=.*no weights there"):
         build_model({**cfg, "smt": {**smt, "encoder_checkpoint": str(tmp_path / "none")}}, 2, 64)
+    # the tile classifier's run folder: its fp32 artifact
+    run = tmp_path / "run"
+    run.mkdir()
+    other = tmp_path / "other"
+    save_float_artifact(create_network(tile_cfg, 4, 64), other, {"model": tile_cfg, "class_names": list("abcd")})
+    artifacts = [{"name": "fp32", "path": str(tmp_path / "tile")}, {"name": "fp32_ema", "path": str(other)}]
+    (run / "metrics.json").write_text(json.dumps({"status": "ok", "artifacts": artifacts}))
+    net = build_model({**cfg, "smt": {**smt, "encoder_checkpoint": str(run)}}, 2, 64)
+    assert torch.equal(net.encoders[2].blocks[0].attn.qkv.weight, tile.blocks[0].attn.qkv.weight)
 
 
 def test_dynamic_qat_keeps_the_focusing_score_and_converts_to_dynamic_int8():

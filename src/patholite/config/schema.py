@@ -148,7 +148,7 @@ class SmtConfig:
     class_weights: str = "auto"  # auto: inverse class frequency of the training slides | none
     eval_depth: int | None = None  # layers walked in validation/test; None: the deepest trained so far
     # every encoder starts from these weights (head dropped): a tile classifier of the encoders' architecture
-    # (an artifact folder or weights file), e.g. one trained on the same slides' tiles, or foundation weights
+    # (its run folder, an artifact folder or weights file), e.g. one trained on the same slides' tiles
     encoder_checkpoint: str | None = None
     # fine-tuning a trained SMT (compression=qat): every layer trains from the first epoch at lrs times this
     finetune_lr_scale: float = 0.1

@@ -70,14 +70,19 @@ def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
 
 def init_smt_encoders(net: nn.Module, source: str | Path) -> None:
     """Start every SMT encoder from one tile classifier's weights (its head dropped): a patch classifier of
-    the same architecture, or a foundation model's weights. ``source``: an artifact folder or weights file."""
+    the same architecture, or a foundation model's weights. ``source``: an artifact folder, a weights file,
+    or a tile classifier's run folder (its ``fp32`` artifact)."""
     path = Path(source).expanduser()
+    if path.is_dir() and not (path / "model.safetensors").is_file() and (path / "metrics.json").is_file():
+        from patholite.slides.inference import resolve_artifact
+
+        path = resolve_artifact(path, "fp32")
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(
-            f"model.smt.encoder_checkpoint={source}: no weights there; give a float artifact folder of a "
-            "tile classifier with the encoders' architecture, or its .safetensors/.pth file"
+            f"model.smt.encoder_checkpoint={source}: no weights there; give a tile classifier's run folder or "
+            "float artifact folder (the encoders' architecture), or its .safetensors/.pth file"
         )
     for encoder in net.encoders:
         load_weights(encoder, path, skip_head=True)
