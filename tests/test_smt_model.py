@@ -318,7 +318,8 @@ def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     other = tmp_path / "other"
-    save_float_artifact(create_network(tile_cfg, 4, 64), other, {"model": tile_cfg, "class_names": list("abcd")})
+    meta = {"model": tile_cfg, "class_names": list("abcd")}
+    save_float_artifact(create_network(tile_cfg, 4, 64), other, meta)
     artifacts = [{"name": "fp32", "path": str(tmp_path / "tile")}, {"name": "fp32_ema", "path": str(other)}]
     (run / "metrics.json").write_text(json.dumps({"status": "ok", "artifacts": artifacts}))
     net = build_model({**cfg, "smt": {**smt, "encoder_checkpoint": str(run)}}, 2, 64)

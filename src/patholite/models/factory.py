@@ -81,8 +81,8 @@ def init_smt_encoders(net: nn.Module, source: str | Path) -> None:
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(
-            f"model.smt.encoder_checkpoint={source}: no weights there; give a tile classifier's run folder or "
-            "float artifact folder (the encoders' architecture), or its .safetensors/.pth file"
+            f"model.smt.encoder_checkpoint={source}: no weights there; give a tile classifier's run folder "
+            "or float artifact folder (the encoders' architecture), or its .safetensors/.pth file"
         )
     for encoder in net.encoders:
         load_weights(encoder, path, skip_head=True)
