@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from patholite.config.slide_schema import PandaConfig, SmtSyntheticConfig
+from patholite.config.slide_schema import PandaConfig, SmtSyntheticConfig, SyntheticSlidesConfig
 from patholite.data import build_datamodule
 from patholite.data.slide_level import SlideLevelDataModule
 from patholite.errors import ConfigError, DatasetError, SlideError
@@ -243,6 +243,21 @@ def test_synthetic_family_draws_exact_normal_shares(dm):
     for split in ("train", "val", "test"):
         labels = sorted(r["label"] == "Normal" for r in table if r["split"] == split)
         assert labels == [False, True]
+
+
+def test_plain_synthetic_slides_get_both_classes_in_every_split(dm, slide_root, tmp_path):
+    """dataset=synthetic_slides leaves lesion-free slides to chance (1 in 4); for a slide-level model half of
+    each split is lesion-free, else the default 2-slide splits would often hold one class."""
+    cfg = OmegaConf.structured(SyntheticSlidesConfig)
+    same = smt_cfg(slide_root, tmp_path)
+    cfg.merge_with({k: v for k, v in same.items() if k not in ("name", "normal_share")})
+    assert cfg.name == "synthetic_slides" and cfg.normal_share is None
+    module = SlideLevelDataModule(cfg, image_size=64, grid=8)
+    assert cfg.normal_share == 0.5  # in the config, so the run record says so
+    module.setup()
+    table = module.family.slide_table()
+    for split in ("train", "val", "test"):
+        assert sorted(r["label"] == "Normal" for r in table if r["split"] == split) == [False, True]
 
 
 # ------------------------------------------------------------------------------------------- PANDA

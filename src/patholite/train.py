@@ -93,6 +93,7 @@ def _run_job(cfg: DictConfig) -> str:
         resume_from, record.wandb = _resume_point(cfg, run_dir)
         record.write()
         datamodule, accelerator = preflight(cfg)
+        record.config = OmegaConf.to_container(cfg, resolve=True)  # as the datamodule completed it
         record.device = accelerator.describe()
         record.write()
         L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import open_dict
 from torch.utils.data import Dataset
 
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet, stratified_subsample
@@ -71,6 +72,15 @@ class SlideLevelDataModule(HistologyDataModule):
             )
         if too_small not in POLICIES:
             raise ConfigError(f"model.smt.too_small={too_small!r} must be one of {list(POLICIES)}")
+        if cfg.name == "synthetic_slides" and cfg.get("normal_share") is None:
+            # the generator's 1-in-4 lesion-free chance leaves the default 2-slide val and test splits with
+            # one class three times in five; slide labels need both in every split
+            with open_dict(cfg):
+                cfg.normal_share = 0.5
+            log.info(
+                "dataset=synthetic_slides for a slide-level model: dataset.normal_share=0.5 (half of each "
+                "split lesion-free) so every split holds both classes; set it to choose"
+            )
         self.family = build_datamodule(cfg)  # lists the slides and splits them; its own class names
         self.family._class_names = self.family.default_class_names()
         self.datasets: dict[str, SlideLevelDataset] = {}
