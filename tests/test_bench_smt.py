@@ -3,6 +3,7 @@ then SMT against full tiling, MIL and the records compare reads (slow: three tra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +18,26 @@ SLIDES = [
     "dataset.height=2048",
     "dataset.slides_per_split=[4,2,2]",
 ]
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_smt", REPO / "scripts" / "bench_smt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_bootstrap_of_smt_against_a_baseline():
+    paired_bootstrap = _bench_module().paired_bootstrap
+    labels = [0, 0, 0, 1, 1, 1] * 4
+    good = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9] * 4
+    same = paired_bootstrap(good, good, labels, n=200)
+    assert same["auroc"] == {"difference": 0.0, "ci95": [0.0, 0.0]} == same["accuracy"]
+    worse = paired_bootstrap(good, [1 - p for p in good], labels, n=200)  # every slide ranked backwards
+    assert worse["auroc"]["difference"] == pytest.approx(1.0) and worse["accuracy"]["difference"] == 1.0
+    mixed = paired_bootstrap(good, [0.1, 0.2, 0.8, 0.7, 0.8, 0.4] * 4, labels, n=500)
+    low, high = mixed["auroc"]["ci95"]
+    assert mixed["auroc"]["difference"] > 0 and low <= mixed["auroc"]["difference"] <= high and low < high
 
 
 @pytest.mark.slow
@@ -37,8 +58,10 @@ def test_bench_smt_compares_smt_with_full_tiling_on_the_same_slides(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results["quality"]) == {
-        "smt_fp32", "smt_fp32 (box from the tiler's mask)", "tiling_max", "tiling_mean", "mil_gated"
+        "smt_fp32", "smt_fp32 (max over layer-3 images)", "smt_fp32 (box from the tiler's mask)", "tiling_max",
+        "tiling_mean", "mil_gated",
     }  # fmt: skip
+    assert set(results["smt_minus_baseline"]) == {"tiling_max", "tiling_mean", "mil_gated"}
     assert all(q["n_slides"] == 2 and q["n_positive"] == 1 for q in results["quality"].values())
     summary = results["summary"]
     assert summary["smt_reads"] == 1 + 2 + 4  # smt_micro: K = 2
