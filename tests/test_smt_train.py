@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from .conftest import run_cli
+from patholite.config import check_config
+from patholite.errors import ConfigError
+
+from .conftest import compose_config, run_cli
 
 TINY_SLIDES = [
     "dataset=smt_synthetic",
@@ -89,3 +93,30 @@ def test_qat_fine_tunes_an_smt_for_dynamic_int8(tmp_path):
     w_ptq = ptq.encoders[2].blocks[0].attn.qkv.weight().int_repr()
     w_qat = net.encoders[2].blocks[0].attn.qkv.weight().int_repr()
     assert w_qat.shape == w_ptq.shape and not torch.equal(w_qat, w_ptq)
+
+    # that run is a KD teacher as it stands: its float SMT (not the INT8 one it lists last), with its own
+    # architecture (depth 2) under a shallower student; no teacher option needed
+    student_dir = tmp_path / "student"
+    student_dir.mkdir()
+    student = train_tiny(
+        student_dir, "compression=kd", f"compression.teacher.checkpoint={run}", "model.kwargs.depth=1"
+    )
+    record = json.loads((student / "metrics.json").read_text())
+    teacher, distilled = record["artifacts"]
+    assert (teacher["name"], distilled["name"], distilled["source"]) == ("teacher_fp32", "student_fp32",
+                                                                         "teacher_fp32")  # fmt: skip
+    assert teacher["model"] == "smt_micro" and teacher["quality"] == record_quality(run, "smt_fp32")
+    assert distilled["cost"]["params"] < teacher["cost"]["params"]
+    with pytest.raises(
+        ConfigError, match=r"compression.teacher.checkpoint=.* must share model.smt.image_size"
+    ):
+        check_config(compose_config(
+            ["model=smt_micro", *TINY_SLIDES, "compression=kd", f"compression.teacher.checkpoint={run}",
+             "model.smt.image_size=32"], tmp_path, tmp_path,
+        ))  # fmt: skip
+
+
+def record_quality(run, name: str) -> dict:
+    return next(
+        a["quality"] for a in json.loads((run / "metrics.json").read_text())["artifacts"] if a["name"] == name
+    )

@@ -211,19 +211,19 @@ def check_smt(cfg: DictConfig) -> None:
         "low-rank SMT are not built yet",
     )
     if "distill" in c.stages:
-        from patholite.config.options import load_model_option
+        from patholite.pipelines.smt import smt_teacher_model
 
-        t = load_model_option(c.teacher.model)
+        t, named = smt_teacher_model(c)
         _require(
             t.family == "smt" and t.smt is not None,
-            f"compression.teacher.model={c.teacher.model}: an SMT student learns from a float SMT teacher; "
-            "use e.g. compression.teacher.model=smt",
+            f"{named}: an SMT student learns from a float SMT teacher; use e.g. "
+            "compression.teacher.model=smt, or compression.teacher.checkpoint=<a model=smt run>",
         )
         same = all(t.smt[key] == s[key] for key in ("image_size", "grid", "layers"))
         _require(
             same,
-            f"compression.teacher.model={c.teacher.model} and model={m.name} must share "
-            "model.smt.image_size, grid and layers: the teacher scores the images the student focuses on",
+            f"{named} and model={m.name} must share model.smt.image_size, grid and layers: the teacher "
+            "scores the images the student focuses on",
         )
         _require(
             c.kd.kind in ("soft", "hard") and list(c.kd.levels) == ["logits"],

@@ -95,11 +95,26 @@ def check_compression_fits(cfg: DictConfig, accelerator: ResolvedAccelerator) ->
         log.info("INT8 artifacts are evaluated and timed on the CPU; float ones on %s", accelerator.device)
 
 
-def check_teacher(cfg: DictConfig, num_classes: int) -> None:
+def check_teacher(cfg: DictConfig, class_names: list[str]) -> None:
     """The teacher option exists, fits the data, and its checkpoint (if any) exists and fits."""
     from patholite.pipelines.stages import teacher_config
 
-    c = cfg.compression
+    c, num_classes = cfg.compression, len(class_names)
+    if cfg.model.family == "smt":  # an SMT teacher may be a model=smt run or artifact folder
+        from patholite.measure.artifacts import read_sidecar
+        from patholite.pipelines.smt import smt_teacher_model, teacher_artifact
+
+        directory = teacher_artifact(c.teacher.checkpoint)  # raises for a run without a float SMT
+        if directory is not None:
+            theirs = list(read_sidecar(directory).get("class_names") or [])
+            if theirs != list(class_names):
+                raise ConfigError(
+                    f"compression.teacher.checkpoint={c.teacher.checkpoint} was trained on classes {theirs}, "
+                    f"this dataset has {list(class_names)}; distil from a teacher of the same classes"
+                )
+            teacher, _ = smt_teacher_model(c)
+            check_model_fits(teacher, num_classes, int(teacher.smt.image_size), key="compression.teacher")
+            return
     teacher = teacher_config(c)
     if c.teacher.checkpoint and not Path(c.teacher.checkpoint).is_file():
         raise ConfigError(
@@ -140,6 +155,6 @@ def preflight(cfg: DictConfig) -> tuple[HistologyDataModule, ResolvedAccelerator
     datamodule = build_datamodule(cfg.dataset, pin_memory=accelerator.pin_memory, model=cfg.model)
     check_model_fits(cfg.model, datamodule.num_classes, cfg.dataset.image_size)
     if "distill" in cfg.compression.stages:
-        check_teacher(cfg, datamodule.num_classes)
+        check_teacher(cfg, list(datamodule.class_names))
     datamodule.setup("fit")  # reads the splits: missing files, bad CSVs and empty splits fail here
     return datamodule, accelerator
