@@ -155,6 +155,24 @@ def test_int8_smt_artifact_runs(work, tmp_path):
     assert (tmp_path / "out" / "big" / "focus.png").is_file()
 
 
+def test_walk_settings_can_be_changed_at_inference(work, tmp_path):
+    """smt.top_k / smt.aggregate override the trained K and slide score: more regions, same weights."""
+    cfg = _cfg(work, "smt", tmp_path, **{"smt.top_k": 3, "smt.aggregate": "max"})
+    rows = run_slides([work["big"]], cfg, tmp_path / "out")
+    assert rows[0]["status"] == "ok" and rows[0]["reads"] == 1 + 3 + 9
+    report = json.loads((tmp_path / "out" / "big" / "report.json").read_text())
+    assert report["smt"]["top_k"] == 3 and report["smt"]["aggregate"] == "max"
+    positive = [r["positive"] for r in report["layers"][-1]["regions"]]
+    assert 1 - report["probs"]["Normal"] == pytest.approx(max(positive), abs=1e-6)  # the most positive image
+    for bad, match in (
+        ({"smt.top_k": 17}, "only 4x4=16 patches"),
+        ({"smt.aggregate": "median"}, "mean or max"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            run_slides([work["big"]], _cfg(work, "smt", tmp_path, **bad), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before any slide
+
+
 def test_slide_too_small_with_refuse_is_a_failed_row_naming_the_fix(work, tmp_path):
     cfg = _cfg(work, "smt_refuse", tmp_path, slides=str(work["root"]))
     rows = run_slides([work["small"], work["big"]], cfg, tmp_path / "out")

@@ -68,6 +68,14 @@ class SlideReportConfig:
 
 
 @dataclass
+class SmtWalkConfig:
+    """Inference-time settings of the SMT walk; None keeps what the artifact was trained with."""
+
+    top_k: int | None = None  # K: more regions per layer find small lesions more often (1 + K + K^2 reads)
+    aggregate: str | None = None  # slide score from the last layer's images: mean | max
+
+
+@dataclass
 class SlideRunConfig:
     """``python -m patholite.slide``: a trained or compressed classifier over whole slides."""
 
@@ -85,6 +93,7 @@ class SlideRunConfig:
     tile: TileConfig = field(default_factory=TileConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     report: SlideReportConfig = field(default_factory=SlideReportConfig)
+    smt: SmtWalkConfig = field(default_factory=SmtWalkConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task_name: str = "slide"
     seed: int = 0

@@ -55,11 +55,18 @@ class SmtSettings:
         return sum(self.top_k**layer for layer in range(self.layers))
 
 
-def smt_settings(net, meta: dict[str, Any], directory: str | Path) -> SmtSettings:
-    """The walk's settings from the sidecar, checked against the loaded network."""
+def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) -> SmtSettings:
+    """The walk's settings from the sidecar, checked against the loaded network; ``walk`` (``smt`` of the
+    slide config: ``top_k``, ``aggregate``) overrides what the artifact was trained with where set."""
     from patholite.models.smt import check_top_k
 
     smt = dict((meta.get("model") or {}).get("smt") or {})
+    for key in ("top_k", "aggregate"):
+        value = None if walk is None else walk.get(key)
+        if value is not None:
+            if key == "aggregate" and value not in ("mean", "max"):
+                raise ConfigError(f"smt.aggregate={value!r}: use mean or max (or leave it null)")
+            smt[key] = value
     names = list(meta["class_names"])
     if len(names) != net.num_classes:
         raise CheckpointError(
@@ -156,7 +163,7 @@ def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path)
 
     start = time.perf_counter()
     path = Path(path)
-    settings = smt_settings(net, meta, meta.get("_directory", "?"))
+    settings = smt_settings(net, meta, meta.get("_directory", "?"), cfg.get("smt"))
     class_names = list(meta["class_names"])
     reader = RegionReader(path, cfg.reader.mpp, cfg.reader.backend)
     slide = reader.slide  # opened once for the process (open_cached), shared with the reads
@@ -364,4 +371,5 @@ def run_smt_slides(
         if net is None or meta is None:
             directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)
             net, meta = load_smt_model(directory, cfg.engine.device)
+        smt_settings(net, meta, directory or "?", cfg.get("smt"))  # bad overrides fail before any slide
         return each_slide(paths, cfg, out_dir, lambda path, out: process_smt_slide(path, cfg, net, meta, out))
