@@ -383,7 +383,9 @@ def markdown(results: dict) -> str:
     s, q = results["summary"], results["quality"]
     lines = [
         "# SMT against full tiling", "",
-        f"{s['n_slides']} test slides ({results['slide_side']} px), same weights for every timing.", "",
+        f"{s['n_slides']} test slides ({results['slide_side']} px), same weights for every timing. SMT walk: "
+        f"K = {results['smt']['top_k']}, slide score = {results['smt'].get('aggregate', 'mean')} over the last "
+        "layer's images.", "",
         "| method | accuracy | balanced acc. | AUROC |", "| --- | --- | --- | --- |",
         *[f"| {k} | {v['accuracy']:.3f} | {v['balanced_accuracy']:.3f} | {_num(v['auroc'])} |"
           for k, v in q.items()],
@@ -438,12 +440,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale-slides", type=int, default=2)
     parser.add_argument("--mil-epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top-k", type=int, help="K of the walk at inference (default: as trained)")
+    parser.add_argument("--aggregate", choices=("mean", "max"), help="slide score (default: as trained)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg, dm = datamodule_of(args.smt_run)
     mpp = cfg.dataset.reader.mpp
     smt = load_smt_model(resolve_artifact(args.smt_run, "smt_fp32"))
+    for key, value in (("top_k", args.top_k), ("aggregate", args.aggregate)):  # the slide CLI's smt.* too
+        if value is not None:
+            smt[1]["model"]["smt"][key] = value
     tile = load_classifier(resolve_artifact(args.tile_run))
     test = measure_split(dm, "test", smt, tile, mpp)
     labels = [r["label"] for r in test]
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "slide_side": cfg.dataset.width,
         "tile_mpp": tile[1].get("mpp"),
-        "smt": {k: smt[1]["model"]["smt"][k] for k in ("image_size", "grid", "top_k", "layers")},
+        "smt": {k: smt[1]["model"]["smt"][k] for k in ("image_size", "grid", "top_k", "layers", "aggregate")},
         "quality": quality,
         "smt_minus_baseline": versus,
         "summary": summarise(test),
