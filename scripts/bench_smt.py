@@ -39,7 +39,7 @@ from patholite.slides.baselines import pool_scores, tile_outputs
 from patholite.slides.focus import Box, RegionReader, chain_check, patch_box, pixels_decoded, smt_tissue_box
 from patholite.slides.inference import load_classifier, resolve_artifact
 from patholite.slides.reader import forget_cached, open_slide
-from patholite.slides.smt_inference import load_smt_model
+from patholite.slides.smt_inference import load_smt_model, smt_settings
 from patholite.slides.synthetic import LesionSpec, SlideSpec, generate_slides, read_truth
 
 log = logging.getLogger("bench_smt")
@@ -196,7 +196,9 @@ def paired_bootstrap(
         values = np.asarray([d[j] for d in draws])
         out[name] = {
             "difference": observed[j] if observed else float("nan"),
-            "ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))],
+            # no draw holds both classes (e.g. one-class test slides): no interval, not a crash at the end
+            "ci95": [float(np.percentile(values, q)) for q in (2.5, 97.5)] if draws else [float("nan")] * 2,
+            "draws": len(draws),
         }
     return out
 
@@ -342,15 +344,24 @@ def mil_baseline(dm, tile, mpp, test_rows, epochs: int, out: Path) -> list[float
     return [float(predict_mil(model, torch.as_tensor(r["tiling"]["embeddings"]))[1]) for r in test_rows]
 
 
-def write_records(out: Path, cfg, quality: dict, test: list[dict]) -> None:
-    """One run record per slide-level method, in the record schema, for ``patholite.compare``."""
+def write_records(out: Path, cfg, quality: dict, test: list[dict], walk: dict | None = None) -> None:
+    """One run record per slide-level method, in the record schema, for ``patholite.compare``; ``walk``:
+    the SMT walk's ``top_k`` / ``aggregate`` where they were changed at inference."""
     part = {"smt_fp32": "smt", "tiling_max": "tiling", "tiling_mean": "tiling", "mil_gated": "tiling"}
     base = OmegaConf.to_container(cfg, resolve=True)
+    trained = base["model"]["smt"]
+    changed = {k: v for k, v in (walk or {}).items() if v is not None and v != trained.get(k)}
     for name, method in part.items():
         q = quality[name]
         walls = sorted(r[method]["wall_s"] for r in test)
         p50, p90 = statistics.median(walls), walls[min(len(walls) - 1, int(0.9 * len(walls)))]
-        config = {**base, "compression": {"name": f"bench:{name}"}}
+        label = f"bench:{name}"
+        config = {**base, "compression": {"name": label}}
+        if method == "smt" and changed:  # the walk run, not the one trained: say so in the record
+            config["model"] = {**base["model"], "smt": {**trained, **changed}}
+            config["compression"]["name"] = (
+                label + " (" + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")"
+            )
         record = RunRecord(run_dir=str(out / "records" / name), config=config)
         record.artifacts = [
             ArtifactRecord(
@@ -384,8 +395,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# SMT against full tiling", "",
         f"{s['n_slides']} test slides ({results['slide_side']} px), same weights for every timing. SMT walk: "
-        f"K = {results['smt']['top_k']}, slide score = {results['smt'].get('aggregate', 'mean')} over the last "
-        "layer's images.", "",
+        f"K = {results['smt']['top_k']}, slide score = {results['smt'].get('aggregate', 'mean')} over the "
+        "last layer's images.", "",
         "| method | accuracy | balanced acc. | AUROC |", "| --- | --- | --- | --- |",
         *[f"| {k} | {v['accuracy']:.3f} | {v['balanced_accuracy']:.3f} | {_num(v['auroc'])} |"
           for k, v in q.items()],
@@ -451,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in (("top_k", args.top_k), ("aggregate", args.aggregate)):  # the slide CLI's smt.* too
         if value is not None:
             smt[1]["model"]["smt"][key] = value
+    smt_settings(*smt, args.smt_run)  # a K the grid cannot hold fails before any slide
     tile = load_classifier(resolve_artifact(args.tile_run))
     test = measure_split(dm, "test", smt, tile, mpp)
     labels = [r["label"] for r in test]
@@ -499,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         results["scaling_slides"] = rows
     write_json(args.out / "results.json", results)
     (args.out / "results.md").write_text(markdown(results))
-    write_records(args.out, cfg, quality, test)
+    write_records(args.out, cfg, quality, test, {"top_k": args.top_k, "aggregate": args.aggregate})
     print(markdown(results))
 
 

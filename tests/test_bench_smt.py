@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -32,12 +33,16 @@ def test_paired_bootstrap_of_smt_against_a_baseline():
     labels = [0, 0, 0, 1, 1, 1] * 4
     good = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9] * 4
     same = paired_bootstrap(good, good, labels, n=200)
-    assert same["auroc"] == {"difference": 0.0, "ci95": [0.0, 0.0]} == same["accuracy"]
+    assert same["auroc"] == {"difference": 0.0, "ci95": [0.0, 0.0], "draws": 200} == same["accuracy"]
     worse = paired_bootstrap(good, [1 - p for p in good], labels, n=200)  # every slide ranked backwards
     assert worse["auroc"]["difference"] == pytest.approx(1.0) and worse["accuracy"]["difference"] == 1.0
     mixed = paired_bootstrap(good, [0.1, 0.2, 0.8, 0.7, 0.8, 0.4] * 4, labels, n=500)
     low, high = mixed["auroc"]["ci95"]
     assert mixed["auroc"]["difference"] > 0 and low <= mixed["auroc"]["difference"] <= high and low < high
+    one_class = paired_bootstrap(
+        good, good, [1] * len(good), n=50
+    )  # no AUROC anywhere: no interval, no crash
+    assert one_class["auroc"]["draws"] == 0 and all(math.isnan(v) for v in one_class["auroc"]["ci95"])
 
 
 @pytest.mark.slow

@@ -63,10 +63,16 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
     smt = dict((meta.get("model") or {}).get("smt") or {})
     for key in ("top_k", "aggregate"):
         value = None if walk is None else walk.get(key)
-        if value is not None:
-            if key == "aggregate" and value not in ("mean", "max"):
-                raise ConfigError(f"smt.aggregate={value!r}: use mean or max (or leave it null)")
-            smt[key] = value
+        if value is None:
+            continue
+        if key == "aggregate" and value not in ("mean", "max"):
+            raise ConfigError(f"smt.aggregate={value!r}: use mean or max (or leave it null)")
+        if key == "top_k" and not 1 <= int(value) <= net.grid**2:
+            raise ConfigError(
+                f"smt.top_k={value}: this SMT's images have {net.grid}x{net.grid} patches; choose 1 <= "
+                f"smt.top_k <= {net.grid**2} (or leave it null for the trained K)"
+            )
+        smt[key] = value
     names = list(meta["class_names"])
     if len(names) != net.num_classes:
         raise CheckpointError(
@@ -87,7 +93,7 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
     return SmtSettings(
         image_size=int(net.image_size),
         grid=int(net.grid),
-        top_k=check_top_k(int(smt.get("top_k") or net.top_k or 4), net.grid),
+        top_k=check_top_k(int(next(k for k in (smt.get("top_k"), net.top_k, 4) if k is not None)), net.grid),
         layers=int(net.layers),
         aggregate=aggregate,
         too_small=too_small,
