@@ -70,6 +70,12 @@ def test_smt_needs_slides_and_sane_geometry(tmp_path):
         check_config(cfg("model.smt.start_epochs=[0,20,50]", "trainer.max_epochs=10"))
     check_config(cfg("compression=ptq"))
     check_config(cfg("compression=qat"))
+    with pytest.raises(ConfigError, match="set model.smt.finetune_lr_scale instead"):
+        check_config(cfg("compression=qat", "compression.qat.finetune.lr=0.001"))
+    with pytest.raises(ConfigError, match="finetune_lr_scale=0.0 must be > 0"):
+        check_config(cfg("compression=qat", "model.smt.finetune_lr_scale=0"))
+    with pytest.raises(ConfigError, match="compression.qat.engine='x68' is not an INT8 engine"):
+        check_config(cfg("compression=qat", "compression.qat.engine=x68"))
 
 
 def test_every_group_has_options():

@@ -133,6 +133,13 @@ def test_focus_memory_ensembles_per_epoch_and_survives_a_resume(tmp_path):
     expected = eps * expected + (1 - eps) * grads[2]
     assert torch.allclose(resumed.raw(keys[1]), expected[1])
     assert torch.equal(resumed.read([focus_key(9, ())], width=GRID * GRID), torch.zeros(1, GRID * GRID))
+    # a new stage (QAT fine-tuning) counts from epoch 0 again: without restarting, epoch 0 would be ignored
+    stale = resumed.raw(keys[0]).clone()
+    resumed.update(keys, grads[0], 0)
+    assert torch.equal(resumed.raw(keys[0]), stale)
+    resumed.restart_epochs()
+    resumed.update(keys, grads[1], 0)
+    assert torch.allclose(resumed.raw(keys[0]), eps * stale + (1 - eps) * grads[1][0])
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -246,6 +253,15 @@ def test_training_steps_update_encoders_and_predictors_and_the_memory():
     assert focus_key(0, ()) in module.memory and focus_key(1, ()) in module.memory
     layer_two = [k for k in module.memory._scores if k[1] == 1]
     assert len(layer_two) >= 2 * 2  # K focused images per slide, negatives are not focused
+
+    # a fine-tuning module (QAT) continues this memory: epoch 0 of its own stage folds in, on the average
+    tuned = make_module({0: FakeReader(0), 1: FakeReader(1)}, memory=module.memory.state_dict())
+    thumb = focus_key(0, ())
+    trained = module.memory.raw(thumb).clone()
+    assert torch.equal(tuned.memory.raw(thumb), trained) and len(tuned.memory) == len(module.memory)
+    tuned.step_losses(fake_batch(), 0)
+    assert not torch.equal(tuned.memory.raw(thumb), trained)
+    assert tuned.memory.raw(thumb).abs().sum() > 0.5 * trained.abs().sum()  # 0.9 of it carried over
 
 
 def test_staged_start_reads_nothing_before_layer_two_starts():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from patholite.config import check_config
-from patholite.errors import ConfigError
+from patholite.errors import CheckpointError, ConfigError
 
 from .conftest import compose_config, run_cli
 
@@ -114,6 +114,21 @@ def test_qat_fine_tunes_an_smt_for_dynamic_int8(tmp_path):
             ["model=smt_micro", *TINY_SLIDES, "compression=kd", f"compression.teacher.checkpoint={run}",
              "model.smt.image_size=32"], tmp_path, tmp_path,
         ))  # fmt: skip
+    # preflight compares what check_config cannot see: the teacher's normalisation and classes
+    from patholite.pipelines.preflight import preflight
+
+    def kd_from_run(*overrides):
+        return compose_config(
+            ["model=smt_micro", *TINY_SLIDES, "compression=kd", f"compression.teacher.checkpoint={run}",
+             "accelerator=cpu", *overrides], student_dir, tmp_path / "cache",
+        )  # fmt: skip
+
+    with pytest.raises(ConfigError, match=r"normalises with mean .* set dataset.mean to the teacher's"):
+        preflight(kd_from_run("dataset.mean=[0.5,0.5,0.5]"))
+    with pytest.raises(ConfigError, match=r"was trained on classes \['Normal', 'Tumor'\]"):
+        preflight(kd_from_run("dataset.slide_labels=classes"))
+    with pytest.raises(CheckpointError, match="is a torch_int8_dynamic artifact; distil from a float SMT"):
+        preflight(kd_from_run(f"compression.teacher.checkpoint={run / 'artifacts' / 'smt_int8_qat'}"))
 
 
 def record_quality(run, name: str) -> dict:

@@ -159,6 +159,14 @@ def check_compression(c: DictConfig) -> None:
         _require(ft.epochs >= 0, f"compression.{key}.finetune.epochs={ft.epochs} must be >= 0")
         _require(ft.lr > 0, f"compression.{key}.finetune.lr={ft.lr} must be > 0")
     _require(c.qat.finetune.epochs >= 1, "compression.qat.finetune.epochs must be >= 1 (QAT is a fine-tune)")
+    if "qat" in c.stages:  # the engine is used only after training: a typo must not cost the training
+        import torch
+
+        engines = torch.backends.quantized.supported_engines
+        _require(
+            c.qat.engine in engines,
+            f"compression.qat.engine={c.qat.engine!r} is not an INT8 engine of this torch; it has {engines}",
+        )
     _require(c.export.opset >= 17, f"compression.export.opset={c.export.opset}: use 17 or later")
 
 
@@ -200,6 +208,20 @@ def check_smt(cfg: DictConfig) -> None:
         "epochs, e.g. model.smt.start_epochs=[0,2,5] for 10",
     )
     _require(set(s.reform) <= {"ret", "emb"}, f"model.smt.reform={list(s.reform)}: a subset of [ret, emb]")
+    _require(
+        s.finetune_lr_scale > 0,
+        f"model.smt.finetune_lr_scale={s.finetune_lr_scale} must be > 0 (QAT fine-tuning multiplies "
+        "model.smt.lrs by it)",
+    )
+    if "qat" in c.stages:
+        from patholite.config.schema import QatConfig
+
+        _require(
+            c.qat.finetune.lr == QatConfig().finetune.lr,
+            f"compression.qat.finetune.lr={c.qat.finetune.lr} is the tile classifiers' AdamW rate; SMT's "
+            "QAT fine-tunes with SGD at model.smt.finetune_lr_scale x model.smt.lrs: set "
+            "model.smt.finetune_lr_scale instead",
+        )
     _choice(s.aggregate, "model.smt.aggregate", ("mean", "max"))
     _choice(s.too_small, "model.smt.too_small", ("upsample", "refuse"))
     _choice(s.class_weights, "model.smt.class_weights", ("auto", "none"))

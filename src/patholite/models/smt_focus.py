@@ -77,6 +77,11 @@ class FocusMemory:
             self._epochs[key] = int(epoch)
         return self.read(keys, width=grads.shape[-1]).to(grads.device)
 
+    def restart_epochs(self) -> None:
+        """Keep the scores, forget when each was last updated: a new training stage (QAT fine-tuning)
+        counts its epochs from 0 again and must still fold its gradients in."""
+        self._epochs = {key: -1 for key in self._epochs}
+
     def read(self, keys: Sequence[FocusKey], width: int | None = None) -> torch.Tensor:
         """Normalised targets (N x P); a key never observed reads as zeros (``width`` sets P then)."""
         if width is None:

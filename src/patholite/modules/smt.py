@@ -85,19 +85,21 @@ class SMTModule(L.LightningModule):
         net: SMTNet | None = None,
         teacher: SMTNet | None = None,
         kd: dict[str, Any] | None = None,
+        memory: dict[str, Any] | None = None,
     ) -> None:
         """``model``: the plain ``model`` config node (``family: smt`` with its ``smt`` block);
         ``class_weights``: per-class CE weights (resolve ``class_weights: auto`` before, e.g. with
         ``smt_focus.class_weights_from_counts``); ``negative_class``: index of the negative class;
         ``eval_depth``: walk depth for validation/test (None: the deepest layer trained so far);
         ``gradient_clip_val``: gradient-norm clip per optimiser, done here (Lightning refuses its own clipping
-        under manual optimisation: build the Trainer with ``gradient_clip_val=None``)."""
+        under manual optimisation: build the Trainer with ``gradient_clip_val=None``); ``memory``: a trained
+        module's ``memory.state_dict()`` to continue (its epochs restart at 0)."""
         model = dict(_plain(model))
         class_names = [str(c) for c in class_names]
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         class_weights = None if class_weights is None else [float(w) for w in _plain(class_weights)]
         super().__init__()
-        self.save_hyperparameters(ignore=["region_reader", "net", "teacher"])
+        self.save_hyperparameters(ignore=["region_reader", "net", "teacher", "memory"])
         self.automatic_optimization = False
         smt = dict(model.get("smt") or {})
         if not smt:
@@ -136,6 +138,9 @@ class SMTModule(L.LightningModule):
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
         self.memory = FocusMemory(float(smt.get("eps", 0.9)))
+        if memory is not None:  # fine-tuning a trained SMT (QAT): its focusing targets keep their average
+            self.memory.load_state_dict(memory)
+            self.memory.restart_epochs()
         # distillation from a trained float SMT: every layer's logits on the images this student focuses on.
         # A tuple keeps the teacher out of the module tree (parameters, state_dict, optimisers).
         self._teacher: tuple[SMTNet, ...] = ()

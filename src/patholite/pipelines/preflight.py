@@ -106,12 +106,20 @@ def check_teacher(cfg: DictConfig, class_names: list[str]) -> None:
 
         directory = teacher_artifact(c.teacher.checkpoint)  # raises for a run without a float SMT
         if directory is not None:
-            theirs = list(read_sidecar(directory).get("class_names") or [])
+            sidecar = read_sidecar(directory)
+            theirs = list(sidecar.get("class_names") or [])
             if theirs != list(class_names):
                 raise ConfigError(
                     f"compression.teacher.checkpoint={c.teacher.checkpoint} was trained on classes {theirs}, "
                     f"this dataset has {list(class_names)}; distil from a teacher of the same classes"
                 )
+            for key in ("mean", "std"):  # the teacher sees the student's normalised images
+                ours = [float(v) for v in cfg.dataset[key]]
+                if [float(v) for v in sidecar.get(key) or ours] != ours:
+                    raise ConfigError(
+                        f"compression.teacher.checkpoint={c.teacher.checkpoint} normalises with {key} "
+                        f"{sidecar.get(key)}, this dataset with {ours}; set dataset.{key} to the teacher's"
+                    )
             teacher, _ = smt_teacher_model(c)
             check_model_fits(teacher, num_classes, int(teacher.smt.image_size), key="compression.teacher")
             return

@@ -65,11 +65,13 @@ def train_smt(
     teacher: nn.Module | None = None,
     net: nn.Module | None = None,
     epochs: int | None = None,
-) -> nn.Module:
+    memory: dict[str, Any] | None = None,
+):
     """Fit an SMT (``model_cfg``: another option than ``model=``, e.g. the teacher) on slide labels, with
-    distillation from ``teacher`` when given. ``net``: fine-tune this trained SMT instead (e.g. fake-quantized
-    for QAT) for ``epochs``: every layer trains from the first epoch, at ``model.smt.finetune_lr_scale``
-    times the per-layer learning rates."""
+    distillation from ``teacher`` when given; returns the module, its ``net`` the best weights. ``net``:
+    fine-tune this trained SMT instead (e.g. fake-quantized for QAT) for ``epochs``: every layer trains from
+    the first epoch, at ``model.smt.finetune_lr_scale`` times the per-layer learning rates, and the focusing
+    memory continues from ``memory`` (the trained module's ``memory.state_dict()``)."""
     from patholite.modules.smt import SMTModule
 
     model_cfg = ctx.cfg.model if model_cfg is None else model_cfg
@@ -94,8 +96,10 @@ def train_smt(
         if teacher is not None
         else None,
         net=net,
+        memory=memory,
     )
-    return fit(ctx, module, stage, epochs=epochs).net
+    fit(ctx, module, stage, epochs=epochs)  # leaves the best epoch's weights in module.net
+    return module
 
 
 def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
@@ -291,7 +295,7 @@ def teacher_smt(ctx: RunContext, records: list[ArtifactRecord]) -> tuple[nn.Modu
     else:
         log.info("training the SMT teacher %s first (give compression.teacher.checkpoint to reuse one)",
                  teacher_cfg.name)  # fmt: skip
-        net = train_smt(ctx, teacher_cfg, stage="teacher")
+        net = train_smt(ctx, teacher_cfg, stage="teacher").net
     teacher, record, logits = _save_and_record(ctx, "teacher_fp32", net, teacher_cfg, None)
     records.append(record)
     return teacher, logits
@@ -304,11 +308,11 @@ def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
     stages = list(ctx.cfg.compression.stages)
     if stages[0] == "distill":
         teacher, teacher_logits = teacher_smt(ctx, records)
-        student = train_smt(ctx, stage="distill", teacher=teacher)
+        trained = train_smt(ctx, stage="distill", teacher=teacher)
         name, source = "student_fp32", ("teacher_fp32", teacher_logits)
     else:
-        student, name, source = train_smt(ctx), "smt_fp32", None
-    net, record, logits = _save_and_record(ctx, name, student, ctx.cfg.model, source)
+        trained, name, source = train_smt(ctx), "smt_fp32", None
+    net, record, logits = _save_and_record(ctx, name, trained.net, ctx.cfg.model, source)
     records.append(record)
     if "ptq" in stages:
         engine = ctx.accelerator.int8_engine
@@ -319,18 +323,25 @@ def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
         qrecord, _ = smt_record("smt_int8_dynamic", loaded, qdir, qfiles, ctx, name, logits)
         records.append(qrecord)
     if "qat" in stages:
-        records.append(qat_smt(ctx, net, name, logits))
+        records.append(qat_smt(ctx, net, name, logits, trained.memory.state_dict()))
     return records
 
 
-def qat_smt(ctx: RunContext, net: nn.Module, source: str, reference: torch.Tensor) -> ArtifactRecord:
+def qat_smt(
+    ctx: RunContext,
+    net: nn.Module,
+    source: str,
+    reference: torch.Tensor,
+    memory: dict[str, Any] | None = None,
+) -> ArtifactRecord:
     """Dynamic-INT8 QAT of every encoder: fine-tune with fake-quantized Linear weights (eager mode, so the
-    attention hook of the focusing score still works), then convert to dynamic INT8 and record it."""
+    attention hook of the focusing score still works), the focusing memory continuing from the float
+    training's, then convert to dynamic INT8 and record it."""
     from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
 
     q = ctx.cfg.compression.qat
     prepared = prepare_dynamic_qat(net, q.engine)
-    tuned = train_smt(ctx, stage="qat", net=prepared, epochs=int(q.finetune.epochs))
+    tuned = train_smt(ctx, stage="qat", net=prepared, epochs=int(q.finetune.epochs), memory=memory).net
     int8 = convert_dynamic_qat(tuned)
     directory = ctx.artifact_dir("smt_int8_qat")
     files = art.save_int8_dynamic_artifact(int8, directory, {**smt_meta(ctx), "qat": True}, q.engine)
