@@ -1,4 +1,5 @@
-"""Float against INT8 SMT on the same test slides: quality, agreement, and time per slide.
+"""SMT artifacts of one run on the same test slides (float against INT8, or a KD teacher against its
+student: ``--artifacts teacher_fp32 student_fp32``): quality, agreement, and time per slide.
 
     python scripts/bench_smt_int8.py --smt-run <model=smt run> --out <dir> \
         [--artifacts smt_fp32 smt_int8_dynamic smt_int8_qat]
