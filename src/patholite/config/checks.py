@@ -233,7 +233,7 @@ def check_smt(cfg: DictConfig) -> None:
         "low-rank SMT are not built yet",
     )
     if "distill" in c.stages:
-        from patholite.pipelines.smt import smt_teacher_model
+        from patholite.config.options import smt_teacher_model
 
         t, named = smt_teacher_model(c)
         _require(

@@ -101,8 +101,8 @@ def check_teacher(cfg: DictConfig, class_names: list[str]) -> None:
 
     c, num_classes = cfg.compression, len(class_names)
     if cfg.model.family == "smt":  # an SMT teacher may be a model=smt run or artifact folder
+        from patholite.config.options import smt_teacher_model, teacher_artifact
         from patholite.measure.artifacts import read_sidecar
-        from patholite.pipelines.smt import smt_teacher_model, teacher_artifact
 
         directory = teacher_artifact(c.teacher.checkpoint)  # raises for a run without a float SMT
         if directory is not None:
