@@ -256,13 +256,14 @@ def datamodule_of(run: Path):
     return cfg, dm
 
 
-def test_datamodule(cfg, overrides: list[str]):
+def datamodule_with(cfg, overrides: list[str]):
     """The run's dataset with ``KEY=VALUE`` overrides (``dataset.`` keys), for other test slides."""
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for item in overrides:
-        key, sep, value = item.partition("=")
+    pairs = [item.partition("=") for item in overrides]
+    for key, sep, _ in pairs:
         if not sep or not key.startswith("dataset."):
-            raise SystemExit(f"bench_smt: --test-set {item!r}: give dataset.<key>=<value>")
+            raise SystemExit(f"bench_smt: --test-set {key}{sep}...: give dataset.<key>=<value>")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, _, value in pairs:
         OmegaConf.update(cfg, key, yaml.safe_load(value))
     dm = build_datamodule(cfg.dataset, model=cfg.model)
     dm.setup("fit")
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
             smt[1]["model"]["smt"][key] = value
     smt_settings(*smt, args.smt_run)  # a K the grid cannot hold fails before any slide
     tile = load_classifier(resolve_artifact(args.tile_run))
-    test = measure_split(test_datamodule(cfg, args.test_set) if args.test_set else dm, "test", smt, tile, mpp)
+    test = measure_split(datamodule_with(cfg, args.test_set) if args.test_set else dm, "test", smt, tile, mpp)
     labels = [r["label"] for r in test]
     scores = {
         "smt_fp32": [r["smt"]["positive"] for r in test],

@@ -28,6 +28,11 @@ def _bench_module():
     return module
 
 
+def test_other_test_slides_take_dataset_keys_only():
+    with pytest.raises(SystemExit, match="give dataset.<key>=<value>"):
+        _bench_module().datamodule_with(None, ["dataset.seed=1", "model.smt.top_k=8"])
+
+
 def test_paired_bootstrap_of_smt_against_a_baseline():
     paired_bootstrap = _bench_module().paired_bootstrap
     labels = [0, 0, 0, 1, 1, 1] * 4
@@ -57,7 +62,7 @@ def test_bench_smt_compares_smt_with_full_tiling_on_the_same_slides(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_smt.py"), "--smt-run", str(tmp_path / "smt"),
          "--tile-run", str(tmp_path / "tile"), "--out", str(out), "--sizes", "3072", "--scale-slides", "1",
-         "--mil-epochs", "2"],
+         "--mil-epochs", "2", "--test-set", "dataset.seed=1"],  # fresh test slides; MIL on the run's
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,6 +76,7 @@ def test_bench_smt_compares_smt_with_full_tiling_on_the_same_slides(tmp_path):
     summary = results["summary"]
     assert summary["smt_reads"] == 1 + 2 + 4  # smt_micro: K = 2
     assert summary["tiles"] > 0 and summary["smt_file_pixels_ratio"] > 0 and summary["smt_wall_ratio"] > 0
+    assert list((tmp_path / "cache" / "synthetic_slides").glob("*-s1-*/test/*.svs"))  # the fresh test slides
     for slide in results["slides"]:  # level-0 pixels as the definitions say
         assert slide["smt"]["reads"] == len([b for layer in slide["smt"]["layers"] for b in layer["boxes"]])
         assert (
