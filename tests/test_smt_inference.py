@@ -165,7 +165,7 @@ def test_walk_settings_can_be_changed_at_inference(work, tmp_path):
     positive = [r["positive"] for r in report["layers"][-1]["regions"]]
     assert 1 - report["probs"]["Normal"] == pytest.approx(max(positive), abs=1e-6)  # the most positive image
     for bad, match in (
-        ({"smt.top_k": 17}, r"smt.top_k=17: .*4x4 patches"),
+        ({"smt.top_k": 17}, r"smt.top_k=17: .*4x4=16 patches"),
         ({"smt.top_k": 0}, "smt.top_k=0"),
         ({"smt.aggregate": "median"}, "mean or max"),
     ):

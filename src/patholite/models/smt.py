@@ -29,12 +29,12 @@ class RegionSource(Protocol):
     def read(self, box: Box, size: int) -> np.ndarray: ...
 
 
-def check_top_k(k: int, grid: int) -> int:
-    """``k`` focused patches must exist in a ``grid x grid`` image."""
+def check_top_k(k: int, grid: int, key: str = "model.smt.top_k") -> int:
+    """``k`` focused patches must exist in a ``grid x grid`` image (``key``: where K was set)."""
     if not 1 <= int(k) <= grid * grid:
         raise ConfigError(
-            f"model.smt.top_k={k}: each image has only {grid}x{grid}={grid * grid} patches; "
-            f"choose 1 <= top_k <= {grid * grid}"
+            f"{key}={k}: each image has only {grid}x{grid}={grid * grid} patches; "
+            f"choose 1 <= {key.rsplit('.', 1)[-1]} <= {grid * grid}"
         )
     return int(k)
 

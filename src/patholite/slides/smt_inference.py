@@ -61,18 +61,14 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
     from patholite.models.smt import check_top_k
 
     smt = dict((meta.get("model") or {}).get("smt") or {})
-    for key in ("top_k", "aggregate"):
-        value = None if walk is None else walk.get(key)
-        if value is None:
-            continue
-        if key == "aggregate" and value not in ("mean", "max"):
-            raise ConfigError(f"smt.aggregate={value!r}: use mean or max (or leave it null)")
-        if key == "top_k" and not 1 <= int(value) <= net.grid**2:
-            raise ConfigError(
-                f"smt.top_k={value}: this SMT's images have {net.grid}x{net.grid} patches; choose 1 <= "
-                f"smt.top_k <= {net.grid**2} (or leave it null for the trained K)"
-            )
-        smt[key] = value
+    walk = walk or {}
+    if walk.get("aggregate") is not None:
+        if walk["aggregate"] not in ("mean", "max"):
+            raise ConfigError(f"smt.aggregate={walk['aggregate']!r}: use mean or max (or leave it null)")
+        smt["aggregate"] = walk["aggregate"]
+    if walk.get("top_k") is not None:
+        smt["top_k"] = check_top_k(walk["top_k"], net.grid, key="smt.top_k")
+    k = smt.get("top_k") if smt.get("top_k") is not None else net.top_k
     names = list(meta["class_names"])
     if len(names) != net.num_classes:
         raise CheckpointError(
@@ -93,7 +89,7 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
     return SmtSettings(
         image_size=int(net.image_size),
         grid=int(net.grid),
-        top_k=check_top_k(int(next(k for k in (smt.get("top_k"), net.top_k, 4) if k is not None)), net.grid),
+        top_k=check_top_k(4 if k is None else k, net.grid),
         layers=int(net.layers),
         aggregate=aggregate,
         too_small=too_small,
@@ -162,14 +158,18 @@ def _check_tissue_settings(cfg, meta: dict[str, Any]) -> None:
         )
 
 
-def process_smt_slide(path: Path, cfg, net, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def process_smt_slide(
+    path: Path, cfg, net, meta: dict[str, Any], out_dir: Path, settings: SmtSettings | None = None
+) -> dict[str, Any]:
     """Diagnose one slide with the SMT walk; write report.json and focus.png into ``out_dir``; return the
-    report (a summary row: call, confidence, reads, pixels_read, seconds)."""
+    report (a summary row: call, confidence, reads, pixels_read, seconds). ``settings``: the walk's, from
+    ``smt_settings`` (None: worked out here)."""
     from patholite.models.smt import predict_slide
 
     start = time.perf_counter()
     path = Path(path)
-    settings = smt_settings(net, meta, meta.get("_directory", "?"), cfg.get("smt"))
+    if settings is None:
+        settings = smt_settings(net, meta, meta.get("_directory", "?"), cfg.get("smt"))
     class_names = list(meta["class_names"])
     reader = RegionReader(path, cfg.reader.mpp, cfg.reader.backend)
     slide = reader.slide  # opened once for the process (open_cached), shared with the reads
@@ -377,5 +377,7 @@ def run_smt_slides(
         if net is None or meta is None:
             directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)
             net, meta = load_smt_model(directory, cfg.engine.device)
-        smt_settings(net, meta, directory or "?", cfg.get("smt"))  # bad overrides fail before any slide
-        return each_slide(paths, cfg, out_dir, lambda path, out: process_smt_slide(path, cfg, net, meta, out))
+        settings = smt_settings(net, meta, directory or "?", cfg.get("smt"))  # bad overrides fail here
+        return each_slide(
+            paths, cfg, out_dir, lambda path, out: process_smt_slide(path, cfg, net, meta, out, settings)
+        )
