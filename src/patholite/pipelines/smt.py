@@ -240,19 +240,17 @@ def teacher_smt(ctx: RunContext, records: list[ArtifactRecord]) -> tuple[nn.Modu
     from patholite.pipelines.stages import teacher_config
 
     directory = teacher_artifact(ctx.cfg.compression.teacher.checkpoint)
-    if directory is not None:
+    if directory is not None:  # a model=smt run or float artifact: its own architecture and weights
         teacher_cfg, _ = smt_teacher_model(ctx.cfg.compression)
         net, _ = art.load_artifact(directory)
-        teacher, record, logits = _save_and_record(ctx, "teacher_fp32", net, teacher_cfg, None)
-        records.append(record)
-        return teacher, logits
-    teacher_cfg = teacher_config(ctx.cfg.compression)
-    if teacher_cfg.checkpoint:
-        net = build_model(teacher_cfg, ctx.datamodule.num_classes, int(teacher_cfg.smt.image_size))
-    else:
-        log.info("training the SMT teacher %s first (give compression.teacher.checkpoint to reuse one)",
-                 teacher_cfg.name)  # fmt: skip
-        net = train_smt(ctx, teacher_cfg, stage="teacher").net
+    else:  # compression.teacher.model, from its weights file or trained here
+        teacher_cfg = teacher_config(ctx.cfg.compression)
+        if teacher_cfg.checkpoint:
+            net = build_model(teacher_cfg, ctx.datamodule.num_classes, int(teacher_cfg.smt.image_size))
+        else:
+            log.info("training the SMT teacher %s first (give compression.teacher.checkpoint to reuse one)",
+                     teacher_cfg.name)  # fmt: skip
+            net = train_smt(ctx, teacher_cfg, stage="teacher").net
     teacher, record, logits = _save_and_record(ctx, "teacher_fp32", net, teacher_cfg, None)
     records.append(record)
     return teacher, logits
@@ -260,7 +258,7 @@ def teacher_smt(ctx: RunContext, records: list[ArtifactRecord]) -> tuple[nn.Modu
 
 def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
     """Train SMT (``[train]``; ``[distill]``: from a float SMT teacher), record it, and with ``ptq`` its
-    dynamic INT8 twin."""
+    dynamic INT8 twin, with ``qat`` its dynamic INT8 after fake-quantized fine-tuning."""
     records: list[ArtifactRecord] = []
     stages = list(ctx.cfg.compression.stages)
     if stages[0] == "distill":
@@ -274,14 +272,21 @@ def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
     if "ptq" in stages:
         engine = ctx.accelerator.int8_engine
         qnet = art.quantize_dynamic_int8(copy.deepcopy(net), engine)
-        qdir = ctx.artifact_dir("smt_int8_dynamic")
-        qfiles = art.save_int8_dynamic_artifact(qnet, qdir, smt_meta(ctx), engine)
-        loaded, _ = art.load_artifact(qdir)
-        qrecord, _ = smt_record("smt_int8_dynamic", loaded, qdir, qfiles, ctx, name, logits)
-        records.append(qrecord)
+        records.append(_save_int8_and_record(ctx, "smt_int8_dynamic", qnet, engine, (name, logits)))
     if "qat" in stages:
         records.append(qat_smt(ctx, net, name, logits, trained.memory.state_dict()))
     return records
+
+
+def _save_int8_and_record(
+    ctx: RunContext, name: str, qnet: nn.Module, engine: str, source: tuple[str, torch.Tensor], **meta: Any
+) -> ArtifactRecord:
+    """Save a dynamic INT8 SMT as an artifact, reload it from its files and record it against ``source``."""
+    directory = ctx.artifact_dir(name)
+    files = art.save_int8_dynamic_artifact(qnet, directory, {**smt_meta(ctx), **meta}, engine)
+    loaded, _ = art.load_artifact(directory)
+    record, _ = smt_record(name, loaded, directory, files, ctx, *source)
+    return record
 
 
 def qat_smt(
@@ -299,9 +304,6 @@ def qat_smt(
     q = ctx.cfg.compression.qat
     prepared = prepare_dynamic_qat(net, q.engine)
     tuned = train_smt(ctx, stage="qat", net=prepared, epochs=int(q.finetune.epochs), memory=memory).net
-    int8 = convert_dynamic_qat(tuned)
-    directory = ctx.artifact_dir("smt_int8_qat")
-    files = art.save_int8_dynamic_artifact(int8, directory, {**smt_meta(ctx), "qat": True}, q.engine)
-    loaded, _ = art.load_artifact(directory)
-    record, _ = smt_record("smt_int8_qat", loaded, directory, files, ctx, source, reference)
-    return record
+    return _save_int8_and_record(
+        ctx, "smt_int8_qat", convert_dynamic_qat(tuned), q.engine, (source, reference), qat=True
+    )
