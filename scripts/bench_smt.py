@@ -154,9 +154,14 @@ def run_method(name: str, smt, tile, path: Path, mpp) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- measures
-def binary_quality(scores: list[float], labels: list[int]) -> dict[str, Any]:
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Binary AUROC (torchmetrics) of positive-class scores; both classes must be present."""
     from torchmetrics.functional.classification import binary_auroc
 
+    return float(binary_auroc(torch.as_tensor(scores), torch.as_tensor(labels)))
+
+
+def binary_quality(scores: list[float], labels: list[int]) -> dict[str, Any]:
     y, p = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     pred = (p >= 0.5).astype(int)
     recalls = [float((pred[y == c] == c).mean()) for c in (0, 1) if (y == c).any()]
@@ -166,7 +171,7 @@ def binary_quality(scores: list[float], labels: list[int]) -> dict[str, Any]:
         "n_positive": int(y.sum()),
         "accuracy": float((pred == y).mean()),
         "balanced_accuracy": float(np.mean(recalls)),
-        "auroc": float(binary_auroc(torch.as_tensor(p), torch.as_tensor(y))) if both else None,
+        "auroc": auroc(p, y) if both else None,
     }
 
 
@@ -175,11 +180,6 @@ def paired_bootstrap(
 ) -> dict[str, dict[str, float]]:
     """Method a minus method b on the same slides, resampled together (slides are the unit): accuracy at
     0.5 and AUROC, the observed difference and its 95% percentile interval."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    def roc_auc_score(yy: np.ndarray, p: np.ndarray) -> float:
-        return float(binary_auroc(torch.as_tensor(p), torch.as_tensor(yy)))
-
     y, pa, pb = np.asarray(labels), np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     rng = np.random.default_rng(seed)
 
@@ -188,7 +188,7 @@ def paired_bootstrap(
         if not 0 < yy.sum() < len(yy):
             return None  # a resample with one class has no AUROC
         acc = float(((pa[idx] >= 0.5) == yy).mean() - ((pb[idx] >= 0.5) == yy).mean())
-        return acc, float(roc_auc_score(yy, pa[idx]) - roc_auc_score(yy, pb[idx]))
+        return acc, auroc(pa[idx], yy) - auroc(pb[idx], yy)
 
     observed = diffs(np.arange(len(y)))
     draws = [d for d in (diffs(rng.integers(0, len(y), len(y))) for _ in range(n)) if d is not None]
