@@ -28,8 +28,8 @@ def make_artifact(out: Path, model_name: str, image_size: int, tile_size: int, m
     import torch
     from omegaconf import OmegaConf
 
+    from patholite.artifacts.torch_float import save_float_artifact
     from patholite.config.options import load_model_option
-    from patholite.measure.artifacts import save_float_artifact
     from patholite.models.factory import create_network
 
     model = load_model_option(model_name)
@@ -51,7 +51,8 @@ def make_artifact(out: Path, model_name: str, image_size: int, tile_size: int, m
 
 
 def make_slide(out: Path, side: int, seed: int, nuisances: bool = True) -> Path:
-    from patholite.slides.synthetic import LesionSpec, SlideSpec, write_synthetic_slide
+    from patholite.data.synthetic.slides import write_synthetic_slide
+    from patholite.data.synthetic.spec import LesionSpec, SlideSpec
 
     path = out / f"slide-{side}-{seed}.svs"
     if not path.with_suffix(".truth.npz").is_file():
@@ -103,9 +104,9 @@ def bench_overlap(args, out: Path) -> dict:
 
     from patholite.slides.engine import Normalise, SlideTiles, TileSpec, stream_tiles
     from patholite.slides.inference import load_classifier, tile_geometry
-    from patholite.slides.reader import open_slide
-    from patholite.slides.tiling import tile_grid
-    from patholite.slides.tissue import detect_tissue
+    from patholite.wsi.reader import open_slide
+    from patholite.wsi.tiling import tile_grid
+    from patholite.wsi.tissue import detect_tissue
 
     artifact = make_artifact(out, args.model, args.image_size, args.image_size, 0.5)
     slide_path = make_slide(out, args.overlap_side, seed=1)
@@ -160,7 +161,7 @@ def bench_overlap(args, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------- memory
 def _engine_child(slide: Path, artifact: Path, cache: Path, workers: int, threads: int, batch: int) -> None:
-    from patholite.slides.inference import run_slides
+    from patholite.slides.run import run_slides
 
     cfg = slide_cfg(slide, artifact, cache, workers, threads, batch)
     rows = run_slides([slide], cfg, cache / "out")
@@ -220,9 +221,9 @@ def bench_memory(args, out: Path) -> dict:
 def bench_tissue(args, out: Path) -> dict:
     import cv2
 
-    from patholite.slides.reader import open_slide
-    from patholite.slides.synthetic import read_truth
-    from patholite.slides.tissue import detect_tissue
+    from patholite.data.synthetic.slides import read_truth
+    from patholite.wsi.reader import open_slide
+    from patholite.wsi.tissue import detect_tissue
 
     ious = []
     for seed in range(args.tissue_slides):

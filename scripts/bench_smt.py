@@ -31,17 +31,20 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from patholite.artifacts.mil import save_mil
+from patholite.artifacts.resolve import resolve_artifact
 from patholite.data import build_datamodule
-from patholite.measure.io import write_json
-from patholite.measure.records import ArtifactRecord, RunRecord, read_record
-from patholite.models.mil import predict_mil, save_mil, train_mil
+from patholite.data.synthetic.slides import generate_slides, read_truth
+from patholite.data.synthetic.spec import LesionSpec, SlideSpec
+from patholite.io import write_json
+from patholite.models.mil import predict_mil, train_mil
 from patholite.models.smt import aggregate_slides, predict_slide
+from patholite.records import ArtifactRecord, RunRecord, read_record
 from patholite.slides.baselines import pool_scores, tile_outputs
-from patholite.slides.focus import Box, RegionReader, chain_check, patch_box, pixels_decoded, smt_tissue_box
-from patholite.slides.inference import load_classifier, resolve_artifact
-from patholite.slides.reader import forget_cached, open_slide
+from patholite.slides.inference import load_classifier
 from patholite.slides.smt_inference import load_smt_model, smt_settings
-from patholite.slides.synthetic import LesionSpec, SlideSpec, generate_slides, read_truth
+from patholite.wsi.reader import forget_cached, open_slide
+from patholite.wsi.region import Box, RegionReader, chain_check, patch_box, pixels_decoded, smt_tissue_box
 
 log = logging.getLogger("bench_smt")
 

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_smt import binary_quality, datamodule_of, rotate, run_smt  # noqa: E402
 
-from patholite.measure.io import write_json  # noqa: E402
-from patholite.slides.inference import resolve_artifact  # noqa: E402
+from patholite.artifacts.resolve import resolve_artifact
+from patholite.io import write_json  # noqa: E402
 from patholite.slides.smt_inference import load_smt_model  # noqa: E402
 
 log = logging.getLogger("bench_smt_int8")

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from patholite.data.synthetic import SYNTHETIC_CLASSES, generate_tile
+from patholite.data.synthetic.tiles import SYNTHETIC_CLASSES, generate_tile
 
 _LABEL_WIDTH = 110
 

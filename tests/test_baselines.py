@@ -10,18 +10,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from patholite import artifacts as art
+from patholite.artifacts.mil import load_mil, save_mil
 from patholite.config.options import load_model_option
 from patholite.config.slide_schema import EngineConfig, TileConfig
 from patholite.errors import CheckpointError, ConfigError
-from patholite.measure import artifacts as art
 from patholite.models.factory import create_network
-from patholite.models.mil import GatedAttentionMIL, load_mil, predict_mil, save_mil, train_mil
+from patholite.models.mil import GatedAttentionMIL, predict_mil, train_mil
 from patholite.slides.baselines import EmbeddingTap, pool_scores, tile_outputs
 from patholite.slides.engine import Normalise, SlideTiles, TileSpec
 from patholite.slides.inference import TileGeometry, load_classifier
-from patholite.slides.reader import open_slide
-from patholite.slides.tiling import tile_grid
-from patholite.slides.tissue import detect_tissue
+from patholite.wsi.reader import open_slide
+from patholite.wsi.tiling import tile_grid
+from patholite.wsi.tissue import detect_tissue
 
 CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -42,7 +43,8 @@ def classifier(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
-    from patholite.slides.synthetic import LesionSpec, SlideSpec, write_synthetic_slide
+    from patholite.data.synthetic.slides import write_synthetic_slide
+    from patholite.data.synthetic.spec import LesionSpec, SlideSpec
 
     spec = SlideSpec(1024, 1024, seed=3, texture_px=128, lesions=[LesionSpec("InSitu", 1, (100.0, 150.0))])
     return write_synthetic_slide(tmp_path_factory.mktemp("slide") / "s.svs", spec).path

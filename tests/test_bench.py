@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from patholite.config.schema import BenchConfig
-from patholite.measure.cost import count_flops
-from patholite.measure.records import read_record
+from patholite.models.count import count_flops
+from patholite.records import read_record
 from tests.conftest import run_cli
 
 TINY = [
@@ -87,7 +87,7 @@ def test_flop_count_equals_a_hand_count():
 
 
 def test_alternating_protocol_returns_the_requested_counts(tmp_path):
-    from patholite.measure.artifacts import save_float_artifact
+    from patholite.artifacts.torch_float import save_float_artifact
     from patholite.measure.timing import time_artifacts
     from patholite.models.factory import create_network
 
@@ -131,9 +131,9 @@ def test_rapl_energy_per_image_with_counter_wrap(tmp_path, monkeypatch):
 
 
 def test_unreadable_onnx_artifact_is_a_checkpoint_error(tmp_path):
+    from patholite.artifacts.load import load_artifact
     from patholite.errors import CheckpointError
-    from patholite.measure.artifacts import load_artifact
-    from patholite.measure.io import write_json
+    from patholite.io import write_json
 
     (tmp_path / "model.onnx").write_bytes(b"not onnx")
     write_json(tmp_path / "artifact.json", {"kind": "onnx", "weights": "model.onnx"})

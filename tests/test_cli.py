@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from patholite.errors import ConfigError
-from patholite.measure.records import read_record
 from patholite.overrides import expand_run_references, merge_overrides, override_key, split_flags
+from patholite.records import read_record
 from tests.conftest import REPO, run_cli
 
 FAST = ["debug=fast", "model=vit_micro"]
@@ -193,7 +193,7 @@ def test_worker_errors_are_unwrapped_for_the_one_line_message():
 
 
 def test_sweep_summary_ignores_older_jobs_in_a_reused_sweep_dir(tmp_path):
-    from patholite.measure.io import write_json
+    from patholite.io import write_json
     from patholite.sweep import sweep_records
 
     for num, started in ((0, "2026-01-01T10:00:00.000+00:00"), (1, "2026-01-01T09:00:00.000+00:00")):

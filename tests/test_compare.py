@@ -9,7 +9,7 @@ import pytest
 
 from patholite.compare import main
 from patholite.measure.compare import compare, find_records, pareto_front
-from patholite.measure.records import ArtifactRecord, RunRecord
+from patholite.records import ArtifactRecord, RunRecord
 
 
 def quality(acc: float) -> dict:

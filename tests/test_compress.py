@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from patholite.artifacts.load import load_artifact
 from patholite.errors import ConfigError
-from patholite.measure.artifacts import load_artifact
-from patholite.measure.records import read_record
+from patholite.records import read_record
 from patholite.train import run_job
 from tests.conftest import run_cli
 

@@ -43,7 +43,7 @@ def _accelerator(**values):
 
 
 def _logits(run_dir, images: torch.Tensor) -> torch.Tensor:
-    from patholite.measure.artifacts import load_float_artifact
+    from patholite.artifacts.torch_float import load_float_artifact
 
     net, _ = load_float_artifact(run_dir / "artifacts" / "fp32")
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_a_sweep_of_ddp_jobs_runs_each_job_once_with_ema_and_a_teacher(tmp_path)
     assert ema["device"]["world_size"] == kd["device"]["world_size"] == 2
     names = {a["name"] for a in ema["artifacts"]}
     assert {"fp32", "fp32_ema"} <= names
-    from patholite.measure.artifacts import load_float_artifact
+    from patholite.artifacts.torch_float import load_float_artifact
 
     raw, _ = load_float_artifact(sweep / "0" / "artifacts" / "fp32")
     averaged, _ = load_float_artifact(sweep / "0" / "artifacts" / "fp32_ema")

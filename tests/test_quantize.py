@@ -12,13 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patholite.compress.qat import (
-    check_qat_device,
-    convert_qat,
-    load_qat_artifact,
-    prepare_qat,
-    save_qat_artifact,
-)
+from patholite.artifacts.onnx import ONNX_FILE, OrtModule, save_onnx_artifact
+from patholite.artifacts.qat import load_qat_artifact, save_qat_artifact
+from patholite.compress.qat import check_qat_device, convert_qat, prepare_qat
 from patholite.compress.quantize import (
     int8_layer_names,
     layer_sensitivity,
@@ -28,7 +24,6 @@ from patholite.compress.quantize import (
     symmetric_quantize,
 )
 from patholite.errors import AcceleratorError, CheckpointError, ConfigError
-from patholite.measure.artifacts import ONNX_FILE, OrtModule, save_onnx_artifact
 from tests.helpers import tiny_vit
 
 SIZE = 32

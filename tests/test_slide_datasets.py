@@ -22,7 +22,7 @@ from patholite.data import build_datamodule
 from patholite.data.slides import cap_tiles
 from patholite.data.splits import check_no_leak
 from patholite.errors import ConfigError, DatasetError
-from patholite.slides.annotations import Annotation, read_annotations, write_asap_xml
+from patholite.wsi.annotations import Annotation, read_annotations, write_asap_xml
 
 SIDE = 2048
 TILE = {"size": 64, "mpp": 0.5, "magnification": None}  # level 0: 64 px tiles; small lesions fill some
@@ -104,7 +104,7 @@ def test_tiles_load_as_rgb_of_the_tile_size_also_in_workers(synthetic_dm):
     first = images.load(0)
     assert first.shape == (64, 64, 3) and first.dtype == np.uint8 and first.std() > 0
     x, y, size0, _ = images.boxes[0]
-    from patholite.slides.reader import open_slide
+    from patholite.wsi.reader import open_slide
 
     with open_slide(images.paths[0]) as slide:
         assert np.array_equal(first, slide.read_region((x, y), 0, (size0, size0)))
@@ -118,7 +118,7 @@ def test_tiles_load_as_rgb_of_the_tile_size_also_in_workers(synthetic_dm):
 
 
 def test_a_second_setup_reads_the_tile_cache_without_opening_slides(synthetic_dm, monkeypatch):
-    import patholite.slides.reader as reader
+    import patholite.wsi.reader as reader
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached setup opened a slide")
@@ -297,7 +297,7 @@ def test_bach_wsi_broken_layouts_name_the_problem(tmp_path, source_slides):
 
 # ------------------------------------------------------------------------------------------ a training run
 def test_train_on_synthetic_slides_records_the_tile_geometry(make_cfg, tmp_path):
-    from patholite.measure.records import read_record
+    from patholite.records import read_record
     from patholite.train import run_job
 
     cfg = make_cfg(

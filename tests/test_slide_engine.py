@@ -12,13 +12,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from patholite import artifacts as art
+from patholite.artifacts.resolve import resolve_artifact
+from patholite.compress.quantize import quantize_dynamic_int8
 from patholite.config.options import load_model_option
 from patholite.config.slide_schema import SlideRunConfig
 from patholite.errors import CheckpointError, ConfigError, SlideError
-from patholite.measure import artifacts as art
 from patholite.models.factory import create_network
 from patholite.slides.engine import TileSpec, stream_tiles
-from patholite.slides.inference import load_classifier, resolve_artifact, run_slides
+from patholite.slides.inference import load_classifier
+from patholite.slides.run import run_slides
 
 from .conftest import REPO
 from .helpers import csv_rows
@@ -125,7 +128,7 @@ def _float(directory):
 
 def test_every_artifact_kind_streams_the_same_tiles(slides, float_artifact, tmp_path):
     net, meta = _float(float_artifact)
-    art.save_int8_dynamic_artifact(art.quantize_dynamic_int8(net), tmp_path / "int8", meta, "x86")
+    art.save_int8_dynamic_artifact(quantize_dynamic_int8(net), tmp_path / "int8", meta, "x86")
     art.save_onnx_artifact(net, tmp_path / "onnx", meta)
     coords = np.array([[512 * i, 1024] for i in range(4)])
     spec = TileSpec(str(slides / "CMU-1-Small-Region.svs"), coords, 256, 64, 32, tuple(meta["mean"]),
@@ -164,8 +167,9 @@ def test_many_slides_bad_ones_reported_others_go_on(slides, float_artifact, tmp_
 def test_annotations_beside_a_slide_are_drawn_with_known_dialect_groups(tmp_path, float_artifact):
     """A synthetic slide with its ASAP XML beside it, and a BACH-style ImageScope XML naming the classes
     as BACH does ('Carcinoma in situ'): both map onto the artifact's classes without a setting."""
-    from patholite.slides.annotations import read_annotations
-    from patholite.slides.synthetic import LesionSpec, SlideSpec, write_synthetic_slide
+    from patholite.data.synthetic.slides import write_synthetic_slide
+    from patholite.data.synthetic.spec import LesionSpec, SlideSpec
+    from patholite.wsi.annotations import read_annotations
 
     slide = tmp_path / "s.svs"
     spec = SlideSpec(width=2048, height=2048, seed=3, lesions=[LesionSpec("InSitu", 1, (150.0, 200.0))])
@@ -182,7 +186,7 @@ def test_annotations_beside_a_slide_are_drawn_with_known_dialect_groups(tmp_path
         f"<Vertices>{region}</Vertices></Region></Regions></Annotation></Annotations>"
     )
     from patholite.slides.inference import annotation_map
-    from patholite.slides.reader import open_slide
+    from patholite.wsi.reader import open_slide
 
     with open_slide(slide) as s:
         labels = annotation_map(cfg, s, CLASSES, 16.0)

@@ -21,10 +21,12 @@ from torch.utils.data import DataLoader
 from patholite.config.slide_schema import PandaConfig, SmtSyntheticConfig, SyntheticSlidesConfig
 from patholite.data import build_datamodule
 from patholite.data.slide_level import SlideLevelDataModule
+from patholite.data.synthetic.slides import read_truth
 from patholite.errors import ConfigError, DatasetError, SlideError
-from patholite.slides import reader as slide_reader
-from patholite.slides.cache import slide_cache_dir
-from patholite.slides.focus import (
+from patholite.wsi import reader as slide_reader
+from patholite.wsi.cache import slide_cache_dir
+from patholite.wsi.reader import open_slide
+from patholite.wsi.region import (
     THUMB_DIR,
     Box,
     RegionReader,
@@ -33,8 +35,6 @@ from patholite.slides.focus import (
     patch_box,
     tissue_box,
 )
-from patholite.slides.reader import open_slide
-from patholite.slides.synthetic import read_truth
 
 SIDE = 2048
 TISSUE = {"max_side": 256}
@@ -105,7 +105,7 @@ def test_chain_check_refuses_or_upsamples_per_policy(caplog):
     with pytest.raises(SlideError, match=r"slide a.svs is too small.*8000 px.*65536 px.*model.smt.grid=8"):
         chain_check(small, 256, 16, policy="refuse", source="slide a.svs")
     chain_check(small, 256, 8, hops=1, policy="refuse")  # one hop of 8 needs 2048 px only
-    with caplog.at_level(logging.WARNING, logger="patholite.slides.focus"):
+    with caplog.at_level(logging.WARNING, logger="patholite.wsi.region"):
         chain_check(small, 96, 16, policy="upsample")
         chain_check(small, 96, 16, policy="upsample")
     assert sum("upsampled" in r.getMessage() for r in caplog.records) == 1  # logged once
@@ -161,14 +161,14 @@ def test_corrupt_or_stale_thumbnail_cache_is_rebuilt(tumor_slide, tmp_path, capl
     image, box = cached_thumbnail(tumor_slide, tmp_path, 64, TISSUE)
     (file,) = (tmp_path / THUMB_DIR).glob("*.npz")
     file.write_bytes(b"not a zip file")
-    with caplog.at_level(logging.WARNING, logger="patholite.slides.focus"):
+    with caplog.at_level(logging.WARNING, logger="patholite.wsi.region"):
         rebuilt, _ = cached_thumbnail(tumor_slide, tmp_path, 64, TISSUE)
     np.testing.assert_array_equal(rebuilt, image)
     assert "unusable" in caplog.text
     with open(file, "wb") as f:  # another slide's or version's thumbnail under this name
         np.savez(f, image=np.zeros((64, 64, 3), np.uint8), box=np.zeros(3), key=np.array("{}"))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="patholite.slides.focus"):
+    with caplog.at_level(logging.WARNING, logger="patholite.wsi.region"):
         rebuilt, rebuilt_box = cached_thumbnail(tumor_slide, tmp_path, 64, TISSUE)
     np.testing.assert_array_equal(rebuilt, image)
     assert rebuilt_box == box and "stored key differs" in caplog.text

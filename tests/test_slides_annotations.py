@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from patholite.errors import SlideError
-from patholite.slides.annotations import (
+from patholite.wsi.annotations import (
     BACH_CLASS_MAP,
     CAMELYON16_CLASS_MAP,
     UNLABELLED,

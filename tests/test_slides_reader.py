@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from patholite.errors import ConfigError, SlideError
-from patholite.slides.reader import find_slides, open_slide
+from patholite.wsi.reader import find_slides, open_slide
 
 
 def test_real_aperio_slide_facts(slides):

@@ -12,18 +12,17 @@ import numpy as np
 import openslide
 import pytest
 
-from patholite.data.synthetic import SYNTHETIC_CLASSES
-from patholite.errors import ConfigError, SlideError
-from patholite.slides.annotations import rasterize, read_annotations
-from patholite.slides.synthetic import (
-    LesionSpec,
-    SlideSpec,
+from patholite.data.synthetic.slides import (
     generate_slides,
     needs_bigtiff,
     pyramid_levels,
     read_truth,
     write_synthetic_slide,
 )
+from patholite.data.synthetic.spec import LesionSpec, SlideSpec
+from patholite.data.synthetic.tiles import SYNTHETIC_CLASSES
+from patholite.errors import ConfigError, SlideError
+from patholite.wsi.annotations import rasterize, read_annotations
 
 SPEC = SlideSpec(
     4096,

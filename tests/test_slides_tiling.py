@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from patholite.errors import ConfigError, SlideError
-from patholite.slides.reader import open_slide
-from patholite.slides.tiling import TileGrid, cached_tiles, load_tiles_h5, save_tiles_h5, tile_grid
-from patholite.slides.tissue import TissueMask, detect_tissue
+from patholite.wsi.reader import open_slide
+from patholite.wsi.tiling import TileGrid, cached_tiles, load_tiles_h5, save_tiles_h5, tile_grid
+from patholite.wsi.tissue import TissueMask, detect_tissue
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_target_resolution_picks_the_next_finer_level(boxes, patch, request_, do
 
 
 def test_finer_than_the_scan_is_upsampled_with_a_warning(boxes, caplog):
-    with caplog.at_level(logging.WARNING, logger="patholite.slides.tiling"):
+    with caplog.at_level(logging.WARNING, logger="patholite.wsi.tiling"):
         grid = tile_grid(boxes, 64, mpp=0.125)
     assert (grid.downsample, grid.size0, grid.patch_level) == (0.5, 32, 0)
     assert "upsampled 2.00x" in caplog.text
@@ -186,14 +186,14 @@ def test_cached_tiles_reuses_and_rebuilds(tmp_path, boxes, caplog):
     assert (grid.coords[:, 0] < 150).all()  # the last mask holds tissue in its left half only
 
     path.write_bytes(b"truncated")
-    with caplog.at_level(logging.WARNING, logger="patholite.slides.tiling"):
+    with caplog.at_level(logging.WARNING, logger="patholite.wsi.tiling"):
         grid = cached_tiles(boxes, path, patch_size=32)
     assert "unusable" in caplog.text and len(load_tiles_h5(path)) == len(grid) == 9 * 7
 
     caplog.clear()
     with h5py.File(path, "r+") as f:  # a stale file of an older layout: an attribute is gone
         del f["coords"].attrs["size0"]
-    with caplog.at_level(logging.WARNING, logger="patholite.slides.tiling"):
+    with caplog.at_level(logging.WARNING, logger="patholite.wsi.tiling"):
         cached_tiles(boxes, path, patch_size=32)
     assert "size0" in caplog.text and load_tiles_h5(path).size0 == 32
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from patholite.errors import ConfigError, SlideError
-from patholite.slides.tissue import TissueMask, detect_tissue, detect_tissue_image, pen_mask
+from patholite.wsi.tissue import TissueMask, detect_tissue, detect_tissue_image, pen_mask
 
 H, W = 240, 320
 DS, MPP = 16.0, 0.5  # 8 um per drawn pixel, as a 2048-px view of a large 40x slide
@@ -192,7 +192,7 @@ def test_mask_file_errors(tmp_path):
 
 
 def test_real_slide_tissue(shared):
-    from patholite.slides.reader import open_slide
+    from patholite.wsi.reader import open_slide
 
     with open_slide(shared / "data" / "slides" / "CMU-1-Small-Region.svs") as slide:
         found = detect_tissue(slide, max_side=1024)

@@ -13,14 +13,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from patholite import artifacts as art
+from patholite.artifacts.mil import save_mil
+from patholite.compress.quantize import quantize_dynamic_int8
 from patholite.config.options import load_model_option
 from patholite.config.slide_schema import SlideRunConfig
+from patholite.data.synthetic.slides import write_synthetic_slide
+from patholite.data.synthetic.spec import LesionSpec, SlideSpec
 from patholite.errors import CheckpointError, ConfigError
-from patholite.measure import artifacts as art
 from patholite.models.factory import create_network
-from patholite.models.mil import GatedAttentionMIL, save_mil
-from patholite.slides.inference import load_classifier, run_slides
-from patholite.slides.synthetic import LesionSpec, SlideSpec, write_synthetic_slide
+from patholite.models.mil import GatedAttentionMIL
+from patholite.slides.inference import load_classifier
+from patholite.slides.run import run_slides
 
 from .helpers import csv_rows
 
@@ -52,7 +56,7 @@ def work(tmp_path_factory):
     net = create_network(MODEL, len(CLASSES), 32).eval()
     art.save_float_artifact(net, root / "smt", _meta())
     art.save_float_artifact(net, root / "smt_refuse", _meta(too_small="refuse"))
-    art.save_int8_dynamic_artifact(art.quantize_dynamic_int8(net), root / "smt_int8", _meta(), "x86")
+    art.save_int8_dynamic_artifact(quantize_dynamic_int8(net), root / "smt_int8", _meta(), "x86")
     tile_model = OmegaConf.to_container(load_model_option("vit_micro"), resolve=True)
     tile_meta = {"model": {**tile_model, "checkpoint": None}, "class_names": CLASSES, "image_size": 32,
                  "mean": [0.5] * 3, "std": [0.25] * 3, "mpp": 2.0, "tile_size": 32}  # fmt: skip
@@ -127,7 +131,7 @@ def test_cli_reads_one_plus_k_plus_k_squared_and_reports(work, tmp_path):
 def test_reads_counted_at_the_slide(work, tmp_path, monkeypatch):
     """Every level-0 read the walk makes is one Slide.read_region (a box wholly outside the slide, in the
     white padding of a non-square tissue box, reads nothing)."""
-    from patholite.slides.reader import Slide
+    from patholite.wsi.reader import Slide
 
     cfg = _cfg(work, "smt", tmp_path)
     run_slides([work["big"]], cfg, tmp_path / "warm")  # the tissue mask is cached now

@@ -24,7 +24,7 @@ from patholite.models.smt_focus import (
     schedule_weights,
 )
 from patholite.modules.smt import DEPTH_KEY, MEMORY_KEY, SMTModule
-from patholite.slides.focus import Box
+from patholite.wsi.region import Box
 
 S, GRID = 32, 4
 ENCODER = {"timm_name": "vit_tiny_patch16_224", "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
@@ -308,8 +308,8 @@ def test_lightning_fit_checkpoints_the_memory_and_loads_weights_only(tmp_path):
 
 
 def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
+    from patholite.artifacts.torch_float import save_float_artifact
     from patholite.errors import CheckpointError
-    from patholite.measure.artifacts import save_float_artifact
     from patholite.models.factory import build_model, create_network
 
     kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -349,7 +349,7 @@ def test_dynamic_qat_keeps_the_focusing_score_and_converts_to_dynamic_int8():
     from torch.ao.nn.quantized import dynamic as nnqd
 
     from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
-    from patholite.measure.artifacts import quantize_dynamic_int8
+    from patholite.compress.quantize import quantize_dynamic_int8
 
     net = tiny_net().eval()
     images = torch.rand(2, 3, S, S)

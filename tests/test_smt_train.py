@@ -74,7 +74,8 @@ def test_an_smt_student_distils_from_a_float_smt_teacher(tmp_path):
 def test_qat_fine_tunes_an_smt_for_dynamic_int8(tmp_path):
     from torch.ao.nn.quantized import dynamic as nnqd
 
-    from patholite.measure.artifacts import load_artifact, quantize_dynamic_int8
+    from patholite.artifacts.load import load_artifact
+    from patholite.compress.quantize import quantize_dynamic_int8
 
     run = train_tiny(tmp_path, "compression=qat", "compression.qat.finetune.epochs=1")
     record = json.loads((run / "metrics.json").read_text())

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from patholite.artifacts.torch_float import load_float_artifact
 from patholite.errors import DatasetError
-from patholite.measure.artifacts import load_float_artifact
-from patholite.measure.records import ARTIFACT_NAMES, COST_KEYS, QUALITY_KEYS, read_record
+from patholite.records import ARTIFACT_NAMES, COST_KEYS, QUALITY_KEYS, read_record
 from patholite.train import run_job
 from tests.fixtures_data import BUILDERS
 

@@ -21,15 +21,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas)
+from patholite import artifacts as art
 from patholite.accelerators import resolve_accelerator
+from patholite.compress.quantize import quantize_dynamic_int8, quantize_dynamic_ort, quantize_static_ort
 from patholite.errors import AcceleratorError, ConfigError, PatholiteError
+from patholite.io import write_json
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
-from patholite.measure import artifacts as art
 from patholite.measure.cost import files_size
 from patholite.measure.evaluate import count_architecture, measure_memory
-from patholite.measure.records import ARTIFACT_NAMES, ArtifactRecord, RunRecord, read_record
 from patholite.measure.report import print_records
 from patholite.measure.timing import time_artifacts
+from patholite.models.factory import create_network
+from patholite.pipelines.preflight import check_model_fits
+from patholite.records import ARTIFACT_NAMES, ArtifactRecord, RunRecord, read_record
 from patholite.train import CONF_DIR
 
 log = logging.getLogger("patholite.bench")
@@ -42,8 +46,6 @@ CALIBRATION_IMAGES = 16
 
 def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path]:
     """The ``model=`` option with seeded random weights, saved as the requested variants."""
-    from patholite.models.factory import create_network
-    from patholite.pipelines.preflight import check_model_fits
 
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown or not cfg.variants:
@@ -67,9 +69,7 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
         art.save_float_artifact(net, out / "fp32_compile", {**meta, "runtime": "torch_compile"})
         dirs.append(out / "fp32_compile")
     if "int8_dynamic" in cfg.variants:
-        art.save_int8_dynamic_artifact(
-            art.quantize_dynamic_int8(net, engine), out / "int8_dynamic", meta, engine
-        )
+        art.save_int8_dynamic_artifact(quantize_dynamic_int8(net, engine), out / "int8_dynamic", meta, engine)
         dirs.append(out / "int8_dynamic")
     if ONNX_VARIANTS & set(cfg.variants):
         onnx_dir = out / "onnx_fp32"
@@ -83,9 +83,6 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
 
 
 def _ort_int8(float_onnx: Path, directory: Path, meta: dict[str, Any], variant: str, seed: int) -> Path:
-    from patholite.compress.quantize import quantize_dynamic_ort, quantize_static_ort
-    from patholite.measure.io import write_json
-
     directory.mkdir(parents=True, exist_ok=True)
     if variant == "int8_dynamic_ort":
         quantize_dynamic_ort(float_onnx, directory / art.ONNX_FILE)

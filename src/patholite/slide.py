@@ -20,6 +20,8 @@ import patholite.config  # noqa: F401  (registers the schemas)
 from patholite.config.options import CONF_DIR
 from patholite.errors import AcceleratorError, ConfigError, PatholiteError
 from patholite.jobs import run_hydra, sigterm_as_exit, user_message
+from patholite.slides.run import run_slides
+from patholite.wsi.reader import find_slides
 
 log = logging.getLogger("patholite.slide")
 
@@ -61,9 +63,6 @@ def check_slide_config(cfg: DictConfig) -> None:
 
 
 def run_slide(cfg: DictConfig) -> int:
-    from patholite.slides.inference import run_slides
-    from patholite.slides.reader import find_slides
-
     out = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:
         check_slide_config(cfg)

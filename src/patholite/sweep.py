@@ -9,9 +9,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
 
-from patholite.measure.io import write_json
-from patholite.measure.records import RECORD_FILE, now, read_record
+from patholite.compare import run as compare_run
+from patholite.io import write_json
 from patholite.measure.report import print_records
+from patholite.records import RECORD_FILE, now, read_record
 
 # Jobs that did not end "ok" in the last sweep of this process; the entry point exits non-zero on them.
 FAILED_JOBS: list[dict[str, Any]] = []
@@ -64,8 +65,6 @@ class SweepSummary(Callback):
             f"summary in {sweep_dir / 'sweep.json'}"
         )
         if len(records) > len(FAILED_JOBS):
-            from patholite.compare import run as compare_run
-
             try:
                 _, written = compare_run([str(sweep_dir)])
                 console.print("comparison: " + "  ".join(str(p) for p in written))

@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from patholite.measure.records import QUALITY_SCALARS, RunRecord
+from patholite.records import QUALITY_SCALARS, RunRecord
 
 log = logging.getLogger(__name__)
 

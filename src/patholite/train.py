@@ -21,12 +21,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+from patholite import tracking
 from patholite.config import options
 from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
-from patholite.measure.records import RunRecord, read_record
 from patholite.measure.report import print_records
 from patholite.overrides import check_launcher, expand_run_references
+from patholite.pipelines import RunContext, run_pipeline
+from patholite.pipelines.lightning import latest_checkpoint
+from patholite.pipelines.preflight import preflight
+from patholite.records import RunRecord, read_record
 
 log = logging.getLogger("patholite.train")
 CONF_DIR = str(options.CONF_DIR)
@@ -41,7 +45,6 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str
     """The checkpoint to continue from and the W&B run to continue, when ``resume`` is set."""
     if not cfg.resume:
         return None, None
-    from patholite.pipelines.lightning import latest_checkpoint
 
     try:
         previous = read_record(run_dir)
@@ -78,10 +81,6 @@ def run_job(cfg: DictConfig) -> str:
 
 def _run_job(cfg: DictConfig) -> str:
     import lightning as L
-
-    from patholite import tracking
-    from patholite.pipelines import RunContext, run_pipeline
-    from patholite.pipelines.preflight import preflight
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir).resolve()

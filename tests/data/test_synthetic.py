@@ -12,7 +12,12 @@ from omegaconf import OmegaConf
 
 from patholite.config.schema import SyntheticConfig
 from patholite.data import build_datamodule, synthetic
-from patholite.data.synthetic import SYNTHETIC_CLASSES, SyntheticDataModule, generate_split, generate_tile
+from patholite.data.synthetic.tiles import (
+    SYNTHETIC_CLASSES,
+    SyntheticDataModule,
+    generate_split,
+    generate_tile,
+)
 from patholite.errors import ConfigError, DatasetError
 
 
@@ -146,7 +151,7 @@ def test_corrupt_cache_is_regenerated_with_a_warning(tmp_path, caplog):
     before = ready(make_cfg(tmp_path))
     victim = next(tmp_path.glob("synthetic-train-*.npz"))
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="patholite.data.synthetic"):
+    with caplog.at_level(logging.WARNING, logger="patholite.data.synthetic.tiles"):
         after = ready(make_cfg(tmp_path))
     assert any("unreadable" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(before.splits["train"].images, after.splits["train"].images)

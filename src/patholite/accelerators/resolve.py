@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import ListConfig
 
+from patholite.accelerators.npu import NPUAccelerator, npu_device_count, register
 from patholite.errors import AcceleratorError, ConfigError
 
 
@@ -195,7 +196,6 @@ def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
 
 def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     """Ascend NPUs through torch_npu (the ``npu`` extra): fp16 mixed precision by default."""
-    from patholite.accelerators.npu import NPUAccelerator, npu_device_count, register
 
     available = npu_device_count()  # imports torch_npu, or says what to install
     if available == 0:

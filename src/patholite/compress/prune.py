@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch_pruning.pruner import function as tp_function
 
 from patholite.errors import ConfigError
-from patholite.measure.cost import count_flops, count_params, unfused_attention
+from patholite.models.count import count_flops, count_params, unfused_attention
 
 log = logging.getLogger(__name__)
 

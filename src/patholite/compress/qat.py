@@ -5,7 +5,7 @@ tracer needed) and inserts fake quantization around the Linear layers and the pa
 ops with INT8 CPU kernels worth having; LayerNorm, Softmax (inside scaled-dot-product attention), GELU and the
 residual adds stay float, as in R2. ``convert_qat`` turns it into quantized Linear/Conv modules (packed INT8
 weights, x86/fbgemm kernels). The artifact is the INT8 state dict (read with ``weights_only=True``) plus the
-sidecar; loading replays prepare -> convert on the float twin and loads the weights, so no code is pickled.
+sidecar (``patholite.artifacts.qat``).
 
 Devices: fake-quant training runs on CPU or CUDA (torch.ao's fused fake-quant kernels exist for both); the
 INT8 model always runs on CPU, so ``convert_qat`` moves a copy there. Other devices are refused early.
@@ -17,22 +17,18 @@ import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from patholite.errors import AcceleratorError, CheckpointError, ConfigError
-from patholite.measure.io import atomic_path, write_json
+from patholite.errors import AcceleratorError, ConfigError
 
-QAT_WEIGHTS = "model_int8_qat.pt"
-SIDECAR = "artifact.json"  # the same sidecar name as patholite.measure.artifacts
 _QAT_DEVICES = ("cpu", "cuda")
 
 
 @contextmanager
-def _quiet(*messages: str) -> Iterator[None]:
+def quiet_quantization(*messages: str) -> Iterator[None]:
     """Silence torch.ao's deprecation notices (it still works in torch 2.14) and the given warnings."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -99,7 +95,7 @@ def prepare_qat(net: nn.Module, example: torch.Tensor, engine: str = "x86") -> n
     device = next(net.parameters(), torch.empty(0)).device
     check_qat_device(device)
     copy_ = copy.deepcopy(net).train()
-    with _quiet():
+    with quiet_quantization():
         try:
             prepared = prepare_qat_fx(copy_, qat_qconfig_mapping(engine), (example.to(device),))
         except Exception as err:  # noqa: BLE001 - torch.fx raises TraceError, TypeError, ... on untraceable code
@@ -126,71 +122,17 @@ def convert_qat(qat_net: nn.Module) -> nn.Module:
     engine = getattr(qat_net, "patholite_qat_engine", torch.backends.quantized.engine)
     _check_engine(engine)
     torch.backends.quantized.engine = engine  # weights are packed for the engine active at conversion
-    with _quiet():
+    with quiet_quantization():
         qnet = convert_fx(copy.deepcopy(qat_net).cpu().eval())
     qnet.patholite_qat_engine = engine
     return qnet.eval()
 
 
-def save_qat_artifact(int8_net: nn.Module, directory: str | Path, meta: dict[str, Any]) -> list[str]:
-    """Write the INT8 state dict and the sidecar (kind ``torch_int8_qat``) into ``directory``, atomically.
-
-    ``meta`` must hold ``image_size`` (the reload traces the float twin with an example of that size); it
-    should also describe the model as the other artifacts' sidecars do. Returns the file names.
-    """
-    if "image_size" not in meta:
-        raise ConfigError("save_qat_artifact: meta needs 'image_size' to rebuild the INT8 model on load")
-    if _is_prepared(int8_net) or not any(
-        type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8_net.modules()
-    ):
-        raise ConfigError("save_qat_artifact needs the converted INT8 model (convert_qat), not a QAT network")
-    engine = meta.get("engine") or getattr(int8_net, "patholite_qat_engine", torch.backends.quantized.engine)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / QAT_WEIGHTS) as tmp:
-        torch.save(int8_net.state_dict(), tmp)
-    rest = {k: v for k, v in meta.items() if k not in ("kind", "weights", "engine")}
-    write_json(
-        directory / SIDECAR, {"kind": "torch_int8_qat", "weights": QAT_WEIGHTS, "engine": engine, **rest}
+def is_converted(net: nn.Module) -> bool:
+    """Whether ``net`` is a converted INT8 model (``convert_qat``): quantized modules, no fake quantizers."""
+    return not _is_prepared(net) and any(
+        type(m).__module__.startswith("torch.ao.nn.quantized") for m in net.modules()
     )
-    return [QAT_WEIGHTS, SIDECAR]
-
-
-def load_qat_artifact(
-    directory: str | Path, float_twin: nn.Module, meta: dict[str, Any] | None = None
-) -> nn.Module:
-    """Rebuild a saved QAT INT8 model: prepare_qat(float_twin) -> convert_qat -> load the INT8 weights.
-
-    ``float_twin`` is the float network the sidecar describes (its weights do not matter); ``meta`` defaults
-    to the sidecar in ``directory``.
-    """
-    from patholite.measure.artifacts import read_sidecar
-
-    directory = Path(directory)
-    meta = read_sidecar(directory) if meta is None else meta
-    if meta.get("kind") != "torch_int8_qat":
-        raise CheckpointError(f"{directory} holds a {meta.get('kind')!r} artifact, not a QAT INT8 one")
-    weights = directory / meta["weights"]
-    if not weights.is_file():
-        raise CheckpointError(f"QAT artifact {directory} lacks its weights file {meta['weights']}")
-    size = int(meta["image_size"])
-    example = torch.zeros(1, int(meta.get("in_chans", 3)), size, size)
-    # The twin's observers never saw data: their qparams are placeholders the loaded state dict replaces.
-    with _quiet("must run observer"):
-        qnet = convert_qat(prepare_qat(float_twin, example, meta.get("engine", "x86")))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # quantized tensors still go through TypedStorage
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - pickle and zip errors for damaged files
-            raise CheckpointError(f"cannot read {weights}: {err}") from err
-    try:
-        qnet.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"QAT artifact {directory} does not fit the float twin it was given (the sidecar's model?): {err}"
-        ) from err
-    return qnet.eval()
 
 
 # ---------------------------------------------------------------------------------------- dynamic QAT
@@ -215,7 +157,7 @@ def prepare_dynamic_qat(net: nn.Module, engine: str = "x86") -> nn.Module:
         raise ConfigError(f"dynamic QAT quantizes Linear layers; {type(net).__name__} has none")
     for m in linears:
         m.qconfig = default_dynamic_qat_qconfig
-    with _quiet():
+    with quiet_quantization():
         convert(prepared, mapping={nn.Linear: nnqatd.Linear}, inplace=True, remove_qconfig=False)
     prepared.patholite_qat_engine = engine
     return prepared
@@ -232,7 +174,7 @@ def convert_dynamic_qat(qat_net: nn.Module) -> nn.Module:
     engine = getattr(qat_net, "patholite_qat_engine", torch.backends.quantized.engine)
     _check_engine(engine)
     torch.backends.quantized.engine = engine
-    with _quiet():
+    with quiet_quantization():
         qnet = convert(copy.deepcopy(qat_net).cpu().eval(), mapping={nnqatd.Linear: nnqd.Linear})
     for m in qnet.modules():  # as quantize_dynamic leaves it: no qconfig attributes on the float modules
         if hasattr(m, "qconfig"):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patholite.errors import CheckpointError, ConfigError
-from patholite.measure.io import atomic_path
+from patholite.io import atomic_path
 
 # ONNX op types quantized statically by default: the Linear layers (MatMul/Gemm) and the patch embedding
 # (Conv); LayerNorm, Softmax and GELU stay float as in R2 (R4: they are where ViT accuracy is lost).
@@ -339,14 +339,28 @@ def _check_engine(engine: str) -> None:
         raise ConfigError(f"INT8 engine {engine!r} is not supported by this torch; it has {supported}")
 
 
+def quantize_dynamic_int8(net: nn.Module, engine: str = "x86", layers: list[str] | None = None) -> nn.Module:
+    """torch.ao dynamic INT8 of the Linear layers (``layers``: only these, by qualified name; mixed
+    precision); LayerNorm and Softmax stay in float (R2's protocol). Returns a quantized copy."""
+    torch.backends.quantized.engine = engine
+    names = {name for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(layers or ()) - names)
+    if unknown:
+        raise CheckpointError(f"dynamic INT8: {unknown} are not Linear layers of the network")
+    spec: set = {nn.Linear} if layers is None else set(layers)
+    with warnings.catch_warnings():
+        # torch.ao.quantization and quantized tensors are deprecated; both still work in torch 2.14.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation", category=UserWarning)
+        return torch.ao.quantization.quantize_dynamic(net.eval(), spec, dtype=torch.qint8)
+
+
 def quantize_dynamic_layers(net: nn.Module, layers: list[str] | None, engine: str = "x86") -> nn.Module:
     """A CPU copy of ``net`` (eval) with dynamic INT8 (torch.ao) of the named Linear layers; None: all Linear.
 
     Weights become INT8 (per tensor), activations are quantized on the fly; everything else stays float.
     ``net`` itself is left as it was.
     """
-    from patholite.measure.artifacts import quantize_dynamic_int8
-
     _check_engine(engine)
     names = _check_layers(net, layers)
     qnet = copy.deepcopy(net).cpu().eval()

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from patholite.compress.lowrank import apply_nystrom
+from patholite.compress.prune import apply_structure
 from patholite.errors import CheckpointError
 
 
@@ -18,12 +20,8 @@ def apply_surgery(net: nn.Module, ops: list[dict[str, Any]] | None) -> nn.Module
     for op in ops or []:
         kind = op.get("op")
         if kind == "prune":
-            from patholite.compress.prune import apply_structure
-
             net = apply_structure(net, op["structure"])
         elif kind == "nystrom":
-            from patholite.compress.lowrank import apply_nystrom
-
             net = apply_nystrom(net, op["landmarks"], op.get("blocks"), op.get("pinv_iters", 6))
         else:
             raise CheckpointError(

@@ -1,7 +1,7 @@
 """Config schemas (registered in Hydra's ConfigStore on import) and the pure config checks."""
 
 from patholite.config.checks import check_config
-from patholite.config.schema import register_schemas
+from patholite.config.store import register_schemas
 
 register_schemas()
 

@@ -12,13 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from patholite.config.schema import (
-    DATASET_SCHEMAS,
     AcceleratorConfig,
     CompressionConfig,
     LoggerConfig,
     ModelConfig,
+    QatConfig,
     TrainConfig,
 )
+from patholite.config.store import DATASET_SCHEMAS
 from patholite.errors import ConfigError
 
 # What the classifier logs each validation epoch; a checkpoint monitor must be one of them.
@@ -214,8 +215,6 @@ def check_smt(cfg: DictConfig) -> None:
         "model.smt.lrs by it)",
     )
     if "qat" in c.stages:
-        from patholite.config.schema import QatConfig
-
         _require(
             c.qat.finetune.lr == QatConfig().finetune.lr,
             f"compression.qat.finetune.lr={c.qat.finetune.lr} is the tile classifiers' AdamW rate; SMT's "
@@ -232,26 +231,6 @@ def check_smt(cfg: DictConfig) -> None:
         "teacher), ptq (dynamic INT8 of every encoder) and qat (fine-tuned for dynamic INT8); pruning and "
         "low-rank SMT are not built yet",
     )
-    if "distill" in c.stages:
-        from patholite.config.options import smt_teacher_model
-
-        t, named = smt_teacher_model(c)
-        _require(
-            t.family == "smt" and t.smt is not None,
-            f"{named}: an SMT student learns from a float SMT teacher; use e.g. "
-            "compression.teacher.model=smt, or compression.teacher.checkpoint=<a model=smt run>",
-        )
-        same = all(t.smt[key] == s[key] for key in ("image_size", "grid", "layers"))
-        _require(
-            same,
-            f"{named} and model={m.name} must share model.smt.image_size, grid and layers: the teacher "
-            "scores the images the student focuses on",
-        )
-        _require(
-            c.kd.kind in ("soft", "hard") and list(c.kd.levels) == ["logits"],
-            "SMT distillation is logit-level: compression.kd.kind=soft|hard and "
-            "compression.kd.levels=[logits]",
-        )
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -420,7 +419,7 @@ class BenchRunConfig:
     task_name: str = "bench"
 
 
-DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
+TILE_DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
     "synthetic": SyntheticConfig,
     "bach": BachConfig,
     "isic2018": Isic2018Config,
@@ -428,24 +427,3 @@ DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
     "cifar": CifarConfig,
     "image_folder": ImageFolderConfig,
 }
-
-
-def register_schemas() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
-    from patholite.config.slide_schema import SLIDE_DATASET_SCHEMAS, SlideRunConfig
-
-    DATASET_SCHEMAS.update(SLIDE_DATASET_SCHEMAS)  # lazily: slide_schema builds on DatasetConfig
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="bench_schema", node=BenchRunConfig)
-    cs.store(name="slide_schema", node=SlideRunConfig)
-    for name, schema in DATASET_SCHEMAS.items():
-        cs.store(group="schema/dataset", name=name, node=schema)
-    cs.store(group="schema/model", name="timm", node=ModelConfig)
-    cs.store(group="schema/compression", name="base", node=CompressionConfig)
-    cs.store(group="schema/accelerator", name="base", node=AcceleratorConfig)
-    cs.store(group="schema/logger", name="base", node=LoggerConfig)
-    cs.store(group="schema/trainer", name="base", node=TrainerConfig)
-    cs.store(group="schema/callbacks", name="base", node=CallbacksConfig)
-    cs.store(group="schema/paths", name="base", node=PathsConfig)
-    cs.store(group="schema/bench", name="base", node=BenchConfig)

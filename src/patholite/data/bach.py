@@ -20,6 +20,7 @@ from patholite.data.images import headerless_rows, require_path, shown
 from patholite.data.slides import SlideDataModule, SlideEntry
 from patholite.data.splits import check_fractions, grouped_split
 from patholite.errors import DatasetError
+from patholite.wsi.annotations import BACH_CLASS_MAP
 
 BACH_CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
 GROUND_TRUTH = "microscopy_ground_truth.csv"
@@ -188,8 +189,6 @@ class BachWsiDataModule(SlideDataModule):
         return list(BACH_CLASSES)
 
     def class_map(self) -> dict[str, str]:
-        from patholite.slides.annotations import BACH_CLASS_MAP
-
         return dict(BACH_CLASS_MAP)
 
     def list_slides(self) -> list[SlideEntry]:

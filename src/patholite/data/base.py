@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from patholite.data.images import probe_image, read_rgb
+from patholite.data.transforms import build_transform
 from patholite.errors import ConfigError, DatasetError
+from patholite.wsi.reader import read_slide_tile
 
 SPLITS = ("train", "val", "test")
 
@@ -32,7 +35,7 @@ class ImageSet:
     ``groups`` names what must not straddle splits (slide, lesion, patient); ``boxes`` crops a file into a
     tile, so one photo can give several items. With ``slide_read`` (``patch_size``, reader ``mpp`` override,
     ``backend``) the paths are whole slides and each box is a level-0 square ``(x, y, size0, size0)`` read
-    and resampled to ``patch_size`` pixels (``patholite.data.slides.read_slide_tile``).
+    and resampled to ``patch_size`` pixels (``patholite.wsi.reader.read_slide_tile``).
     """
 
     labels: np.ndarray
@@ -60,11 +63,7 @@ class ImageSet:
         path = self.paths[index]
         box = self.boxes[index] if self.boxes is not None else None
         if self.slide_read is not None:
-            from patholite.data.slides import read_slide_tile
-
             return read_slide_tile(path, box, **self.slide_read)
-        from patholite.data.images import read_rgb
-
         image = read_rgb(path)
         if box is not None:
             x, y, w, h = box
@@ -197,7 +196,6 @@ class HistologyDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        from patholite.data.transforms import build_transform
 
         splits = self.read_splits()
         for split in SPLITS:
@@ -230,7 +228,6 @@ class HistologyDataModule(L.LightningDataModule):
     @staticmethod
     def _probe(paths: list[str]) -> None:
         """Every file's header, once: unreadable or unconvertible images fail here, before any training."""
-        from patholite.data.images import probe_image
 
         for path in dict.fromkeys(paths):  # tiles of one photo share its file
             probe_image(path)
@@ -260,7 +257,6 @@ class HistologyDataModule(L.LightningDataModule):
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Up to ``count`` images of ``split`` with the evaluation transform (no augmentation), a seeded
         stratified subset, in batches: what calibration, sensitivity passes and pruning scores read."""
-        from patholite.data.transforms import build_transform
 
         images = self.splits[split]
         if count < len(images):

@@ -8,6 +8,7 @@ from pathlib import Path
 from patholite.data.images import headerless_rows, require_path, shown
 from patholite.data.slides import NORMAL, SlideDataModule, SlideEntry
 from patholite.errors import DatasetError
+from patholite.wsi.annotations import CAMELYON16_CLASS_MAP
 
 _C16_LAYOUT = (
     "Expected the CAMELYON16 layout: training/normal/normal_NNN.tif, training/tumor/tumor_NNN.tif, "
@@ -31,8 +32,6 @@ class Camelyon16DataModule(SlideDataModule):
         return [NORMAL, "Tumor"]
 
     def class_map(self) -> dict[str, str]:
-        from patholite.slides.annotations import CAMELYON16_CLASS_MAP
-
         return dict(CAMELYON16_CLASS_MAP)
 
     def _folder(self, relative: str) -> Path:

@@ -21,9 +21,11 @@ from omegaconf import open_dict
 from torch.utils.data import Dataset
 
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet, stratified_subsample
+from patholite.data.families import build_family
 from patholite.data.slides import NORMAL, SlideEntry
+from patholite.data.synthetic.slides import read_truth, sidecar_paths
 from patholite.errors import ConfigError, DatasetError
-from patholite.slides.focus import POLICIES, Box, RegionReader, cached_thumbnail, chain_check
+from patholite.wsi.region import POLICIES, Box, RegionReader, cached_thumbnail, chain_check
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,6 @@ class SlideLevelDataModule(HistologyDataModule):
         too_small: str = "upsample", hops: int = 2, tissue_px: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(cfg, pin_memory=pin_memory)
-        from patholite.data import build_datamodule
-
         self.image_size = int(image_size or cfg.image_size)
         self.grid, self.hops, self.too_small = int(grid), int(hops), too_small
         self.tissue_px = tissue_px  # the tissue box's detection size (slides.focus.smt_tissue_box)
@@ -81,7 +81,7 @@ class SlideLevelDataModule(HistologyDataModule):
                 "dataset=synthetic_slides for a slide-level model: dataset.normal_share=0.5 (half of each "
                 "split lesion-free) so every split holds both classes; set it to choose"
             )
-        self.family = build_datamodule(cfg)  # lists the slides and splits them; its own class names
+        self.family = build_family(cfg)  # lists the slides and splits them; its own class names
         self.family._class_names = self.family.default_class_names()
         self.datasets: dict[str, SlideLevelDataset] = {}
         self._readers: dict[int, RegionReader] = {}
@@ -167,8 +167,6 @@ class SlideLevelDataModule(HistologyDataModule):
     def lesion_share(self, slide: int) -> float | None:
         """Share of the slide's tissue that is lesion, from a synthetic slide's truth; None without one."""
         if slide not in self._shares:
-            from patholite.slides.synthetic import read_truth, sidecar_paths
-
             path, share = self.slide_paths[slide], None
             if sidecar_paths(path)[0].is_file():
                 truth = read_truth(path)

@@ -24,8 +24,15 @@ from omegaconf import OmegaConf
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet
 from patholite.data.images import shown
 from patholite.data.splits import check_fractions, grouped_split
+from patholite.data.synthetic.slides import generate_slides
+from patholite.data.synthetic.spec import LESION_CLASSES, LesionSpec, SlideSpec
+from patholite.data.synthetic.tiles import SYNTHETIC_CLASSES
 from patholite.errors import ConfigError, DatasetError
-from patholite.measure.io import atomic_path
+from patholite.io import atomic_path
+from patholite.wsi.annotations import check_fits, rasterize, read_annotations, tile_labels
+from patholite.wsi.cache import file_identity, slide_cache_dir, tissue_for
+from patholite.wsi.reader import open_slide
+from patholite.wsi.tiling import cached_tiles
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +40,6 @@ NORMAL = "Normal"  # the class of tissue no annotation covers
 _CACHE_VERSION = 1  # bump when the labelling changes: it keys the per-slide tile cache
 _LABEL_MAP_PX = 16  # label-map pixels per tile side: tile fractions in steps of 1/256
 _MAX_LABEL_MAP_SIDE = 16384  # bounds the label map of very large slides
-
-
-# ------------------------------------------------------------------------------------------- reading
-def read_slide_tile(
-    path: str,
-    box: tuple[int, int, int, int],
-    patch_size: int,
-    mpp: float | None = None,
-    backend: str = "auto",
-) -> np.ndarray:
-    """The level-0 square ``box`` = (x, y, size0, size0) of slide ``path`` as a ``patch_size`` HxWx3 tile."""
-    from patholite.slides.reader import open_cached
-
-    x, y, w, h = box
-    return open_cached(path, mpp, backend).read_scaled((x, y), (w, h), (patch_size, patch_size))
 
 
 # ------------------------------------------------------------------------------------------- slides
@@ -169,8 +161,6 @@ class SlideDataModule(HistologyDataModule):
         return out
 
     def _cache_file(self, entry: SlideEntry) -> Path:
-        from patholite.slides.cache import file_identity
-
         cfg = self.cfg
         settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("reader", "tissue", "tile")}
         key = {
@@ -212,10 +202,6 @@ class SlideDataModule(HistologyDataModule):
 
     def _tile_and_label(self, entry: SlideEntry) -> tuple[np.ndarray, np.ndarray, int, float]:
         """Tile grid and tile labels (-1: no clear label) of one slide, its tile side and target mpp."""
-        from patholite.slides.annotations import check_fits, rasterize, read_annotations, tile_labels
-        from patholite.slides.cache import slide_cache_dir, tissue_for
-        from patholite.slides.reader import open_slide
-        from patholite.slides.tiling import cached_tiles
 
         cfg, t, normal = self.cfg, self.cfg.tile, self.class_names.index(NORMAL)
         with open_slide(entry.slide, mpp=cfg.reader.mpp, backend=cfg.reader.backend) as slide:
@@ -243,8 +229,6 @@ class SlideDataModule(HistologyDataModule):
         known = [m for m in self._target_mpps if np.isfinite(m)]
         mpp = self.cfg.tile.mpp or (known[0] if known else None)
         if mpp is None:
-            from patholite.slides.reader import open_slide
-
             first = self.slide_entries()[0].slide
             with open_slide(first, mpp=self.cfg.reader.mpp, backend=self.cfg.reader.backend) as slide:
                 mpp = slide.require_mpp() * slide.downsample_for(magnification=self.cfg.tile.magnification)
@@ -253,7 +237,6 @@ class SlideDataModule(HistologyDataModule):
     def most_severe(self, annotation: Path) -> str:
         """The slide-level class of an annotated slide: its most severe annotated class (the last in
         ``class_names`` order), else Normal."""
-        from patholite.slides.annotations import read_annotations
 
         found = {a.group for a in read_annotations(annotation, self.class_map()) if not a.exclude}
         return max(found | {NORMAL}, key=self.class_names.index)
@@ -265,13 +248,9 @@ class SyntheticSlidesDataModule(SlideDataModule):
     XML whose groups are the class names. Checks the pipeline only, like the synthetic tiles."""
 
     def default_class_names(self) -> list[str]:
-        from patholite.data.synthetic import SYNTHETIC_CLASSES
-
         return list(SYNTHETIC_CLASSES)
 
     def list_slides(self) -> list[SlideEntry]:
-        from patholite.slides.synthetic import SlideSpec, generate_slides
-
         cfg, counts = self.cfg, list(self.cfg.slides_per_split)
         if len(counts) != 3 or min(counts) < 1:
             raise ConfigError(f"dataset.slides_per_split={counts} needs three counts >= 1 (train, val, test)")
@@ -300,7 +279,6 @@ class SyntheticSlidesDataModule(SlideDataModule):
     def _lesion_menu(self) -> tuple[list, str]:
         """The lesions slides may hold (``lesion_diameter_um``, ``lesion_count``; none set: the generator's
         default menu) and the folder-name tag of the lesion and normal-share settings."""
-        from patholite.slides.synthetic import LESION_CLASSES, LesionSpec
 
         cfg, tag = self.cfg, ""
         if cfg.get("normal_share") is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from patholite.errors import PatholiteError
-from patholite.measure.records import QUALITY_SCALARS, RECORD_FILE, read_record
+from patholite.records import QUALITY_SCALARS, RECORD_FILE, read_record
 
 BASELINE_TECHNIQUE, BASELINE_ARTIFACT = "none", "fp32"
 

@@ -9,19 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from patholite.measure.artifacts import read_sidecar
-from patholite.measure.cost import (
-    count_flops,
-    count_params,
-    files_size,
-    measure_latency,
-    peak_rss_mb,
-    torch_threads,
-)
+from patholite import artifacts as art
+from patholite.artifacts.sidecar import read_sidecar
+from patholite.measure.cost import files_size, measure_latency, peak_rss_mb, torch_threads
 from patholite.measure.memory import measure_in_child
 from patholite.measure.metrics import QualityMeter
-from patholite.measure.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
 from patholite.measure.timing import time_artifacts
+from patholite.models.count import count_flops, count_params
+from patholite.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
 
 
 @torch.inference_mode()
@@ -84,7 +79,6 @@ def count_architecture(
 ) -> dict[str, Any]:
     """Parameters and FLOPs. Packed INT8 weights and ONNX graphs are invisible to torch's counters, so a
     non-float artifact is counted on its float twin (same architecture, surgery replayed)."""
-    from patholite.measure import artifacts as art
 
     if directory is not None:
         meta = art.read_sidecar(directory)

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from patholite.artifacts.load import load_artifact
+from patholite.measure.cost import peak_rss_mb
+
 
 def _rss_mb() -> float:
     import psutil
@@ -49,10 +52,6 @@ def measure_in_child(
 def _child(args: argparse.Namespace) -> dict[str, Any]:
     import timm  # noqa: F401  (imported before the baseline: the artifact's cost excludes library imports)
     import torch
-
-    import patholite.models.factory  # noqa: F401
-    from patholite.measure.artifacts import load_artifact
-    from patholite.measure.cost import peak_rss_mb
 
     after_imports = _rss_mb()
     net, _ = load_artifact(args.directory)

@@ -6,8 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from patholite.io import atomic_path
 from patholite.measure.compare import Comparison, pareto_front
-from patholite.measure.io import atomic_path
 
 LEAD = [
     "technique",

@@ -16,7 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from patholite.accelerators.resolve import sync_name
+from patholite.artifacts.load import load_artifact
 from patholite.errors import PatholiteError
+from patholite.measure.cost import latency_summary, time_block
+from patholite.measure.energy import open_meter
 
 
 def time_artifacts(
@@ -52,11 +56,6 @@ def time_artifacts(
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-
-    from patholite.accelerators.resolve import sync_name
-    from patholite.measure.artifacts import load_artifact
-    from patholite.measure.cost import latency_summary, time_block
-    from patholite.measure.energy import open_meter
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

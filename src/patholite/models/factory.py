@@ -14,10 +14,13 @@ from typing import Any
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from patholite.errors import CheckpointError, ConfigError
 from patholite.models.pyramid import PyramidViT, default_pyramid_blocks
+from patholite.models.smt import smt_from_config
 
 # Lightning modules (ours keep the network as `net`), DDP and torch.compile wrap keys in these prefixes.
 _PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
@@ -31,8 +34,6 @@ def create_network(model_cfg: Any, num_classes: int, image_size: int) -> nn.Modu
     """The bare network of ``model_cfg`` (no weights loaded). Works under ``torch.device("meta")``."""
     cfg = _plain(model_cfg)
     if cfg.get("family") == "smt":  # R3's multilayer network; its image size is model.smt.image_size
-        from patholite.models.smt import smt_from_config
-
         return smt_from_config(cfg, num_classes)
     kwargs = dict(cfg.get("kwargs") or {})
     if cfg.get("family", "vit") == "vit":
@@ -70,13 +71,9 @@ def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
 
 def init_smt_encoders(net: nn.Module, source: str | Path) -> None:
     """Start every SMT encoder from one tile classifier's weights (its head dropped): a patch classifier of
-    the same architecture, or a foundation model's weights. ``source``: an artifact folder, a weights file,
-    or a tile classifier's run folder (its ``fp32`` artifact)."""
+    the same architecture, or a foundation model's weights. ``source``: a float artifact folder or a weights
+    file (preflight resolves a tile classifier's run folder to its ``fp32`` artifact first)."""
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "model.safetensors").is_file() and (path / "metrics.json").is_file():
-        from patholite.slides.inference import resolve_artifact
-
-        path = resolve_artifact(path, "fp32")
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
@@ -97,8 +94,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             try:  # mmap: multi-GB foundation weights are not read into memory twice
@@ -167,8 +162,6 @@ def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> N
     target = net.vit if isinstance(net, PyramidViT) else net
     prefix = "vit." if isinstance(net, PyramidViT) else ""
     if hasattr(target, "pos_embed") and (prefix + "pos_embed") in state:
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
         sub = checkpoint_filter_fn(
             {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, target
         )

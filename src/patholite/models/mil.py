@@ -6,27 +6,21 @@ projected (Linear d -> h, ReLU, dropout), scored by gated attention a_i = w^T (t
 the scores are softmaxed over the bag, and the attention-weighted sum of the h_i is classified. The
 prediction does not depend on the order of the tiles; the attention says which tiles drove it.
 
-Saved as a float artifact of its own kind: ``model.safetensors`` plus ``artifact.json`` with
-``"kind": "mil"``, ``"slide_model": true`` and the network's ``config()`` under ``"model"``, from which
-``load_mil`` rebuilds it.
+Saved as an artifact of its own kind (``patholite.artifacts.mil``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
 from patholite.errors import CheckpointError, ConfigError
-from patholite.measure.artifacts import SIDECAR, WEIGHTS, read_sidecar
-from patholite.measure.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -192,34 +186,3 @@ def predict_mil(
     logits, attention = model(_as_tensor(bag))
     probs = torch.softmax(logits.float(), dim=0).numpy()
     return (probs, attention.numpy()) if return_attention else probs
-
-
-def save_mil(model: GatedAttentionMIL, directory: str | Path, meta: dict[str, Any]) -> list[str]:
-    """Write the weights (safetensors) and the sidecar (``meta`` plus the kind and ``config()``: give it the
-    class names and what made the bags, e.g. the tile classifier's artifact and tile geometry); returns the
-    file names."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
-    sidecar = {"kind": MIL_KIND, "slide_model": True, "weights": WEIGHTS, **meta}
-    sidecar.update(kind=MIL_KIND, slide_model=True, weights=WEIGHTS, model=model.config())
-    write_json(directory / SIDECAR, sidecar)
-    return [WEIGHTS, SIDECAR]
-
-
-def load_mil(directory: str | Path) -> tuple[GatedAttentionMIL, dict[str, Any]]:
-    """A saved ``GatedAttentionMIL`` (eval mode) and its sidecar; a tile classifier's artifact is refused."""
-    meta = read_sidecar(directory)
-    if meta.get("kind") != MIL_KIND:
-        raise CheckpointError(
-            f"artifact {directory} is a {meta.get('kind')!r} artifact, not a MIL slide model "
-            f"(kind {MIL_KIND!r})"
-        )
-    model = GatedAttentionMIL.from_config(meta["model"])
-    try:
-        model.load_state_dict(load_file(str(Path(directory) / meta["weights"])), strict=True)
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own type for an unreadable file
-        raise CheckpointError(f"artifact {directory} does not match its own sidecar: {err}") from err
-    return model.eval(), meta

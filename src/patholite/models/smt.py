@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from patholite.errors import ConfigError, SlideError
-from patholite.slides.focus import Box, patch_box
+from patholite.wsi.region import Box, patch_box
 
 
 class RegionSource(Protocol):

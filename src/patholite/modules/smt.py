@@ -50,7 +50,7 @@ from patholite.models.smt_focus import (
     ret_loss,
     schedule_weights,
 )
-from patholite.slides.focus import Box, patch_box
+from patholite.wsi.region import Box, patch_box
 
 MEMORY_KEY = "smt_focus_memory"
 DEPTH_KEY = "smt_trained_depth"

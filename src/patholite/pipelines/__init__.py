@@ -3,16 +3,15 @@ model to the next, every produced model saved, reloaded and recorded."""
 
 from __future__ import annotations
 
-from patholite.measure.records import ArtifactRecord
 from patholite.pipelines.context import RunContext
+from patholite.pipelines.smt import run_smt
+from patholite.pipelines.stages import run_stages
+from patholite.records import ArtifactRecord
 
 
 def run_pipeline(ctx: RunContext) -> list[ArtifactRecord]:
     if ctx.cfg.model.family == "smt":  # slide-level: its own training and per-slide records
-        from patholite.pipelines.smt import run_smt
-
         return run_smt(ctx)
-    from patholite.pipelines.stages import run_stages
 
     return run_stages(ctx)
 

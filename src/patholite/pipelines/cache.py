@@ -22,9 +22,11 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from patholite.measure.artifacts import SIDECAR, WEIGHTS, save_float_artifact
-from patholite.measure.io import write_json
+from patholite.artifacts.sidecar import SIDECAR
+from patholite.artifacts.torch_float import WEIGHTS, save_float_artifact
+from patholite.io import write_json
 from patholite.pipelines.context import RunContext
+from patholite.pipelines.fit import fit, make_module
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,6 @@ def trained_plain(ctx: RunContext, model_cfg: DictConfig, role: str) -> Path:
 
 
 def _train_into(ctx: RunContext, model_cfg: DictConfig, entry: Path, inputs: dict[str, Any]) -> None:
-    from patholite.pipelines.fit import fit, make_module
-
     cfg = OmegaConf.create(OmegaConf.to_container(ctx.cfg, resolve=True))
     cfg.model = model_cfg
     work = entry / "train"

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from patholite.accelerators import ResolvedAccelerator, resolve_accelerator
+from patholite.artifacts.sidecar import read_sidecar
 from patholite.config import check_config
 from patholite.data import HistologyDataModule, build_datamodule
 from patholite.data.base import check_global_batch
@@ -21,6 +22,8 @@ from patholite.models.factory import (
     load_weights,
     read_state_dict,
 )
+from patholite.pipelines.stages import teacher_config
+from patholite.pipelines.teacher import check_smt_teacher, smt_teacher_model, teacher_artifact
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +100,10 @@ def check_compression_fits(cfg: DictConfig, accelerator: ResolvedAccelerator) ->
 
 def check_teacher(cfg: DictConfig, class_names: list[str]) -> None:
     """The teacher option exists, fits the data, and its checkpoint (if any) exists and fits."""
-    from patholite.pipelines.stages import teacher_config
 
     c, num_classes = cfg.compression, len(class_names)
     if cfg.model.family == "smt":  # an SMT teacher may be a model=smt run or artifact folder
-        from patholite.config.options import smt_teacher_model, teacher_artifact
-        from patholite.measure.artifacts import read_sidecar
+        check_smt_teacher(cfg)
 
         directory = teacher_artifact(c.teacher.checkpoint)  # raises for a run without a float SMT
         if directory is not None:

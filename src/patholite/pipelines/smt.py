@@ -21,13 +21,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from patholite.measure import artifacts as art
+from patholite import artifacts as art
+from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
+from patholite.compress.quantize import quantize_dynamic_int8
 from patholite.measure.cost import files_size, peak_rss_mb
 from patholite.measure.evaluate import bootstrap_accuracy_ci, count_architecture, parity
 from patholite.measure.metrics import QualityMeter
-from patholite.measure.records import ArtifactRecord
+from patholite.models.factory import build_model
+from patholite.models.smt import predict_slide
+from patholite.models.smt_focus import class_weights_from_counts
+from patholite.modules.smt import SMTModule
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.fit import fit
+from patholite.pipelines.stages import teacher_config
+from patholite.pipelines.teacher import smt_teacher_model, teacher_artifact
+from patholite.records import ArtifactRecord
+from patholite.wsi.region import Box, RegionReader, pixels_decoded
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +60,6 @@ def class_weights(ctx: RunContext) -> list[float] | None:
     """Inverse class frequency over the training slides (``model.smt.class_weights=auto``)."""
     if ctx.cfg.model.smt.class_weights == "none":
         return None
-    from patholite.models.smt_focus import class_weights_from_counts
 
     labels = ctx.datamodule.datasets["train"].labels
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=ctx.datamodule.num_classes)
@@ -72,7 +80,6 @@ def train_smt(
     fine-tune this trained SMT instead (e.g. fake-quantized for QAT) for ``epochs``: every layer trains from
     the first epoch, at ``model.smt.finetune_lr_scale`` times the per-layer learning rates, and the focusing
     memory continues from ``memory`` (the trained module's ``memory.state_dict()``)."""
-    from patholite.modules.smt import SMTModule
 
     model_cfg = ctx.cfg.model if model_cfg is None else model_cfg
     dm, s = ctx.datamodule, model_cfg.smt
@@ -105,8 +112,6 @@ def train_smt(
 def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
     """One fresh walk per slide of ``split``, reading every region from the slide file (thumbnail
     included): slide probabilities and what each slide cost."""
-    from patholite.models.smt import predict_slide
-    from patholite.slides.focus import RegionReader, pixels_decoded
 
     dm, s = ctx.datamodule, ctx.cfg.model.smt
     dataset = dm.datasets[split]
@@ -143,8 +148,6 @@ def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> di
 
 
 def _box(values: Any):
-    from patholite.slides.focus import Box
-
     x, y, side = (float(v) for v in values)
     return Box(x, y, side)
 
@@ -235,9 +238,6 @@ def _save_and_record(
 def teacher_smt(ctx: RunContext, records: list[ArtifactRecord]) -> tuple[nn.Module, torch.Tensor]:
     """The float SMT a student distils from: ``compression.teacher.checkpoint`` (a ``model=smt`` run, a
     float artifact, or a weights file for ``compression.teacher.model``), or trained in this run."""
-    from patholite.config.options import smt_teacher_model, teacher_artifact
-    from patholite.models.factory import build_model
-    from patholite.pipelines.stages import teacher_config
 
     directory = teacher_artifact(ctx.cfg.compression.teacher.checkpoint)
     if directory is not None:  # a model=smt run or float artifact: its own architecture and weights
@@ -271,7 +271,7 @@ def run_smt(ctx: RunContext) -> list[ArtifactRecord]:
     records.append(record)
     if "ptq" in stages:
         engine = ctx.accelerator.int8_engine
-        qnet = art.quantize_dynamic_int8(copy.deepcopy(net), engine)
+        qnet = quantize_dynamic_int8(copy.deepcopy(net), engine)
         records.append(_save_int8_and_record(ctx, "smt_int8_dynamic", qnet, engine, (name, logits)))
     if "qat" in stages:
         records.append(qat_smt(ctx, net, name, logits, trained.memory.state_dict()))
@@ -299,7 +299,6 @@ def qat_smt(
     """Dynamic-INT8 QAT of every encoder: fine-tune with fake-quantized Linear weights (eager mode, so the
     attention hook of the focusing score still works), the focusing memory continuing from the float
     training's, then convert to dynamic INT8 and record it."""
-    from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
 
     q = ctx.cfg.compression.qat
     prepared = prepare_dynamic_qat(net, q.engine)

@@ -25,15 +25,27 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from patholite import artifacts as art
+from patholite.artifacts.qat import save_qat_artifact
+from patholite.compress.distill import Distiller
+from patholite.compress.lowrank import apply_nystrom
+from patholite.compress.prune import describe_structure, prune_vit
+from patholite.compress.qat import convert_qat, prepare_qat
+from patholite.compress.quantize import (
+    mixed_precision_plan,
+    quantize_dynamic_int8,
+    quantize_dynamic_ort,
+    quantize_static_ort,
+)
+from patholite.compress.surgery import apply_surgery
 from patholite.config.options import load_model_option
-from patholite.measure import artifacts as art
+from patholite.io import write_json
 from patholite.measure.evaluate import artifact_record, predict, time_together
-from patholite.measure.io import write_json
-from patholite.measure.records import ArtifactRecord
 from patholite.models.factory import build_model
 from patholite.pipelines.cache import publish, trained_plain
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.fit import fit, make_module
+from patholite.records import ArtifactRecord
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +199,6 @@ def teacher_config(c: DictConfig) -> DictConfig:
 
 
 def _distiller(run: StageRun, student: nn.Module, teacher: nn.Module, kd: DictConfig | None = None):
-    from patholite.compress.distill import Distiller
-
     kd = kd if kd is not None else run.c.kd
     return Distiller(
         student,
@@ -239,8 +249,6 @@ def _finetune(run: StageRun, stage: str, net: nn.Module, ft: DictConfig, source:
 
 def stage_prune(run: StageRun) -> None:
     """Remove attention heads and MLP channels, fine-tune, record the really smaller network."""
-    from patholite.compress.prune import describe_structure, prune_vit
-    from patholite.compress.surgery import apply_surgery
 
     src, p = run.current, run.c.prune
     structure_file = run.ctx.run_dir / "stages" / "prune_structure.json"
@@ -277,7 +285,6 @@ def stage_prune(run: StageRun) -> None:
 
 def stage_lowrank(run: StageRun) -> None:
     """Nystrom attention in place of softmax attention, optionally fine-tuned."""
-    from patholite.compress.lowrank import apply_nystrom
 
     src, lr = run.current, run.c.lowrank
     blocks = list(lr.blocks) if lr.blocks is not None else None
@@ -289,7 +296,6 @@ def stage_lowrank(run: StageRun) -> None:
 
 def stage_qat(run: StageRun) -> None:
     """R2's QAT-lite: fake-quantized fine-tune of the current model, converted to a real INT8 artifact."""
-    from patholite.compress.qat import convert_qat, prepare_qat, save_qat_artifact
 
     src, q = run.current, run.c.qat
     example = torch.zeros(1, 3, run.image_size, run.image_size)
@@ -305,7 +311,7 @@ def stage_qat(run: StageRun) -> None:
 
 def _ptq_dynamic(run: StageRun, src: Current) -> None:
     engine = run.ctx.cfg.compression.ptq.engine
-    qnet = art.quantize_dynamic_int8(src.net, engine)  # a quantized copy
+    qnet = quantize_dynamic_int8(src.net, engine)  # a quantized copy
     files = art.save_int8_dynamic_artifact(
         qnet, run.ctx.artifact_dir("int8_dynamic"), run.meta(src.surgery), engine
     )
@@ -321,8 +327,6 @@ def _float_onnx(run: StageRun, src: Current) -> Path:
 
 
 def _ptq_dynamic_ort(run: StageRun, src: Current) -> None:
-    from patholite.compress.quantize import quantize_dynamic_ort
-
     directory = run.ctx.artifact_dir("int8_dynamic_ort")
     directory.mkdir(parents=True, exist_ok=True)
     quantize_dynamic_ort(_float_onnx(run, src), directory / art.ONNX_FILE)
@@ -332,8 +336,6 @@ def _ptq_dynamic_ort(run: StageRun, src: Current) -> None:
 
 
 def _ptq_static_ort(run: StageRun, src: Current) -> None:
-    from patholite.compress.quantize import quantize_static_ort
-
     p = run.c.ptq
     directory = run.ctx.artifact_dir("int8_static_ort")
     float_onnx = _float_onnx(run, src)
@@ -363,13 +365,11 @@ def _ptq_static_ort(run: StageRun, src: Current) -> None:
 
 
 def _ptq_mixed(run: StageRun, src: Current) -> None:
-    from patholite.compress.quantize import mixed_precision_plan
-
     p = run.c.ptq
     batches = run.ctx.datamodule.labelled_batches(p.sensitivity_images, split="val", seed=run.ctx.cfg.seed)
     plan = mixed_precision_plan(src.net, batches, budget_pp=p.budget_pp, bits=tuple(p.bits))
     layers = list(plan["int8_layers"])
-    qnet = art.quantize_dynamic_int8(src.net, p.engine, layers)
+    qnet = quantize_dynamic_int8(src.net, p.engine, layers)
     directory = run.ctx.artifact_dir("int8_mixed")
     files = art.save_int8_dynamic_artifact(qnet, directory, run.meta(src.surgery), p.engine, layers)
     write_json(directory / "plan.json", plan)

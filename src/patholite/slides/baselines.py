@@ -27,6 +27,10 @@ from patholite.config.slide_schema import EngineConfig, ReaderConfig, TileConfig
 from patholite.errors import CheckpointError, ConfigError
 from patholite.slides.engine import stream_tiles
 from patholite.slides.inference import TileGeometry, tile_geometry, tile_spec
+from patholite.wsi.cache import slide_cache_dir, tissue_for
+from patholite.wsi.reader import open_slide
+from patholite.wsi.tiling import cached_tiles, check_request, tile_grid
+from patholite.wsi.tissue import detect_tissue
 
 POOLING = ("max", "mean")
 
@@ -143,10 +147,6 @@ def tile_outputs(
     ``embeddings``: also keep each tile's pre-logits features (``EmbeddingTap``). ``csv_path``: also write the
     engine's per-tile CSV there.
     """
-    from patholite.slides.cache import slide_cache_dir, tissue_for
-    from patholite.slides.reader import open_slide
-    from patholite.slides.tiling import cached_tiles, check_request, tile_grid
-    from patholite.slides.tissue import detect_tissue
 
     start = time.perf_counter()
     path = Path(slide_path)

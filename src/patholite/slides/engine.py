@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from patholite.errors import CheckpointError, SlideError, user_message
-from patholite.measure.io import atomic_path
-from patholite.slides.reader import forget_cached, open_cached, resize_rgb
+from patholite.io import atomic_path
+from patholite.wsi.reader import forget_cached, open_cached, resize_rgb
 
 WORKER_NICE = 5  # scheduling priority of loader workers below the model thread's
 LOADER_TIMEOUT_S = 300  # seconds a batch may take to arrive from the workers

@@ -1,16 +1,12 @@
-"""One slide, end to end: open, find tissue, tile (cached), stream the tiles through the model, report.
-
-``run_slides`` does it for many slides with one loaded model; a slide that fails is a failed row of the
-summary and the others go on. An SMT artifact is run by ``slides.smt_inference`` instead (``mode``).
+"""A tile classifier over whole slides: open, find tissue, tile (cached), stream the tiles through the model,
+report. ``run_tile_slides`` does it for many slides with one loaded model (``slides.cohort``); an SMT
+artifact is run by ``slides.smt_inference`` instead (``slides.run`` picks).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,80 +14,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from patholite.errors import CheckpointError, ConfigError, PatholiteError, SlideError
-from patholite.measure.artifacts import SIDECAR, load_artifact, read_sidecar
-from patholite.slides.cache import slide_cache_dir, tissue_for
+from patholite.artifacts.load import load_artifact
+from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
+from patholite.errors import CheckpointError, ConfigError, SlideError
+from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.engine import TileSpec, stream_tiles
+from patholite.slides.report import CallRule, SlideResult, check_rule, write_slide_outputs
+from patholite.wsi.annotations import (
+    BACH_CLASS_MAP,
+    CAMELYON16_CLASS_MAP,
+    EXCLUSION,
+    check_fits,
+    rasterize,
+    read_annotations,
+)
+from patholite.wsi.cache import slide_cache_dir, tissue_for
+from patholite.wsi.reader import open_slide
+from patholite.wsi.tiling import cached_tiles, check_request
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------- artifact
-def resolve_artifact(path: str | Path, name: str | None = None) -> Path:
-    """The artifact folder ``path`` names: an artifact folder or one of its files, or a run folder (its
-    ``name`` artifact, else the last artifact its record lists that has a sidecar)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        path = path.parent
-    if (path / SIDECAR).is_file():
-        if name is not None:
-            raise ConfigError(
-                f"artifact={path} is an artifact folder; artifact_name={name} picks an artifact of a run "
-                "folder: give the run folder, or leave artifact_name out"
-            )
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"artifact={path} does not exist; give an artifact folder or a run folder")
-    from patholite.measure.records import RECORD_FILE, read_record
-
-    if not (path / RECORD_FILE).is_file():
-        raise CheckpointError(
-            f"artifact={path} is neither an artifact ({SIDECAR} missing) nor a run folder ({RECORD_FILE} "
-            "missing)"
-        )
-    artifacts = [a for a in read_record(path).get("artifacts", []) if (Path(a["path"]) / SIDECAR).is_file()]
-    if name is not None:
-        artifacts = [a for a in artifacts if a["name"] == name]
-    if not artifacts:
-        which = f"named {name!r} " if name else ""
-        raise CheckpointError(f"run {path} has no artifact {which}on disk; see its metrics.json")
-    return Path(artifacts[-1]["path"])
-
-
-MODES = ("auto", "tiles", "smt")
-
-
-def is_smt_artifact(meta: dict[str, Any]) -> bool:
-    """Whether a sidecar describes an SMT slide model (a ``model=smt`` run's artifact)."""
-    return (meta.get("model") or {}).get("family") == "smt"
-
-
-def check_slide_artifact(directory: Path, meta: dict[str, Any]) -> None:
-    """Refuse, from the sidecar alone, artifacts the slide CLI cannot run at all (MIL bags)."""
-    if meta.get("kind") == "mil":
-        raise CheckpointError(
-            f"artifact {directory} is a gated-attention MIL slide model: its bags are built from a tile "
-            "classifier's embeddings, so the slide CLI does not run it; run it with scripts/bench_smt.py, or "
-            "give the slide CLI a tile classifier or an SMT artifact"
-        )
-
-
-def slide_mode(mode: str, meta: dict[str, Any], directory: Path) -> str:
-    """``tiles`` or ``smt``: what ``mode`` (auto | tiles | smt) means for the artifact ``meta`` describes."""
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r}: use auto (by the artifact), tiles or smt")
-    check_slide_artifact(directory, meta)
-    smt = is_smt_artifact(meta)
-    if mode == "auto":
-        return "smt" if smt else "tiles"
-    if mode == "smt" and not smt:
-        raise CheckpointError(
-            f"artifact {directory} is a tile classifier, not an SMT slide model; use mode=tiles or an "
-            "artifact of a model=smt run"
-        )
-    return mode
-
-
 def load_classifier(directory: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The artifact's model, checked to produce one score per class its sidecar names."""
     sidecar = read_sidecar(directory)
@@ -161,7 +105,6 @@ def annotation_path(cfg, slide_path: Path) -> Path | None:
 def annotation_classes(cfg, class_names: list[str]) -> dict[str, str]:
     """XML group -> class: the model's class names themselves, the CAMELYON16 and BACH groups whose class
     the model predicts, then ``annotation_classes`` (the user's word wins)."""
-    from patholite.slides.annotations import BACH_CLASS_MAP, CAMELYON16_CLASS_MAP, EXCLUSION
 
     known = {**CAMELYON16_CLASS_MAP, **BACH_CLASS_MAP}
     mapping = {group: c for group, c in known.items() if c in class_names or c == EXCLUSION}
@@ -176,7 +119,6 @@ def annotation_map(cfg, slide, class_names: list[str], downsample: float):
     path = annotation_path(cfg, slide.path)
     if path is None:
         return None
-    from patholite.slides.annotations import check_fits, rasterize, read_annotations
 
     try:
         annotations = read_annotations(path, class_map=annotation_classes(cfg, class_names))
@@ -208,9 +150,6 @@ def tile_spec(path: Path, grid, geometry: TileGeometry, meta: dict[str, Any], mp
 
 def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Every output of one slide into ``out_dir``; returns its report."""
-    from patholite.slides.reader import open_slide
-    from patholite.slides.report import SlideResult, write_slide_outputs
-    from patholite.slides.tiling import cached_tiles
 
     start = time.perf_counter()
     class_names = list(meta["class_names"])
@@ -278,25 +217,13 @@ def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_d
 
 
 def _call_rule(cfg):
-    from patholite.slides.report import CallRule
-
     severity = None if cfg.report.severity is None else list(cfg.report.severity)
     return CallRule(severity=severity, min_share=cfg.report.min_share)
 
 
-def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
-    """Every slide through one loaded model: a tile classifier (tiling) or an SMT slide model (its focusing
-    walk), as ``mode`` and the artifact say. With ``slides=`` (many), a slide's failure of any kind is a
-    failed summary row and the others go on; with ``slide=`` (one), its error is raised."""
-    from patholite.slides.report import check_rule
-    from patholite.slides.tiling import check_request
-
-    directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
-    mode = slide_mode(str(cfg.get("mode", "auto")), read_sidecar(directory), directory)
-    if mode == "smt":
-        from patholite.slides.smt_inference import run_smt_slides
-
-        return run_smt_slides(paths, cfg, out_dir, directory=directory)
+def run_tile_slides(paths: list[Path], cfg, out_dir: Path, directory: Path) -> list[dict[str, Any]]:
+    """Every slide through the tile classifier of the artifact ``directory``: tissue, tiles, pipelined
+    inference, report; the cohort's summary and failure policy (``slides.cohort.each_slide``)."""
     with model_threads(cfg.engine.threads or max(1, available_cores() - cfg.engine.workers)):
         model, meta = load_classifier(directory, cfg.engine.device)
         meta["_directory"] = str(directory)
@@ -307,52 +234,3 @@ def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
         check_request(geometry.patch_size, geometry.mpp, geometry.magnification, t.overlap, t.theta)
         # process_slide is looked up per slide (tests replace it)
         return each_slide(paths, cfg, out_dir, lambda path, out: process_slide(path, cfg, model, meta, out))
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextmanager
-def model_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` within, restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def each_slide(
-    paths: list[Path], cfg, out_dir: Path, process: Callable[[Path, Path], dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """``process(path, out_dir / <name>)`` for every slide, then summary.csv/.md. With ``slides=`` (many), a
-    slide's failure of any kind is a failed row and the others go on; with ``slide=`` (one), it is raised."""
-    from patholite.slides.report import failed_row, write_summary
-
-    many = not cfg.slide
-    rows = []
-    for path, name in zip(paths, _unique_names(paths), strict=True):
-        log.info("slide %s", path)
-        start = time.perf_counter()
-        try:
-            report = process(path, out_dir / name)
-            rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
-        except Exception as err:
-            if not many:
-                raise
-            if isinstance(err, PatholiteError):
-                log.error("slide %s failed: %s", path, err)
-            else:  # a bug or an environment failure: keep its traceback in the log
-                log.exception("slide %s failed", path)
-            rows.append(failed_row(path, err))
-        rows[-1]["seconds"] = time.perf_counter() - start
-    write_summary(rows, out_dir)
-    return rows
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    """Output folder names: slide stems, made unique where two folders hold slides of the same name."""
-    stems = [p.stem for p in paths]
-    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from patholite.errors import ConfigError
-from patholite.measure.io import atomic_path, write_json
+from patholite.io import atomic_path, write_json
 
 UNLABELLED = 255  # annotation-map value of pixels no annotation covers
 OVERLAY_ALPHA = 0.5  # weight of the class colour over the thumbnail in overlay.png

@@ -22,10 +22,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from patholite.artifacts.load import load_artifact
+from patholite.artifacts.resolve import resolve_artifact
+from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
 from patholite.errors import CheckpointError, ConfigError, SlideError
-from patholite.measure.artifacts import load_artifact, read_sidecar
-from patholite.measure.io import write_json
-from patholite.slides.focus import POLICIES, Box, RegionReader, chain_check, pixels_decoded, smt_tissue_box
+from patholite.io import write_json
+from patholite.models.smt import SMTNet, check_top_k, predict_slide
+from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
+from patholite.slides.report import save_figure
+from patholite.wsi.region import POLICIES, Box, RegionReader, chain_check, pixels_decoded, smt_tissue_box
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,6 @@ class SmtSettings:
 def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) -> SmtSettings:
     """The walk's settings from the sidecar, checked against the loaded network; ``walk`` (``smt`` of the
     slide config: ``top_k``, ``aggregate``) overrides what the artifact was trained with where set."""
-    from patholite.models.smt import check_top_k
 
     smt = dict((meta.get("model") or {}).get("smt") or {})
     walk = walk or {}
@@ -101,8 +105,6 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
 
 def load_smt_model(directory: str | Path, device: str = "cpu"):
     """The SMT network of an artifact (float or dynamic INT8) and its sidecar (``_directory`` added)."""
-    from patholite.models.smt import SMTNet
-    from patholite.slides.inference import check_slide_artifact, is_smt_artifact
 
     directory = Path(directory)
     sidecar = read_sidecar(directory)
@@ -164,7 +166,6 @@ def process_smt_slide(
     """Diagnose one slide with the SMT walk; write report.json and focus.png into ``out_dir``; return the
     report (a summary row: call, confidence, reads, pixels_read, seconds). ``settings``: the walk's, from
     ``smt_settings`` (None: worked out here)."""
-    from patholite.models.smt import predict_slide
 
     start = time.perf_counter()
     path = Path(path)
@@ -244,7 +245,6 @@ def process_smt_slide(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = _images_by_layer(recorder.images, layers)
-    from patholite.slides.report import save_figure
 
     save_figure(focus_figure(report, images), out_dir / FILES["focus"])
     report["timings"]["report_s"] = time.perf_counter() - t2
@@ -371,7 +371,6 @@ def run_smt_slides(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every slide through one SMT network (``net``/``meta``, else loaded from ``directory``, else from
     ``cfg.artifact``), with the tile engine's summary and failure policy (``slides.inference.each_slide``)."""
-    from patholite.slides.inference import available_cores, each_slide, model_threads, resolve_artifact
 
     with model_threads(cfg.engine.threads or available_cores()):
         if net is None or meta is None:

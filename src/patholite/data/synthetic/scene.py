@@ -1,9 +1,9 @@
-"""Scene and rendering of synthetic whole-slide images (the files and truth: ``patholite.slides.synthetic``).
+"""Scene and rendering of synthetic whole-slide images (the files and truth: ``data.synthetic.slides``).
 
 A scene is vector geometry in level-0 pixels: tissue pieces, lesions placed inside them, and the nuisances
 (faint fat, folds, air bubbles, pen strokes, uneven illumination). The renderer draws any region of it at any
 power-of-two downsample from a small per-slide bank of synthetic tissue tiles per class
-(``patholite.data.synthetic.generate_tile``), pre-downsampled per level, so no level is ever held whole. Each
+(``data.synthetic.tiles.generate_tile``), pre-downsampled per level, so no level is ever held whole. Each
 part of the scene draws from its own random stream, so switching a nuisance off leaves the rest unchanged."""
 
 from __future__ import annotations
@@ -11,18 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from numpy.typing import ArrayLike
 
-from patholite.data.synthetic import SYNTHETIC_CLASSES, generate_tile
+from patholite.data.synthetic.spec import SlideSpec
+from patholite.data.synthetic.tiles import SYNTHETIC_CLASSES, generate_tile
 from patholite.errors import ConfigError
-from patholite.slides.annotations import Annotation, rasterize
-
-if TYPE_CHECKING:  # synthetic.py imports this module at run time; the spec is only a type here
-    from patholite.slides.synthetic import SlideSpec
+from patholite.wsi.annotations import Annotation, rasterize
 
 _INKS = ((0.30, 0.42, 0.85), (0.32, 0.68, 0.42), (0.20, 0.20, 0.24))  # blue, green, black transmission
 _FAT_PALENESS = 0.8  # share of the absorbance fat removes: very pale, still tissue

@@ -35,7 +35,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from patholite.errors import ConfigError, SlideError
-from patholite.measure.io import atomic_path
+from patholite.io import atomic_path
 
 # Bump whenever detection changes what it finds: it keys the cached masks (slides/cache.py).
 TISSUE_VERSION = 2

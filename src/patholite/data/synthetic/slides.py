@@ -2,7 +2,7 @@
 
 A slide is a scene of vector geometry in level-0 pixels (tissue pieces, lesions, faint fat, folds, air
 bubbles, pen strokes, uneven illumination) plus a small bank of synthetic tissue tiles per class
-(``patholite.data.synthetic.generate_tile``); ``patholite.slides.synthetic_scene`` builds and renders it.
+(``patholite.data.synthetic.tiles.generate_tile``); ``patholite.data.synthetic.scene`` builds and renders it.
 Every pyramid level is rendered tile by tile straight from the scene at its own downsample (the bank is
 pre-downsampled), so memory stays flat in the slide's size: no level is ever held whole, nor read back. The
 ground truth (tissue mask and class labels at a coarse downsample, lesion polygons) is rasterised from the
@@ -18,130 +18,26 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tifffile
 
-from patholite.data.synthetic import SYNTHETIC_CLASSES
+from patholite.data.synthetic.scene import Renderer, build_scene, polygon_area
+from patholite.data.synthetic.spec import LESION_CLASSES, LesionSpec, SlideSpec, validate_spec
+from patholite.data.synthetic.tiles import SYNTHETIC_CLASSES
 from patholite.errors import ConfigError, SlideError
-from patholite.measure.io import atomic_path, write_json
-from patholite.slides.annotations import Annotation, write_asap_xml
-from patholite.slides.synthetic_scene import Renderer, build_scene, polygon_area
+from patholite.io import atomic_path, write_json
+from patholite.wsi.annotations import Annotation, write_asap_xml
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-LESION_CLASSES = SYNTHETIC_CLASSES[1:]  # Normal is the background tissue, never a lesion
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff")
 _APERIO = "Aperio Image Library v12.0.15 \r\n"
 _BIGTIFF_BYTES = 2**32 - 2**26  # classic TIFF offsets are 32-bit; keep room for tags, thumbnail, levels
 _THUMB_SIDE = 768
-
-
-# ------------------------------------------------------------------------------------------------ spec
-@dataclass(frozen=True)
-class LesionSpec:
-    """``count`` lesions of class ``cls`` with equivalent-circle diameters drawn from ``diameter_um``."""
-
-    cls: str
-    count: int
-    diameter_um: tuple[float, float]
-
-
-@dataclass
-class SlideSpec:
-    """What one synthetic slide looks like. Sizes in level-0 pixels unless named ``_um``."""
-
-    width: int
-    height: int
-    mpp: float = 0.5
-    magnification: float = 20.0
-    tile: int = 256
-    quality: int = 85  # JPEG
-    level_downsample: int = 4  # between pyramid levels
-    min_level_side: int = 1000  # add levels until the long side is below this
-    seed: int = 0
-    difficulty: float = 0.5  # of the synthetic tissue, as in generate_tile
-    texture_px: int = 256  # level-0 size of one synthetic tissue tile
-    bank_size: int = 4  # texture tiles per class
-    lesions: list[LesionSpec] = field(default_factory=list)
-    tissue_fraction: float = 0.35  # target share of the slide covered by tissue
-    tissue_pieces: int = 3
-    truth_downsample: int = 16
-    pen_marks: bool = True
-    folds: bool = True
-    bubbles: bool = True
-    faint_fat: bool = True  # very pale fat: tissue in the truth
-    gradient: bool = True
-    noise: bool = True
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SlideSpec:
-        """A spec from plain containers (a config or the JSON sidecar); lesions may be dicts."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown slide spec field(s) {unknown}; known fields: {sorted(known)}")
-        data = dict(data)
-        lesions = []
-        for i, item in enumerate(data.get("lesions") or []):
-            if isinstance(item, LesionSpec):
-                lesions.append(item)
-                continue
-            try:
-                lesions.append(LesionSpec(str(item["cls"]), int(item["count"]), tuple(item["diameter_um"])))
-            except (KeyError, TypeError, ValueError) as err:
-                raise ConfigError(
-                    f"lesions[{i}]={item!r} must have cls, count and diameter_um: [min, max] ({err})"
-                ) from err
-        data["lesions"] = lesions
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready containers (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"synthetic slide: {message}")
-
-
-def validate_spec(spec: SlideSpec) -> None:
-    """Raise ConfigError naming the field when ``spec`` cannot make a slide."""
-    t = spec.tile
-    _check(t >= 16 and t % 16 == 0, f"tile={t} must be a multiple of 16 (TIFF tiles), e.g. 256")
-    for name in ("width", "height"):
-        v = getattr(spec, name)
-        _check(isinstance(v, int | np.integer), f"{name}={v!r} must be a whole number of level-0 pixels")
-        _check(v >= t, f"{name}={v} is smaller than one tile ({t} px); use at least {t}")
-    _check(spec.mpp > 0, f"mpp={spec.mpp} must be positive (micrometres per level-0 pixel)")
-    _check(spec.magnification > 0, f"magnification={spec.magnification} must be positive")
-    _check(1 <= spec.quality <= 100, f"quality={spec.quality} must lie in 1..100")
-    _check(spec.level_downsample in (2, 4, 8), f"level_downsample={spec.level_downsample} must be 2, 4 or 8")
-    _check(spec.min_level_side >= 16, f"min_level_side={spec.min_level_side} must be at least 16")
-    _check(0.0 <= spec.difficulty <= 1.0, f"difficulty={spec.difficulty} must lie in [0, 1]")
-    tp = spec.texture_px
-    _check(32 <= tp <= 2048 and tp & (tp - 1) == 0, f"texture_px={tp} must be a power of two in 32..2048")
-    _check(spec.bank_size >= 1, f"bank_size={spec.bank_size} must be at least 1")
-    _check(spec.truth_downsample >= 1, f"truth_downsample={spec.truth_downsample} must be at least 1")
-    _check(spec.tissue_pieces >= 1, f"tissue_pieces={spec.tissue_pieces} must be at least 1")
-    _check(0 < spec.tissue_fraction <= 0.6, f"tissue_fraction={spec.tissue_fraction} must lie in (0, 0.6]")
-    for i, les in enumerate(spec.lesions):
-        _check(
-            les.cls in LESION_CLASSES,
-            f"lesions[{i}].cls={les.cls!r} is not a lesion class; use one of {LESION_CLASSES} "
-            "(Normal is the background tissue)",
-        )
-        _check(les.count >= 0, f"lesions[{i}].count={les.count} must be 0 or more")
-        lo_hi = tuple(les.diameter_um)
-        _check(
-            len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
-            f"lesions[{i}].diameter_um={lo_hi} must be (min, max) micrometres with 0 < min <= max",
-        )
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -260,7 +156,7 @@ def read_truth(slide_path: str | Path) -> Truth:
     if not path.exists():
         raise SlideError(
             f"{slide_path} has no ground truth ({path} is missing); write the slide with "
-            "patholite.slides.synthetic.write_synthetic_slide or generate_slides"
+            "patholite.data.synthetic.slides.write_synthetic_slide or generate_slides"
         )
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -309,7 +205,7 @@ def write_synthetic_slide(path: str | Path, spec: SlideSpec) -> SyntheticSlide:
         xml_path, [Annotation(f"lesion_{i}", les.cls, les.polygon) for i, les in enumerate(lesions)]
     )
     write_json(json_path, {
-        "generator": "patholite.slides.synthetic", "version": GENERATOR_VERSION, "spec": spec.to_dict(),
+        "generator": "patholite.data.synthetic.slides", "version": GENERATOR_VERSION, "spec": spec.to_dict(),
         "levels": [{"downsample": d, "width": w, "height": h} for d, w, h in levels],
         "tissue_fraction": tissue_area / (spec.width * spec.height), "classes": SYNTHETIC_CLASSES,
         "truth_downsample": spec.truth_downsample,
@@ -377,7 +273,7 @@ def generate_slides(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m patholite.slides.synthetic --out <folder> --n 4 --size 8192``: slides to try."""
+    """``python -m patholite.data.synthetic.slides --out <folder> --n 4 --size 8192``: slides to try."""
     import argparse
 
     p = argparse.ArgumentParser(description="Write synthetic whole slides with truth masks and ASAP XML.")

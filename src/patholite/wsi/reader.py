@@ -361,3 +361,15 @@ def _is_slide_file(path: Path) -> bool:
 
 def _is_dicom(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def read_slide_tile(
+    path: str,
+    box: tuple[int, int, int, int],
+    patch_size: int,
+    mpp: float | None = None,
+    backend: str = "auto",
+) -> np.ndarray:
+    """The level-0 square ``box`` = (x, y, size0, size0) of slide ``path`` as a ``patch_size`` HxWx3 tile."""
+    x, y, w, h = box
+    return open_cached(path, mpp, backend).read_scaled((x, y), (w, h), (patch_size, patch_size))

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from patholite.slides.tissue import TISSUE_VERSION
+from patholite.wsi.tissue import TISSUE_VERSION, TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ def slide_cache_dir(cache_root: Path, path: Path, cfg) -> Path:
 
 def tissue_for(slide, cfg, cache: Path):
     """The slide's tissue mask, detected once and cached."""
-    from patholite.slides.tissue import TissueMask, detect_tissue
 
     mask_path = cache / "tissue.npz"
     if mask_path.is_file():

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from patholite.errors import SlideError
-from patholite.measure.io import atomic_path
+from patholite.io import atomic_path
 
 # ASAP group names that mean "punch this out of the labels" (compared case-insensitively).
 ASAP_EXCLUSION_GROUPS = ("_2", "exclusion", "exclude", "excluded")

@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from patholite.config.slide_schema import ReaderConfig, TissueConfig
 from patholite.errors import ConfigError, SlideError
-from patholite.measure.io import atomic_path
+from patholite.io import atomic_path
+from patholite.wsi.cache import file_identity, slide_cache_dir, tissue_for
+from patholite.wsi.reader import open_cached
+from patholite.wsi.tissue import TISSUE_VERSION, detect_tissue
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +139,6 @@ class RegionReader:
 
     @property
     def slide(self):
-        from patholite.slides.reader import open_cached
-
         return open_cached(self.path, self.mpp, self.backend)
 
     @property
@@ -192,8 +194,6 @@ def smt_tissue_box(slide, cfg, cache_root: str | Path | None = None, tissue_px: 
     the low-resolution image the tissue is found on; a bounding box needs no fine mask, and a 512-px image
     costs a few hundredths of a second where the tiler's 2048-px mask costs about one. None: the tiler's
     mask, from (and to) its cache under ``cache_root``. ``cfg``: a node with ``tissue`` and ``reader``."""
-    from patholite.slides.cache import slide_cache_dir, tissue_for
-    from patholite.slides.tissue import detect_tissue
 
     if tissue_px is None:
         mask = tissue_for(slide, cfg, slide_cache_dir(Path(cache_root), Path(slide.path), cfg))
@@ -211,10 +211,6 @@ def cached_thumbnail(
     slide file and settings under ``cache_root/smt_thumbs``; the tissue mask comes from (and goes to) the
     slide engine's cache under ``cache_root``. ``tissue_cfg`` / ``reader_cfg``: the ``tissue`` and
     ``reader`` nodes (None: their defaults); ``tissue_px``: see ``smt_tissue_box``."""
-    from patholite.config.slide_schema import ReaderConfig, TissueConfig
-    from patholite.slides.cache import file_identity
-    from patholite.slides.reader import open_cached
-    from patholite.slides.tissue import TISSUE_VERSION
 
     path, cache_root = Path(path), Path(cache_root).expanduser()
     if not path.exists():

@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 
 from patholite.errors import ConfigError, SlideError
-from patholite.measure.io import atomic_path
-from patholite.slides.tissue import TissueMask
+from patholite.io import atomic_path
+from patholite.wsi.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from patholite.measure.io import write_json
+from patholite.io import write_json
 
 SCHEMA_VERSION = 1
 QUALITY_SCALARS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")

@@ -22,7 +22,7 @@ import numpy as np
 
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet
 from patholite.errors import ConfigError, DatasetError
-from patholite.measure.io import atomic_path
+from patholite.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,42 @@
+"""Every schema in Hydra's ConfigStore, so each group option's YAML can name its own
+(``/schema/<group>/<name>@_here_``) and the entry configs compose onto typed, struct-mode nodes."""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from patholite.config.schema import (
+    TILE_DATASET_SCHEMAS,
+    AcceleratorConfig,
+    BenchConfig,
+    BenchRunConfig,
+    CallbacksConfig,
+    CompressionConfig,
+    DatasetConfig,
+    LoggerConfig,
+    ModelConfig,
+    PathsConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from patholite.config.slide_schema import SLIDE_DATASET_SCHEMAS, SlideRunConfig
+
+DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {**TILE_DATASET_SCHEMAS, **SLIDE_DATASET_SCHEMAS}
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="bench_schema", node=BenchRunConfig)
+    cs.store(name="slide_schema", node=SlideRunConfig)
+    for name, schema in DATASET_SCHEMAS.items():
+        cs.store(group="schema/dataset", name=name, node=schema)
+    cs.store(group="schema/model", name="timm", node=ModelConfig)
+    cs.store(group="schema/compression", name="base", node=CompressionConfig)
+    cs.store(group="schema/accelerator", name="base", node=AcceleratorConfig)
+    cs.store(group="schema/logger", name="base", node=LoggerConfig)
+    cs.store(group="schema/trainer", name="base", node=TrainerConfig)
+    cs.store(group="schema/callbacks", name="base", node=CallbacksConfig)
+    cs.store(group="schema/paths", name="base", node=PathsConfig)
+    cs.store(group="schema/bench", name="base", node=BenchConfig)
