@@ -138,12 +138,13 @@ def test_token_kd_loss_splits_heads() -> None:
     ],
 )
 def test_kd_loss_rejects_bad_settings(kwargs: dict, match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
+    # A guard for direct callers (ValueError); runs validate compression.kd in the distill stage's check.
+    with pytest.raises(ValueError, match=match):
         kd_loss(torch.tensor(ZS), torch.tensor(ZT), torch.tensor(Y), **kwargs)
 
 
 def test_kd_loss_class_count_mismatch_names_both() -> None:
-    with pytest.raises(ConfigError, match="3 classes but the teacher 4"):
+    with pytest.raises(ValueError, match="3 classes but the teacher 4"):
         kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor(Y), alpha=0.5, temperature=1.0)
 
 
@@ -242,12 +243,12 @@ def test_token_kind_with_distilled_deit(batch: tuple[torch.Tensor, torch.Tensor]
 
 
 def test_token_kind_needs_distilled_student() -> None:
-    with pytest.raises(ConfigError, match="distillation token"):
+    with pytest.raises(ValueError, match="distillation token"):
         Distiller(vit(), vit(), kind="token")
 
 
 def test_class_count_mismatch_raises() -> None:
-    with pytest.raises(ConfigError, match="4 classes but the teacher 5"):
+    with pytest.raises(ValueError, match="4 classes but the teacher 5"):
         Distiller(vit(classes=4), vit(classes=5))
 
 
@@ -258,23 +259,25 @@ def test_token_count_mismatch_raises() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"kind": "medium"}, "kind"),
-        ({"levels": ("logits", "pixels")}, "levels"),
-        ({"alpha": -0.1}, "alpha"),
-        ({"temperature": 0}, "temperature"),
-        ({"levels": ("attention",), "student_blocks": [9]}, "student_blocks"),
+        # Guards for direct callers: the distill stage's check validates these config keys first.
+        ({"kind": "medium"}, ValueError, "kind"),
+        ({"levels": ("logits", "pixels")}, ValueError, "levels"),
+        ({"alpha": -0.1}, ValueError, "alpha"),
+        ({"temperature": 0}, ValueError, "temperature"),
+        # Only the network knows its depth: a user-facing ConfigError.
+        ({"levels": ("attention",), "student_blocks": [9]}, ConfigError, "student_blocks"),
     ],
 )
-def test_distiller_rejects_bad_settings(kwargs: dict, match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
+def test_distiller_rejects_bad_settings(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
         Distiller(vit(), vit(), **kwargs)
 
 
 def test_attention_level_needs_blocks() -> None:
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(ConfigError, match=r"\.blocks"):
+    with pytest.raises(ValueError, match=r"\.blocks"):
         Distiller(cnn, vit(), levels=("logits", "attention"))
 
 
