@@ -19,7 +19,7 @@ from patholite.compress.prune import (
     flops_and_params,
     prune_vit,
 )
-from patholite.errors import ConfigError
+from patholite.errors import CheckpointError, ConfigError
 from patholite.measure.cost import torch_threads
 from patholite.models.pyramid import PyramidViT
 from tests.helpers import tiny_vit
@@ -220,33 +220,41 @@ class ResNetLike(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "net_fn,kwargs,match",
+    "net_fn,kwargs,error,match",
     [
-        (tiny_vit, {"ratio": 0.0}, "between 0 and 1"),
-        (tiny_vit, {"ratio": 1.2}, "between 0 and 1"),
-        (tiny_vit, {}, "exactly one of ratio"),
-        (tiny_vit, {"ratio": 0.5, "target_flops": 1e6}, "exactly one of ratio"),
-        (tiny_vit, {"target_flops": -1.0}, "positive"),
-        (tiny_vit, {"target_flops": 1.0, "importance": "magnitude"}, "out of reach"),
-        (ResNetLike, {"ratio": 0.5, "importance": "magnitude"}, "no Vision Transformer blocks"),
-        (tiny_vit, {"ratio": 0.5, "importance": "taylor"}, "scoring_batches"),
-        (tiny_vit, {"ratio": 0.5, "importance": "moving_average"}, "scoring_batches"),
-        (tiny_vit, {"ratio": 0.5, "importance": "taylor", "scoring_batches": []}, "no batch"),
-        (tiny_vit, {"ratio": 0.5, "importance": "hessian"}, "importance='hessian'"),
-        (tiny_vit, {"ratio": 0.5, "importance": "magnitude", "saliency": "fisher"}, "saliency='fisher'"),
-        (tiny_vit, {"ratio": 0.5, "importance": "magnitude", "beta": 1.0}, "beta"),
-        (tiny_vit, {"ratio": 0.5, "importance": "magnitude", "round_to": 0}, "round_to"),
+        # Arguments that the prune stage's config check validates first: a direct caller's bug.
+        (tiny_vit, {"ratio": 0.0}, ValueError, "between 0 and 1"),
+        (tiny_vit, {"ratio": 1.2}, ValueError, "between 0 and 1"),
+        (tiny_vit, {}, ValueError, "exactly one of ratio"),
+        (tiny_vit, {"ratio": 0.5, "target_flops": 1e6}, ValueError, "exactly one of ratio"),
+        (tiny_vit, {"target_flops": -1.0}, ValueError, "positive"),
+        (tiny_vit, {"ratio": 0.5, "importance": "taylor"}, ValueError, "scoring_batches"),
+        (tiny_vit, {"ratio": 0.5, "importance": "moving_average"}, ValueError, "scoring_batches"),
+        (tiny_vit, {"ratio": 0.5, "importance": "taylor", "scoring_batches": []}, ValueError, "no batch"),
+        (tiny_vit, {"ratio": 0.5, "importance": "hessian"}, ValueError, "importance='hessian'"),
+        (
+            tiny_vit,
+            {"ratio": 0.5, "importance": "magnitude", "saliency": "fisher"},
+            ValueError,
+            "saliency='fisher'",
+        ),
+        (tiny_vit, {"ratio": 0.5, "importance": "magnitude", "beta": 1.0}, ValueError, "beta"),
+        (tiny_vit, {"ratio": 0.5, "importance": "magnitude", "round_to": 0}, ValueError, "round_to"),
         (
             tiny_vit,
             {"ratio": 0.5, "importance": "magnitude", "heads": False, "mlp": False},
+            ValueError,
             "removes nothing",
         ),
+        # What only the network reveals: the config (model or target) must change.
+        (tiny_vit, {"target_flops": 1.0, "importance": "magnitude"}, ConfigError, "out of reach"),
+        (ResNetLike, {"ratio": 0.5, "importance": "magnitude"}, ConfigError, "no Vision Transformer blocks"),
     ],
 )
-def test_mistakes_raise_config_error_and_leave_the_network(net_fn, kwargs, match):
+def test_mistakes_raise_and_leave_the_network(net_fn, kwargs, error, match):
     net = net_fn()
     before = {k: v.shape for k, v in net.state_dict().items()}
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(error, match=match):
         prune_vit(net, image_size=SIZE, **kwargs)
     assert {k: v.shape for k, v in net.state_dict().items()} == before
 
@@ -255,11 +263,11 @@ def test_structure_that_does_not_fit_is_refused():
     pruned = describe_structure(tiny_vit())
     wider = copy.deepcopy(pruned)
     wider["blocks"][0]["num_heads"] = HEADS + 1
-    with pytest.raises(ConfigError, match="do not fit"):
+    with pytest.raises(CheckpointError, match="do not fit"):
         apply_structure(tiny_vit(), wider)
-    with pytest.raises(ConfigError, match="blocks"):
+    with pytest.raises(CheckpointError, match="blocks"):
         apply_structure(tiny_vit(depth=3), pruned)
-    with pytest.raises(ConfigError, match="describe_structure"):
+    with pytest.raises(CheckpointError, match="describe_structure"):
         apply_structure(tiny_vit(), {"blocks": []})
-    with pytest.raises(ConfigError, match="no Vision Transformer blocks"):
+    with pytest.raises(CheckpointError, match="no Vision Transformer blocks"):
         apply_structure(ResNetLike(), pruned)

@@ -1,4 +1,4 @@
-"""Structured pruning of timm Vision Transformers: whole attention heads and MLP hidden channels.
+"""Torch-Pruning importance, scoring and the search for how far to prune a timm ViT: ``prune_vit``.
 
 Torch-Pruning (``torch_pruning``) traces the network and removes coupled weights together (the q, k and v
 rows of a head with the matching ``proj`` columns; an ``fc1`` row with its ``fc2`` column). The embedding
@@ -19,8 +19,9 @@ Importance scores (R4 magnitude / Taylor; R1 moving-average significance):
 - ``moving_average``: R1's significance ``S_t = beta * S_{t-1} + (1 - beta) * s_t``, one step per scoring
   batch, where ``s_t`` is ``|w * g_t|`` (``saliency="taylor"``) or R1's raw ``|g_t|`` (``saliency="grad"``).
 
-A pruned network is rebuilt without pickled code from ``describe_structure`` (JSON) and its state dict
-(safetensors): ``apply_structure(fresh_net, structure).load_state_dict(state, strict=True)``.
+Errors: the arguments that user config sets are validated by the ``prune`` stage's check, so a bad argument
+here is a caller's bug and raises ``ValueError``/``TypeError`` naming it. What only the network reveals (no
+prunable ViT blocks, a ``target_flops`` out of its reach) raises ``ConfigError``: the config must change.
 """
 
 from __future__ import annotations
@@ -38,15 +39,15 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning.pruner import function as tp_function
 
+from patholite.compress.prune.structure import block_shapes, find_blocks, reshape_block, set_heads
 from patholite.errors import ConfigError
 from patholite.models.count import count_flops, count_params, unfused_attention
 
 log = logging.getLogger(__name__)
 
+# The one definition of the names that the prune stage's config check accepts.
 IMPORTANCES = ("magnitude", "taylor", "moving_average")
 SALIENCIES = ("taylor", "grad")
-STRUCTURE_FORMAT = "patholite.vit_structure"
-STRUCTURE_VERSION = 1
 
 # Binary-search steps on the ratio for a FLOPs target: 2**-14 is finer than one channel of any ViT MLP.
 _SEARCH_STEPS = 14
@@ -55,205 +56,13 @@ __all__ = [
     "IMPORTANCES",
     "SALIENCIES",
     "MovingAverageImportance",
-    "apply_structure",
-    "describe_structure",
     "flops_and_params",
     "prune_vit",
 ]
 
 
 # --------------------------------------------------------------------------------------------------------
-# Finding and checking the transformer blocks
-
-
-def _find_blocks(net: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The dotted path and the list of the network's ViT blocks (``net.blocks``, or a wrapped ViT's, such
-    as ``PyramidViT.vit.blocks``). Raises ConfigError when there are none or they cannot be pruned."""
-    for name, module in net.named_modules():
-        blocks = getattr(module, "blocks", None)
-        if (
-            isinstance(blocks, (nn.Sequential, nn.ModuleList))
-            and len(blocks) > 0
-            and all(hasattr(b, "attn") and hasattr(b, "mlp") for b in blocks)
-        ):
-            path = f"{name}.blocks" if name else "blocks"
-            for i, block in enumerate(blocks):
-                _check_block(block, f"{path}.{i}")
-            return path, list(blocks)
-    raise ConfigError(
-        f"{type(net).__name__} has no Vision Transformer blocks (a `.blocks` list whose items have `.attn` "
-        "and `.mlp`): pruning removes attention heads and MLP channels of a timm VisionTransformer; "
-        "choose a ViT model (e.g. deit_tiny) or disable pruning"
-    )
-
-
-def _check_block(block: nn.Module, where: str) -> None:
-    attn, mlp = block.attn, block.mlp
-    for owner, names in ((attn, ("qkv", "proj")), (mlp, ("fc1", "fc2"))):
-        for n in names:
-            if not isinstance(getattr(owner, n, None), nn.Linear):
-                raise ConfigError(
-                    f"{where}: expected a timm Attention (qkv, proj) and Mlp (fc1, fc2) made of nn.Linear; "
-                    f"{type(owner).__name__}.{n} is missing or not nn.Linear. Only standard timm ViT blocks "
-                    "can be pruned"
-                )
-    # timm before attn_dim reshapes the attention output to the input width, which breaks once heads go.
-    if not all(hasattr(attn, a) for a in ("num_heads", "head_dim", "attn_dim")):
-        raise ConfigError(
-            f"{where}.attn ({type(attn).__name__}) lacks num_heads/head_dim/attn_dim: head pruning needs "
-            "timm >= 1.0 Attention; upgrade timm"
-        )
-    if attn.qkv.out_features != 3 * attn.num_heads * attn.head_dim:
-        raise ConfigError(
-            f"{where}.attn: qkv has {attn.qkv.out_features} outputs, not 3 x {attn.num_heads} heads x "
-            f"{attn.head_dim}; only fused-qkv timm attention can be pruned"
-        )
-    extras = {
-        "qk_norm": not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity),
-        "scale_attn_norm": not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity),
-        "gated attention": getattr(attn, "gate", None) is not None,
-        "scale_mlp_norm": not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity),
-        "gated MLP (fc1 wider than fc2's input)": mlp.fc1.out_features != mlp.fc2.in_features,
-    }
-    unsupported = [k for k, v in extras.items() if v]
-    if unsupported:
-        raise ConfigError(
-            f"{where}: pruning does not support {', '.join(unsupported)}; use a plain timm ViT/DeiT "
-            "or disable pruning"
-        )
-
-
-def _block_shapes(blocks: list[nn.Module]) -> list[dict[str, int]]:
-    return [
-        {
-            "num_heads": int(b.attn.num_heads),
-            "head_dim": int(b.attn.head_dim),
-            "mlp_hidden": b.mlp.fc1.out_features,
-        }
-        for b in blocks
-    ]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Structure: describe, plan, apply
-
-
-def describe_structure(net: nn.Module) -> dict[str, Any]:
-    """JSON-serialisable shapes of every ViT block: what ``apply_structure`` needs to rebuild the network."""
-    path, blocks = _find_blocks(net)
-    return {
-        "format": STRUCTURE_FORMAT,
-        "version": STRUCTURE_VERSION,
-        "blocks_path": path,
-        "embed_dim": blocks[0].attn.qkv.in_features,
-        "blocks": _block_shapes(blocks),
-    }
-
-
-def _check_structure(structure: Any, path: str, blocks: list[nn.Module]) -> list[dict[str, int]]:
-    if not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
-        raise ConfigError(
-            f"the pruned-structure description is not a {STRUCTURE_FORMAT!r} dict (got "
-            f"{type(structure).__name__}); give the JSON that describe_structure wrote beside the weights"
-        )
-    if structure.get("version") != STRUCTURE_VERSION:
-        raise ConfigError(
-            f"pruned-structure version {structure.get('version')!r} is not {STRUCTURE_VERSION}; "
-            "re-export the pruned model with this patholite"
-        )
-    wanted = structure.get("blocks")
-    if structure.get("blocks_path") != path or not isinstance(wanted, list) or len(wanted) != len(blocks):
-        raise ConfigError(
-            f"the pruned structure describes {len(wanted) if isinstance(wanted, list) else '?'} blocks at "
-            f"{structure.get('blocks_path')!r}, but this network has {len(blocks)} at {path!r}: build the "
-            "same model config (model=, image size, classes) the pruned model came from"
-        )
-    if structure.get("embed_dim") != blocks[0].attn.qkv.in_features:
-        raise ConfigError(
-            f"the pruned structure has embed_dim {structure.get('embed_dim')}, this network "
-            f"{blocks[0].attn.qkv.in_features}: build the model config the pruned model came from"
-        )
-    for i, (shape, have) in enumerate(zip(wanted, _block_shapes(blocks), strict=True)):
-        if (
-            not isinstance(shape, dict)
-            or set(shape) != set(have)
-            or not all(isinstance(v, int) and v >= 1 for v in shape.values())
-        ):
-            raise ConfigError(
-                f"pruned structure block {i}: {shape!r} is not {{num_heads, head_dim, mlp_hidden}}"
-            )
-        if shape["head_dim"] != have["head_dim"]:
-            raise ConfigError(
-                f"pruned structure block {i}: head_dim {shape['head_dim']} differs from the network's "
-                f"{have['head_dim']}; only whole heads are pruned, so build the same model config"
-            )
-        if shape["num_heads"] > have["num_heads"] or shape["mlp_hidden"] > have["mlp_hidden"]:
-            raise ConfigError(
-                f"pruned structure block {i}: {shape['num_heads']} heads / {shape['mlp_hidden']} MLP "
-                f"channels do not fit a block with {have['num_heads']} / {have['mlp_hidden']}: apply it to a "
-                "fresh, unpruned network of the same model config"
-            )
-    return wanted
-
-
-def _sliced_linear(layer: nn.Linear, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.Linear:
-    """A new Linear holding the chosen rows/columns of ``layer`` (dtype, device and bias kept)."""
-    weight = layer.weight.detach()
-    if out_idx is not None:
-        weight = weight[out_idx]
-    if in_idx is not None:
-        weight = weight[:, in_idx]
-    new = nn.Linear(
-        weight.shape[1],
-        weight.shape[0],
-        bias=layer.bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach() if out_idx is None else layer.bias.detach()[out_idx])
-    new.weight.requires_grad_(layer.weight.requires_grad)
-    if new.bias is not None:
-        new.bias.requires_grad_(layer.bias.requires_grad)
-    return new
-
-
-def _reshape_block(block: nn.Module, num_heads: int, mlp_hidden: int) -> None:
-    """Keep the first ``num_heads`` heads and ``mlp_hidden`` MLP channels (values are placeholders until a
-    state dict is loaded; the shapes are what matters)."""
-    attn, mlp = block.attn, block.mlp
-    if num_heads != attn.num_heads:
-        d, old_attn_dim = attn.head_dim, attn.attn_dim
-        dev = attn.qkv.weight.device
-        kept = torch.arange(num_heads * d, device=dev)
-        # qkv rows are laid out [q | k | v], each num_heads x head_dim.
-        qkv_rows = torch.cat([kept + i * old_attn_dim for i in range(3)])
-        attn.qkv = _sliced_linear(attn.qkv, qkv_rows, None)
-        attn.proj = _sliced_linear(attn.proj, None, kept)
-        _set_heads(attn, num_heads)
-    if mlp_hidden != mlp.fc1.out_features:
-        kept = torch.arange(mlp_hidden, device=mlp.fc1.weight.device)
-        mlp.fc1 = _sliced_linear(mlp.fc1, kept, None)
-        mlp.fc2 = _sliced_linear(mlp.fc2, None, kept)
-
-
-def _set_heads(attn: nn.Module, num_heads: int) -> None:
-    # timm's forward reshapes qkv with num_heads/head_dim and the output with attn_dim: all three must agree
-    # with the Linear shapes (head_dim, hence the softmax scale, is unchanged by whole-head pruning).
-    attn.num_heads = num_heads
-    attn.attn_dim = num_heads * attn.head_dim
-
-
-def apply_structure(net: nn.Module, structure: dict[str, Any]) -> nn.Module:
-    """Reshape a fresh network of the same config to ``structure`` (from ``describe_structure``), in place,
-    so that the pruned state dict loads with ``strict=True``. Returns ``net``."""
-    path, blocks = _find_blocks(net)
-    wanted = _check_structure(structure, path, blocks)
-    for block, shape in zip(blocks, wanted, strict=True):
-        _reshape_block(block, shape["num_heads"], shape["mlp_hidden"])
-    return net
+# Planning: per-block shapes and their cost
 
 
 def _plan(
@@ -261,7 +70,7 @@ def _plan(
 ) -> list[dict[str, int]]:
     """The per-block shapes that the ratios give (uniform per layer, see the module docstring)."""
     plan = []
-    for shape in _block_shapes(blocks):
+    for shape in block_shapes(blocks):
         h, w = shape["num_heads"], shape["mlp_hidden"]
         if heads:
             # Nearest whole head, halves rounded up (DeiT-Tiny's 3 heads at 0.5 keep 1); at least one stays.
@@ -296,159 +105,13 @@ def _planned_flops(net: nn.Module, path: str, plan: list[dict[str, int]], image_
 
     def count(probe: nn.Module, device: torch.device | str) -> float:
         for block, shape in zip(probe.get_submodule(path), plan, strict=True):
-            _reshape_block(block, shape["num_heads"], shape["mlp_hidden"])
+            reshape_block(block, shape["num_heads"], shape["mlp_hidden"])
         return float(count_flops(probe, image_size, device=device)["flops"])
 
     try:  # FLOPs depend on shapes only: the meta device counts a ViT-L without copying its weights.
         return count(_meta_copy(net), "meta")
     except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count a real copy
         return count(copy.deepcopy(net), next(net.parameters()).device)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Importance
-
-
-class MovingAverageImportance(tp.importance.GroupMagnitudeImportance):
-    """R1's moving-average significance as a Torch-Pruning importance.
-
-    ``update(model)`` after each backward pass folds the current gradients into
-    ``S_t = beta * S_{t-1} + (1 - beta) * s_t`` per weight (``S_0 = 0``), with ``s_t = |w * g|``
-    (``saliency="taylor"``) or ``|g|`` (``saliency="grad"``). Calling it on a group sums ``S`` over each
-    channel's weights in every coupled Linear and reduces across the group as Torch-Pruning's Taylor
-    importance does (mean over layers, then divided by the group mean). Without bias correction: the common
-    factor ``1 - beta**t`` cancels in the normalisation.
-    """
-
-    def __init__(
-        self,
-        beta: float = 0.9,
-        saliency: str = "taylor",
-        group_reduction: str = "mean",
-        normalizer: str = "mean",
-    ) -> None:
-        super().__init__(
-            p=1, group_reduction=group_reduction, normalizer=normalizer, target_types=[nn.Linear]
-        )
-        if not 0.0 <= beta < 1.0:
-            raise ConfigError(f"beta={beta} must lie in [0, 1) (R1 moving-average decay; 0.9 is typical)")
-        if saliency not in SALIENCIES:
-            raise ConfigError(f"saliency={saliency!r} is not one of {SALIENCIES}")
-        self.beta = beta
-        self.saliency = saliency
-        self.scores: dict[nn.Module, Tensor] = {}
-        self.steps = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One moving-average step from the gradients now in ``model``'s Linear weights."""
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.weight.grad is not None:
-                g = m.weight.grad.detach().float()
-                s = (m.weight.detach().float() * g).abs() if self.saliency == "taylor" else g.abs()
-                prev = self.scores.get(m)
-                self.scores[m] = (
-                    (1.0 - self.beta) * s
-                    if prev is None
-                    else prev.mul_(self.beta).add_(s, alpha=1.0 - self.beta)
-                )
-        self.steps += 1
-
-    @torch.no_grad()
-    def __call__(self, group: Any) -> Tensor | None:
-        group_imp, group_idxs = [], []
-        for i, (dep, idxs) in enumerate(group):
-            layer, prune_fn = dep.target.module, dep.handler
-            score = self.scores.get(layer)
-            if score is None:
-                continue
-            if prune_fn == tp_function.prune_linear_out_channels:
-                local = score[idxs].sum(1)
-            elif prune_fn == tp_function.prune_linear_in_channels:
-                local = score.sum(0)[idxs]
-            else:
-                continue
-            group_imp.append(local)
-            group_idxs.append(group[i].root_idxs)
-        if not group_imp:
-            return None
-        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
-
-
-def _make_importance(importance: str, beta: float, saliency: str) -> tp.importance.Importance:
-    if importance == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if importance == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    return MovingAverageImportance(beta=beta, saliency=saliency)
-
-
-def _score(net: nn.Module, batches: Iterable[Any], imp: tp.importance.Importance) -> int:
-    """Forward/backward the cross-entropy over ``batches``: Taylor keeps the summed gradients in ``.grad``;
-    the moving average takes one step per batch. Returns the number of batches."""
-    device = next(net.parameters()).device
-    per_step = isinstance(imp, MovingAverageImportance)
-    net.zero_grad(set_to_none=True)
-    n = 0
-    with torch.enable_grad():
-        for batch in batches:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise ConfigError(
-                    f"scoring batch {n} is a {type(batch).__name__}, not an (images, labels) pair: pass "
-                    "batches as a DataLoader yields them"
-                )
-            x, y = batch[0].to(device), batch[1].to(device)
-            if per_step:
-                net.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            if per_step:
-                imp.update(net)
-            n += 1
-    return n
-
-
-# --------------------------------------------------------------------------------------------------------
-# Pruning
-
-
-def _validate(
-    ratio: float | None,
-    target_flops: float | None,
-    importance: str,
-    scoring_batches: Any,
-    beta: float,
-    saliency: str,
-    round_to: int,
-    heads: bool,
-    mlp: bool,
-    image_size: int,
-) -> None:
-    if (ratio is None) == (target_flops is None):
-        raise ConfigError(
-            "pruning needs exactly one of ratio (fraction of heads and MLP channels to remove, in (0, 1)) "
-            f"and target_flops (FLOPs per image to reach); got ratio={ratio}, target_flops={target_flops}"
-        )
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
-        raise ConfigError(f"pruning ratio={ratio} must lie strictly between 0 and 1 (e.g. 0.3 removes 30%)")
-    if target_flops is not None and not (isinstance(target_flops, (int, float)) and target_flops > 0):
-        raise ConfigError(f"target_flops={target_flops} must be a positive number of FLOPs per image")
-    if importance not in IMPORTANCES:
-        raise ConfigError(f"pruning importance={importance!r} is not one of {IMPORTANCES}")
-    if saliency not in SALIENCIES:
-        raise ConfigError(f"pruning saliency={saliency!r} is not one of {SALIENCIES}")
-    if not 0.0 <= beta < 1.0:
-        raise ConfigError(f"pruning beta={beta} must lie in [0, 1) (moving-average decay; 0.9 is typical)")
-    if importance != "magnitude" and scoring_batches is None:
-        raise ConfigError(
-            f"pruning importance={importance!r} needs gradients: pass scoring_batches (a few labelled "
-            "training batches), or use importance='magnitude'"
-        )
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise ConfigError(f"pruning round_to={round_to!r} must be a positive integer (1: no rounding)")
-    if not (heads or mlp):
-        raise ConfigError("pruning with heads=false and mlp=false removes nothing: enable at least one")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"image_size={image_size!r} must be a positive integer")
 
 
 def _search_plan(
@@ -490,6 +153,7 @@ def _search_plan(
         return None
     smallest = cost(plan(1.0, 1.0))  # one head and round_to channels per block
     if smallest > target_flops:
+        # Only the network's FLOPs reveal this, so the config check cannot: the target must change.
         raise ConfigError(
             f"target_flops={target_flops:.4g} is out of reach: pruning this network as far as it goes "
             f"(heads={heads}, mlp={mlp}: one head and {round_to} MLP channels per block) still costs "
@@ -500,6 +164,155 @@ def _search_plan(
     mlp_ratio = smallest_ratio(lambda r: plan(ratio, r), ratio) if mlp else ratio
     log.info("target_flops=%.4g: head ratio %.4f, MLP ratio %.4f", target_flops, ratio, mlp_ratio)
     return plan(ratio, mlp_ratio)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Importance
+
+
+def _check_moving_average(beta: float, saliency: str) -> None:
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1) (R1 moving-average decay; 0.9 is typical)")
+    if saliency not in SALIENCIES:
+        raise ValueError(f"saliency={saliency!r} is not one of {SALIENCIES}")
+
+
+class MovingAverageImportance(tp.importance.GroupMagnitudeImportance):
+    """R1's moving-average significance as a Torch-Pruning importance.
+
+    ``update(model)`` after each backward pass folds the current gradients into
+    ``S_t = beta * S_{t-1} + (1 - beta) * s_t`` per weight (``S_0 = 0``), with ``s_t = |w * g|``
+    (``saliency="taylor"``) or ``|g|`` (``saliency="grad"``). Calling it on a group sums ``S`` over each
+    channel's weights in every coupled Linear and reduces across the group as Torch-Pruning's Taylor
+    importance does (mean over layers, then divided by the group mean). Without bias correction: the common
+    factor ``1 - beta**t`` cancels in the normalisation.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.9,
+        saliency: str = "taylor",
+        group_reduction: str = "mean",
+        normalizer: str = "mean",
+    ) -> None:
+        super().__init__(
+            p=1, group_reduction=group_reduction, normalizer=normalizer, target_types=[nn.Linear]
+        )
+        _check_moving_average(beta, saliency)
+        self.beta = beta
+        self.saliency = saliency
+        self.scores: dict[nn.Module, Tensor] = {}
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One moving-average step from the gradients now in ``model``'s Linear weights."""
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.weight.grad is not None:
+                g = m.weight.grad.detach().float()
+                s = (m.weight.detach().float() * g).abs() if self.saliency == "taylor" else g.abs()
+                prev = self.scores.get(m)
+                self.scores[m] = (
+                    (1.0 - self.beta) * s
+                    if prev is None
+                    else prev.mul_(self.beta).add_(s, alpha=1.0 - self.beta)
+                )
+        self.steps += 1
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> Tensor | None:
+        """Per-channel importance of a Torch-Pruning group (None when no layer of it has scores)."""
+        group_imp, group_idxs = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, prune_fn = dep.target.module, dep.handler
+            score = self.scores.get(layer)
+            if score is None:
+                continue
+            if prune_fn == tp_function.prune_linear_out_channels:
+                local = score[idxs].sum(1)
+            elif prune_fn == tp_function.prune_linear_in_channels:
+                local = score.sum(0)[idxs]
+            else:
+                continue
+            group_imp.append(local)
+            group_idxs.append(group[i].root_idxs)
+        if not group_imp:
+            return None
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+
+def _make_importance(importance: str, beta: float, saliency: str) -> tp.importance.Importance:
+    if importance == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if importance == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    return MovingAverageImportance(beta=beta, saliency=saliency)
+
+
+def _score(net: nn.Module, batches: Iterable[Any], imp: tp.importance.Importance) -> int:
+    """Forward/backward the cross-entropy over ``batches``: Taylor keeps the summed gradients in ``.grad``;
+    the moving average takes one step per batch. Returns the number of batches."""
+    device = next(net.parameters()).device
+    per_step = isinstance(imp, MovingAverageImportance)
+    net.zero_grad(set_to_none=True)
+    n = 0
+    with torch.enable_grad():
+        for batch in batches:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError(
+                    f"scoring_batches item {n} is a {type(batch).__name__}, not an (images, labels) pair: "
+                    "pass batches as a DataLoader yields them"
+                )
+            x, y = batch[0].to(device), batch[1].to(device)
+            if per_step:
+                net.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            if per_step:
+                imp.update(net)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pruning
+
+
+def _check_arguments(
+    ratio: float | None,
+    target_flops: float | None,
+    importance: str,
+    scoring_batches: Any,
+    beta: float,
+    saliency: str,
+    round_to: int,
+    heads: bool,
+    mlp: bool,
+    image_size: int,
+) -> None:
+    """A guard for direct callers: the prune stage has already checked the config these come from."""
+    if (ratio is None) == (target_flops is None):
+        raise ValueError(
+            "prune_vit needs exactly one of ratio (fraction of heads and MLP channels to remove, in (0, 1)) "
+            f"and target_flops (FLOPs per image to reach); got ratio={ratio}, target_flops={target_flops}"
+        )
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+        raise ValueError(f"ratio={ratio} must lie strictly between 0 and 1 (e.g. 0.3 removes 30%)")
+    if target_flops is not None and not (isinstance(target_flops, (int, float)) and target_flops > 0):
+        raise ValueError(f"target_flops={target_flops} must be a positive number of FLOPs per image")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance={importance!r} is not one of {IMPORTANCES}")
+    _check_moving_average(beta, saliency)
+    if importance != "magnitude" and scoring_batches is None:
+        raise ValueError(
+            f"importance={importance!r} needs gradients: pass scoring_batches (a few labelled "
+            "training batches), or use importance='magnitude'"
+        )
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ValueError(f"round_to={round_to!r} must be a positive integer (1: no rounding)")
+    if not (heads or mlp):
+        raise ValueError("heads=False and mlp=False removes nothing: enable at least one")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r} must be a positive integer")
 
 
 def prune_vit(
@@ -523,11 +336,14 @@ def prune_vit(
     smallest uniform ratio that reaches it sets the heads, then the MLP keeps the most channels that fit).
     ``importance`` is ``"magnitude"``, ``"taylor"`` or ``"moving_average"`` (R1; ``beta``, ``saliency``);
     the last two need ``scoring_batches`` of (images, labels). MLP widths are multiples of ``round_to``.
+
+    Raises ValueError for bad arguments, ConfigError for a network that cannot be pruned or a
+    ``target_flops`` it cannot reach; ``net`` is left unchanged in both cases.
     """
-    _validate(
+    _check_arguments(
         ratio, target_flops, importance, scoring_batches, beta, saliency, round_to, heads, mlp, image_size
     )
-    path, blocks = _find_blocks(net)
+    path, blocks = find_blocks(net)
     if target_flops is None:
         assert ratio is not None
         plan = _plan(blocks, ratio, ratio, heads, mlp, round_to)
@@ -552,7 +368,7 @@ def prune_vit(
             for p in net.parameters():
                 p.requires_grad_(True)
             if _score(net, scoring_batches, imp) == 0:
-                raise ConfigError(
+                raise ValueError(
                     f"scoring_batches yielded no batch; importance={importance!r} needs at least one"
                 )
         _prune_with_plan(net, blocks, plan, imp, image_size, device)
@@ -562,7 +378,7 @@ def prune_vit(
             p.requires_grad_(requires_grad.get(name, True))
         net.train(was_training)
 
-    got = _block_shapes(blocks)
+    got = block_shapes(blocks)
     if got != plan:  # a Torch-Pruning change would show here, not as a silent wrong shape
         raise RuntimeError(f"pruning produced {got}, planned {plan}")
     return net
@@ -620,7 +436,7 @@ def _prune_with_plan(
         )
         pruner.step()
     for block in blocks:
-        _set_heads(block.attn, pruner.num_heads[block.attn.qkv])
+        set_heads(block.attn, pruner.num_heads[block.attn.qkv])
 
 
 def _in_channels(net: nn.Module) -> int:
