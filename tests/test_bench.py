@@ -41,15 +41,18 @@ def test_bench_times_fp32_and_int8_side_by_side(tmp_path):
         cost = art["cost"]
         assert set(cost["latency_ms"]) == {"1", "2"} and cost["protocol"]["repeats"] == 2
         assert all(v["p90"] >= v["p50"] > 0 for v in cost["latency_ms"].values())
-        assert all(len(r["per_repeat"]) == 2 for r in cost["ratio_to_baseline"].values())
+        assert all(len(r["per_repeat"]) == 2 for r in cost["timing"]["ratio_to_baseline"].values())
         assert (
             cost["memory"]["method"] == "child"
             and cost["peak_rss_mb"] > cost["memory"]["rss_after_imports_mb"]
         )
-    assert all(r["median"] == 1.0 for r in fp32["cost"]["ratio_to_baseline"].values())  # itself
+    assert all(r["median"] == 1.0 for r in fp32["cost"]["timing"]["ratio_to_baseline"].values())  # itself
+    assert fp32["cost"]["timing"]["timed_with"] == ["fp32", "int8_dynamic", "onnx_fp32"]
+    assert record["entry"] == "bench"
     assert "int8_dynamic: latency / fp32" in result.stdout
     # energy: a number where RAPL/NVML is readable, otherwise the reason it is absent
-    assert fp32["cost"]["energy_j_per_image"] or fp32["cost"]["energy_absent_reason"]
+    timing = fp32["cost"]["timing"]
+    assert timing.get("energy_j_per_image") or timing["energy_absent_reason"]
 
 
 def test_bench_onnx_runtime_int8_variants(tmp_path):
@@ -62,7 +65,7 @@ def test_bench_onnx_runtime_int8_variants(tmp_path):
         # INT8 weights inside the .onnx: well under half the float file, same architecture counted
         assert arts[name]["cost"]["size_bytes"] < 0.5 * arts["onnx_fp32"]["cost"]["size_bytes"]
         assert arts[name]["cost"]["params"] == arts["fp32"]["cost"]["params"]
-        assert set(arts[name]["cost"]["ratio_to_baseline"]) == {"1", "2"}
+        assert set(arts[name]["cost"]["timing"]["ratio_to_baseline"]) == {"1", "2"}
 
 
 def test_bench_measures_given_artifacts_and_refuses_missing_ones(tmp_path):

@@ -242,26 +242,28 @@ def test_teacher_with_another_class_count_is_refused(make_cfg, tmp_path):
 
 def test_qat_on_a_non_cpu_accelerator_is_refused(make_cfg):
     from patholite.accelerators import resolve_accelerator
-    from patholite.pipelines.preflight import check_compression_fits
+    from patholite.pipelines.stages import check_stages
+    from patholite.pipelines.tasks import task_for
 
     cfg = make_cfg("compression=qat")
     accel = resolve_accelerator(cfg.accelerator)
     accel.device = torch.device("cuda")  # as resolved on a GPU machine
     with pytest.raises(ConfigError, match="accelerator=cpu"):
-        check_compression_fits(cfg, accel)
+        check_stages(cfg, task_for(cfg.model), accel)
 
 
 def test_a_run_interrupted_between_stages_resumes_without_redoing_them(make_cfg, tmp_path, monkeypatch):
-    import patholite.pipelines.stages as stages
+    import patholite.pipelines.stages.ptq as ptq
+    import patholite.pipelines.tasks.tiles as tiles
 
     calls = []
-    real_ptq = stages.PTQ["dynamic"]
+    real_ptq = ptq.METHODS["dynamic"]
 
     def interrupted(run, src):
         calls.append("ptq")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(stages.PTQ, "dynamic", interrupted)
+    monkeypatch.setitem(ptq.METHODS, "dynamic", ptq.Method("int8_dynamic", interrupted))
     cfg = make_cfg("compression=kd_ema_ptq")
     with pytest.raises(KeyboardInterrupt):
         run_job(cfg)
@@ -273,8 +275,8 @@ def test_a_run_interrupted_between_stages_resumes_without_redoing_them(make_cfg,
     def no_training(*args, **kwargs):
         raise AssertionError("distillation finished before the interruption; it must not run again")
 
-    monkeypatch.setattr(stages, "fit", no_training)
-    monkeypatch.setitem(stages.PTQ, "dynamic", real_ptq)
+    monkeypatch.setattr(tiles, "fit", no_training)
+    monkeypatch.setitem(ptq.METHODS, "dynamic", real_ptq)
     assert run_job(make_cfg("compression=kd_ema_ptq", f"resume={run_dir}")) == "ok"
     record = read_record(run_dir)
     assert names(record) == OPTIONS["kd_ema_ptq"] and calls == ["ptq"]

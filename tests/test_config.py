@@ -11,7 +11,8 @@ from hydra.errors import ConfigCompositionException
 
 from patholite.config import check_config
 from patholite.errors import AcceleratorError, ConfigError
-from patholite.pipelines.preflight import check_model_fits, preflight
+from patholite.models.fits import check_model_fits
+from patholite.pipelines.preflight import check_run, preflight
 from patholite.train import CONF_DIR
 from tests.conftest import compose_config
 
@@ -39,7 +40,8 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     slide_model = group == "model" and option.startswith("smt")  # diagnoses slides: needs slide data
     extra = ["dataset=smt_synthetic"] if slide_model else []
     cfg = compose_config([f"{group}={option}", *extra], tmp_path, tmp_path / "cache")
-    check_config(cfg)
+    # every check short of the data; an accelerator option is checked against this machine elsewhere
+    check_config(cfg) if group == "accelerator" else check_run(cfg)
     if group == "model":
         check_model_fits(cfg.model, num_classes=4, image_size=64)
         assert cfg.model.name == option and cfg.model.pretrained is False
@@ -51,31 +53,48 @@ def test_smt_needs_slides_and_sane_geometry(tmp_path):
     def cfg(*overrides):
         return compose_config(["model=smt_micro", "dataset=smt_synthetic", *overrides], tmp_path, tmp_path)
 
+    check_run(cfg())
     with pytest.raises(ConfigError, match="dataset=synthetic has no slides"):
-        check_config(cfg("dataset=synthetic"))
+        check_run(cfg("dataset=synthetic"))
     with pytest.raises(ConfigError, match=r"top_k=65: K must lie in 1..grid\^2 = 64"):
-        check_config(cfg("model.smt.top_k=65"))
+        check_run(cfg("model.smt.top_k=65"))
     with pytest.raises(ConfigError, match="image_size=64 must be a multiple of model.smt.grid=6"):
-        check_config(cfg("model.smt.grid=6"))
-    with pytest.raises(ConfigError, match="pruning and low-rank SMT are not built yet"):
-        check_config(cfg("compression=prune"))
+        check_run(cfg("model.smt.grid=6"))
+    with pytest.raises(ConfigError, match=r"the prune stage does not run on model=smt_micro \(slides\)"):
+        check_run(cfg("compression=prune"))
+    with pytest.raises(ConfigError, match="mixed does not run on model=smt_micro"):
+        check_run(cfg("compression=ptq", "compression.ptq.methods=[mixed]"))
+    with pytest.raises(ConfigError, match="EMA of SMT's weights is not built"):
+        check_run(cfg("compression=ema"))
     with pytest.raises(ConfigError, match="learns from a float SMT teacher"):
-        check_config(cfg("compression=kd", "compression.teacher.model=deit_small"))
+        check_run(cfg("compression=kd", "compression.teacher.model=deit_small"))
     with pytest.raises(ConfigError, match="must share model.smt.image_size, grid and layers"):
-        check_config(cfg("compression=kd", "compression.teacher.model=smt"))  # 256/16 against 64/8
-    check_config(cfg("compression=kd", "compression.teacher.model=smt_micro"))
+        check_run(cfg("compression=kd", "compression.teacher.model=smt"))  # 256/16 against 64/8
+    check_run(cfg("compression=kd", "compression.teacher.model=smt_micro"))
     with pytest.raises(ConfigError, match="model.smt.reform"):
-        check_config(cfg("model.smt.reform=[ret,cls]"))
+        check_run(cfg("model.smt.reform=[ret,cls]"))
     with pytest.raises(ConfigError, match=r"start_epochs=\[0, 20, 50\] but trainer.max_epochs=10"):
-        check_config(cfg("model.smt.start_epochs=[0,20,50]", "trainer.max_epochs=10"))
-    check_config(cfg("compression=ptq"))
-    check_config(cfg("compression=qat"))
+        check_run(cfg("model.smt.start_epochs=[0,20,50]", "trainer.max_epochs=10"))
+    check_run(cfg("compression=ptq"))
+    check_run(cfg("compression=qat"))
     with pytest.raises(ConfigError, match="set model.smt.finetune_lr_scale instead"):
-        check_config(cfg("compression=qat", "compression.qat.finetune.lr=0.001"))
+        check_run(cfg("compression=qat", "compression.qat.finetune.lr=0.001"))
     with pytest.raises(ConfigError, match="finetune_lr_scale=0.0 must be > 0"):
-        check_config(cfg("compression=qat", "model.smt.finetune_lr_scale=0"))
-    with pytest.raises(ConfigError, match="compression.qat.engine='x68' is not an INT8 engine"):
-        check_config(cfg("compression=qat", "compression.qat.engine=x68"))
+        check_run(cfg("compression=qat", "model.smt.finetune_lr_scale=0"))
+
+
+@pytest.mark.parametrize("key", ["compression.ptq.engine", "compression.qat.engine"])
+def test_the_old_int8_engine_keys_name_the_new_one(key, tmp_path):
+    overrides = ["debug=fast", "compression=pdq", "compression.stages=[start,qat,ptq]", f"{key}=x86"]
+    cfg = compose_config(overrides, tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match=f"{key}=x86: .* use accelerator.int8_engine=x86"):
+        check_run(cfg)
+
+
+def test_an_int8_engine_this_torch_lacks_is_refused_before_work(tmp_path):
+    cfg = compose_config(["debug=fast", "compression=qat", "accelerator.int8_engine=x68"], tmp_path, tmp_path)
+    with pytest.raises(AcceleratorError, match="accelerator.int8_engine=x68 is not supported"):
+        check_run(cfg)
 
 
 def test_every_group_has_options():
@@ -202,7 +221,7 @@ def test_gpu_without_cuda_fails_before_training(tmp_path):
 
 def test_auto_accelerator_records_its_pick(tmp_path):
     cfg = compose_config(["debug=fast", "accelerator=auto"], tmp_path, tmp_path / "cache")
-    _, accel = preflight(cfg)
+    accel = preflight(cfg).accelerator
     expected = "gpu" if torch.cuda.is_available() else "cpu"
     assert accel.kind == expected
     assert f"auto picked {expected}" in accel.describe()["notes"]

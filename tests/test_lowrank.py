@@ -180,11 +180,22 @@ class _NoBlocks(nn.Module):
         lambda: apply_nystrom(tiny_vit(), 8, blocks=[-1]),
         lambda: apply_nystrom(tiny_vit(), 8, blocks=[]),
         lambda: apply_nystrom(tiny_vit(), 8, pinv_iters=0),
+    ],
+)
+def test_bad_arguments_raise_value_error(call):
+    # compression.lowrank.* is checked in preflight (the lowrank stage); the library guards its arguments
+    with pytest.raises(ValueError):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
         lambda: apply_nystrom(_NoBlocks(), 8),
         lambda: NystromAttention.from_attention(nn.Linear(4, 4), 8),
         lambda: apply_nystrom(tiny_vit(), 8).blocks[0].attn(torch.randn(1, 65, 64), is_causal=True),
     ],
 )
-def test_bad_inputs_raise_config_error(call):
+def test_networks_it_cannot_change_raise_config_error(call):
     with pytest.raises(ConfigError):
         call()

@@ -311,6 +311,7 @@ def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
     from patholite.artifacts.torch_float import save_float_artifact
     from patholite.errors import CheckpointError
     from patholite.models.factory import build_model, create_network
+    from patholite.pipelines.tasks.slides import encoder_weights
 
     kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2}
     tile_cfg = {
@@ -338,7 +339,11 @@ def test_every_encoder_can_start_from_a_tile_classifier(tmp_path):
     save_float_artifact(create_network(tile_cfg, 4, 64), other, meta)
     artifacts = [{"name": "fp32", "path": str(tmp_path / "tile")}, {"name": "fp32_ema", "path": str(other)}]
     (run / "metrics.json").write_text(json.dumps({"status": "ok", "artifacts": artifacts}))
-    net = build_model({**cfg, "smt": {**smt, "encoder_checkpoint": str(run)}}, 2, 64)
+    with pytest.raises(CheckpointError, match="no weights there"):  # models never resolve run folders
+        build_model({**cfg, "smt": {**smt, "encoder_checkpoint": str(run)}}, 2, 64)
+    resolved = encoder_weights(str(run))  # what preflight does (the slide task's check)
+    assert resolved == str(tmp_path / "tile") and encoder_weights(str(other)) == str(other)
+    net = build_model({**cfg, "smt": {**smt, "encoder_checkpoint": resolved}}, 2, 64)
     assert torch.equal(net.encoders[2].blocks[0].attn.qkv.weight, tile.blocks[0].attn.qkv.weight)
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from patholite.config import check_config
 from patholite.errors import CheckpointError, ConfigError
+from patholite.pipelines.preflight import check_run
 
 from .conftest import compose_config, run_cli
 
@@ -111,11 +111,11 @@ def test_qat_fine_tunes_an_smt_for_dynamic_int8(tmp_path):
     with pytest.raises(
         ConfigError, match=r"compression.teacher.checkpoint=.* must share model.smt.image_size"
     ):
-        check_config(compose_config(
+        check_run(compose_config(
             ["model=smt_micro", *TINY_SLIDES, "compression=kd", f"compression.teacher.checkpoint={run}",
              "model.smt.image_size=32"], tmp_path, tmp_path,
         ))  # fmt: skip
-    # preflight compares what check_config cannot see: the teacher's normalisation and classes
+    # preflight compares what needs the data: the teacher's normalisation and classes
     from patholite.pipelines.preflight import preflight
 
     def kd_from_run(*overrides):
@@ -128,7 +128,7 @@ def test_qat_fine_tunes_an_smt_for_dynamic_int8(tmp_path):
         preflight(kd_from_run("dataset.mean=[0.5,0.5,0.5]"))
     with pytest.raises(ConfigError, match=r"was trained on classes \['Normal', 'Tumor'\]"):
         preflight(kd_from_run("dataset.slide_labels=classes"))
-    with pytest.raises(CheckpointError, match="is a torch_int8_dynamic artifact; distil from a float SMT"):
+    with pytest.raises(CheckpointError, match="is a torch_int8_dynamic artifact; distil from a float one"):
         preflight(kd_from_run(f"compression.teacher.checkpoint={run / 'artifacts' / 'smt_int8_qat'}"))
 
 

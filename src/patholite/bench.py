@@ -23,18 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import artifacts as art
 from patholite.accelerators import resolve_accelerator
-from patholite.compress.quantize import quantize_dynamic_int8, quantize_dynamic_ort, quantize_static_ort
+from patholite.config.options import CONF_DIR
 from patholite.errors import AcceleratorError, ConfigError, PatholiteError
-from patholite.io import write_json
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
 from patholite.measure.evaluate import count_architecture, measure_memory
 from patholite.measure.report import print_records
-from patholite.measure.timing import time_artifacts
+from patholite.measure.timing import time_artifacts, timing_block
 from patholite.models.factory import create_network
-from patholite.pipelines.preflight import check_model_fits
-from patholite.records import ARTIFACT_NAMES, ArtifactRecord, RunRecord, read_record
-from patholite.train import CONF_DIR
+from patholite.models.fits import check_model_fits
+from patholite.pipelines.stages import artifact_names
+from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort, save_static_ort
+from patholite.records import ArtifactRecord, RunRecord, read_record
 
 log = logging.getLogger("patholite.bench")
 KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic", "onnx": "onnx_fp32"}
@@ -45,8 +45,8 @@ CALIBRATION_IMAGES = 16
 
 
 def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path]:
-    """The ``model=`` option with seeded random weights, saved as the requested variants."""
-
+    """The ``model=`` option with seeded random weights, saved as the requested variants (the same INT8
+    paths the ptq stage takes; static INT8 calibrated on random images)."""
     unknown = set(cfg.variants) - set(VARIANTS)
     if unknown or not cfg.variants:
         raise ConfigError(f"variants={list(cfg.variants)}: choose from {list(VARIANTS)}")
@@ -69,33 +69,31 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
         art.save_float_artifact(net, out / "fp32_compile", {**meta, "runtime": "torch_compile"})
         dirs.append(out / "fp32_compile")
     if "int8_dynamic" in cfg.variants:
-        art.save_int8_dynamic_artifact(quantize_dynamic_int8(net, engine), out / "int8_dynamic", meta, engine)
+        save_dynamic(net, out / "int8_dynamic", meta, engine)
         dirs.append(out / "int8_dynamic")
     if ONNX_VARIANTS & set(cfg.variants):
         onnx_dir = out / "onnx_fp32"
         art.save_onnx_artifact(net, onnx_dir, meta)
+        float_onnx = onnx_dir / art.ONNX_FILE
         if "onnx_fp32" in cfg.variants:
             dirs.append(onnx_dir)
-        for variant in ("int8_dynamic_ort", "int8_static_ort"):
-            if variant in cfg.variants:
-                dirs.append(_ort_int8(onnx_dir / art.ONNX_FILE, out / variant, meta, variant, cfg.seed))
+        if "int8_dynamic_ort" in cfg.variants:
+            save_dynamic_ort(float_onnx, out / "int8_dynamic_ort", meta)
+            dirs.append(out / "int8_dynamic_ort")
+        if "int8_static_ort" in cfg.variants:
+            g = torch.Generator().manual_seed(cfg.seed)
+            batches = [torch.randn(CALIBRATION_IMAGES, 3, cfg.image_size, cfg.image_size, generator=g)]
+            how = {"format": "QDQ", "calibration": f"{CALIBRATION_IMAGES} random images (speed only)"}
+            save_static_ort(float_onnx, out / "int8_static_ort", meta, batches, how)
+            dirs.append(out / "int8_static_ort")
     return dirs
 
 
-def _ort_int8(float_onnx: Path, directory: Path, meta: dict[str, Any], variant: str, seed: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    if variant == "int8_dynamic_ort":
-        quantize_dynamic_ort(float_onnx, directory / art.ONNX_FILE)
-        how = {"format": "dynamic"}
-    else:
-        g = torch.Generator().manual_seed(seed)
-        size = meta["image_size"]
-        batches = [torch.randn(CALIBRATION_IMAGES, 3, size, size, generator=g)]
-        quantize_static_ort(float_onnx, directory / art.ONNX_FILE, batches)
-        how = {"format": "QDQ", "calibration": f"{CALIBRATION_IMAGES} random images (speed only)"}
-    sidecar = {"kind": "onnx", "weights": art.ONNX_FILE, "quantization": how, **meta}
-    write_json(directory / art.SIDECAR, sidecar)
-    return directory
+def artifact_name(directory: Path, meta: dict[str, Any]) -> str:
+    """A benchmarked artifact's record name: its folder's, when that is an artifact name (a run's artifact
+    folders, the variants), else by its kind."""
+    known = {*artifact_names(), *VARIANTS}
+    return directory.name if directory.name in known else KIND_NAMES.get(meta["kind"], "fp32")
 
 
 def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
@@ -112,7 +110,8 @@ def run_bench(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir).resolve()
     job = job_info(hc)
-    record = RunRecord(run_dir=str(out), config=OmegaConf.to_container(cfg, resolve=True), job=job)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = RunRecord(run_dir=str(out), config=config, job=job, entry="bench")
     record.config.setdefault("compression", {"name": "bench"})
     try:
         record.write()
@@ -129,6 +128,7 @@ def run_bench(cfg: DictConfig) -> str:
         )
         static = [_static_cost(d, cfg.image_size) for d in dirs]  # also checks every artifact loads
         timing = time_artifacts(dirs, cfg.image_size, cfg.bench, str(accel.device))
+        names = [artifact_name(d, s["meta"]) for d, s in zip(dirs, static, strict=True)]
         for d, s in zip(dirs, static, strict=True):
             t = timing["artifacts"][d.name]
             cost = {
@@ -136,18 +136,16 @@ def run_bench(cfg: DictConfig) -> str:
                 **measure_memory(d, cfg.image_size, cfg.bench, accel.device),
                 "latency_ms": t["latency_ms"],
                 "throughput_ips": t["throughput_ips"],
-                "ratio_to_baseline": t["ratio_to_baseline"],
-                "baseline": timing["baseline"],
                 "device": timing["device"],
                 "threads": timing["threads"],
-                "sync": timing["sync"],
-                "energy_j_per_image": t.get("energy_j_per_image"),
-                "energy_source": timing["energy_source"],
-                "energy_absent_reason": timing["energy_absent_reason"],
+                "timing": {
+                    **timing_block(timing, d, names),
+                    "energy_source": timing["energy_source"],
+                    "energy_absent_reason": timing["energy_absent_reason"],
+                },
                 "protocol": {k: cfg.bench[k] for k in ("warmup", "iters", "repeats")},
             }
-            # a run's artifact folders and the variants are named in the vocabulary; other folders by kind
-            name = d.name if d.name in ARTIFACT_NAMES else KIND_NAMES.get(s["meta"]["kind"], "fp32")
+            name = names[dirs.index(d)]
             record.artifacts.append(
                 ArtifactRecord(
                     name=name,
@@ -180,14 +178,14 @@ def run_bench(cfg: DictConfig) -> str:
         for a in record.artifacts:
             ratios = ", ".join(
                 f"b{b}: {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]"
-                for b, r in a.cost["ratio_to_baseline"].items()
+                for b, r in a.cost["timing"]["ratio_to_baseline"].items()
             )
             print(f"{a.name}: latency / {timing['baseline']} = {ratios}")
         print(f"record: {record.path}")
     return record.status
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def _hydra_main(cfg: DictConfig) -> str:
     with sigterm_as_exit():
         return run_bench(cfg)

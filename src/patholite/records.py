@@ -1,9 +1,11 @@
-"""The run record: ``metrics.json`` in every job's output directory, the one result format of patholite.
+"""The run record: ``metrics.json`` in every job's output directory, the one result format of patholite,
+written alike by every entry point (``entry``: train, bench, slide).
 
 Schema (version ``SCHEMA_VERSION``)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
+      "entry": "train" | "bench" | "slide",
       "status": "running" | "ok" | "failed" | "interrupted",
       "error": null | "<type>: <message>",         # set when failed or interrupted
       "traceback": null | "<text>",
@@ -15,11 +17,12 @@ Schema (version ``SCHEMA_VERSION``)::
       "device": {"requested", "kind", "accelerator", "devices", "strategy", "precision", "eval_device",
                  "int8_engine", "notes", "cpu", "cpu_count", "torch_threads", "machine", "gpu"?, ...},
       "wandb": null | {"run_id", "dir", "mode", "group"},
-      "artifacts": [ARTIFACT, ...]
+      "artifacts": [ARTIFACT, ...],
+      "slides": null | {"n", "ok", "failed", "summary"}   # slide runs: the slides and their summary file
     }
 
     ARTIFACT = {
-      "name": one of ARTIFACT_NAMES,
+      "name": an artifact name (the stages declare theirs: ``pipelines.stages.artifact_names``),
       "path": directory of the reloadable files, "files": [relative file names], "source": name | null,
       "model": the artifact's model option name (a teacher's is not the run's model=),
       "parity": null | {"against": name, "flip_rate", "max_abs_logit_diff", "n_samples"},  # vs its source
@@ -32,7 +35,8 @@ Schema (version ``SCHEMA_VERSION``)::
                "peak_rss_mb", "memory": {"method": "child" | "process", ...},
                "timing": {"method": "child_alternating" | "child" | "process", "sync"?,
                           "timed_with"?, "baseline"?, "ratio_to_baseline"?: {"<batch>": {"median", "min",
-                          "max", "per_repeat"}}}, "device", "threads",
+                          "max", "per_repeat"}}, "energy_j_per_image"?: {"<batch>": joules},
+                          "energy_source"?, "energy_absent_reason"?}, "device", "threads",
                "protocol": {"warmup", "iters", "repeats"}}
 
 ``flops`` counts attention (2 FLOPs per multiply-add); ``flops_fused_uncounted`` is torch's count with fused
@@ -42,7 +46,8 @@ artifact and runs the largest batch (``memory.method == "child"``, with ``rss_af
     }
 
 A job writes the record at start ("running"), so a job killed outright never leaves one claiming success,
-and again at the end. Every write is atomic.
+and again at the end. Every write is atomic. ``read_record`` reads every version: a version-1 record (before
+``entry``; a benchmark's timing ratios at ``cost.ratio_to_baseline``) is upgraded to this shape in memory.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ from typing import Any
 
 from patholite.io import write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ENTRIES = ("train", "bench", "slide")
 QUALITY_SCALARS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
 QUALITY_KEYS = (
     *QUALITY_SCALARS,
@@ -84,33 +90,6 @@ COST_KEYS = (
 )
 RECORD_FILE = "metrics.json"
 STATUSES = ("running", "ok", "failed", "interrupted")
-
-# The artifact vocabulary: every evaluated model is one of these.
-ARTIFACT_NAMES = {
-    "fp32": "the trained float model (teacher / plain training)",
-    "fp32_ema": "the float model with EMA-averaged weights",
-    "teacher_fp32": "the frozen teacher a student was distilled from",
-    "student_fp32": "a distilled student in float",
-    "student_fp32_ema": "a distilled student with EMA-averaged weights",
-    "pruned_ema": "pruned and fine-tuned, EMA-averaged weights",
-    "lowrank_ema": "Nystrom low-rank attention, fine-tuned, EMA-averaged weights",
-    "int8_dynamic": "torch.ao dynamic INT8 of Linear layers (x86/fbgemm), LayerNorm/Softmax in float",
-    "int8_static_ort": "static INT8 QDQ through ONNX Runtime",
-    "int8_dynamic_ort": "dynamic INT8 (MatMul/Gemm) through ONNX Runtime",
-    "int8_mixed": "per-layer mixed precision (INT8 where the task tolerates it)",
-    "int8_qat": "quantization-aware trained, converted to INT8",
-    "pruned": "structurally pruned (heads, MLP channels) and fine-tuned",
-    "lowrank": "Nystrom low-rank attention",
-    "onnx_fp32": "float ONNX export run with ONNX Runtime",
-    "fp32_compile": "the float model run through torch.compile (inductor), benchmark only",
-    # slide-level models (model=smt and its baselines); quality per slide, cost per slide
-    "smt_fp32": "R3's SMT in float: thumbnail plus 1 + K + K^2 focused regions per slide",
-    "smt_int8_dynamic": "SMT with torch.ao dynamic INT8 Linear layers in every encoder",
-    "smt_int8_qat": "SMT fine-tuned with fake-quantized Linear weights (dynamic QAT), then dynamic INT8",
-    "tiling_max": "full tiling of the tissue with the patch classifier, max pooling of tile scores (R3)",
-    "tiling_mean": "full tiling of the tissue with the patch classifier, mean pooling of tile scores",
-    "mil_gated": "gated-attention MIL (CLAM-SB-like) over the patch classifier's tile embeddings",
-}
 
 _PACKAGES = (
     "patholite",
@@ -140,10 +119,6 @@ class ArtifactRecord:
     parity: dict[str, Any] | None = None
     model: str | None = None  # the artifact's own model option (a teacher's differs from the run's model=)
 
-    def __post_init__(self) -> None:
-        if self.name not in ARTIFACT_NAMES:
-            raise ValueError(f"artifact name {self.name!r} is not in the vocabulary {sorted(ARTIFACT_NAMES)}")
-
 
 @dataclass
 class RunRecord:
@@ -160,6 +135,8 @@ class RunRecord:
     device: dict[str, Any] = field(default_factory=dict)
     wandb: dict[str, Any] | None = None
     artifacts: list[ArtifactRecord] = field(default_factory=list)
+    entry: str = "train"
+    slides: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -169,6 +146,8 @@ class RunRecord:
     def write(self) -> Path:
         if self.status not in STATUSES:
             raise ValueError(f"status {self.status!r} is not one of {STATUSES}")
+        if self.entry not in ENTRIES:
+            raise ValueError(f"entry {self.entry!r} is not one of {ENTRIES}")
         write_json(self.path, asdict(self))
         return self.path
 
@@ -198,8 +177,37 @@ def package_versions() -> dict[str, str]:
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
-    """A record as a dict; ``path`` is the JSON file or the run directory holding it."""
+    """A record as a dict in the current schema; ``path`` is the JSON file or the run directory holding
+    it."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_FILE
-    return json.loads(path.read_text())
+    return upgrade_record(json.loads(path.read_text()))
+
+
+# Version 1 benchmark records kept these beside the costs; version 2 keeps them in cost.timing.
+_V1_BENCH_TIMING = ("ratio_to_baseline", "baseline", "sync", "energy_j_per_image", "energy_source",
+                    "energy_absent_reason")  # fmt: skip
+
+
+def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (any schema version) in the current schema; a newer version than this code is refused."""
+    version = int(record.get("schema_version", 1))
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"record schema version {version} is newer than this patholite reads ({SCHEMA_VERSION}); "
+            "upgrade patholite"
+        )
+    if version == 1:
+        config = record.get("config") or {}
+        bench = (config.get("compression") or {}).get("name") == "bench" or config.get("task_name") == "bench"
+        record = {**record, "entry": "bench" if bench else "train", "slides": None, "schema_version": 2}
+        for artifact in record.get("artifacts", []):
+            cost = artifact.get("cost") or {}
+            if "ratio_to_baseline" in cost:
+                moved = {k: cost.pop(k) for k in _V1_BENCH_TIMING if k in cost}
+                timing = {"method": "child_alternating", **moved}
+                if timing.get("baseline") and "timed_with" not in timing:
+                    timing["timed_with"] = [a["name"] for a in record["artifacts"]]
+                cost["timing"] = {**(cost.get("timing") or {}), **timing}
+    return record

@@ -9,17 +9,26 @@ pipelined inference, per-tile predictions, heatmaps, a call and a report; one su
 from __future__ import annotations
 
 import logging
+import statistics
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas)
+from patholite.accelerators.resolve import describe_machine
+from patholite.artifacts.resolve import resolve_artifact
+from patholite.artifacts.sidecar import read_sidecar
 from patholite.config.options import CONF_DIR
-from patholite.errors import AcceleratorError, ConfigError, PatholiteError
-from patholite.jobs import run_hydra, sigterm_as_exit, user_message
+from patholite.errors import AcceleratorError, ConfigError, PatholiteError, SlideError
+from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
+from patholite.measure.cost import files_size
+from patholite.records import ArtifactRecord, RunRecord
 from patholite.slides.run import run_slides
 from patholite.wsi.reader import find_slides
 
@@ -62,16 +71,67 @@ def check_slide_config(cfg: DictConfig) -> None:
         raise ConfigError(f"tissue.method={cfg.tissue.method!r}: choose otsu_saturation or otsu_gray")
 
 
+def slide_artifact_record(directory: Path, rows: list[dict[str, Any]], device: str) -> ArtifactRecord:
+    """The artifact a slide run used, with what its slides cost (medians over the slides that ran)."""
+    sidecar = read_sidecar(directory)
+    ok = [r for r in rows if r["status"] == "ok"]
+
+    def median(key: str, within: str | None = None) -> float | None:
+        values = [(r.get(within) or {}).get(key) if within else r.get(key) for r in ok]
+        values = [v for v in values if isinstance(v, int | float)]
+        return float(statistics.median(values)) if values else None
+
+    files = sorted(p.name for p in directory.iterdir() if p.is_file())
+    cost = {
+        "size_bytes": files_size(directory, files),
+        "seconds_per_slide": median("seconds"),
+        "tiles_per_slide": median("n_tiles"),
+        "tiles_per_s": median("tiles_per_s", "timings"),
+        "reads_per_slide": median("reads"),
+        "pixels_read_per_slide": median("pixels_read"),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
+    return ArtifactRecord(
+        name=directory.name,
+        path=str(directory),
+        files=files,
+        quality={},
+        cost={k: v for k, v in cost.items() if v is not None},
+        model=(sidecar.get("model") or {}).get("name"),
+    )
+
+
 def run_slide(cfg: DictConfig) -> int:
-    out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir).resolve()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = RunRecord(run_dir=str(out), config=config, job=job_info(hc), entry="slide")
+    record.device = {"engine_device": str(cfg.engine.device), **describe_machine()}
+    record.write()
     try:
         check_slide_config(cfg)
         paths = find_slides(cfg.slide or cfg.slides)
-        rows = run_slides(paths, cfg, out)
+        directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
+        rows = run_slides(paths, cfg, out, directory)
     except PatholiteError as err:
+        record.finish("failed", err, traceback.format_exc())
         print(f"patholite: {type(err).__name__}: {user_message(err)}", file=sys.stderr)
         raise SystemExit(1) from err
+    except (KeyboardInterrupt, SystemExit) as err:
+        record.finish("interrupted", err, traceback.format_exc())
+        raise
+    except Exception as err:
+        record.finish("failed", err, traceback.format_exc())
+        raise
     failed = [r for r in rows if r["status"] != "ok"]
+    record.artifacts = [slide_artifact_record(directory, rows, str(cfg.engine.device))]
+    record.slides = {"n": len(rows), "ok": len(rows) - len(failed), "failed": len(failed),
+                     "summary": str(out / "summary.csv")}  # fmt: skip
+    if failed:
+        record.finish("failed", SlideError(f"{len(failed)} of {len(rows)} slides failed; see summary.csv"))
+    else:
+        record.finish("ok")
     for r in rows:
         if r["status"] == "ok" and r.get("mode") == "smt":
             t, call = r["timings"], r["call"]
@@ -93,7 +153,7 @@ def run_slide(cfg: DictConfig) -> int:
             )
         else:
             print(f"{Path(r['slide']).name}: FAILED {r['error']}")
-    print(f"summary: {out / 'summary.csv'}")
+    print(f"summary: {out / 'summary.csv'}\nrecord:  {record.path}")
     if failed:
         print(f"patholite: {len(failed)} of {len(rows)} slides failed; see the summary", file=sys.stderr)
         return 1

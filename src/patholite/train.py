@@ -27,9 +27,11 @@ from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.report import print_records
 from patholite.overrides import check_launcher, expand_run_references
-from patholite.pipelines import RunContext, run_pipeline
+from patholite.pipelines.context import RunContext
 from patholite.pipelines.lightning import latest_checkpoint
 from patholite.pipelines.preflight import preflight
+from patholite.pipelines.seed import seed_everything
+from patholite.pipelines.stages import run_stages
 from patholite.records import RunRecord, read_record
 
 log = logging.getLogger("patholite.train")
@@ -80,8 +82,6 @@ def run_job(cfg: DictConfig) -> str:
 
 
 def _run_job(cfg: DictConfig) -> str:
-    import lightning as L
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir).resolve()
     job = job_info(hc)
@@ -91,11 +91,11 @@ def _run_job(cfg: DictConfig) -> str:
         record.config = OmegaConf.to_container(cfg, resolve=True)
         resume_from, record.wandb = _resume_point(cfg, run_dir)
         record.write()
-        datamodule, accelerator = preflight(cfg)
-        record.config = OmegaConf.to_container(cfg, resolve=True)  # as the datamodule completed it
-        record.device = accelerator.describe()
+        checked = preflight(cfg)
+        record.config = OmegaConf.to_container(cfg, resolve=True)  # as preflight completed it
+        record.device = checked.accelerator.describe()
         record.write()
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        seed_everything(cfg.seed)
         group = wandb_group(Path(job["sweep_dir"]) if job["multirun"] else run_dir)
         if record.wandb:  # a resumed job continues its W&B run, in its group
             group = record.wandb.get("group") or group
@@ -108,12 +108,13 @@ def _run_job(cfg: DictConfig) -> str:
         ctx = RunContext(
             cfg=cfg,
             run_dir=run_dir,
-            datamodule=datamodule,
-            accelerator=accelerator,
+            datamodule=checked.datamodule,
+            accelerator=checked.accelerator,
+            teacher=checked.teacher,
             loggers=loggers,
             resume_from=resume_from,
         )
-        record.artifacts = run_pipeline(ctx)
+        record.artifacts = run_stages(ctx, checked.task)
         record.finish("ok")
         tracking.log_record(loggers, record)
     except (KeyboardInterrupt, SystemExit) as err:

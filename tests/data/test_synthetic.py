@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from patholite.config.schema import SyntheticConfig
-from patholite.data import build_datamodule, synthetic
+from patholite.data import build_datamodule
+from patholite.data.synthetic import tiles as synthetic
 from patholite.data.synthetic.tiles import (
     SYNTHETIC_CLASSES,
     SyntheticDataModule,

@@ -18,14 +18,7 @@ import torch
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
-from patholite.errors import ConfigError
-
 EMA_STATE_KEY = "ema_state_dict"
-
-
-def check_decay(decay: float) -> None:
-    if not 0.0 < decay < 1.0:
-        raise ConfigError(f"compression.ema.decay={decay}: must be in (0, 1), e.g. 0.999; null turns EMA off")
 
 
 class EmaCallback(L.Callback):
@@ -42,7 +35,8 @@ class EmaCallback(L.Callback):
         warmup: bool = True,
         warmup_power: float = 0.75,
     ) -> None:
-        check_decay(decay)
+        if not 0.0 < decay < 1.0:  # compression.ema.decay is checked in preflight
+            raise ValueError(f"EMA decay={decay} must lie in (0, 1)")
         self.decay = decay
         self.start_step = start_step
         self.warmup = warmup

@@ -78,9 +78,9 @@ class NystromAttention(nn.Module):
     ) -> None:
         super().__init__()
         if landmarks < 1:
-            raise ConfigError(f"nystrom landmarks must be >= 1, got {landmarks}; use e.g. 24, 32 or 64")
+            raise ValueError(f"nystrom landmarks must be >= 1, got {landmarks}; use e.g. 24, 32 or 64")
         if pinv_iters < 1:
-            raise ConfigError(f"nystrom pinv_iters must be >= 1, got {pinv_iters}; the paper uses 6")
+            raise ValueError(f"nystrom pinv_iters must be >= 1, got {pinv_iters}; the paper uses 6")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
@@ -181,13 +181,13 @@ def apply_nystrom(
     Returns ``net``.
     """
     if isinstance(landmarks, bool) or not isinstance(landmarks, int) or landmarks < 1:
-        raise ConfigError(f"nystrom landmarks must be an integer >= 1, got {landmarks!r}; R5 uses 24, 32, 64")
+        raise ValueError(f"nystrom landmarks must be an integer >= 1, got {landmarks!r}; R5 uses 24, 32, 64")
     seq = _transformer_blocks(net)
     depth = len(seq)
     chosen = list(range(depth)) if blocks is None else list(blocks)
     bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
     if bad or (blocks is not None and not chosen):
-        raise ConfigError(
+        raise ValueError(
             f"nystrom blocks {blocks!r} must be a non-empty list of indices in [0, {depth - 1}] "
             "(or null for all blocks)"
         )

@@ -67,7 +67,7 @@ def check_qat_device(device: str | torch.device) -> torch.device:
 def _check_engine(engine: str) -> None:
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
-        raise ConfigError(f"INT8 engine {engine!r} is not supported by this torch; it has {supported}")
+        raise ValueError(f"INT8 engine {engine!r} is not supported by this torch; it has {supported}")
 
 
 def qat_qconfig_mapping(engine: str = "x86") -> Any:

@@ -125,9 +125,9 @@ def quantize_static_ort(
         ("calibrate_method", calibrate_method, _CALIBRATE),
     ):
         if value not in allowed:
-            raise ConfigError(f"quantize_static_ort: {label}={value!r} is not one of {sorted(allowed)}")
+            raise ValueError(f"quantize_static_ort: {label}={value!r} is not one of {sorted(allowed)}")
     if activation_type == "int8" and weight_type == "uint8":
-        raise ConfigError(
+        raise ValueError(
             "quantize_static_ort: int8 activations with uint8 weights (S8U8) have no ONNX Runtime kernels; "
             "use uint8/int8, uint8/uint8 or int8/int8"
         )
@@ -139,9 +139,9 @@ def quantize_static_ort(
     arrays = [_batch_images(b).detach().to("cpu", torch.float32).numpy() for b in calibration]
     images = sum(a.shape[0] for a in arrays)
     if images == 0:
-        raise ConfigError(
+        raise ValueError(
             "quantize_static_ort got zero calibration images: static INT8 needs images to fix activation "
-            "scales; give it some training images (ptq.calibration_images > 0)"
+            "scales"
         )
     name = _onnx_input_name(float_onnx)
 
@@ -220,7 +220,7 @@ def symmetric_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     also be used in training. An all-zero tensor comes back unchanged.
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
-        raise ConfigError(f"symmetric_quantize: bits={bits!r} must be an integer >= 2 (b=1 has no levels)")
+        raise ValueError(f"symmetric_quantize: bits={bits!r} must be an integer >= 2 (b=1 has no levels)")
     levels = 2 ** (bits - 1) - 1
     scale = x.detach().abs().max() / levels
     if scale == 0:
@@ -336,7 +336,7 @@ def _sensitivity(
 def _check_engine(engine: str) -> None:
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
-        raise ConfigError(f"INT8 engine {engine!r} is not supported by this torch; it has {supported}")
+        raise ValueError(f"INT8 engine {engine!r} is not supported by this torch; it has {supported}")
 
 
 def quantize_dynamic_int8(net: nn.Module, engine: str = "x86", layers: list[str] | None = None) -> nn.Module:
@@ -396,13 +396,11 @@ def mixed_precision_plan(
     lower-bit rows of ``sensitivity`` inform it, see ``note``.
     """
     if metric not in _METRICS:
-        raise ConfigError(f"mixed_precision_plan: metric={metric!r} is not one of {sorted(_METRICS)}")
+        raise ValueError(f"mixed_precision_plan: metric={metric!r} is not one of {sorted(_METRICS)}")
     if 8 not in bits:
-        raise ConfigError(
-            f"mixed_precision_plan: bits={list(bits)} must include 8 (the plan ranks INT8 rows)"
-        )
+        raise ValueError(f"mixed_precision_plan: bits={list(bits)} must include 8 (the plan ranks INT8 rows)")
     if budget_pp < 0:
-        raise ConfigError(f"mixed_precision_plan: budget_pp={budget_pp} must be >= 0 (percentage points)")
+        raise ValueError(f"mixed_precision_plan: budget_pp={budget_pp} must be >= 0 (percentage points)")
     _check_engine(engine)
     _check_batches(batches)
     # Everything on one CPU copy, so the float reference and the INT8 candidates run the same kernels' world.

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
+from patholite.config.compression import CompressionConfig
 from patholite.config.schema import (
     TILE_DATASET_SCHEMAS,
     AcceleratorConfig,
     BenchConfig,
     BenchRunConfig,
     CallbacksConfig,
-    CompressionConfig,
     DatasetConfig,
     LoggerConfig,
     ModelConfig,

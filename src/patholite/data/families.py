@@ -29,7 +29,7 @@ FAMILIES: dict[str, type[HistologyDataModule]] = {
 }
 
 
-def build_family(cfg, pin_memory: bool = False) -> HistologyDataModule:
+def build_datamodule(cfg, pin_memory: bool = False) -> HistologyDataModule:
     """The datamodule of the family ``cfg.name`` names (``cfg``: the ``dataset`` node)."""
     if cfg.name not in FAMILIES:
         raise ConfigError(f"dataset.name={cfg.name!r} is not one of {sorted(FAMILIES)}")

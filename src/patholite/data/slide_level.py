@@ -21,7 +21,7 @@ from omegaconf import open_dict
 from torch.utils.data import Dataset
 
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet, stratified_subsample
-from patholite.data.families import build_family
+from patholite.data.families import build_datamodule
 from patholite.data.slides import NORMAL, SlideEntry
 from patholite.data.synthetic.slides import read_truth, sidecar_paths
 from patholite.errors import ConfigError, DatasetError
@@ -81,7 +81,7 @@ class SlideLevelDataModule(HistologyDataModule):
                 "dataset=synthetic_slides for a slide-level model: dataset.normal_share=0.5 (half of each "
                 "split lesion-free) so every split holds both classes; set it to choose"
             )
-        self.family = build_family(cfg)  # lists the slides and splits them; its own class names
+        self.family = build_datamodule(cfg)  # lists the slides and splits them; its own class names
         self.family._class_names = self.family.default_class_names()
         self.datasets: dict[str, SlideLevelDataset] = {}
         self._readers: dict[int, RegionReader] = {}

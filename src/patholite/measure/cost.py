@@ -2,7 +2,7 @@
 ``patholite.models.count``).
 
 A short in-process measurement for the run record. Absolute CPU timings on a shared machine drift by up to
-1.6x within minutes (../shared/FACTS.md): compare artifacts by ratios measured in one process.
+1.6x within minutes: compare artifacts by ratios measured in one process (``measure.timing``).
 """
 
 from __future__ import annotations

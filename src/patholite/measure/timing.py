@@ -1,6 +1,6 @@
 """Latency of several artifacts timed in ONE fresh process, alternating, so machine drift hits all alike.
 
-CPU speed here drifts by up to 1.6x within minutes (../shared/FACTS.md): absolute numbers from separate
+CPU speed on a shared machine drifts by up to 1.6x within minutes: absolute numbers from separate
 processes do not compare, ratios measured side by side do. Each repeat times every artifact in turn at every
 batch size (the order reversed on odd repeats); the ratio of each artifact to the first (the baseline) is
 taken per repeat, and reported as its median with its spread (min, max) over repeats.
@@ -52,6 +52,22 @@ def time_artifacts(
     if done.returncode != 0:
         raise PatholiteError(f"the timing process failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def timing_block(timing: dict[str, Any], directory: str | Path, names: list[str]) -> dict[str, Any]:
+    """The record's ``cost.timing`` of the artifact in ``directory`` from ``time_artifacts``' result:
+    how it was timed, with which artifacts (``names``), and its per-repeat ratio to the first."""
+    timed = timing["artifacts"][Path(directory).name]
+    block = {
+        "method": "child_alternating",
+        "sync": timing["sync"],
+        "timed_with": list(names),
+        "baseline": timing["baseline"],
+        "ratio_to_baseline": timed["ratio_to_baseline"],
+    }
+    if "energy_j_per_image" in timed:
+        block["energy_j_per_image"] = timed["energy_j_per_image"]
+    return block
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from patholite.artifacts.sidecar import SIDECAR
 from patholite.artifacts.torch_float import WEIGHTS, save_float_artifact
 from patholite.io import write_json
 from patholite.pipelines.context import RunContext
-from patholite.pipelines.fit import fit, make_module
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,12 @@ def publish(ctx: RunContext, net: nn.Module, model_cfg: DictConfig | None = None
     return entry
 
 
-def trained_plain(ctx: RunContext, model_cfg: DictConfig, role: str) -> Path:
+def trained_plain(
+    ctx: RunContext, model_cfg: DictConfig, role: str, train: Callable[[RunContext], nn.Module]
+) -> Path:
     """The cache entry of ``model_cfg`` trained with the plain recipe on this run's data, training it (once,
-    under the lock) when absent. ``role`` names it in the logs ("teacher", "starting point")."""
+    under the lock) when absent: ``train(context)`` fits the context's ``model`` and returns the network.
+    ``role`` names it in the logs ("teacher", "starting point")."""
     entry, inputs = entry_dir(ctx.cfg, model_cfg, ctx.accelerator.world_size)
     with _lock(entry):
         if is_complete(entry):
@@ -111,11 +114,17 @@ def trained_plain(ctx: RunContext, model_cfg: DictConfig, role: str) -> Path:
         log.info(
             "%s %s: not in the cache; training it with the plain recipe into %s", role, model_cfg.name, entry
         )
-        _train_into(ctx, model_cfg, entry, inputs)
+        _train_into(ctx, model_cfg, entry, inputs, train)
     return entry
 
 
-def _train_into(ctx: RunContext, model_cfg: DictConfig, entry: Path, inputs: dict[str, Any]) -> None:
+def _train_into(
+    ctx: RunContext,
+    model_cfg: DictConfig,
+    entry: Path,
+    inputs: dict[str, Any],
+    train: Callable[[RunContext], nn.Module],
+) -> None:
     cfg = OmegaConf.create(OmegaConf.to_container(ctx.cfg, resolve=True))
     cfg.model = model_cfg
     work = entry / "train"
@@ -127,7 +136,7 @@ def _train_into(ctx: RunContext, model_cfg: DictConfig, entry: Path, inputs: dic
         loggers=[CSVLogger(save_dir=str(work), name="csv")],  # no W&B run for a cache entry
         resume_from=work if resuming else None,
     )
-    fitted = fit(cache_ctx, make_module(cache_ctx), "train")
+    net = train(cache_ctx)
     meta = cache_ctx.artifact_meta()
-    save_float_artifact(fitted.net, entry, {**meta, "cache_key": entry.name})
+    save_float_artifact(net, entry, {**meta, "cache_key": entry.name})
     write_json(entry / KEY_FILE, inputs)

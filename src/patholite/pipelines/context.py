@@ -1,4 +1,5 @@
-"""What a pipeline gets to work with: the config, the run directory, data, accelerator, loggers."""
+"""What a pipeline gets to work with: the config, the run directory, data, accelerator, the resolved teacher,
+loggers. (How this kind of model is trained and judged is its task: ``pipelines.tasks.task_for``.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from patholite.accelerators import ResolvedAccelerator
 from patholite.data import HistologyDataModule
+from patholite.pipelines.teacher import Teacher
 
 
 @dataclass
@@ -18,6 +20,7 @@ class RunContext:
     run_dir: Path
     datamodule: HistologyDataModule
     accelerator: ResolvedAccelerator
+    teacher: Teacher | None = None  # resolved once, in preflight, when a stage distils
     loggers: list[Any] = field(default_factory=list)
     resume_from: Path | None = None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -17,41 +17,22 @@ import torch
 from torch import nn
 
 from patholite.compress.ema import EMA_STATE_KEY, EmaCallback
-from patholite.modules import ClassifierModule
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.lightning import build_trainer, latest_checkpoint
+from patholite.pipelines.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Fitted:
-    """The raw weights of the best epoch (by the monitored validation metric) and, with EMA, the average."""
+    """A training's result: the raw weights of the best epoch (by the monitored validation metric) and, with
+    EMA, the average; ``state``: what a later stage continues from besides the weights (SMT's focusing
+    memory)."""
 
     net: nn.Module
     ema_net: nn.Module | None = None
-
-
-def make_module(
-    ctx: RunContext,
-    net: nn.Module | None = None,
-    distiller: nn.Module | None = None,
-    lr: float | None = None,
-    warmup_epochs: float | None = None,
-) -> ClassifierModule:
-    optim = ctx.plain("optim")
-    if lr is not None:
-        optim["lr"] = lr
-    if warmup_epochs is not None:
-        optim["warmup_epochs"] = warmup_epochs
-    return ClassifierModule(
-        model=ctx.plain("model"),
-        class_names=ctx.datamodule.class_names,
-        image_size=ctx.cfg.dataset.image_size,
-        optim=optim,
-        net=net,
-        distiller=distiller,
-    )
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 def ema_callback(ema: Any | None) -> EmaCallback | None:
@@ -74,9 +55,7 @@ def fit(
 ) -> Fitted:
     """Train ``module`` for ``epochs`` (default ``trainer.max_epochs``), resuming this stage's checkpoint when
     the run is resumed, and return its best weights."""
-    # Each stage starts from the run's seed, so its result does not depend on what ran before it in this
-    # process (e.g. whether the teacher came from the cache or was trained first).
-    L.seed_everything(int(ctx.cfg.seed), workers=True, verbose=False)
+    seed_everything(ctx.cfg.seed)
     checkpoint_dir = ctx.checkpoint_dir / stage
     averaging = ema_callback(ema)
     trainer = build_trainer(

@@ -1,72 +1,107 @@
-"""The teacher a student distils from: a model option, its weights file, or a trained run or artifact."""
+"""The teacher a student distils from, resolved once per run (in preflight) from ``compression.teacher``.
+
+A teacher is a ``model=`` option (``compression.teacher.model``) with a weights file
+(``compression.teacher.checkpoint=<file>``) or, with none, trained once with the plain recipe and cached; or
+a trained model on disk (``compression.teacher.checkpoint=<run folder or float artifact folder>``), whose
+sidecar gives its architecture. Preflight resolves it and checks it fits the data; the distill stage loads
+or trains its network (``tasks.base.Task.plain_network``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from patholite.artifacts.resolve import resolve_artifact
+from patholite.artifacts.resolve import is_run_folder
 from patholite.artifacts.sidecar import SIDECAR, read_sidecar
 from patholite.config.options import load_model_option
 from patholite.config.schema import ModelConfig
 from patholite.errors import CheckpointError, ConfigError
+from patholite.models.fits import check_model_fits
+from patholite.records import read_record
+
+# Artifacts of a run that are not its own trained model.
+_NOT_THE_RUNS = ("teacher_fp32",)
 
 
-def teacher_artifact(checkpoint: str | None) -> Path | None:
-    """The float SMT artifact ``compression.teacher.checkpoint`` names when it is an artifact folder or a
-    ``model=smt`` run folder (its ``smt_fp32``, else ``student_fp32``); None for a weights file or None."""
-    if not checkpoint or not Path(checkpoint).expanduser().is_dir():
-        return None
-    path = Path(checkpoint).expanduser()
-    if (path / SIDECAR).is_file():
-        kind = read_sidecar(path).get("kind")
-        if kind != "torch_float":
-            raise CheckpointError(
-                f"compression.teacher.checkpoint={checkpoint} is a {kind} artifact; distil from a float SMT"
-            )
-        return path
-    for name in ("smt_fp32", "student_fp32"):
-        try:
-            return resolve_artifact(path, name)
-        except CheckpointError:
+@dataclass(frozen=True)
+class Teacher:
+    """``model``: the teacher's architecture (its option's config, or its artifact's own); ``named``: how the
+    user named it, for messages; ``artifact``: the float artifact holding its weights, or None (then
+    ``model.checkpoint`` is its weights file, or None: trained with the plain recipe)."""
+
+    model: DictConfig
+    named: str
+    artifact: Path | None = None
+
+
+def run_float_artifact(run: Path, key: str) -> Path:
+    """A run folder's own final float model: the last float artifact its record lists, not its teacher."""
+    for entry in reversed(read_record(run).get("artifacts", [])):
+        directory = Path(entry["path"])
+        if entry["name"] in _NOT_THE_RUNS or not (directory / SIDECAR).is_file():
             continue
+        if read_sidecar(directory).get("kind") == "torch_float":
+            return directory
     raise CheckpointError(
-        f"compression.teacher.checkpoint={checkpoint}: the run has no float SMT artifact (smt_fp32 or "
-        "student_fp32); give a model=smt run, a float SMT artifact folder, or a weights file"
+        f"{key}={run}: the run has no float artifact on disk (a trained model); give a run that trained one, "
+        "a float artifact folder, or a weights file"
     )
 
 
-def smt_teacher_model(c: DictConfig) -> tuple[DictConfig, str]:
-    """The SMT teacher's model config and how the user named it: the sidecar's when
-    ``compression.teacher.checkpoint`` is a run or artifact folder (its own architecture), else the
-    ``compression.teacher.model`` option's."""
-    directory = teacher_artifact(c.teacher.checkpoint)
-    if directory is None:
-        return load_model_option(c.teacher.model), f"compression.teacher.model={c.teacher.model}"
-    model = read_sidecar(directory).get("model") or {}
-    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
-    node.checkpoint = None  # the weights come from the artifact, not from where its training started
-    node.smt.encoder_checkpoint = None
-    return node, f"compression.teacher.checkpoint={c.teacher.checkpoint} (model {node.name})"
+def resolve_teacher(c: DictConfig) -> Teacher:
+    """The teacher ``c`` (the ``compression`` node) names; raises for one that does not exist."""
+    checkpoint = c.teacher.checkpoint
+    key = "compression.teacher.checkpoint"
+    path = Path(checkpoint).expanduser() if checkpoint else None
+    if path is not None and path.is_dir():  # a trained model on disk: its own architecture and weights
+        if is_run_folder(path):
+            directory = run_float_artifact(path, key)
+        else:
+            kind = read_sidecar(path).get("kind")  # raises for a folder that is no artifact
+            if kind != "torch_float":
+                raise CheckpointError(f"{key}={checkpoint} is a {kind} artifact; distil from a float one")
+            directory = path
+        model = OmegaConf.merge(OmegaConf.structured(ModelConfig), read_sidecar(directory).get("model") or {})
+        model.checkpoint = None  # the weights come from the artifact, not from where its training started
+        if model.get("smt") is not None:
+            model.smt.encoder_checkpoint = None
+        return Teacher(model, f"{key}={checkpoint} (model {model.name})", directory)
+    if path is not None and not path.is_file():
+        raise ConfigError(
+            f"{key}={checkpoint} does not exist; give a trained teacher's weights file, run folder or float "
+            "artifact folder, or null to train the teacher once with the plain recipe (cached)"
+        )
+    model = load_model_option(c.teacher.model)
+    model.checkpoint = checkpoint
+    return Teacher(model, f"compression.teacher.model={c.teacher.model}")
 
 
-def check_smt_teacher(cfg: DictConfig) -> None:
-    """An SMT student learns from a float SMT teacher of the same geometry, at logit level."""
-    c, m, s = cfg.compression, cfg.model, cfg.model.smt
-    t, named = smt_teacher_model(c)
-    if not (t.family == "smt" and t.smt is not None):
-        raise ConfigError(
-            f"{named}: an SMT student learns from a float SMT teacher; use e.g. "
-            "compression.teacher.model=smt, or compression.teacher.checkpoint=<a model=smt run>"
-        )
-    if not all(t.smt[key] == s[key] for key in ("image_size", "grid", "layers")):
-        raise ConfigError(
-            f"{named} and model={m.name} must share model.smt.image_size, grid and layers: the teacher "
-            "scores the images the student focuses on"
-        )
-    if not (c.kd.kind in ("soft", "hard") and list(c.kd.levels) == ["logits"]):
-        raise ConfigError(
-            "SMT distillation is logit-level: compression.kd.kind=soft|hard and "
-            "compression.kd.levels=[logits]"
-        )
+def check_teacher_fits(cfg: DictConfig, teacher: Teacher, class_names: list[str], input_size: int) -> None:
+    """The teacher scores the student's images: same classes and normalisation, the student's input size
+    (``input_size``), and its weights fit its architecture."""
+    if teacher.artifact is not None:
+        sidecar = read_sidecar(teacher.artifact)
+        theirs = list(sidecar.get("class_names") or [])
+        if theirs != list(class_names):
+            raise ConfigError(
+                f"{teacher.named} was trained on classes {theirs}, this dataset has {list(class_names)}; "
+                "distil from a teacher of the same classes"
+            )
+        for key in ("mean", "std"):  # the teacher sees the student's normalised images
+            ours = [float(v) for v in cfg.dataset[key]]
+            if [float(v) for v in sidecar.get(key) or ours] != ours:
+                raise ConfigError(
+                    f"{teacher.named} normalises with {key} {sidecar.get(key)}, this dataset with {ours}; "
+                    f"set dataset.{key} to the teacher's"
+                )
+        size = int(sidecar.get("image_size") or input_size)
+        if teacher.model.family != "smt" and size != input_size:
+            raise ConfigError(
+                f"{teacher.named} takes {size}-px images, the student {input_size}-px ones; set "
+                f"dataset.image_size={size} or distil from a teacher trained at {input_size} px"
+            )
+    size = int(teacher.model.smt.image_size) if teacher.model.family == "smt" else input_size
+    check_model_fits(teacher.model, len(class_names), size, key="compression.teacher")

@@ -32,11 +32,12 @@ def slide_mode(mode: str, meta: dict[str, Any], directory: Path) -> str:
     return mode
 
 
-def run_slides(paths: list[Path], cfg, out_dir: Path) -> list[dict[str, Any]]:
+def run_slides(paths: list[Path], cfg, out_dir: Path, directory: Path | None = None) -> list[dict[str, Any]]:
     """Every slide through one loaded model: a tile classifier (tiling) or an SMT slide model (its focusing
-    walk), as ``mode`` and the artifact say. With ``slides=`` (many), a slide's failure of any kind is a
-    failed summary row and the others go on; with ``slide=`` (one), its error is raised."""
-    directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
+    walk), as ``mode`` and the artifact say (``directory``: the artifact folder, default resolved from
+    ``cfg.artifact``). With ``slides=`` (many), a slide's failure of any kind is a failed summary row and
+    the others go on; with ``slide=`` (one), its error is raised."""
+    directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)
     mode = slide_mode(str(cfg.get("mode", "auto")), read_sidecar(directory), directory)
     if mode == "smt":
         return run_smt_slides(paths, cfg, out_dir, directory=directory)

@@ -1,0 +1,25 @@
+"""``compression.ptq``: post-training INT8 quantization (the ``ptq`` stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PtqConfig:
+    """Post-training INT8 quantization of the stage's float model. The torch.ao engine is the machine's:
+    ``accelerator.int8_engine``."""
+
+    # dynamic (torch.ao, R2) | dynamic_ort (ONNX Runtime) | static_ort (ORT QDQ, calibrated) | mixed (R1)
+    methods: list[str] = field(default_factory=lambda: ["dynamic"])
+    calibration_images: int = 256  # static_ort: training images fed to the calibrator
+    per_channel: bool = True  # static_ort: per-channel weight scales
+    reduce_range: bool = False  # static_ort: 7-bit weights, avoids U8S8 saturation on AVX2 without VNNI
+    weight_type: str = "int8"  # static_ort: int8 (U8S8) | uint8 (U8U8)
+    budget_pp: float = 0.5  # mixed: largest accuracy drop (percentage points) on validation images
+    sensitivity_images: int = 256  # mixed: validation images the per-layer pass reads
+    bits: list[int] = field(default_factory=lambda: [8, 4])  # mixed: R1's quantizer widths in the pass
+    engine: str | None = None  # moved to accelerator.int8_engine: set, it is refused with that name
+
+
+SCHEMA = PtqConfig

@@ -1,0 +1,181 @@
+"""``ptq``: post-training INT8 of the current float model, by every method ``compression.ptq.methods``
+lists. ``METHODS`` is the one list of them: each makes one artifact, for the tasks it names.
+
+The ``save_*`` functions make an INT8 artifact from a float network or ONNX file; the benchmark uses them
+too, on random weights."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from patholite.accelerators import ResolvedAccelerator
+from patholite.artifacts.int8_dynamic import save_int8_dynamic_artifact
+from patholite.artifacts.onnx import ONNX_FILE, save_onnx_artifact, write_onnx_sidecar
+from patholite.compress.quantize import (
+    mixed_precision_plan,
+    quantize_dynamic_int8,
+    quantize_dynamic_ort,
+    quantize_static_ort,
+)
+from patholite.config.checks import choice, require
+from patholite.io import write_json
+from patholite.pipelines.stages.base import Current, Stage, StageRun
+from patholite.pipelines.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------- INT8 artifacts from models
+def save_dynamic(
+    net: nn.Module, directory: Path, meta: dict[str, Any], engine: str, layers: list[str] | None = None
+) -> list[str]:
+    """torch.ao dynamic INT8 of ``net``'s Linear layers (``layers``: only these), saved as an artifact."""
+    qnet = quantize_dynamic_int8(net, engine, layers)  # a quantized copy
+    return save_int8_dynamic_artifact(qnet, directory, meta, engine, layers)
+
+
+def save_dynamic_ort(float_onnx: Path, directory: Path, meta: dict[str, Any]) -> list[str]:
+    """ONNX Runtime dynamic INT8 (MatMul/Gemm) of a float ONNX file, saved as an artifact."""
+    directory.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic_ort(float_onnx, directory / ONNX_FILE)
+    return write_onnx_sidecar(directory, {**meta, "quantization": {"format": "dynamic"}})
+
+
+def save_static_ort(
+    float_onnx: Path,
+    directory: Path,
+    meta: dict[str, Any],
+    calibration: list[torch.Tensor],
+    quantization: dict[str, Any] | None = None,
+    **settings: Any,
+) -> list[str]:
+    """ONNX Runtime static INT8 (QDQ) of a float ONNX file, calibrated on ``calibration`` batches
+    (``settings``: per_channel, reduce_range, weight_type), saved as an artifact whose sidecar says how
+    (``quantization``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    quantize_static_ort(float_onnx, directory / ONNX_FILE, calibration, **settings)
+    how = quantization or {"format": "QDQ", **settings}
+    return write_onnx_sidecar(directory, {**meta, "quantization": how})
+
+
+# ---------------------------------------------------------------------------------------- the methods
+def float_onnx(run: StageRun, src: Current) -> Path:
+    """The current float model exported to ONNX once (the input of the ONNX Runtime quantizers)."""
+    work = run.ctx.run_dir / "stages" / f"onnx_{src.name}"
+    if not (work / ONNX_FILE).is_file():
+        save_onnx_artifact(src.net, work, run.meta(src.surgery), opset=run.c.export.opset)
+    return work / ONNX_FILE
+
+
+def _dynamic(run: StageRun, src: Current) -> None:
+    engine = run.ctx.accelerator.int8_engine
+    files = save_dynamic(src.net, run.artifact_dir("int8_dynamic"), run.meta(src.surgery), engine)
+    run.record_file_artifact("int8_dynamic", files, src)
+
+
+def _dynamic_ort(run: StageRun, src: Current) -> None:
+    meta = {**run.meta(src.surgery), "opset": run.c.export.opset}
+    files = save_dynamic_ort(float_onnx(run, src), run.artifact_dir("int8_dynamic_ort"), meta)
+    run.record_file_artifact("int8_dynamic_ort", files, src)
+
+
+def _static_ort(run: StageRun, src: Current) -> None:
+    p, ctx = run.c.ptq, run.ctx
+    calibration = ctx.datamodule.calibration_images(p.calibration_images, seed=ctx.cfg.seed)
+    settings = {"per_channel": p.per_channel, "reduce_range": p.reduce_range, "weight_type": p.weight_type}
+    how = {"format": "QDQ", **settings, "calibration_images": sum(len(b) for b in calibration)}
+    meta = {**run.meta(src.surgery), "opset": run.c.export.opset}
+    directory = run.artifact_dir("int8_static_ort")
+    files = save_static_ort(float_onnx(run, src), directory, meta, calibration, how, **settings)
+    run.record_file_artifact("int8_static_ort", files, src)
+
+
+def _mixed(run: StageRun, src: Current) -> None:
+    p, ctx = run.c.ptq, run.ctx
+    batches = ctx.datamodule.labelled_batches(p.sensitivity_images, split="val", seed=ctx.cfg.seed)
+    plan = mixed_precision_plan(src.net, batches, budget_pp=p.budget_pp, bits=tuple(p.bits))
+    layers = list(plan["int8_layers"])
+    directory = run.artifact_dir("int8_mixed")
+    files = save_dynamic(src.net, directory, run.meta(src.surgery), ctx.accelerator.int8_engine, layers)
+    write_json(directory / "plan.json", plan)
+    log.info(
+        "mixed precision: %d of %d Linear layers in INT8 (validation drop %.2f pp, budget %.2f pp)",
+        len(layers),
+        len(layers) + len(plan["float_layers"]),
+        plan["accuracy_drop_pp"],
+        p.budget_pp,
+    )
+    run.record_file_artifact("int8_mixed", [*files, "plan.json"], src)
+
+
+@dataclass(frozen=True)
+class Method:
+    artifact: str
+    run: Callable[[StageRun, Current], None]
+    tasks: tuple[str, ...] = ("tiles",)
+
+
+METHODS = {
+    "dynamic": Method("int8_dynamic", _dynamic, tasks=("tiles", "slides")),
+    "dynamic_ort": Method("int8_dynamic_ort", _dynamic_ort),
+    "static_ort": Method("int8_static_ort", _static_ort),
+    "mixed": Method("int8_mixed", _mixed),
+}
+
+
+def run(run: StageRun) -> None:
+    for method in run.c.ptq.methods:
+        METHODS[method].run(run, run.current)
+
+
+def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None:
+    p = cfg.compression.ptq
+    require(
+        p.engine is None,
+        f"compression.ptq.engine={p.engine}: the INT8 engine is the machine's, set once for every INT8 "
+        f"artifact: use accelerator.int8_engine={p.engine}",
+    )
+    require(bool(p.methods), f"compression.ptq.methods is empty: name at least one of {list(METHODS)}")
+    for method in p.methods:
+        choice(method, "compression.ptq.methods[]", tuple(METHODS))
+        require(
+            task.name in METHODS[method].tasks,
+            f"compression.ptq.methods={list(p.methods)}: {method} does not run on model={cfg.model.name} "
+            f"({task.name}); use {[m for m, x in METHODS.items() if task.name in x.tasks]}",
+        )
+    require(
+        "static_ort" not in p.methods or p.calibration_images >= 1,
+        f"compression.ptq.calibration_images={p.calibration_images}: static INT8 needs at least one "
+        "calibration image (a few hundred is typical)",
+    )
+    choice(p.weight_type, "compression.ptq.weight_type", ("int8", "uint8"))
+    require(p.budget_pp >= 0, f"compression.ptq.budget_pp={p.budget_pp} must be >= 0")
+    require(
+        "mixed" not in p.methods or p.sensitivity_images >= 1,
+        "compression.ptq.sensitivity_images must be >= 1 for mixed precision",
+    )
+    require(all(b >= 2 for b in p.bits), f"compression.ptq.bits={list(p.bits)} must all be >= 2")
+    if accelerator.device.type != "cpu" and set(p.methods) & {"dynamic", "mixed"}:
+        log.info("INT8 artifacts are evaluated and timed on the CPU; float ones on %s", accelerator.device)
+
+
+STAGE = Stage(
+    name="ptq",
+    run=run,
+    key="ptq",
+    check=check,
+    artifacts={
+        "int8_dynamic": "torch.ao dynamic INT8 of Linear layers (x86/fbgemm), LayerNorm/Softmax in float",
+        "int8_dynamic_ort": "dynamic INT8 (MatMul/Gemm) through ONNX Runtime",
+        "int8_static_ort": "static INT8 QDQ through ONNX Runtime",
+        "int8_mixed": "per-layer mixed precision (INT8 where the task tolerates it)",
+    },
+)

@@ -1,0 +1,381 @@
+"""Slide-level models (``model.family: smt``, R3's focusing transformer): trained on slide labels with
+``SMTModule`` over the slide-level datamodule, judged the way SMT is used: one walk per test slide
+(1 + K + K^2 regions read from the slide file), slide-level quality, and per-slide cost (regions and pixels
+read, reading and model seconds). INT8 is dynamic (every encoder's Linear layers); QAT fine-tunes with
+fake-quantized Linear weights in eager mode, so the attention hook of the focusing score keeps working."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from patholite.artifacts.int8_dynamic import save_int8_dynamic_artifact
+from patholite.artifacts.resolve import is_run_folder, resolve_artifact
+from patholite.artifacts.sidecar import read_sidecar
+from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
+from patholite.config.checks import choice, require
+from patholite.config.compression.qat import QatConfig
+from patholite.data import HistologyDataModule, SlideLevelDataModule
+from patholite.measure.cost import files_size, peak_rss_mb
+from patholite.measure.evaluate import bootstrap_accuracy_ci, count_architecture, parity
+from patholite.measure.metrics import QualityMeter
+from patholite.models.smt import predict_slide
+from patholite.models.smt_focus import class_weights_from_counts
+from patholite.modules.smt import SMTModule
+from patholite.pipelines.context import RunContext
+from patholite.pipelines.fit import Fitted, fit
+from patholite.pipelines.tasks.base import Task
+from patholite.records import ArtifactRecord
+from patholite.wsi.region import Box, RegionReader, pixels_decoded
+
+SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
+MEMORY = "memory"  # Fitted.state key: the focusing memory a fine-tune continues
+
+
+def slide_meta(ctx: RunContext, model_cfg: DictConfig | None = None) -> dict[str, Any]:
+    """The sidecar of an SMT artifact: a slide model (the tile engine refuses it) with its geometry."""
+    dm = ctx.datamodule
+    model_cfg = ctx.cfg.model if model_cfg is None else model_cfg
+    return {
+        **ctx.artifact_meta(model_cfg),
+        "image_size": int(model_cfg.smt.image_size),
+        "slide_model": True,
+        "negative_class": dm.negative_class,
+        # how the training thumbnails were found: inference compares its own settings with these
+        "tissue": OmegaConf.to_container(ctx.cfg.dataset.tissue, resolve=True),
+        "reader_backend": ctx.cfg.dataset.reader.backend,
+    }
+
+
+def class_weights(ctx: RunContext) -> list[float] | None:
+    """Inverse class frequency over the training slides (``model.smt.class_weights=auto``)."""
+    if ctx.cfg.model.smt.class_weights == "none":
+        return None
+
+    labels = ctx.datamodule.datasets["train"].labels
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=ctx.datamodule.num_classes)
+    return [float(w) for w in class_weights_from_counts(counts.tolist())]
+
+
+def train_smt(
+    ctx: RunContext,
+    model_cfg: DictConfig | None = None,
+    stage: str = "train",
+    teacher: nn.Module | None = None,
+    net: nn.Module | None = None,
+    epochs: int | None = None,
+    memory: dict[str, Any] | None = None,
+    finetune: bool = False,
+) -> SMTModule:
+    """Fit an SMT (``model_cfg``: another option than ``model=``, e.g. the teacher) on slide labels, with
+    distillation from ``teacher`` when given; returns the module, its ``net`` the best weights. ``net``:
+    train this network (default: built from ``model_cfg``). ``finetune``: ``net`` is trained already (e.g.
+    fake-quantized for QAT): for ``epochs``, every layer trains from the first epoch, at
+    ``model.smt.finetune_lr_scale`` times the per-layer learning rates, and the focusing memory continues from
+    ``memory`` (the trained module's ``memory.state_dict()``)."""
+    model_cfg = ctx.cfg.model if model_cfg is None else model_cfg
+    dm, s = ctx.datamodule, model_cfg.smt
+    kd = ctx.cfg.compression.kd
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    if finetune:  # the layers are trained already: no staged start, no ramp
+        scale = float(s.finetune_lr_scale)
+        spec["smt"] = {**spec["smt"], "start_epochs": [0] * int(s.layers), "ramp_epochs": 0,
+                       "lrs": [scale * float(lr) for lr in s.lrs]}  # fmt: skip
+    module = SMTModule(
+        model=spec,
+        class_names=list(dm.class_names),
+        mean=list(ctx.cfg.dataset.mean),
+        std=list(ctx.cfg.dataset.std),
+        class_weights=class_weights(ctx),
+        negative_class=dm.class_names.index(dm.negative_class),
+        eval_depth=s.eval_depth,
+        gradient_clip_val=ctx.cfg.trainer.gradient_clip_val,
+        teacher=teacher,
+        kd={"alpha": kd.alpha, "temperature": kd.temperature, "kind": kd.kind}
+        if teacher is not None
+        else None,
+        net=net,
+        memory=memory,
+    )
+    fit(ctx, module, stage, epochs=epochs)  # leaves the best epoch's weights in module.net
+    return module
+
+
+def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
+    """One fresh walk per slide of ``split``, reading every region from the slide file (thumbnail
+    included): slide probabilities and what each slide cost."""
+
+    dm, s = ctx.datamodule, ctx.cfg.model.smt
+    dataset = dm.datasets[split]
+    negative = dm.class_names.index(dm.negative_class)
+    probs, per_slide = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        slide = int(item["slide"])
+        r = ctx.cfg.dataset.reader
+        reader = RegionReader(dm.slide_paths[slide], mpp=r.mpp, backend=r.backend)
+        box = _box(item["box"])
+        start = time.perf_counter()
+        out = predict_slide(
+            net, reader, box, int(s.top_k), ctx.cfg.dataset.mean, ctx.cfg.dataset.std,
+            aggregate=s.aggregate, negative_class=negative,
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        probs.append(torch.as_tensor(np.asarray(out["probs"], dtype=np.float32)))
+        sides = [b[2] for layer in out["layers"] for b in layer["boxes"]]
+        decoded = pixels_decoded(reader.slide, sides, int(s.image_size))
+        per_slide.append(
+            {
+                "slide": Path(dm.slide_paths[slide]).name,
+                "wall_s": wall,
+                "read_s": out["read_seconds"],
+                "model_s": out["model_seconds"],
+                "reads": out["reads"],
+                "pixels_read": float(decoded),  # decoded from the file, at the levels read
+                "area_level0": float(sum(side * side for side in sides)),  # level-0 area the reads cover
+            }
+        )
+    labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
+    return {"probs": torch.stack(probs), "labels": labels, "slides": per_slide}
+
+
+def _box(values: Any):
+    x, y, side = (float(v) for v in values)
+    return Box(x, y, side)
+
+
+def _per_slide_cost(slides: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return float(statistics.median(s[key] for s in slides))
+
+    walls = sorted(s["wall_s"] for s in slides)
+    return {
+        "n_slides": len(slides),
+        "wall_s_median": med("wall_s"),
+        "wall_s_p90": float(walls[min(len(walls) - 1, int(0.9 * len(walls)))]),
+        "read_s_median": med("read_s"),
+        "model_s_median": med("model_s"),
+        "reads_per_slide": med("reads"),
+        "pixels_read_median": med("pixels_read"),
+        "area_level0_median": med("area_level0"),
+        "slides": slides,
+    }
+
+
+def smt_record(
+    name: str,
+    net: nn.Module,
+    directory: Path,
+    files: list[str],
+    ctx: RunContext,
+    source: str | None = None,
+    reference: torch.Tensor | None = None,
+) -> tuple[ArtifactRecord, torch.Tensor]:
+    """Slide-level quality and per-slide cost of a reloaded SMT artifact; returns its log-probabilities."""
+    dm = ctx.datamodule
+    walked = walk_test_slides(net, ctx)
+    probs, labels = walked["probs"], walked["labels"]
+    meter = QualityMeter(list(dm.class_names))
+    meter.update(probs, labels)
+    quality = meter.compute()
+    quality["accuracy_ci95"] = bootstrap_accuracy_ci(probs.argmax(1) == labels)
+    logits = torch.log(probs.clamp_min(1e-12))
+    per_slide = _per_slide_cost(walked["slides"])
+    wall = per_slide["wall_s_median"]
+    # one encoder pass on an S x S image, times the images a slide's walk sees (encoders share a shape)
+    counted = count_architecture(net, int(ctx.cfg.model.smt.image_size), "cpu", directory)
+    images = per_slide["reads_per_slide"]
+    cost = {
+        "params": counted["params"],
+        "flops": int(counted["flops"] * images),
+        "flops_fused_uncounted": int(counted["flops_fused_uncounted"] * images),
+        "size_bytes": files_size(directory, files),
+        # per slide, not per batch of images: "slide" is the unit SMT is timed in
+        "latency_ms": {"slide": {"p50": 1000 * wall, "p90": 1000 * per_slide["wall_s_p90"]}},
+        "throughput_ips": {"slide": 1.0 / wall if wall > 0 else None},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "memory": {"method": "process", "note": "the job's peak so far, training included"},
+        "timing": {"method": "process", "unit": "slide", "note": "one walk per test slide, regions read "
+                   "from the slide file (thumbnail included), tissue box from the cached mask"},
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "protocol": {"per_slide": per_slide},
+    }  # fmt: skip
+    record = ArtifactRecord(
+        name=name,
+        path=str(directory),
+        files=files,
+        quality=quality,
+        cost=cost,
+        source=source,
+        parity=parity(logits, reference, source) if reference is not None and source else None,
+        model=(read_sidecar(directory).get("model") or {}).get("name"),
+    )
+    return record, logits
+
+
+def encoder_weights(source: str) -> str:
+    """``model.smt.encoder_checkpoint`` as models load it: a tile classifier's run folder becomes its ``fp32``
+    artifact (resolved here, once, so models never see run folders); other paths stay as they are."""
+    if is_run_folder(source):
+        return str(resolve_artifact(source, "fp32", "model.smt.encoder_checkpoint"))
+    return source
+
+
+class SlideTask(Task):
+    name = "slides"
+    artifact_names = {"fp32": "smt_fp32", "int8_dynamic": "smt_int8_dynamic", "int8_qat": "smt_int8_qat"}
+
+    def check(self, cfg: DictConfig) -> None:
+        """Slide-level data, SMT's own geometry, and the compression settings SMT has."""
+        m, c, s = cfg.model, cfg.compression, cfg.model.smt
+        require(
+            cfg.dataset.name in SLIDE_LEVEL_DATASETS,
+            f"model={m.name} diagnoses whole slides; dataset={cfg.dataset.name} has no slides. Use one of "
+            f"{list(SLIDE_LEVEL_DATASETS)}",
+        )
+        require(
+            s.layers >= 2, f"model.smt.layers={s.layers} must be >= 2 (a thumbnail and a magnified layer)"
+        )
+        require(
+            s.grid >= 2 and s.image_size % s.grid == 0,
+            f"model.smt.image_size={s.image_size} must be a multiple of model.smt.grid={s.grid} (>= 2)",
+        )
+        require(
+            1 <= s.top_k <= s.grid**2,
+            f"model.smt.top_k={s.top_k}: K must lie in 1..grid^2 = {s.grid**2} (patches per image)",
+        )
+        for key in ("start_epochs", "lrs"):
+            require(len(s[key]) == s.layers, f"model.smt.{key} needs {s.layers} values, one per layer")
+        epochs = cfg.trainer.max_epochs
+        require(
+            max(s.start_epochs) < epochs,
+            f"model.smt.start_epochs={list(s.start_epochs)} but trainer.max_epochs={epochs}: a layer "
+            f"starting at epoch {max(s.start_epochs)} would never train. R3 runs [0,20,50] of 100 epochs; "
+            "scale them to your epochs, e.g. model.smt.start_epochs=[0,2,5] for 10",
+        )
+        require(set(s.reform) <= {"ret", "emb"}, f"model.smt.reform={list(s.reform)}: a subset of [ret, emb]")
+        require(
+            s.finetune_lr_scale > 0,
+            f"model.smt.finetune_lr_scale={s.finetune_lr_scale} must be > 0 (QAT fine-tuning multiplies "
+            "model.smt.lrs by it)",
+        )
+        choice(s.aggregate, "model.smt.aggregate", ("mean", "max"))
+        choice(s.too_small, "model.smt.too_small", ("upsample", "refuse"))
+        choice(s.class_weights, "model.smt.class_weights", ("auto", "none"))
+        choice(s.emb_reduction, "model.smt.emb_reduction", ("mean", "sum"))
+        if "qat" in c.stages:
+            require(
+                c.qat.finetune.lr == QatConfig().finetune.lr,
+                f"compression.qat.finetune.lr={c.qat.finetune.lr} is the tile classifiers' AdamW rate; SMT's "
+                "QAT fine-tunes with SGD at model.smt.finetune_lr_scale x model.smt.lrs: set "
+                "model.smt.finetune_lr_scale instead",
+            )
+        require(
+            c.ema.decay is None,
+            f"compression.ema.decay={c.ema.decay}: EMA of SMT's weights is not built; SMT keeps a temporal "
+            "ensemble of its focusing scores instead (model.smt.eps). Set compression.ema.decay=null",
+        )
+        require(
+            not c.export.onnx,
+            "compression.export.onnx=true exports tile classifiers; an SMT walk reads regions between its "
+            "encoders and has no single ONNX graph. Set compression.export.onnx=false",
+        )
+        if s.encoder_checkpoint:
+            s.encoder_checkpoint = encoder_weights(s.encoder_checkpoint)
+
+    def check_machine(self, cfg: DictConfig, world_size: int) -> None:
+        require(
+            world_size == 1,
+            f"model={cfg.model.name} trains in one process: its focusing memory (the per-slide temporal "
+            "ensemble of focusing scores) would split across DDP ranks that see different slides each epoch; "
+            "use accelerator.devices=1",
+        )
+
+    def check_teacher(self, cfg: DictConfig, teacher_model: DictConfig, named: str) -> None:
+        """An SMT student learns from a float SMT teacher of the same geometry, at logit level."""
+        c, m, s = cfg.compression, cfg.model, cfg.model.smt
+        require(
+            teacher_model.family == "smt" and teacher_model.smt is not None,
+            f"{named}: an SMT student learns from a float SMT teacher; use e.g. "
+            "compression.teacher.model=smt, or compression.teacher.checkpoint=<a model=smt run>",
+        )
+        require(
+            all(teacher_model.smt[key] == s[key] for key in ("image_size", "grid", "layers")),
+            f"{named} and model={m.name} must share model.smt.image_size, grid and layers: the teacher "
+            "scores the images the student focuses on",
+        )
+        require(
+            c.kd.kind in ("soft", "hard") and list(c.kd.levels) == ["logits"],
+            "SMT distillation is logit-level: compression.kd.kind=soft|hard and "
+            "compression.kd.levels=[logits]",
+        )
+
+    def input_size(self, model_cfg: DictConfig, cfg: DictConfig) -> int:
+        return int(model_cfg.smt.image_size)
+
+    def datamodule(self, cfg: DictConfig, pin_memory: bool) -> HistologyDataModule:
+        s = cfg.model.smt
+        return SlideLevelDataModule(
+            cfg.dataset, pin_memory=pin_memory, image_size=s.image_size, grid=s.grid, too_small=s.too_small,
+            hops=s.layers - 1, tissue_px=s.get("tissue_px"),
+        )  # fmt: skip
+
+    def meta(self, ctx: RunContext, model_cfg: DictConfig | None = None) -> dict[str, Any]:
+        return slide_meta(ctx, model_cfg)
+
+    def train(self, ctx: RunContext, stage: str, ema: DictConfig | None = None) -> Fitted:
+        return _fitted(train_smt(ctx, stage=stage))
+
+    def plain_network(self, ctx: RunContext, model_cfg: DictConfig, role: str) -> nn.Module:
+        if model_cfg.checkpoint:
+            return self.new_network(ctx, model_cfg).eval()
+        stage = "teacher" if role == "teacher" else "train"  # SMT is not cached: trained in this run
+        return train_smt(ctx, model_cfg, stage=stage).net
+
+    def distill(
+        self, ctx: RunContext, student: nn.Module, teacher: nn.Module, ema: DictConfig | None = None
+    ) -> Fitted:
+        return _fitted(train_smt(ctx, stage="distill", teacher=teacher, net=student))
+
+    def qat(
+        self, ctx: RunContext, net: nn.Module, state: dict[str, Any], directory: Path, meta: dict[str, Any]
+    ) -> list[str]:
+        """Dynamic-INT8 QAT of every encoder: fine-tune with fake-quantized Linear weights (every layer from
+        the first epoch, the focusing memory continuing from the float training's), then dynamic INT8."""
+        engine = ctx.accelerator.int8_engine
+        prepared = prepare_dynamic_qat(net, engine)
+        epochs = int(ctx.cfg.compression.qat.finetune.epochs)
+        memory = state.get(MEMORY)
+        tuned = train_smt(ctx, stage="qat", net=prepared, epochs=epochs, memory=memory, finetune=True).net
+        return save_int8_dynamic_artifact(
+            convert_dynamic_qat(tuned), directory, {**meta, "qat": True}, engine
+        )
+
+    def evaluate(
+        self,
+        ctx: RunContext,
+        name: str,
+        net: nn.Module,
+        directory: Path,
+        files: list[str],
+        source: str | None = None,
+        reference: torch.Tensor | None = None,
+        cpu: bool = False,
+        defer_timing: bool = False,
+    ) -> tuple[ArtifactRecord, torch.Tensor]:
+        return smt_record(name, net, directory, files, ctx, source, reference)
+
+    def outputs(self, ctx: RunContext, net: nn.Module) -> torch.Tensor:
+        return torch.log(walk_test_slides(net, ctx)["probs"].clamp_min(1e-12))
+
+
+def _fitted(module: SMTModule) -> Fitted:
+    return Fitted(module.net, state={MEMORY: module.memory.state_dict()})
