@@ -14,7 +14,8 @@ from patholite.artifacts.sidecar import read_sidecar
 from patholite.measure.cost import files_size, measure_latency, peak_rss_mb, torch_threads
 from patholite.measure.memory import measure_in_child
 from patholite.measure.metrics import QualityMeter
-from patholite.measure.timing import time_artifacts
+from patholite.measure.stats import bootstrap
+from patholite.measure.timing import time_artifacts, timing_block
 from patholite.models.count import count_flops, count_params
 from patholite.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
 
@@ -37,14 +38,8 @@ def bootstrap_accuracy_ci(
     correct: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0
 ) -> list[float]:
     """Percentile bootstrap interval of the accuracy (images resampled with replacement, fixed seed)."""
-    n = correct.numel()
-    if n == 0:
-        return [float("nan"), float("nan")]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (resamples, n), generator=g)
-    means = correct.float()[idx].mean(dim=1)
-    tail = (1 - level) / 2
-    return [float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail))]
+    hits = correct.float()
+    return bootstrap(lambda idx: hits[idx].mean(dim=1), hits.numel(), resamples, level, seed)["ci"]
 
 
 def quality_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
@@ -208,12 +203,4 @@ def time_together(records: list[ArtifactRecord], image_size: int, bench, device:
             device=timing["device"],
             threads=timing["threads"],
         )
-        record.cost["timing"] = {
-            "method": "child_alternating",
-            "sync": timing["sync"],
-            "timed_with": [r.name for r in records],
-            "baseline": Path(records[0].path).name,
-            "ratio_to_baseline": timed["ratio_to_baseline"],
-        }
-        if "energy_j_per_image" in timed:
-            record.cost["timing"]["energy_j_per_image"] = timed["energy_j_per_image"]
+        record.cost["timing"] = timing_block(timing, record.path, [r.name for r in records])
