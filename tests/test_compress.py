@@ -11,6 +11,7 @@ from torch import nn
 
 from patholite.artifacts.load import load_artifact
 from patholite.errors import ConfigError
+from patholite.pipelines.preflight import preflight
 from patholite.records import read_record
 from patholite.train import run_job
 from tests.conftest import run_cli
@@ -238,6 +239,29 @@ def test_teacher_with_another_class_count_is_refused(make_cfg, tmp_path):
     save_file(teacher.state_dict(), str(path))
     with pytest.raises(ConfigError, match=r"compression.teacher.checkpoint=.*7-class head.*4 classes"):
         preflight(make_cfg("compression=kd", f"compression.teacher.checkpoint={path}"))
+
+
+def test_a_trained_run_is_a_teacher_as_it_stands(make_cfg, tmp_path, monkeypatch):
+    import patholite.pipelines.cache as cache_module
+
+    cache = tmp_path / "own-cache"
+    teacher_run = tmp_path / "teacher"
+    assert run_job(make_cfg(f"paths.cache_dir={cache}", "compression=ema", run_dir=teacher_run)) == "ok"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the teacher comes from the run: nothing to train")
+
+    monkeypatch.setattr(cache_module, "_train_into", no_training)
+    kd = ("compression=kd", f"compression.teacher.checkpoint={teacher_run}", f"paths.cache_dir={cache}")
+    assert run_job(make_cfg(*kd, run_dir=tmp_path / "student")) == "ok"
+    teacher = read_record(tmp_path / "student")["artifacts"][0]
+    final = read_record(teacher_run)["artifacts"][-1]  # the run's own final float model: fp32_ema
+    assert (teacher["name"], final["name"]) == ("teacher_fp32", "fp32_ema")
+    assert teacher["quality"]["confusion_matrix"] == final["quality"]["confusion_matrix"]
+    with pytest.raises(ConfigError, match=r"takes 32-px images, the student 16-px ones"):
+        preflight(make_cfg(*kd, "dataset.image_size=16", run_dir=tmp_path / "small"))
+    with pytest.raises(ConfigError, match=r"does not exist; give a trained teacher.s weights file"):
+        preflight(make_cfg("compression=kd", f"compression.teacher.checkpoint={tmp_path / 'nothing'}"))
 
 
 def test_qat_on_a_non_cpu_accelerator_is_refused(make_cfg):

@@ -23,6 +23,7 @@ from patholite.data.synthetic.spec import LesionSpec, SlideSpec
 from patholite.errors import CheckpointError, ConfigError
 from patholite.models.factory import create_network
 from patholite.models.mil import GatedAttentionMIL
+from patholite.records import read_record
 from patholite.slides.inference import load_classifier
 from patholite.slides.run import run_slides
 
@@ -125,6 +126,13 @@ def test_cli_reads_one_plus_k_plus_k_squared_and_reports(work, tmp_path):
     assert len(summary) == 1 and summary[0]["status"] == "ok"
     assert summary[0]["call"] == report["call"]["label"] and int(summary[0]["reads"]) == READS
     assert int(summary[0]["pixels_read"]) == report["pixels_read"]
+    # the slide run's record: the same schema as training and bench runs
+    record = read_record(run)
+    assert (record["entry"], record["status"], record["slides"]["n"], record["slides"]["failed"]) == (
+        "slide", "ok", 1, 0)  # fmt: skip
+    used = record["artifacts"][0]
+    assert used["name"] == "smt" and used["path"] == str(work["root"] / "smt")
+    assert used["cost"]["reads_per_slide"] == READS and used["cost"]["seconds_per_slide"] > 0
     assert "| reads | pixels_read |" in (run / "summary.md").read_text()
 
 

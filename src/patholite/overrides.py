@@ -7,6 +7,7 @@ composition keeps them changeable.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import yaml
@@ -103,7 +104,6 @@ def check_launcher(argv: list[str]) -> None:
     asked = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra/launcher=")]
     if not any(name in _SUBMITIT_LAUNCHERS for name in asked):
         return
-    import importlib.util
 
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
         raise ConfigError(

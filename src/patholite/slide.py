@@ -57,8 +57,6 @@ def check_slide_config(cfg: DictConfig) -> None:
         raise ConfigError(f"report.min_share={cfg.report.min_share} is a share of the tissue: give (0, 1]")
     device = str(cfg.engine.device)
     if device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise AcceleratorError(
                 f"engine.device={device}, but this machine has no CUDA GPU: use engine.device=cpu"

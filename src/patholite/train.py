@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
@@ -71,8 +73,6 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str
 
 def run_job(cfg: DictConfig) -> str:
     """Run one job and write its record; returns the record's status."""
-    import torch
-
     threads = torch.get_num_threads()  # accelerator.threads applies to this job only, not the sweep's next
     try:
         with sigterm_as_exit():
@@ -121,7 +121,6 @@ def _run_job(cfg: DictConfig) -> str:
         # Lightning turns Ctrl-C and SIGTERM into SystemExit after writing checkpoints/interrupted.ckpt.
         record.finish("interrupted", err, traceback.format_exc())
         log.error("interrupted; continue with: python -m patholite.train resume=%s", run_dir)
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(err, SIGTERMException) or not getattr(err, "code", 1):  # a killed job never exits 0
             raise SystemExit(128 + signal.SIGTERM) from err

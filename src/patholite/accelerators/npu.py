@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 import torch
-from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
 
 from patholite.errors import AcceleratorError
 
@@ -103,7 +103,5 @@ class NPUAccelerator(Accelerator):
 
 def register() -> None:
     """Make ``Trainer(accelerator="npu")`` mean this accelerator (idempotent)."""
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-
     if "npu" not in AcceleratorRegistry:
         NPUAccelerator.register_accelerators(AcceleratorRegistry)

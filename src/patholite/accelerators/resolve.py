@@ -18,6 +18,9 @@ from functools import partial
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import ListConfig
 
 from patholite.accelerators.npu import NPUAccelerator, npu_device_count, register
@@ -141,8 +144,6 @@ def _strategy(cfg, ids: list[int], backend: str) -> Any:
             "devices with ddp_spawn (the subprocess 'ddp' launcher re-runs the command line, and with it "
             "a whole Hydra sweep, per rank); leave accelerator.strategy=auto"
         )
-    from lightning.fabric.plugins.environments import LightningEnvironment
-    from lightning.pytorch.strategies import DDPStrategy
 
     def make() -> DDPStrategy:
         # LightningEnvironment: this job's process spawns every rank on this node, even inside a SLURM job,
@@ -196,7 +197,6 @@ def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
 
 def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     """Ascend NPUs through torch_npu (the ``npu`` extra): fp16 mixed precision by default."""
-
     available = npu_device_count()  # imports torch_npu, or says what to install
     if available == 0:
         raise AcceleratorError("accelerator=npu: torch_npu sees no NPU on this machine (check npu-smi info)")
@@ -212,13 +212,9 @@ def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     lightning: dict[str, Any] = {"accelerator": Fresh(NPUAccelerator), "devices": [first]}
     lightning["strategy"] = cfg.strategy
     if cfg.strategy == "auto":
-        from lightning.pytorch.strategies import SingleDeviceStrategy
-
         # Lightning's "auto" puts a custom accelerator's single device on the CPU: name the NPU
         lightning["strategy"] = Fresh(partial(SingleDeviceStrategy, device=torch.device("npu", first)))
     if precision in ("16-mixed", "bf16-mixed"):
-        from lightning.pytorch.plugins.precision import MixedPrecision
-
         # Lightning would autocast a custom accelerator as "cuda": name the device type for autocast and
         # the gradient scaler explicitly
         lightning["plugins"] = Fresh(lambda: [MixedPrecision(precision, device="npu")])

@@ -21,6 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.nn.qat import dynamic as nnqatd
+from torch.ao.nn.quantized import dynamic as nnqd
+from torch.ao.quantization import FakeQuantizeBase, QConfigMapping, convert, get_default_qat_qconfig
+from torch.ao.quantization.qconfig import default_dynamic_qat_qconfig
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
 from patholite.errors import AcceleratorError, ConfigError
 
@@ -77,8 +82,6 @@ def qat_qconfig_mapping(engine: str = "x86") -> Any:
     range on x86 (reduce_range: no saturation on CPUs without VNNI). Everything else has no qconfig and
     stays float.
     """
-    from torch.ao.quantization import QConfigMapping, get_default_qat_qconfig
-
     qconfig = get_default_qat_qconfig(engine)
     return QConfigMapping().set_object_type(nn.Linear, qconfig).set_object_type(nn.Conv2d, qconfig)
 
@@ -88,8 +91,6 @@ def prepare_qat(net: nn.Module, example: torch.Tensor, engine: str = "x86") -> n
 
     ``example`` is one input batch (any batch size: the traced graph keeps the batch dimension symbolic).
     """
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx
-
     _check_engine(engine)
     torch.backends.quantized.engine = engine
     device = next(net.parameters(), torch.empty(0)).device
@@ -108,15 +109,11 @@ def prepare_qat(net: nn.Module, example: torch.Tensor, engine: str = "x86") -> n
 
 
 def _is_prepared(net: nn.Module) -> bool:
-    from torch.ao.quantization import FakeQuantizeBase
-
     return any(isinstance(m, FakeQuantizeBase) for m in net.modules())
 
 
 def convert_qat(qat_net: nn.Module) -> nn.Module:
     """The real INT8 model (CPU, eval) of a ``prepare_qat`` network; the QAT network is left as it was."""
-    from torch.ao.quantization.quantize_fx import convert_fx
-
     if not _is_prepared(qat_net):
         raise ConfigError("convert_qat needs a network from prepare_qat (it has no fake-quantize modules)")
     engine = getattr(qat_net, "patholite_qat_engine", torch.backends.quantized.engine)
@@ -144,10 +141,6 @@ def is_converted(net: nn.Module) -> bool:
 # the float twin (same modules, same state-dict keys), so it saves and reloads as a dynamic INT8 artifact.
 def prepare_dynamic_qat(net: nn.Module, engine: str = "x86") -> nn.Module:
     """A trainable copy of ``net`` whose Linear layers fake-quantize their weights (``net`` is untouched)."""
-    from torch.ao.nn.qat import dynamic as nnqatd
-    from torch.ao.quantization import convert
-    from torch.ao.quantization.qconfig import default_dynamic_qat_qconfig
-
     _check_engine(engine)
     torch.backends.quantized.engine = engine
     check_qat_device(next(net.parameters(), torch.empty(0)).device)
@@ -165,10 +158,6 @@ def prepare_dynamic_qat(net: nn.Module, engine: str = "x86") -> nn.Module:
 
 def convert_dynamic_qat(qat_net: nn.Module) -> nn.Module:
     """The dynamic INT8 model (CPU, eval) of a ``prepare_dynamic_qat`` network, which is left as it was."""
-    from torch.ao.nn.qat import dynamic as nnqatd
-    from torch.ao.nn.quantized import dynamic as nnqd
-    from torch.ao.quantization import convert
-
     if not any(isinstance(m, nnqatd.Linear) for m in qat_net.modules()):
         raise ConfigError("convert_dynamic_qat needs a network from prepare_dynamic_qat (no QAT Linears)")
     engine = getattr(qat_net, "patholite_qat_engine", torch.backends.quantized.engine)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn import quantized as nnq
+from torch.ao.nn.quantized.modules.conv import _ConvNd
 
 from patholite.errors import CheckpointError, ConfigError
 from patholite.io import atomic_path
@@ -369,9 +371,6 @@ def quantize_dynamic_layers(net: nn.Module, layers: list[str] | None, engine: st
 
 def int8_layer_names(net: nn.Module) -> list[str]:
     """Names of the modules that run real INT8 kernels: torch.ao quantized (static or dynamic) Linear/Conv."""
-    from torch.ao.nn import quantized as nnq
-    from torch.ao.nn.quantized.modules.conv import _ConvNd
-
     # nnq.dynamic.Linear subclasses nnq.Linear; their LinearPackedParams children are not layers.
     return [name for name, m in net.named_modules() if isinstance(m, (nnq.Linear, _ConvNd))]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from patholite.data.images import probe_image, read_rgb
 from patholite.data.transforms import build_transform
@@ -119,8 +120,6 @@ def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.
 
 def ddp_world_size() -> int:
     """Processes training together in this process's DDP group (1 outside DDP, e.g. in the driver)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -133,7 +132,6 @@ def rank_loader(dataset: Dataset, global_batch: int, shuffle: bool, **kwargs) ->
     world = ddp_world_size()
     if world == 1:
         return DataLoader(dataset, batch_size=global_batch, shuffle=shuffle, drop_last=False, **kwargs)
-    from torch.utils.data import DistributedSampler
 
     # set_epoch is called by Lightning's fit loop, so each epoch gets its own order; the run's seed (which
     # seed_everything exports to the spawned ranks) makes seed sweeps differ in data order too
@@ -228,7 +226,6 @@ class HistologyDataModule(L.LightningDataModule):
     @staticmethod
     def _probe(paths: list[str]) -> None:
         """Every file's header, once: unreadable or unconvertible images fail here, before any training."""
-
         for path in dict.fromkeys(paths):  # tiles of one photo share its file
             probe_image(path)
 
@@ -257,7 +254,6 @@ class HistologyDataModule(L.LightningDataModule):
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Up to ``count`` images of ``split`` with the evaluation transform (no augmentation), a seeded
         stratified subset, in batches: what calibration, sensitivity passes and pruning scores read."""
-
         images = self.splits[split]
         if count < len(images):
             images = images.subset(stratified_subsample(images.labels, count, seed)[:count])

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from patholite.errors import DatasetError
@@ -124,8 +125,6 @@ def _pil_to_rgb(img: Image.Image, path: str | Path) -> np.ndarray:
 
 def _read_tiff(path: str | Path) -> np.ndarray:
     """TIFFs PIL cannot open (unusual bit depths, planar layouts, extra channels), via tifffile."""
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tif:
             if len(tif.series) != 1 or len(tif.series[0].levels) != 1 or len(tif.pages) != 1:

@@ -202,7 +202,6 @@ class SlideDataModule(HistologyDataModule):
 
     def _tile_and_label(self, entry: SlideEntry) -> tuple[np.ndarray, np.ndarray, int, float]:
         """Tile grid and tile labels (-1: no clear label) of one slide, its tile side and target mpp."""
-
         cfg, t, normal = self.cfg, self.cfg.tile, self.class_names.index(NORMAL)
         with open_slide(entry.slide, mpp=cfg.reader.mpp, backend=cfg.reader.backend) as slide:
             # the engine's cache layout and grid file name, so training and inference share a slide's tissue
@@ -237,7 +236,6 @@ class SlideDataModule(HistologyDataModule):
     def most_severe(self, annotation: Path) -> str:
         """The slide-level class of an annotated slide: its most severe annotated class (the last in
         ``class_names`` order), else Normal."""
-
         found = {a.group for a in read_annotations(annotation, self.class_map()) if not a.exclude}
         return max(found | {NORMAL}, key=self.class_names.index)
 
@@ -279,7 +277,6 @@ class SyntheticSlidesDataModule(SlideDataModule):
     def _lesion_menu(self) -> tuple[list, str]:
         """The lesions slides may hold (``lesion_diameter_um``, ``lesion_count``; none set: the generator's
         default menu) and the folder-name tag of the lesion and normal-share settings."""
-
         cfg, tag = self.cfg, ""
         if cfg.get("normal_share") is not None:
             if not 0.0 <= cfg.normal_share <= 1.0:

@@ -74,7 +74,6 @@ def count_architecture(
 ) -> dict[str, Any]:
     """Parameters and FLOPs. Packed INT8 weights and ONNX graphs are invisible to torch's counters, so a
     non-float artifact is counted on its float twin (same architecture, surgery replayed)."""
-
     if directory is not None:
         meta = art.read_sidecar(directory)
         if meta["kind"] != "torch_float" or meta.get("runtime"):

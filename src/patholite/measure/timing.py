@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from patholite.accelerators.resolve import sync_name
 from patholite.artifacts.load import load_artifact
 from patholite.errors import PatholiteError
@@ -71,8 +73,6 @@ def timing_block(timing: dict[str, Any], directory: str | Path, names: list[str]
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])

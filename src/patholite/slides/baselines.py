@@ -147,7 +147,6 @@ def tile_outputs(
     ``embeddings``: also keep each tile's pre-logits features (``EmbeddingTap``). ``csv_path``: also write the
     engine's per-tile CSV there.
     """
-
     start = time.perf_counter()
     path = Path(slide_path)
     if isinstance(tile, TileGeometry):

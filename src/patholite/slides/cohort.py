@@ -49,7 +49,6 @@ def each_slide(
 ) -> list[dict[str, Any]]:
     """``process(path, out_dir / <name>)`` for every slide, then summary.csv/.md. With ``slides=`` (many), a
     slide's failure of any kind is a failed row and the others go on; with ``slide=`` (one), it is raised."""
-
     many = not cfg.slide
     rows = []
     for path, name in zip(paths, _unique_names(paths), strict=True):

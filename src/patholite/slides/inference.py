@@ -105,7 +105,6 @@ def annotation_path(cfg, slide_path: Path) -> Path | None:
 def annotation_classes(cfg, class_names: list[str]) -> dict[str, str]:
     """XML group -> class: the model's class names themselves, the CAMELYON16 and BACH groups whose class
     the model predicts, then ``annotation_classes`` (the user's word wins)."""
-
     known = {**CAMELYON16_CLASS_MAP, **BACH_CLASS_MAP}
     mapping = {group: c for group, c in known.items() if c in class_names or c == EXCLUSION}
     return {**mapping, **{c: c for c in class_names}, **dict(cfg.annotation_classes)}
@@ -150,7 +149,6 @@ def tile_spec(path: Path, grid, geometry: TileGeometry, meta: dict[str, Any], mp
 
 def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Every output of one slide into ``out_dir``; returns its report."""
-
     start = time.perf_counter()
     class_names = list(meta["class_names"])
     geometry = tile_geometry(cfg.tile, meta, Path(meta["_directory"]))

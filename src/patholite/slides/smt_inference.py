@@ -63,7 +63,6 @@ class SmtSettings:
 def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) -> SmtSettings:
     """The walk's settings from the sidecar, checked against the loaded network; ``walk`` (``smt`` of the
     slide config: ``top_k``, ``aggregate``) overrides what the artifact was trained with where set."""
-
     smt = dict((meta.get("model") or {}).get("smt") or {})
     walk = walk or {}
     if walk.get("aggregate") is not None:
@@ -105,7 +104,6 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
 
 def load_smt_model(directory: str | Path, device: str = "cpu"):
     """The SMT network of an artifact (float or dynamic INT8) and its sidecar (``_directory`` added)."""
-
     directory = Path(directory)
     sidecar = read_sidecar(directory)
     check_slide_artifact(directory, sidecar)
@@ -166,7 +164,6 @@ def process_smt_slide(
     """Diagnose one slide with the SMT walk; write report.json and focus.png into ``out_dir``; return the
     report (a summary row: call, confidence, reads, pixels_read, seconds). ``settings``: the walk's, from
     ``smt_settings`` (None: worked out here)."""
-
     start = time.perf_counter()
     path = Path(path)
     if settings is None:
@@ -371,7 +368,6 @@ def run_smt_slides(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every slide through one SMT network (``net``/``meta``, else loaded from ``directory``, else from
     ``cfg.artifact``), with the tile engine's summary and failure policy (``slides.inference.each_slide``)."""
-
     with model_threads(cfg.engine.threads or available_cores()):
         if net is None or meta is None:
             directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)

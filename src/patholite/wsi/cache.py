@@ -36,7 +36,6 @@ def slide_cache_dir(cache_root: Path, path: Path, cfg) -> Path:
 
 def tissue_for(slide, cfg, cache: Path):
     """The slide's tissue mask, detected once and cached."""
-
     mask_path = cache / "tissue.npz"
     if mask_path.is_file():
         try:

@@ -18,6 +18,7 @@ from types import TracebackType
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from patholite.errors import ConfigError, SlideError
 
@@ -321,8 +322,6 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     Pillow, not OpenCV: tiles are read in DataLoader worker processes forked from a parent whose OpenCV
     thread pool (started by tissue detection) does not survive the fork, and a worker resizing with it hangs.
     """
-    from PIL import Image
-
     size = (int(size[0]), int(size[1]))
     if (image.shape[1], image.shape[0]) == size:
         return image

@@ -194,7 +194,6 @@ def smt_tissue_box(slide, cfg, cache_root: str | Path | None = None, tissue_px: 
     the low-resolution image the tissue is found on; a bounding box needs no fine mask, and a 512-px image
     costs a few hundredths of a second where the tiler's 2048-px mask costs about one. None: the tiler's
     mask, from (and to) its cache under ``cache_root``. ``cfg``: a node with ``tissue`` and ``reader``."""
-
     if tissue_px is None:
         mask = tissue_for(slide, cfg, slide_cache_dir(Path(cache_root), Path(slide.path), cfg))
     else:
@@ -211,7 +210,6 @@ def cached_thumbnail(
     slide file and settings under ``cache_root/smt_thumbs``; the tissue mask comes from (and goes to) the
     slide engine's cache under ``cache_root``. ``tissue_cfg`` / ``reader_cfg``: the ``tissue`` and
     ``reader`` nodes (None: their defaults); ``tissue_px``: see ``smt_tissue_box``."""
-
     path, cache_root = Path(path), Path(cache_root).expanduser()
     if not path.exists():
         raise SlideError(f"slide {path} does not exist")

@@ -31,6 +31,7 @@ from typing import NoReturn
 
 import cv2
 import numpy as np
+from PIL import Image, PngImagePlugin
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
@@ -112,8 +113,6 @@ class TissueMask:
             raise ConfigError(f"tissue mask file {path}: use a .png or .npz name")
         with atomic_path(path) as tmp:
             if suffix == ".png":
-                from PIL import Image, PngImagePlugin
-
                 info = PngImagePlugin.PngInfo()
                 info.add_text(_PNG_KEY, repr(self.downsample))
                 Image.fromarray(self.mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=info)
@@ -127,8 +126,6 @@ class TissueMask:
         path = Path(path)
         try:
             if path.suffix.lower() == ".png":
-                from PIL import Image
-
                 with Image.open(path) as image:
                     downsample = float(image.info[_PNG_KEY])
                     mask = np.asarray(image.convert("L")) > 127

@@ -16,6 +16,7 @@ and folds are."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -274,8 +275,6 @@ def generate_slides(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m patholite.data.synthetic.slides --out <folder> --n 4 --size 8192``: slides to try."""
-    import argparse
-
     p = argparse.ArgumentParser(description="Write synthetic whole slides with truth masks and ASAP XML.")
     p.add_argument("--out", type=Path, required=True, help="folder the slides are written into")
     p.add_argument("--n", type=int, default=4, help="number of slides (a quarter of them lesion-free)")

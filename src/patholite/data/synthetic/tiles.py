@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from filelock import FileLock
 
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet
 from patholite.errors import ConfigError, DatasetError
@@ -357,8 +358,6 @@ def load_or_generate(
     cache_dir: Path, split: str, n_per_class: int, size: int, difficulty: float, seed: int
 ) -> ImageSet:
     """The split from the cache, generated (once, under a file lock shared by parallel jobs) if absent."""
-    from filelock import FileLock
-
     path = cache_path(cache_dir, split, n_per_class, size, difficulty, seed)
     n = n_per_class * len(SYNTHETIC_CLASSES)
     cached = _read_cache(path, n, size, warn=False)  # the common case: no lock needed, writes are atomic

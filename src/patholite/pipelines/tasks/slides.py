@@ -111,7 +111,6 @@ def train_smt(
 def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
     """One fresh walk per slide of ``split``, reading every region from the slide file (thumbnail
     included): slide probabilities and what each slide cost."""
-
     dm, s = ctx.datamodule, ctx.cfg.model.smt
     dataset = dm.datasets[split]
     negative = dm.class_names.index(dm.negative_class)
