@@ -139,12 +139,37 @@ def kd_loss(
     ``targets`` are class indices [B] (or class probabilities [B, C]); ``weights`` optional per-sample weights
     [B]; ``label_smoothing`` applies to the label term only. The teacher receives no gradient.
     """
+    # One head learns from both labels and teacher: DeiT's token loss with both heads the same.
+    return two_head_loss(
+        student_logits,
+        student_logits,
+        teacher_logits,
+        targets,
+        alpha,
+        temperature,
+        kind,
+        weights,
+        label_smoothing,
+    )
+
+
+def two_head_loss(
+    cls_logits: Tensor,
+    dist_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float,
+    temperature: float,
+    kind: str,
+    weights: Tensor | None,
+    label_smoothing: float,
+) -> Tensor:
+    """(1-a) * the label term of ``cls_logits`` + a * the teacher term of ``dist_logits``."""
     alpha, temperature = check_alpha(alpha), check_temperature(temperature)
     check_kind(kind, KD_KINDS)
-    # One head learns from both labels and teacher: DeiT's token loss with both heads the same.
     ce, kd = logit_terms(
-        student_logits,
-        student_logits,
+        cls_logits,
+        dist_logits,
         teacher_logits,
         targets,
         temperature=temperature,

@@ -7,13 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from patholite.compress.distill.logits import (
-    KD_KINDS,
-    check_alpha,
-    check_kind,
-    check_temperature,
-    logit_terms,
-)
+from patholite.compress.distill.logits import two_head_loss
 
 # Distiller kinds that train a distillation head, and the logit loss that head learns with. "token" is DeiT's
 # best setting: the distillation head learns the teacher's hard decision.
@@ -36,19 +30,9 @@ def token_kd_loss(
 
     ``kind`` "hard" (DeiT's default: CE on the teacher's argmax) or "soft" (T^2 * KL on softened logits).
     """
-    alpha, temperature = check_alpha(alpha), check_temperature(temperature)
-    check_kind(kind, KD_KINDS)
-    ce, kd = logit_terms(
-        cls_logits,
-        dist_logits,
-        teacher_logits,
-        targets,
-        temperature=temperature,
-        kind=kind,
-        weights=weights,
-        label_smoothing=label_smoothing,
+    return two_head_loss(
+        cls_logits, dist_logits, teacher_logits, targets, alpha, temperature, kind, weights, label_smoothing
     )
-    return (1.0 - alpha) * ce + alpha * kd
 
 
 def is_distilled_deit(net: nn.Module) -> bool:
