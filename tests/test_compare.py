@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from patholite.compare import main
-from patholite.measure.compare import compare, find_records, pareto_front
+from patholite.measure.compare import Comparison, compare, find_records, pareto_front
+from patholite.measure.outputs import pareto_figure, plot_pareto
 from patholite.records import ArtifactRecord, RunRecord
 
 
@@ -135,6 +136,117 @@ def test_baseline_prefers_same_sweep_and_seed(tmp_path):
 def test_pareto_front_keeps_the_undominated_points():
     points = [(10, 0.90), (8, 0.89), (30, 0.93), (12, 0.88), (8, 0.85)]
     assert pareto_front(points) == [1, 0, 2]
+
+
+@pytest.mark.parametrize(
+    ("points", "front"),
+    [
+        pytest.param([(3.0, 0.7)], [0], id="single point"),
+        pytest.param([(5, 0.8), (5, 0.8), (5, 0.8)], [0, 1, 2], id="all equal: none beats another"),
+        pytest.param([(5, 0.8), (10, 0.7), (5, 0.8)], [0, 2], id="exact duplicates both kept"),
+        pytest.param([(5, 0.8), (5, 0.8), (4, 0.9)], [2], id="duplicates both dominated"),
+        pytest.param([(6, 0.8), (5, 0.8)], [1], id="equal quality, higher cost loses"),
+        pytest.param([(5, 0.7), (5, 0.8)], [1], id="equal cost, lower quality loses"),
+        # lower cost and higher quality are better: cheaper-and-worse vs dearer-and-better is a trade-off
+        pytest.param([(2, 0.9), (1, 0.5)], [1, 0], id="trade-off: both kept, sorted by cost"),
+        # ... while cheaper-and-better beats dearer-and-worse (a wrong direction on either axis keeps both
+        # or the wrong one)
+        pytest.param([(2, 0.5), (1, 0.9)], [1], id="cheaper and better wins"),
+        pytest.param([(1, 0.5), (2, 0.9)], [0, 1], id="mirror of the trade-off"),
+        pytest.param([(1, 0.9), (2, 0.5)], [0], id="mirror of cheaper and better"),
+        pytest.param(
+            [(30, 0.95), (10, 0.90), (20, 0.85), (5, 0.60), (10, 0.80)], [3, 1, 0], id="several, unsorted"
+        ),
+        pytest.param([], [], id="no points"),
+    ],
+)
+def test_pareto_front_cases(points, front):
+    assert pareto_front(points) == front
+
+
+def test_pareto_front_takes_no_missing_values():
+    # pareto_front has no notion of a missing value: its callers drop rows without one (see plot_pareto)
+    with pytest.raises(TypeError):
+        pareto_front([(1.0, 0.5), (None, 0.9)])
+
+
+def pareto_rows() -> Comparison:
+    def row(technique: str, artifact: str, acc: float | None, size: float | None, p50: float) -> dict:
+        return {
+            "model": "m",
+            "technique": technique,
+            "artifact": artifact,
+            "accuracy": acc,
+            "size_mb": size,
+            "p50_ms_b1": p50,
+        }
+
+    return Comparison(
+        rows=[
+            row("none", "fp32", 0.91, 40.0, 7.0),
+            row("ptq", "int8", 0.89, 10.0, 3.0),
+            row("prune", "pruned", 0.80, 25.0, 2.0),  # dominated by int8 on size, on the front on latency
+            row("kd", "student", None, 5.0, 1.0),  # no accuracy: on neither plot
+            row("lowrank", "svd", 0.95, None, 9.0),  # no size: only on the latency plot
+        ],
+        failed=[],
+        batch_sizes=[1],
+    )
+
+
+def plotted(
+    fig,
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]], dict[str, tuple[float, float]]]:
+    """The scattered points, the front's line and each annotation's point, read back off the figure."""
+    (ax,) = fig.axes
+    (scatter,) = ax.collections
+    (line,) = ax.lines
+    points = [tuple(map(float, p)) for p in scatter.get_offsets()]
+    front = list(zip(map(float, line.get_xdata()), map(float, line.get_ydata()), strict=True))
+    labels = {t.get_text(): tuple(map(float, t.xy)) for t in ax.texts}
+    return points, front, labels
+
+
+def test_pareto_plot_puts_the_named_column_on_x_and_accuracy_on_y():
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(pareto_rows(), "size_mb", "size on disk (MB)")
+    try:
+        ax = fig.axes[0]
+        assert ax.get_xlabel() == "size on disk (MB)" and ax.get_ylabel() == "test accuracy"
+        points, front, labels = plotted(fig)
+        assert points == [(40.0, 0.91), (10.0, 0.89), (25.0, 0.80)]  # size_mb on x, accuracy on y
+        assert front == [(10.0, 0.89), (40.0, 0.91)]  # pruned (25 MB, 0.80) is beaten by int8
+        assert labels == {
+            "m/none/fp32": (40.0, 0.91),
+            "m/ptq/int8": (10.0, 0.89),
+            "m/prune/pruned": (25.0, 0.80),
+        }
+    finally:
+        plt.close(fig)
+
+    fig = pareto_figure(pareto_rows(), "p50_ms_b1", "latency p50 (ms, batch 1)")
+    try:
+        assert fig.axes[0].get_xlabel() == "latency p50 (ms, batch 1)"
+        points, front, labels = plotted(fig)
+        assert points == [(7.0, 0.91), (3.0, 0.89), (2.0, 0.80), (9.0, 0.95)]
+        assert front == [(2.0, 0.80), (3.0, 0.89), (7.0, 0.91), (9.0, 0.95)]  # each faster one is worse
+        assert labels["m/lowrank/svd"] == (9.0, 0.95) and "m/kd/student" not in labels
+    finally:
+        plt.close(fig)
+
+
+def test_plot_pareto_writes_the_figure_or_nothing(tmp_path):
+    import matplotlib.pyplot as plt
+
+    open_before = len(plt.get_fignums())
+    path = plot_pareto(pareto_rows(), "size_mb", "size on disk (MB)", tmp_path / "size.png")
+    assert path == tmp_path / "size.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(plt.get_fignums()) == open_before  # the figure is closed once written
+    empty = Comparison(rows=[{"accuracy": None, "size_mb": 1.0}], failed=[], batch_sizes=[])
+    assert plot_pareto(empty, "size_mb", "size", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    assert pareto_figure(empty, "size_mb", "size") is None
 
 
 def test_compare_refuses_empty_or_missing_directories(tmp_path, capsys):

@@ -73,8 +73,9 @@ def write_markdown(comparison: Comparison, path: Path, plots: list[Path]) -> Pat
     return path
 
 
-def plot_pareto(comparison: Comparison, x_key: str, x_label: str, path: Path) -> Path | None:
-    """Accuracy against a cost, every artifact a point, the Pareto front joined; None if nothing to plot."""
+def pareto_figure(comparison: Comparison, x_key: str, x_label: str):
+    """The figure of ``plot_pareto`` (a matplotlib ``Figure``, open in pyplot: close it), or None if no row
+    has both ``x_key`` and an accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -108,6 +109,16 @@ def plot_pareto(comparison: Comparison, x_key: str, x_label: str, path: Path) ->
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
+    return fig
+
+
+def plot_pareto(comparison: Comparison, x_key: str, x_label: str, path: Path) -> Path | None:
+    """Accuracy against a cost, every artifact a point, the Pareto front joined; None if nothing to plot."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(comparison, x_key, x_label)
+    if fig is None:
+        return None
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
