@@ -1,9 +1,11 @@
-"""Lightning callbacks that interrupt training the way a user or a scheduler would."""
+"""Lightning callbacks that interrupt training the way a user or a scheduler would, or record what it starts
+from; small models and CSV readers."""
 
 from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 
 import lightning as L
 
@@ -22,6 +24,60 @@ class InterruptAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
         else:
             raise KeyboardInterrupt
+
+
+class RecordStart(L.Callback):
+    """At ``on_train_start`` (after a resume has restored everything, before the first batch): save what
+    training starts from to ``path`` with ``torch.save``: global step and epoch, the module's state_dict,
+    every optimiser's and LR scheduler's state, the EMA callback's average and an SMT module's focusing
+    memory (with its trained depth)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import copy
+
+        import torch
+
+        from patholite.compress.ema import EmaCallback
+
+        def plain(state):  # a deep CPU copy: later steps update these tensors in place
+            return copy.deepcopy(
+                {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+            )
+
+        ema = [cb for cb in trainer.callbacks if isinstance(cb, EmaCallback)]
+        memory = getattr(pl_module, "memory", None)
+        torch.save(
+            {
+                "global_step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "state_dict": plain(pl_module.state_dict()),
+                "optimizer_states": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+                "lr_schedulers": [
+                    copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs
+                ],
+                "ema_state_dict": plain(ema[0].ema_net.state_dict()) if ema else None,
+                "smt_focus_memory": copy.deepcopy(memory.state_dict()) if memory is not None else None,
+                "smt_trained_depth": getattr(pl_module, "trained_depth", None),
+            },
+            self.path,
+        )
+
+
+@contextmanager
+def one_thread():
+    """Torch on one intra-op thread for the block: tiny models gain nothing from a second one, and on a busy
+    2-core machine (or beside a DataLoader worker) the threads' contention makes them several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_vit(img: int = 32, depth: int = 4, seed: int = 0):

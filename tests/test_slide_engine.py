@@ -24,7 +24,7 @@ from patholite.slides.inference import load_classifier
 from patholite.slides.run import run_slides
 
 from .conftest import REPO
-from .helpers import csv_rows
+from .helpers import csv_rows, one_thread
 
 CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
 OUTPUTS = ("tiles.csv", "heatmap.png", "overlay.png", "report.json", "report.png")
@@ -126,25 +126,71 @@ def _float(directory):
     return net, {k: v for k, v in meta.items() if k not in ("kind", "weights")}
 
 
-def test_every_artifact_kind_streams_the_same_tiles(slides, float_artifact, tmp_path):
-    net, meta = _float(float_artifact)
+# A 256-px grid over the CMU slide (2220 x 2967 level-0 px): 88 tiles, tissue and background
+CMU_GRID = np.array([[x, y] for y in range(0, 2967 - 256, 256) for x in range(0, 2220 - 256, 256)])
+
+
+def _cmu_spec(slides, meta) -> TileSpec:
+    return TileSpec(str(slides / "CMU-1-Small-Region.svs"), CMU_GRID, 256, 64, 32, tuple(meta["mean"]),
+                    tuple(meta["std"]))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_artifact(slides, tmp_path_factory):
+    """A vit_micro that learned something about the CMU slide's tiles: trained end to end (40 AdamW steps
+    of 16 tiles, 1-2 s on one thread) to tell four brightness bands of the grid's tiles apart, a stand-in
+    task whose classes are decided by the image. Its probabilities on those tiles are far from uniform, unlike
+    a random network's, so INT8 parity on them means something."""
+    from patholite.slides.engine import SlideTiles
+
+    meta = _meta()
+    tiles = SlideTiles(_cmu_spec(slides, meta))
+    images = torch.stack([tiles[i][0] for i in range(len(tiles))]).float() / 255
+    labels = torch.bucketize(images.mean((1, 2, 3)), torch.tensor([0.6, 0.8, 0.94]))  # 15/20/17/36 tiles
+    x = (images - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with one_thread():
+        torch.manual_seed(0)
+        net = create_network(load_model_option("vit_micro"), len(CLASSES), 32).train()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+        for _ in range(40):
+            batch = torch.randperm(len(x))[:16]
+            loss = torch.nn.functional.cross_entropy(net(x[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    directory = tmp_path_factory.mktemp("trained") / "fp32"
+    art.save_float_artifact(net.eval(), directory, meta)
+    return directory, labels.numpy()
+
+
+def test_every_artifact_kind_streams_the_same_tiles(slides, trained_artifact, tmp_path):
+    float_dir, labels = trained_artifact
+    net, meta = _float(float_dir)
     art.save_int8_dynamic_artifact(quantize_dynamic_int8(net), tmp_path / "int8", meta, "x86")
     art.save_onnx_artifact(net, tmp_path / "onnx", meta)
-    coords = np.array([[512 * i, 1024] for i in range(4)])
-    spec = TileSpec(str(slides / "CMU-1-Small-Region.svs"), coords, 256, 64, 32, tuple(meta["mean"]),
-                    tuple(meta["std"]))  # fmt: skip
+    spec = _cmu_spec(slides, meta)
     probs = {}
-    for kind, directory in (
-        ("fp32", float_artifact),
-        ("int8", tmp_path / "int8"),
-        ("onnx", tmp_path / "onnx"),
-    ):
+    for kind, directory in (("fp32", float_dir), ("int8", tmp_path / "int8"), ("onnx", tmp_path / "onnx")):
         model, _ = load_classifier(directory)
-        result = stream_tiles(model, spec, CLASSES, tmp_path / f"{kind}.csv", batch_size=3, workers=1)
+        with one_thread():
+            result = stream_tiles(model, spec, CLASSES, tmp_path / f"{kind}.csv", batch_size=8, workers=1)
         probs[kind] = result.probs
-        assert result.timings["tiles"] == 4
-    assert np.abs(probs["onnx"] - probs["fp32"]).max() < 1e-4
-    assert np.abs(probs["int8"] - probs["fp32"]).max() < 0.05
+        assert result.timings["tiles"] == len(CMU_GRID)
+    p32, p8 = probs["fp32"], probs["int8"]
+    # the float model learned its task and is far from uniform on these tiles (a random vit_micro: mean top
+    # probability 0.31, probabilities' spread 0.04), with every class predicted somewhere
+    top = p32.argmax(1)
+    assert (top == labels).mean() >= 0.75
+    assert p32.max(1).mean() >= 0.6
+    spread = p32.std()  # over tiles and classes: 0 for a constant model
+    assert spread >= 0.2
+    assert len(set(top.tolist())) == len(CLASSES)
+    # ONNX is the same float model; INT8 is faithful: the same call on (nearly) every tile and probabilities
+    # that move by a small fraction of their spread
+    assert np.abs(probs["onnx"] - p32).max() < 1e-4
+    assert (p8.argmax(1) == top).mean() >= 0.95
+    gap = np.abs(p8 - p32)
+    assert gap.max() < 0.1 * spread and gap.mean() < 0.01 * spread, (gap.max(), gap.mean(), spread)
 
 
 def test_many_slides_bad_ones_reported_others_go_on(slides, float_artifact, tmp_path):

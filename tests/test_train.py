@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 
 from patholite.artifacts.torch_float import load_float_artifact
 from patholite.errors import DatasetError
-from patholite.records import ARTIFACT_NAMES, COST_KEYS, QUALITY_KEYS, read_record
+from patholite.pipelines.stages import artifact_names
+from patholite.records import COST_KEYS, QUALITY_KEYS, read_record
 from patholite.train import run_job
 from tests.fixtures_data import BUILDERS
 
@@ -23,7 +25,7 @@ def check_ok_record(run_dir: Path, class_names: list[str]) -> dict:
     assert record["versions"]["torch"] == torch.__version__.split("+")[0] and record["versions"]["timm"]
     assert record["device"]["kind"] in ("cpu", "gpu")
     [art] = record["artifacts"]
-    assert art["name"] == "fp32" and art["name"] in ARTIFACT_NAMES
+    assert art["name"] == "fp32" and art["name"] in artifact_names()
     q, c = art["quality"], art["cost"]
     assert set(q) == set(QUALITY_KEYS) and set(c) == set(COST_KEYS)
     assert set(q["f1_per_class"]) == set(class_names) == set(q["recall_per_class"])
@@ -161,32 +163,142 @@ def test_failed_job_writes_failed_record_and_exits(make_cfg, tmp_path, capsys):
     assert record["artifacts"] == []
 
 
+def same(a, b) -> bool:
+    """Exact, recursive equality of checkpoint-like values (dicts, lists, tensors, numbers)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def logged(path: Path, column: str) -> list[tuple[int, str, float]]:
+    """(step, epoch, value) of the rows of a Lightning metrics.csv where ``column`` has a value."""
+    with open(path, newline="") as f:
+        return [(int(r["step"]), r["epoch"], float(r[column])) for r in csv.DictReader(f) if r.get(column)]
+
+
+def probe(name: str, path: Path) -> list[str]:
+    """Overrides adding ``tests.helpers.RecordStart``: what training starts from goes to ``path``."""
+    return [
+        f"+callbacks.extra.{name}._target_=tests.helpers.RecordStart",
+        f"+callbacks.extra.{name}.path={path}",
+    ]
+
+
+def interrupt_at(step: int) -> list[str]:
+    return ["+callbacks.extra.stop._target_=tests.helpers.InterruptAt", f"+callbacks.extra.stop.step={step}"]
+
+
 def test_ctrl_c_leaves_interrupted_record_and_resumable_checkpoint(make_cfg, tmp_path):
-    interrupt = [
-        "+callbacks.extra.stop._target_=tests.helpers.InterruptAt",
-        "+callbacks.extra.stop.step=2",
+    # 2 epochs of 4 steps with EMA; Ctrl-C after optimizer step 2 (mid epoch 0), then resume= continues it
+    common = [
         "trainer.max_epochs=2",
         "trainer.limit_val_batches=1",
+        "compression=ema",
+        "bench.batch_sizes=[1]",
+        "accelerator.threads=1",  # a tiny model: a second thread only adds contention on a busy machine
     ]
     with pytest.raises((SystemExit, KeyboardInterrupt)):
-        run_job(make_cfg(*interrupt))
+        run_job(make_cfg(*common, *interrupt_at(2), *probe("start", tmp_path / "fresh.pt")))
     run_dir = tmp_path / "run"
     record = read_record(run_dir)
     assert record["status"] == "interrupted" and record["artifacts"] == []
     saved = run_dir / "checkpoints" / "train" / "interrupted.ckpt"
     assert saved.is_file()
-    assert torch.load(saved, weights_only=True, map_location="cpu")["global_step"] == 2
-    # resume continues in the same directory from the interrupted step and finishes
-    cfg = make_cfg("trainer.max_epochs=2", "trainer.limit_val_batches=1", f"resume={run_dir}")
+    ckpt = torch.load(saved, weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 2 and ckpt["epoch"] == 0
+    cfg = make_cfg(*common, f"resume={run_dir}", *probe("start", tmp_path / "resumed.pt"))
     assert run_job(cfg) == "ok"
-    assert (run_dir / "csv" / "metrics.csv").is_file()  # the interrupted run's log is kept
-    assert (run_dir / "csv" / "resume-1" / "metrics.csv").is_file()
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=False)  # what the interrupted run started from
+
+    # training continues from exactly what the interrupted checkpoint saved: loop counters, weights,
+    # AdamW's moments, the LR schedule's position and the EMA average
+    assert (resumed["global_step"], resumed["epoch"]) == (2, 0)
+    assert same(resumed["state_dict"], ckpt["state_dict"])
+    assert len(ckpt["optimizer_states"][0]["state"]) > 0
+    assert same(resumed["optimizer_states"], ckpt["optimizer_states"])
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 2
+    assert same(resumed["lr_schedulers"], ckpt["lr_schedulers"])
+    assert same(resumed["ema_state_dict"], ckpt["ema_state_dict"])
+    # ... and none of that is what a fresh start looks like (the checks above would fail for one)
+    assert (fresh["global_step"], fresh["optimizer_states"][0]["state"]) == (0, {})
+    assert fresh["lr_schedulers"][0]["last_epoch"] == 0
+    assert not same(fresh["state_dict"], ckpt["state_dict"])
+    assert not same(fresh["ema_state_dict"], ckpt["ema_state_dict"])
+    # the saved average is an average, not a copy of the raw weights (an EMA mix-up would show)
+    raw = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
+    assert not same(raw, ckpt["ema_state_dict"]) and raw.keys() == ckpt["ema_state_dict"].keys()
+
+    # the logs: the interrupted run's is kept; the resumed one's first training step follows the interrupted
+    # step (Lightning logs optimizer step n at step n - 1) and steps run on without gap or repeat to the end
+    first_log, resumed_log = run_dir / "csv" / "metrics.csv", run_dir / "csv" / "resume-1" / "metrics.csv"
+    first_lrs, resumed_lrs = logged(first_log, "lr-AdamW/pg1"), logged(resumed_log, "lr-AdamW/pg1")
+    assert [step for step, _, _ in first_lrs] == [0, 1]
+    assert [step for step, _, _ in resumed_lrs] == [2, 3, 4, 5, 6, 7]
+    assert logged(first_log, "train/loss_step")[0][0] == 0  # a fresh run logs from step 0
+    # the rest of epoch 0 (optimizer steps 3 and 4 of 8), then epoch 1
+    train = [(step, epoch) for step, epoch, _ in logged(resumed_log, "train/loss_step")]
+    assert train == [(2, "0"), (3, "0"), (4, "1"), (5, "1"), (6, "1"), (7, "1")], train
+    # the first resumed step ran at the learning rate the schedule had reached, not the warm-up's first one
+    assert resumed_lrs[0][2] == pytest.approx(ckpt["lr_schedulers"][0]["_last_lr"][0])
+    assert resumed_lrs[0][2] > 2 * first_lrs[0][2]
     last = torch.load(run_dir / "checkpoints" / "train" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert (last["global_step"], last["epoch"]) == (8, 1), (
-        last["global_step"],
-        last["epoch"],
-        last["loops"]["fit_loop"]["epoch_progress"],
-    )
+    assert (last["global_step"], last["epoch"]) == (8, 1)
+
+
+def test_a_new_run_does_not_silently_continue_an_interrupted_one(make_cfg, tmp_path):
+    from patholite.errors import CheckpointError
+
+    common = ["trainer.max_epochs=2", "trainer.limit_val_batches=1", "accelerator.threads=1"]
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_job(make_cfg(*common, *interrupt_at(2)))
+    # the same command without resume= in the same directory: Lightning alone would restore interrupted.ckpt
+    # (fit(ckpt_path=None) means "last" beside OnExceptionCheckpoint) and train on from step 2 unannounced
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(make_cfg(*common, *probe("start", tmp_path / "second.pt")))
+    error = exit_info.value.__cause__
+    assert isinstance(error, CheckpointError) and f"resume={tmp_path / 'run'}" in str(error)
+    assert not (tmp_path / "second.pt").exists()  # it never trained
+
+
+# tiny SMT slides: 2 per split (one lesion-free), 1024 px, so generating them takes a few seconds
+SMT_TINY = [
+    "debug=fast", "logger=csv", "model=smt_micro", "dataset=smt_synthetic", "dataset.width=1024",
+    "dataset.height=1024", "dataset.lesion_diameter_um=[40.0,80.0]", "dataset.slides_per_split=[2,2,2]",
+    "dataset.batch_size=1", "accelerator.threads=1",
+]  # fmt: skip
+
+
+def test_smt_resume_restores_the_focusing_memory(make_cfg, tmp_path):
+    # 2 train slides, 1 per batch, 2 optimisers: 4 optimizer steps an epoch; stop after epoch 1's first batch
+    common = [*SMT_TINY, "trainer.max_epochs=2"]
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_job(make_cfg(*common, *interrupt_at(6), *probe("start", tmp_path / "fresh.pt"), fast=False))
+    run_dir = tmp_path / "run"
+    ckpt = torch.load(run_dir / "checkpoints" / "train" / "interrupted.ckpt", weights_only=True)
+    assert (ckpt["global_step"], ckpt["epoch"]) == (6, 1)
+    memory = ckpt["smt_focus_memory"]
+    # the memory holds both slides' thumbnails and deeper patches; one slide was already folded in at epoch 1
+    assert len(memory["keys"]) >= 6 and sorted(set(memory["epochs"].tolist())) == [0, 1]
+    assert memory["scores"].abs().sum() > 0
+    resume = make_cfg(*common, f"resume={run_dir}", *probe("start", tmp_path / "resumed.pt"), fast=False)
+    assert run_job(resume) == "ok"
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=False)
+    assert (resumed["global_step"], resumed["epoch"]) == (6, 1)
+    assert same(resumed["smt_focus_memory"], memory)  # keys, scores and the epoch each was last updated
+    assert resumed["smt_trained_depth"] == ckpt["smt_trained_depth"] == 3
+    assert same(resumed["state_dict"], ckpt["state_dict"])
+    assert same(resumed["optimizer_states"], ckpt["optimizer_states"])  # both SGDs' momentum buffers
+    assert len(ckpt["optimizer_states"]) == 2 and all(o["state"] for o in ckpt["optimizer_states"])
+    # a fresh start has an empty memory and other weights
+    assert fresh["global_step"] == 0 and fresh["smt_focus_memory"]["keys"] == []
+    assert not same(fresh["state_dict"], ckpt["state_dict"])
+    assert read_record(run_dir)["status"] == "ok"
 
 
 def test_resume_refuses_a_finished_run(make_cfg, tmp_path):
@@ -211,7 +323,8 @@ def test_resume_without_checkpoint_fails_clearly(make_cfg, tmp_path):
 def test_record_json_is_valid_and_complete_on_disk(make_cfg, tmp_path):
     run_job(make_cfg())
     text = (tmp_path / "run" / "metrics.json").read_text()
-    assert json.loads(text)["schema_version"] == 1
+    record = json.loads(text)
+    assert record["schema_version"] == 2 and record["entry"] == "train"
     assert not list((tmp_path / "run").glob(".metrics.json.*"))  # no temp files left behind
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from patholite.compress.ema import EMA_STATE_KEY, EmaCallback
+from patholite.errors import CheckpointError
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.lightning import build_trainer, latest_checkpoint
 from patholite.pipelines.seed import seed_everything
@@ -68,6 +69,13 @@ def fit(
         select_from_epoch=int(getattr(module, "complete_from_epoch", 0)),
     )
     resume = latest_checkpoint(checkpoint_dir) if ctx.resuming else None
+    if not ctx.resuming and (stale := latest_checkpoint(checkpoint_dir)) is not None:
+        # Lightning reads fit(ckpt_path=None) as "resume from the newest last/interrupted checkpoint" when
+        # OnExceptionCheckpoint is present: a new run in this directory would silently continue the old one
+        raise CheckpointError(
+            f"{stale} is an earlier run's checkpoint of stage {stage} in this run directory: continue that "
+            f"run with resume={ctx.run_dir}, or start this one in a new directory (hydra.run.dir=<another>)"
+        )
     if resume is not None:
         log.info("stage %s: resuming from %s", stage, resume)
     trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(resume) if resume else None)
