@@ -337,3 +337,18 @@ def test_a_stage_does_not_depend_on_whether_its_teacher_was_cached(make_cfg, tmp
     a, b = (load_artifact(read_record(tmp_path / r)["artifacts"][1]["path"])[0] for r in ("a", "b"))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_a_teacher_trained_for_a_student_is_the_one_compression_none_trains(make_cfg, tmp_path):
+    # The distill stage initialises its student before it trains a missing teacher; the cache entry must
+    # still be what the plain recipe makes of its key, whichever job asked for it first.
+    kd = make_cfg("compression=kd", f"paths.cache_dir={tmp_path / 'kd-cache'}", run_dir=tmp_path / "kd")
+    assert run_job(kd) == "ok"
+    plain = make_cfg(f"paths.cache_dir={tmp_path / 'plain-cache'}", run_dir=tmp_path / "plain")
+    assert run_job(plain) == "ok"
+    teacher = read_record(tmp_path / "kd")["artifacts"][0]
+    trained = read_record(tmp_path / "plain")["artifacts"][0]
+    assert teacher["name"] == "teacher_fp32" and trained["name"] == "fp32"
+    a, b = (load_artifact(row["path"])[0] for row in (teacher, trained))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name

@@ -27,6 +27,7 @@ from patholite.artifacts.sidecar import SIDECAR
 from patholite.artifacts.torch_float import WEIGHTS, save_float_artifact
 from patholite.io import write_json
 from patholite.pipelines.context import RunContext
+from patholite.pipelines.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,9 @@ def _train_into(
         loggers=[CSVLogger(save_dir=str(work), name="csv")],  # no W&B run for a cache entry
         resume_from=work if resuming else None,
     )
+    # Seeded as a compression=none run of this model is: the entry is what the plain recipe makes of its key,
+    # not of the random draws the job that happened to ask first had taken (a student's initialisation).
+    seed_everything(cfg.seed)
     net = train(cache_ctx)
     meta = cache_ctx.artifact_meta()
     save_float_artifact(net, entry, {**meta, "cache_key": entry.name})
