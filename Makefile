@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers for the test targets; each gets its share of the cores (tests/conftest.py)
+TEST_WORKERS ?= 2
 # CPU timing and thread defaults for a small shared machine; W&B never needs a network unless asked.
 export WANDB_MODE ?= offline
 export TORCH_DEVICE_BACKEND_AUTOLOAD ?= 0
@@ -21,10 +23,10 @@ demo: $(STAMP)
 	$(PY) -m patholite.train -m experiment=demo
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,6 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # pytest-xdist workers share the cores: each worker's torch (and the jobs it starts) gets its share, or
+    # tiny models spend their time contending for threads
+    _share = str(max(1, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    torch.set_num_threads(int(_share))
 
 
 def shared_dir() -> Path | None:
@@ -48,17 +58,26 @@ def slides(shared) -> Path:
     return path
 
 
+FAST = ["debug=fast", "model=vit_micro", "logger=csv"]
+# Caches that hold data (synthetic tiles, slide masks and grids): content-addressed and written atomically,
+# so sharing them across tests changes no result, only how often the data is generated.
+_DATA_CACHES = ("synthetic", "slides")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One synthetic-data cache for the whole session, so tiles are generated once."""
+    """One data cache for the session, so tiles are generated once."""
     return tmp_path_factory.mktemp("cache")
 
 
-def compose_config(overrides: list[str], run_dir: Path, cache: Path) -> DictConfig:
+def compose_config(
+    overrides: list[str], run_dir: Path, cache: Path, config_name: str = "train"
+) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides``, Hydra's runtime pointed at ``run_dir``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
-            "train",
+            config_name,
             overrides=[f"paths.cache_dir={cache}", f"paths.root_dir={run_dir}", *overrides],
             return_hydra_config=True,
         )
@@ -68,20 +87,96 @@ def compose_config(overrides: list[str], run_dir: Path, cache: Path) -> DictConf
     return cfg
 
 
+def job_config(overrides: list[str], run_dir: Path, cache: Path, config_name: str = "train") -> DictConfig:
+    """``compose_config`` set up as ``@hydra.main`` hands a job its config (an entry point's run function,
+    in this process): Hydra's runtime set, the task config only."""
+    cfg = compose_config(overrides, run_dir, cache, config_name)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _manifest(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory, cache_dir) -> Path:
+    """The trained-model cache of the tests' default job (``FAST``: a plainly trained vit_micro), built once
+    per test run and read-only from then on: the start of every ptq/prune/qat/kd test that needs it, so no
+    result depends on which test happened to train it first. With pytest-xdist the workers share it."""
+    from patholite.train import run_job
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker else base) / "trained-models"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "ready").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            cache = root / "cache"
+            _link_data_caches(cache, cache_dir)
+            cfg = job_config([*FAST, "compression=none"], root / "run", cache)
+            try:
+                assert run_job(cfg) == "ok", "training the shared vit_micro failed: see its record"
+            finally:
+                GlobalHydra.instance().clear()
+            (root / "ready").write_text(_digest(cache / "trained"))
+    trained = root / "cache" / "trained"
+    yield trained
+    assert _digest(trained) == (root / "ready").read_text(), f"a test wrote into the shared {trained}"
+
+
+def _link_data_caches(cache: Path, shared: Path) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in _DATA_CACHES:
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (cache / name).symlink_to(shared / name, target_is_directory=True)
+
+
 @pytest.fixture
-def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
+def job_cache(tmp_path, cache_dir, trained_models) -> Path:
+    """This test's own ``paths.cache_dir``: the session's data caches and the shared trained models linked
+    in (read, never written), anything it trains its own."""
+    cache = tmp_path / "job-cache"
+    _link_data_caches(cache, cache_dir)
+    (cache / "trained").mkdir()
+    for entry in trained_models.iterdir():
+        if entry.is_dir():
+            (cache / "trained" / entry.name).symlink_to(entry, target_is_directory=True)
+    before = _manifest(trained_models)
+    yield cache
+    assert _manifest(trained_models) == before, f"a test wrote into the shared {trained_models}"
+
+
+@pytest.fixture
+def make_cfg(tmp_path, job_cache) -> Callable[..., DictConfig]:
     """Compose ``train`` with overrides (tiny by default) and point Hydra's runtime at a temp run dir."""
 
     def make(*overrides: str, fast: bool = True, run_dir: Path | None = None) -> DictConfig:
-        base = ["debug=fast", "model=vit_micro", "logger=csv"] if fast else []
-        cfg = compose_config([*base, *overrides], run_dir or tmp_path / "run", cache_dir)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]  # a job sees its task config only, as under @hydra.main
-        return cfg
+        return job_config([*(FAST if fast else []), *overrides], run_dir or tmp_path / "run", job_cache)
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count (a job with accelerator.threads, a DDP rank run in-process)
+    must not change the next test's."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(

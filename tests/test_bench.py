@@ -10,7 +10,7 @@ from torch import nn
 from patholite.config.schema import BenchConfig
 from patholite.models.count import count_flops
 from patholite.records import read_record
-from tests.conftest import run_cli
+from tests.conftest import job_config, run_cli
 
 TINY = [
     "model=vit_micro",
@@ -55,11 +55,18 @@ def test_bench_times_fp32_and_int8_side_by_side(tmp_path):
     assert timing.get("energy_j_per_image") or timing["energy_absent_reason"]
 
 
+def bench_job(args: list[str], run_dir):
+    """``python -m patholite.bench <args>`` run in this process (memory measured in-process: the CLI test
+    above and ``test_isolated_cost_comes_from_fresh_children`` cover the children)."""
+    from patholite.bench import run_bench as run
+
+    return run(job_config([*TINY, "bench.isolation=process", *args], run_dir, run_dir / "cache", "bench"))
+
+
 def test_bench_onnx_runtime_int8_variants(tmp_path):
     variants = "variants=[fp32,onnx_fp32,int8_dynamic_ort,int8_static_ort]"
-    result = run_bench([*TINY, "model.num_classes=7", variants, "hydra.run.dir=outputs/o"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    arts = {a["name"]: a for a in read_record(tmp_path / "outputs" / "o")["artifacts"]}
+    assert bench_job(["model.num_classes=7", variants], tmp_path / "o") == "ok"
+    arts = {a["name"]: a for a in read_record(tmp_path / "o")["artifacts"]}
     assert list(arts) == ["fp32", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort"]
     for name in ("int8_dynamic_ort", "int8_static_ort"):
         # INT8 weights inside the .onnx: well under half the float file, same architecture counted
@@ -68,18 +75,20 @@ def test_bench_onnx_runtime_int8_variants(tmp_path):
         assert set(arts[name]["cost"]["timing"]["ratio_to_baseline"]) == {"1", "2"}
 
 
-def test_bench_measures_given_artifacts_and_refuses_missing_ones(tmp_path):
-    first = run_bench([*TINY, "variants=[fp32]", "hydra.run.dir=outputs/a"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    fp32_dir = tmp_path / "outputs" / "a" / "artifacts" / "fp32"
-    again = run_bench([*TINY, f"artifacts=[{fp32_dir}]", "hydra.run.dir=outputs/again"], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert read_record(tmp_path / "outputs" / "again")["artifacts"][0]["path"] == str(fp32_dir)
-    missing = run_bench([*TINY, f"artifacts=[{tmp_path / 'gone'}]", "hydra.run.dir=outputs/m"], tmp_path)
-    assert missing.returncode == 1 and "CheckpointError" in missing.stderr and "gone" in missing.stderr
-    assert read_record(tmp_path / "outputs" / "m")["status"] == "failed"
-    bad = run_bench([*TINY, "variants=[fp16]", "hydra.run.dir=outputs/v"], tmp_path)
-    assert bad.returncode == 1 and "variants=['fp16']" in bad.stderr
+def test_bench_measures_given_artifacts_and_refuses_missing_ones(tmp_path, capsys):
+    assert bench_job(["variants=[fp32]"], tmp_path / "a") == "ok"
+    fp32_dir = tmp_path / "a" / "artifacts" / "fp32"
+    assert bench_job([f"artifacts=[{fp32_dir}]"], tmp_path / "again") == "ok"
+    assert read_record(tmp_path / "again")["artifacts"][0]["path"] == str(fp32_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as missing:
+        bench_job([f"artifacts=[{tmp_path / 'gone'}]"], tmp_path / "m")
+    err = capsys.readouterr().err
+    assert missing.value.code == 1 and "CheckpointError" in err and "gone" in err
+    assert read_record(tmp_path / "m")["status"] == "failed"
+    with pytest.raises(SystemExit) as bad:
+        bench_job(["variants=[fp16]"], tmp_path / "v")
+    assert bad.value.code == 1 and "variants=['fp16']" in capsys.readouterr().err
 
 
 def test_flop_count_equals_a_hand_count():

@@ -80,15 +80,17 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_a_sweep_of_ddp_jobs_runs_each_job_once_with_ema_and_a_teacher(tmp_path):
+def test_a_sweep_of_ddp_jobs_runs_each_job_once_with_ema_and_a_teacher(tmp_path, trained_models):
     """Under -m each job spawns its ranks; nothing relaunches the sweep (Lightning's subprocess ddp would).
-    Run as inside a one-task SLURM job (hydra/launcher=slurm): the job's process still owns its ranks."""
+    Run as inside a one-task SLURM job (hydra/launcher=slurm): the job's process still owns its ranks. The
+    student distils from the tests' shared trained vit_micro (a float artifact folder)."""
     sweep = tmp_path / "sweep"
+    (teacher,) = [p for p in trained_models.iterdir() if p.is_dir()]
     slurm = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
              "SLURM_JOB_ID": "12", "SLURM_JOB_NAME": "patholite", "SLURM_NODELIST": "localhost"}  # fmt: skip
     result = run_cli(
         ["-m", "debug=fast", "model=vit_micro", "logger=csv", "accelerator.devices=2", "compression=ema,kd",
-         f"hydra.sweep.dir={sweep}"],
+         f"compression.teacher.checkpoint={teacher}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
         env=slurm,
     )  # fmt: skip
@@ -109,7 +111,7 @@ def test_a_sweep_of_ddp_jobs_runs_each_job_once_with_ema_and_a_teacher(tmp_path)
     # the average came back from the ranks' checkpoints (the driver's callback never trained)
     pairs = zip(raw.state_dict().values(), averaged.state_dict().values(), strict=True)
     assert any(not torch.equal(p, q) for p, q in pairs)
-    # the teacher trained first (under DDP too, cached), then distilled into the student outside DDP's wrapper
+    # the teacher loaded in the job's process, then distilled into the student outside DDP's wrapper
     assert [(a["name"], a["source"]) for a in kd["artifacts"]] == [
         ("teacher_fp32", None),
         ("student_fp32", "teacher_fp32"),

@@ -23,7 +23,7 @@ from patholite.slides.engine import TileSpec, stream_tiles
 from patholite.slides.inference import load_classifier
 from patholite.slides.run import run_slides
 
-from .conftest import REPO
+from .conftest import REPO, job_config
 from .helpers import csv_rows, one_thread
 
 CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
@@ -314,18 +314,27 @@ def test_slide_without_usable_mpp_and_its_override(slides, float_artifact, tmp_p
     assert rows[0]["status"] == "ok" and rows[0]["n_tiles"] > 0
 
 
-def test_bad_settings_fail_before_work(float_artifact, tmp_path, slides):
-    for args, needle in (
-        ([], "one of them"),
-        ([f"slide={slides / 'small.svs'}", "tile.theta=2"], "tile.theta"),
-        ([f"slide={slides / 'small.svs'}", "report.severity=[Invasive]"], "exactly once"),
-        ([f"slide={slides / 'small.svs'}", "engine.batch_size=0"], "batch"),
-        ([f"slide={slides / 'small.svs'}", "engine.device=tpu"], "engine.device"),
+def test_bad_settings_fail_before_work(float_artifact, tmp_path, slides, capsys):
+    from patholite.slide import run_slide
+
+    result = _cli(f"artifact={float_artifact}", cwd=tmp_path)  # as a user meets it: one line, exit 1
+    assert result.returncode == 1 and "one of them" in result.stderr, result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+    for i, (args, needle) in enumerate(
+        (
+            (["tile.theta=2"], "tile.theta"),
+            (["report.severity=[Invasive]"], "exactly once"),
+            (["engine.batch_size=0"], "batch"),
+            (["engine.device=tpu"], "engine.device"),
+        )
     ):
-        result = _cli(*args, f"artifact={float_artifact}", cwd=tmp_path)
-        assert result.returncode == 1, args
-        assert needle in result.stderr, (args, result.stderr[-1500:])
-        assert "Traceback" not in result.stderr
+        run = tmp_path / f"run{i}"
+        overrides = [f"slide={slides / 'small.svs'}", f"artifact={float_artifact}", *args]
+        cfg = job_config(overrides, run, run, "slide")
+        with pytest.raises(SystemExit) as failed:
+            run_slide(cfg)
+        assert failed.value.code == 1 and needle in capsys.readouterr().err, args
+        assert not (run / "summary.csv").exists(), args  # refused before any slide was read
 
 
 def test_artifact_folder_run_folder_and_missing(float_artifact, tmp_path):
