@@ -1,0 +1,240 @@
+"""Progress of long jobs: a Rich bar on a terminal, periodic plain lines in a log (CI, SLURM, a pipe).
+
+Every long loop (slides of a folder, synthetic tiles and slides, benchmark timing) reports through
+``Progress``: done out of total, a rate (of the main count or of a secondary one, e.g. tiles per second
+while counting slides) and the time left. Where the console is a terminal it is a repainted Rich bar;
+elsewhere it is one plain line (no carriage return, no ANSI code) at the start, whenever another tenth of
+the total is done or ``interval_s`` seconds have passed, and at the end. ``PATHOLITE_PROGRESS`` picks the
+mode (``auto``: by the terminal, ``bar``, ``lines``, ``off``) and ``PATHOLITE_PROGRESS_INTERVAL`` the
+seconds between plain lines (default 30).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
+from patholite.errors import ConfigError
+
+MODE_ENV = "PATHOLITE_PROGRESS"
+INTERVAL_ENV = "PATHOLITE_PROGRESS_INTERVAL"
+MODES = ("auto", "bar", "lines", "off")
+DEFAULT_INTERVAL_S = 30.0
+T = TypeVar("T")
+
+# The Rich display of this process's bars: a bar started while another runs joins its display (Rich allows
+# one live display per console), and the display stops with its last bar.
+_shared: dict[str, Any] = {"rich": None, "users": 0}
+_shared_lock = threading.Lock()
+
+
+def progress_mode(console: Console) -> str:
+    """``bar``, ``lines`` or ``off`` for ``console``: ``PATHOLITE_PROGRESS``, else by whether it is a
+    terminal."""
+    mode = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ConfigError(f"{MODE_ENV}={mode!r}: use one of {list(MODES)} (auto: a bar on a terminal)")
+    if mode == "auto":
+        return "bar" if console.is_terminal else "lines"
+    return mode
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines: ``PATHOLITE_PROGRESS_INTERVAL``, default 30."""
+    raw = os.environ.get(INTERVAL_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigError(f"{INTERVAL_ENV}={raw!r}: give the seconds between progress lines (> 0), e.g. 30")
+    return value
+
+
+def format_duration(seconds: float | None) -> str:
+    """``H:MM:SS`` (``?`` when unknown)."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(max(0.0, seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """``total`` units of work named ``unit`` (``description`` says what); ``rate_of`` names the count whose
+    rate is shown (``unit`` itself, or a secondary count given to ``advance``, e.g. ``tiles``).
+
+    Use as a context manager; ``advance(n, tiles=312)`` after each piece of work. ``console`` defaults to
+    stderr (stdout stays the job's own output)."""
+
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        unit: str = "items",
+        *,
+        rate_of: str | None = None,
+        console: Console | None = None,
+        interval_s: float | None = None,
+        mode: str | None = None,
+    ) -> None:
+        if total < 0:
+            raise ValueError(f"progress total={total} must be 0 or more")
+        self.description = description
+        self.total = int(total)
+        self.unit = unit
+        self.rate_of = rate_of or unit
+        self.console = console or Console(stderr=True)
+        self.mode = mode or progress_mode(self.console)
+        if self.mode not in MODES[1:]:
+            raise ValueError(f"progress mode={self.mode!r}: use bar, lines or off")
+        self.interval_s = progress_interval() if interval_s is None else float(interval_s)
+        self.done = 0
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        self._last_line = self._start
+        self._last_tenth = 0
+        self._closed = False
+        self._rich: RichProgress | None = None
+        self._task: Any = None
+        if self.mode == "bar" and self._foreign_display():
+            self.mode = "lines"  # another live display (Lightning's bar) owns the terminal: do not fight it
+        if self.mode == "bar":
+            self._open_bar()
+        elif self.mode == "lines":
+            self._line("started")
+
+    # ------------------------------------------------------------------------------------------ public
+    def advance(self, n: int = 1, **counts: int) -> None:
+        """``n`` more units done; ``counts`` add to the secondary counts (e.g. ``tiles=312``)."""
+        with self._lock:
+            self.done += n
+            for key, value in counts.items():
+                self.counts[key] = self.counts.get(key, 0) + int(value)
+            if self.mode == "bar":
+                self._rich.update(self._task, completed=self.done, rate=self._rate_text())
+            elif self.mode == "lines":
+                now = time.monotonic()
+                tenth = int(10 * self.done / self.total) if self.total else 10
+                if tenth > self._last_tenth or now - self._last_line >= self.interval_s:
+                    self._last_tenth = max(self._last_tenth, tenth)
+                    if self.done < self.total:  # the last line comes from close()
+                        self._line()
+
+    def close(self) -> None:
+        """The final line (lines mode), or the bar left at its last state."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.mode == "bar":
+                self._rich.update(self._task, completed=self.done, rate=self._rate_text())
+                self._close_bar()
+            elif self.mode == "lines":
+                self._line(f"done in {format_duration(self.elapsed)}")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+    def rate(self) -> float | None:
+        """``rate_of`` units per second so far (None before any time has passed)."""
+        elapsed = self.elapsed
+        count = self.done if self.rate_of == self.unit else self.counts.get(self.rate_of, 0)
+        return count / elapsed if elapsed > 0 else None
+
+    def seconds_left(self) -> float | None:
+        if not self.done or not self.total:
+            return None
+        return self.elapsed / self.done * (self.total - self.done)
+
+    def status_line(self, note: str | None = None) -> str:
+        """One plain line: ``<description>: 3/10 slides (30%), 1234 tiles, 85.2 tiles/s, elapsed 0:01:20,
+        left 0:03:07``."""
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        parts = [f"{self.done}/{self.total} {self.unit} ({percent:.0f}%)"]
+        parts += [f"{value} {key}" for key, value in self.counts.items()]
+        parts.append(self._rate_text())
+        parts.append(f"elapsed {format_duration(self.elapsed)}")
+        if note:
+            parts.append(note)
+        elif self.done < self.total:
+            parts.append(f"left {format_duration(self.seconds_left())}")
+        return f"{self.description}: " + ", ".join(parts)
+
+    # ----------------------------------------------------------------------------------------- private
+    def _rate_text(self) -> str:
+        rate = self.rate()
+        return f"{'?' if rate is None else f'{rate:.3g}'} {self.rate_of}/s"
+
+    def _line(self, note: str | None = None) -> None:
+        self._last_line = time.monotonic()
+        # the console's file, written plainly: no markup, highlighting or wrapping in a log
+        self.console.file.write(self.status_line(note) + "\n")
+        self.console.file.flush()
+
+    def _foreign_display(self) -> bool:
+        live_stack = getattr(self.console, "_live_stack", [])
+        ours = _shared["rich"]
+        return bool(live_stack) and (ours is None or ours.console is not self.console)
+
+    def _open_bar(self) -> None:
+        with _shared_lock:
+            rich = _shared["rich"]
+            if rich is None or rich.console is not self.console:
+                rich = RichProgress(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[unit]}"),
+                    TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn(),
+                    TextColumn("left"),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                )
+                rich.start()
+                _shared.update(rich=rich, users=0)
+            _shared["users"] += 1
+            self._rich = rich
+            self._task = rich.add_task(self.description, total=self.total, unit=self.unit, rate="")
+
+    def _close_bar(self) -> None:
+        with _shared_lock:
+            _shared["users"] -= 1
+            if _shared["users"] <= 0 and _shared["rich"] is self._rich:
+                self._rich.stop()
+                _shared.update(rich=None, users=0)
+
+
+def track(
+    items: Iterable[T], description: str, total: int | None = None, unit: str = "items", **kwargs: Any
+) -> Iterator[T]:
+    """``items`` one by one, with progress (``total``: default ``len(items)``)."""
+    if total is None:
+        total = len(items)  # type: ignore[arg-type]
+    with Progress(description, total, unit, **kwargs) as progress:
+        for item in items:
+            yield item
+            progress.advance()
