@@ -47,7 +47,9 @@ def test_lines_also_come_every_interval(monkeypatch):
             p.advance()
     lines = buffer.getvalue().splitlines()
     assert len(lines) == 1 + 5 + 1
-    assert lines[3].startswith("timing: 3/1000 blocks (0%), 0.025 blocks/s, elapsed 0:02:00, left 11:04:40")  # 40 s a block
+    assert lines[3].startswith(
+        "timing: 3/1000 blocks (0%), 0.025 blocks/s, elapsed 0:02:00, left 11:04:40"
+    )  # 40 s a block
 
 
 def test_bar_on_a_terminal_shows_counts_and_rate():

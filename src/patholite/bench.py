@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import artifacts as art
+from patholite import tracking
 from patholite.accelerators import resolve_accelerator
 from patholite.config.options import CONF_DIR
 from patholite.errors import AcceleratorError, ConfigError, PatholiteError
@@ -106,6 +107,14 @@ def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
     return {"files": files, "meta": meta, "cost": cost}
 
 
+def _tracking(cfg: DictConfig, out: Path, job: dict[str, Any], choices: dict[str, Any]) -> list:
+    """The bench job's W&B run (``job_type=bench``), named by what it times."""
+    what = cfg.model.name if not cfg.artifacts else "-".join(Path(d).name for d in cfg.artifacts)
+    name = f"bench-{what}" + (f"-{job['num']}" if job["num"] is not None else "")
+    group = tracking.job_group(cfg, job, out, choices)
+    return tracking.build_loggers(cfg, out, group, name, None, job_type="bench", csv=False)
+
+
 def run_bench(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir).resolve()
@@ -113,8 +122,11 @@ def run_bench(cfg: DictConfig) -> str:
     config = OmegaConf.to_container(cfg, resolve=True)
     record = RunRecord(run_dir=str(out), config=config, job=job, entry="bench")
     record.config.setdefault("compression", {"name": "bench"})
+    loggers: list = []
     try:
         record.write()
+        loggers = _tracking(cfg, out, job, hc.runtime.choices)
+        record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
         accel = resolve_accelerator(cfg.accelerator)
         record.device = accel.describe()
         cpu_only = ({"int8_dynamic"} | ONNX_VARIANTS) & set(cfg.variants)
@@ -158,6 +170,7 @@ def run_bench(cfg: DictConfig) -> str:
                 )
             )
         record.finish("ok")
+        tracking.log_record(loggers, record, log_model=cfg.logger.log_model)
     except (KeyboardInterrupt, SystemExit) as err:
         record.finish("interrupted", err, traceback.format_exc())
         raise
@@ -173,6 +186,8 @@ def run_bench(cfg: DictConfig) -> str:
             )
             raise SystemExit(1) from err
         raise
+    finally:
+        tracking.close_loggers(loggers, record.status)
     if not job["multirun"]:
         print_records([read_record(record.path)], title=f"bench {out}")
         for a in record.artifacts:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+from rich import get_console
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -195,9 +196,13 @@ class Progress:
         self.console.file.flush()
 
     def _foreign_display(self) -> bool:
-        live_stack = getattr(self.console, "_live_stack", [])
+        """Whether a live display that is not ours runs: on this console or on Rich's global one (which
+        Lightning's progress bar uses)."""
         ours = _shared["rich"]
-        return bool(live_stack) and (ours is None or ours.console is not self.console)
+        for console in (self.console, get_console()):
+            if getattr(console, "_live_stack", []) and (ours is None or ours.console is not console):
+                return True
+        return False
 
     def _open_bar(self) -> None:
         with _shared_lock:

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas)
+from patholite import tracking
 from patholite.accelerators.resolve import describe_machine
 from patholite.artifacts.resolve import resolve_artifact
 from patholite.artifacts.sidecar import read_sidecar
@@ -29,6 +30,7 @@ from patholite.errors import AcceleratorError, ConfigError, PatholiteError, Slid
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
 from patholite.records import ArtifactRecord, RunRecord
+from patholite.slides.report import summary_frame
 from patholite.slides.run import run_slides
 from patholite.wsi.reader import find_slides
 
@@ -100,17 +102,49 @@ def slide_artifact_record(directory: Path, rows: list[dict[str, Any]], device: s
     )
 
 
+# Each slide's pictures a lab looks at first, logged to W&B as images (tile runs: report and heatmap; SMT: its
+# report and focus)
+SLIDE_PLOTS = ("report.png", "heatmap.png", "focus.png")
+
+
+def slide_plots(rows: list[dict[str, Any]]) -> list[Path]:
+    """The PNGs of every slide that ran, in slide order."""
+    return [
+        Path(r["out"]) / n
+        for r in rows
+        if r["status"] == "ok"
+        for n in SLIDE_PLOTS
+        if (Path(r["out"]) / n).is_file()
+    ]
+
+
+def _tracking(
+    cfg: DictConfig, out: Path, job: dict[str, Any], choices: dict[str, Any], directory: Path
+) -> list:
+    """The slide job's W&B run (``job_type=slide``), named by the artifact it runs."""
+    # a run's artifact folder (<run>/artifacts/<name>) is named with its run
+    run = f"{directory.parent.parent.name}-" if directory.parent.name == "artifacts" else ""
+    name = f"slide-{run}{directory.name}"
+    name += f"-{job['num']}" if job["num"] is not None else ""
+    group = tracking.job_group(cfg, job, out, choices)
+    return tracking.build_loggers(cfg, out, group, name, None, job_type="slide", csv=False)
+
+
 def run_slide(cfg: DictConfig) -> int:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir).resolve()
     config = OmegaConf.to_container(cfg, resolve=True)
-    record = RunRecord(run_dir=str(out), config=config, job=job_info(hc), entry="slide")
+    job = job_info(hc)
+    record = RunRecord(run_dir=str(out), config=config, job=job, entry="slide")
     record.device = {"engine_device": str(cfg.engine.device), **describe_machine()}
     record.write()
+    loggers: list = []
     try:
         check_slide_config(cfg)
         paths = find_slides(cfg.slide or cfg.slides)
         directory = resolve_artifact(cfg.artifact, cfg.artifact_name)
+        loggers = _tracking(cfg, out, job, hc.runtime.choices, directory)
+        record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
         rows = run_slides(paths, cfg, out, directory)
     except PatholiteError as err:
         record.finish("failed", err, traceback.format_exc())
@@ -122,14 +156,23 @@ def run_slide(cfg: DictConfig) -> int:
     except Exception as err:
         record.finish("failed", err, traceback.format_exc())
         raise
-    failed = [r for r in rows if r["status"] != "ok"]
-    record.artifacts = [slide_artifact_record(directory, rows, str(cfg.engine.device))]
-    record.slides = {"n": len(rows), "ok": len(rows) - len(failed), "failed": len(failed),
-                     "summary": str(out / "summary.csv")}  # fmt: skip
-    if failed:
-        record.finish("failed", SlideError(f"{len(failed)} of {len(rows)} slides failed; see summary.csv"))
     else:
-        record.finish("ok")
+        failed = [r for r in rows if r["status"] != "ok"]
+        record.artifacts = [slide_artifact_record(directory, rows, str(cfg.engine.device))]
+        record.slides = {"n": len(rows), "ok": len(rows) - len(failed), "failed": len(failed),
+                         "summary": str(out / "summary.csv")}  # fmt: skip
+        if failed:
+            error = SlideError(f"{len(failed)} of {len(rows)} slides failed; see summary.csv")
+            record.finish("failed", error)
+        else:
+            record.finish("ok")
+        # the W&B run gets the record, each slide's report and heatmap, and a table of the per-slide calls
+        frame = summary_frame(rows)
+        table = (list(frame.columns), frame.astype(object).where(frame.notna(), None).values.tolist())
+        plots = slide_plots(rows)
+        tracking.log_record(loggers, record, plots, {"slides": table}, log_model=cfg.logger.log_model)
+    finally:
+        tracking.close_loggers(loggers, record.status)
     for r in rows:
         if r["status"] == "ok" and r.get("mode") == "smt":
             t, call = r["timings"], r["call"]

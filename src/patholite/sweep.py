@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from patholite.compare import run as compare_run
 from patholite.io import write_json
 from patholite.measure.report import print_records
 from patholite.records import RECORD_FILE, now, read_record
+from patholite.tracking import log_comparison
 
 # Jobs that did not end "ok" in the last sweep of this process; the entry point exits non-zero on them.
 FAILED_JOBS: list[dict[str, Any]] = []
@@ -70,3 +71,12 @@ class SweepSummary(Callback):
                 console.print("comparison: " + "  ".join(str(p) for p in written))
             except Exception as err:  # noqa: BLE001 - the records stand; the comparison is a convenience
                 console.print(f"[yellow]no comparison written[/]: {type(err).__name__}: {err}")
+                return
+            try:  # the comparison and its Pareto plots in the sweep's W&B group, beside its jobs' runs
+                choices = OmegaConf.select(config, "hydra.runtime.choices", default=None)
+                plots = [p for p in written if p.suffix == ".png"]
+                logged = log_comparison(config, sweep_dir, choices, written[0], plots)
+                if logged:
+                    console.print(f"comparison W&B run: {logged}")
+            except Exception as err:  # noqa: BLE001 - tracking never fails a finished sweep
+                console.print(f"[yellow]comparison not logged to W&B[/]: {type(err).__name__}: {err}")

@@ -40,11 +40,6 @@ log = logging.getLogger("patholite.train")
 CONF_DIR = str(options.CONF_DIR)
 
 
-def wandb_group(directory: Path) -> str:
-    """A sweep's (or a lone run's) W&B group: its directory with its parent, e.g. 2026-11-25_18-31-00."""
-    return f"{directory.parent.name}_{directory.name}"
-
-
 def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint to continue from and the W&B run to continue, when ``resume`` is set."""
     if not cfg.resume:
@@ -96,14 +91,16 @@ def _run_job(cfg: DictConfig) -> str:
         record.device = checked.accelerator.describe()
         record.write()
         seed_everything(cfg.seed)
-        group = wandb_group(Path(job["sweep_dir"]) if job["multirun"] else run_dir)
+        group = tracking.job_group(cfg, job, run_dir, hc.runtime.choices)
         if record.wandb:  # a resumed job continues its W&B run, in its group
             group = record.wandb.get("group") or group
         name = f"{cfg.model.name}-{cfg.compression.name}-{cfg.dataset.name}" + (
             f"-{job['num']}" if job["num"] is not None else ""
         )
         wandb_id = record.wandb.get("run_id") if record.wandb else None
-        loggers = tracking.build_loggers(cfg, run_dir, group, name, wandb_id, resumed=resume_from is not None)
+        loggers = tracking.build_loggers(
+            cfg, run_dir, group, name, wandb_id, resumed=resume_from is not None, job_type="train"
+        )
         record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
         ctx = RunContext(
             cfg=cfg,
@@ -116,7 +113,7 @@ def _run_job(cfg: DictConfig) -> str:
         )
         record.artifacts = run_stages(ctx, checked.task)
         record.finish("ok")
-        tracking.log_record(loggers, record)
+        tracking.log_record(loggers, record, log_model=cfg.logger.log_model)
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning turns Ctrl-C and SIGTERM into SystemExit after writing checkpoints/interrupted.ckpt.
         record.finish("interrupted", err, traceback.format_exc())

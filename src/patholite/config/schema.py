@@ -220,7 +220,8 @@ class WandbConfig:
 class LoggerConfig:
     name: str = MISSING
     wandb: WandbConfig | None = None  # None: no W&B run
-    csv: bool = True
+    csv: bool = True  # a training's metrics as CSV (csv/ in the run folder)
+    log_model: bool = False  # upload every artifact's files to W&B as a model artifact (bytes: opt in)
 
 
 @dataclass
@@ -280,6 +281,7 @@ class BenchRunConfig:
 
     model: Any = MISSING
     accelerator: Any = MISSING
+    logger: Any = MISSING
     bench: BenchConfig = field(default_factory=BenchConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     image_size: int = 224
@@ -291,6 +293,7 @@ class BenchRunConfig:
     )  # of the random-weight model
     seed: int = 0
     task_name: str = "bench"
+    tags: list[str] = field(default_factory=list)
 
 
 TILE_DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {

@@ -7,6 +7,7 @@ datasets (under ``dataset``), so a model trained on tiles of one geometry is app
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -95,8 +96,10 @@ class SlideRunConfig:
     report: SlideReportConfig = field(default_factory=SlideReportConfig)
     smt: SmtWalkConfig = field(default_factory=SmtWalkConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: Any = MISSING
     task_name: str = "slide"
     seed: int = 0
+    tags: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ slide datasets

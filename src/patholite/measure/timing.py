@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from patholite.artifacts.load import load_artifact
 from patholite.errors import PatholiteError
 from patholite.measure.cost import latency_summary, time_block
 from patholite.measure.energy import open_meter
+from patholite.progress import Progress
+
+# The child's progress lines on its stderr start with this; everything else there is an error's text.
+PROGRESS_PREFIX = "patholite-progress "
 
 
 def time_artifacts(
@@ -41,19 +46,58 @@ def time_artifacts(
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
+    blocks = len(spec["directories"]) * len(spec["batch_sizes"]) * spec["repeats"]
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "patholite.measure.timing", f.name],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        description = f"timing {len(directories)} artifacts"
+        with Progress(description, blocks, "blocks", rate_of="images") as progress:
+            code, stdout, stderr = _run_child(f.name, progress, timeout)
     finally:
         Path(f.name).unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise PatholiteError(f"the timing process failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise PatholiteError(f"the timing process failed: {stderr.strip()[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _run_child(spec_file: str, progress: Progress, timeout: float) -> tuple[int, str, str]:
+    """The timing child, its progress lines (on its stderr) shown by ``progress`` as they come; returns its
+    exit code, stdout and the rest of its stderr. Killed after ``timeout`` seconds."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "patholite.measure.timing", spec_file],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out: list[str] = []
+    errors: list[str] = []
+
+    def read_stdout() -> None:
+        out.append(child.stdout.read())
+
+    def read_stderr() -> None:
+        for line in child.stderr:
+            if line.startswith(PROGRESS_PREFIX):
+                progress.advance(1, images=json.loads(line[len(PROGRESS_PREFIX) :])["images"])
+            else:
+                errors.append(line)
+
+    # both pipes drained by threads, so neither fills while the child runs for up to ``timeout``
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
+    for reader in readers:
+        reader.start()
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        child.kill()
+        child.wait()
+        raise PatholiteError(
+            f"the timing process ran past {timeout:.0f} s and was stopped; time fewer artifacts, batch sizes "
+            "or repeats (bench.batch_sizes, bench.iters, bench.repeats)"
+        ) from err
+    finally:
+        for reader in readers:
+            reader.join()
+    stdout = "".join(out)
+    return child.returncode, stdout, "".join(errors)
 
 
 def timing_block(timing: dict[str, Any], directory: str | Path, names: list[str]) -> dict[str, Any]:
@@ -95,6 +139,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                     joules_per_image[names[i]][batch].append(joules / (spec["iters"] * batch))
                 times[names[i]][batch] += block
                 p50s[names[i]][batch].append(statistics.median(block))
+                # one line per timed block on stderr, which the parent turns into its progress display
+                images = (spec["warmup"] + spec["iters"]) * batch
+                event = {"repeat": repeat, "batch": batch, "artifact": names[i], "images": images}
+                print(PROGRESS_PREFIX + json.dumps(event), file=sys.stderr, flush=True)
     result: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "device": str(device),

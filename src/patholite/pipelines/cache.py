@@ -14,12 +14,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -28,6 +30,7 @@ from patholite.artifacts.torch_float import WEIGHTS, save_float_artifact
 from patholite.io import write_json
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.seed import seed_everything
+from patholite.progress import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +133,82 @@ def _train_into(
     cfg.model = model_cfg
     work = entry / "train"
     resuming = (work / "checkpoints" / "train").is_dir()
+    epochs = EpochLog(f"cache training of {model_cfg.name}", int(cfg.trainer.max_epochs))
     cache_ctx = dataclasses.replace(
         ctx,
         cfg=cfg,
         run_dir=work,
-        loggers=[CSVLogger(save_dir=str(work), name="csv")],  # no W&B run for a cache entry
+        # no W&B run for a cache entry; its epochs go to the job's log, since no bar of the job shows them
+        loggers=[CSVLogger(save_dir=str(work), name="csv"), epochs],
         resume_from=work if resuming else None,
     )
     # Seeded as a compression=none run of this model is: the entry is what the plain recipe makes of its key,
     # not of the random draws the job that happened to ask first had taken (a student's initialisation).
     seed_everything(cfg.seed)
+    log.info(
+        "%s: %s (%d epochs) in %s", epochs.name, "resuming" if resuming else "starting", epochs.total, work
+    )
     net = train(cache_ctx)
     meta = cache_ctx.artifact_meta()
     save_float_artifact(net, entry, {**meta, "cache_key": entry.name})
     write_json(entry / KEY_FILE, inputs)
+    log.info("%s: done in %s -> %s", epochs.name, format_duration(epochs.elapsed), entry)
+
+
+class EpochLog(Logger):
+    """A Lightning logger that writes one log line per finished epoch (its validation metrics, the time
+    taken and left): a cache training runs inside another job, for minutes to hours, with no display of
+    its own."""
+
+    def __init__(self, name: str, total: int) -> None:
+        super().__init__()
+        self._name = name
+        self.total = total
+        self._start = time.monotonic()
+        self._epoch: int | None = None  # the epoch whose metrics are being logged
+        self._first: int | None = None  # the first epoch of this process (a resumed training starts later)
+        self._metrics: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the CSV log beside it keeps them
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        # Lightning adds the epoch to every metrics dict it logs; a new epoch number means the last one ended
+        epoch = metrics.get("epoch")
+        if epoch is None:
+            return
+        epoch = int(epoch)
+        if self._epoch is not None and epoch != self._epoch:
+            self._epoch_done()
+        if self._epoch != epoch:
+            self._epoch, self._metrics = epoch, {}
+            self._first = epoch if self._first is None else self._first
+        self._metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._epoch is not None:
+            self._epoch_done()
+            self._epoch = None
+
+    def _epoch_done(self) -> None:
+        done, ran = self._epoch + 1, self._epoch + 1 - self._first
+        left = self.elapsed / ran * (self.total - done) if ran > 0 and done < self.total else None
+        scores = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self._metrics.items()))
+        line = f"{self.name}: epoch {done}/{self.total} done" + (f" ({scores})" if scores else "")
+        line += f", elapsed {format_duration(self.elapsed)}"
+        log.info(line + (f", left {format_duration(left)}" if left is not None else ""))

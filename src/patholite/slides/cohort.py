@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from patholite.errors import CheckpointError, PatholiteError
+from patholite.progress import Progress
 from patholite.slides.report import failed_row, write_summary
 
 log = logging.getLogger(__name__)
@@ -51,21 +52,25 @@ def each_slide(
     slide's failure of any kind is a failed row and the others go on; with ``slide=`` (one), it is raised."""
     many = not cfg.slide
     rows = []
-    for path, name in zip(paths, _unique_names(paths), strict=True):
-        log.info("slide %s", path)
-        start = time.perf_counter()
-        try:
-            report = process(path, out_dir / name)
-            rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
-        except Exception as err:
-            if not many:
-                raise
-            if isinstance(err, PatholiteError):
-                log.error("slide %s failed: %s", path, err)
-            else:  # a bug or an environment failure: keep its traceback in the log
-                log.exception("slide %s failed", path)
-            rows.append(failed_row(path, err))
-        rows[-1]["seconds"] = time.perf_counter() - start
+    # slides done, tiles per second over them, time left (an SMT walk reads regions, not tiles: counts none)
+    with Progress("slides", len(paths), "slides", rate_of="tiles") as progress:
+        for path, name in zip(paths, _unique_names(paths), strict=True):
+            log.info("slide %s", path)
+            start = time.perf_counter()
+            try:
+                report = process(path, out_dir / name)
+                rows.append({"slide": str(path), "status": "ok", "out": str(out_dir / name), **report})
+            except Exception as err:
+                if not many:
+                    raise
+                if isinstance(err, PatholiteError):
+                    log.error("slide %s failed: %s", path, err)
+                else:  # a bug or an environment failure: keep its traceback in the log
+                    log.exception("slide %s failed", path)
+                rows.append(failed_row(path, err))
+            rows[-1]["seconds"] = time.perf_counter() - start
+            failed = int(rows[-1]["status"] != "ok")
+            progress.advance(1, tiles=int(rows[-1].get("n_tiles") or 0), failed=failed)
     write_summary(rows, out_dir)
     return rows
 

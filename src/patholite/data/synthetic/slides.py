@@ -30,6 +30,7 @@ from patholite.data.synthetic.spec import LESION_CLASSES, LesionSpec, SlideSpec,
 from patholite.data.synthetic.tiles import SYNTHETIC_CLASSES
 from patholite.errors import ConfigError, SlideError
 from patholite.io import atomic_path, write_json
+from patholite.progress import Progress
 from patholite.wsi.annotations import Annotation, write_asap_xml
 
 log = logging.getLogger(__name__)
@@ -256,20 +257,24 @@ def generate_slides(
         LesionSpec(cls, 3, (0.05 * short_um, 0.12 * short_um)) for cls in LESION_CLASSES
     ]
     slides = []
-    for i in range(n):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
-        lesions = []
-        if rng.random() >= normal_share:
-            kinds = rng.choice(len(menu), size=int(rng.integers(1, min(2, len(menu)) + 1)), replace=False)
-            lesions = [replace(menu[k], count=int(rng.integers(1, menu[k].count + 1))) for k in sorted(kinds)]
-        spec = replace(spec_template, seed=int(rng.integers(2**31)), lesions=lesions)
-        path = Path(folder) / f"{prefix}_{i:04d}.svs"
-        slide = _existing(path, spec)
-        if slide is None:
-            log.info("writing synthetic slide %s (%dx%d, %d lesions)", path, spec.width, spec.height,
-                     sum(x.count for x in lesions))  # fmt: skip
-            slide = write_synthetic_slide(path, spec)
-        slides.append(slide)
+    with Progress(f"synthetic slides in {folder}", n, "slides") as progress:
+        for i in range(n):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
+            lesions = []
+            if rng.random() >= normal_share:
+                kinds = rng.choice(len(menu), size=int(rng.integers(1, min(2, len(menu)) + 1)), replace=False)
+                lesions = [
+                    replace(menu[k], count=int(rng.integers(1, menu[k].count + 1))) for k in sorted(kinds)
+                ]
+            spec = replace(spec_template, seed=int(rng.integers(2**31)), lesions=lesions)
+            path = Path(folder) / f"{prefix}_{i:04d}.svs"
+            slide = _existing(path, spec)
+            if slide is None:
+                log.info("writing synthetic slide %s (%dx%d, %d lesions)", path, spec.width, spec.height,
+                         sum(x.count for x in lesions))  # fmt: skip
+                slide = write_synthetic_slide(path, spec)
+            slides.append(slide)
+            progress.advance()
     return slides
 
 

@@ -24,6 +24,7 @@ from filelock import FileLock
 from patholite.data.base import SPLITS, HistologyDataModule, ImageSet
 from patholite.errors import ConfigError, DatasetError
 from patholite.io import atomic_path
+from patholite.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +319,10 @@ def generate_split(
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.repeat(np.arange(len(SYNTHETIC_CLASSES), dtype=np.int64), n_per_class))
     images = np.empty((len(labels), size, size, 3), np.uint8)
-    for i, label in enumerate(labels):
-        images[i] = generate_tile(rng, int(label), size, difficulty)
+    with Progress(f"synthetic {size}-px tiles", len(labels), "tiles") as progress:
+        for i, label in enumerate(labels):
+            images[i] = generate_tile(rng, int(label), size, difficulty)
+            progress.advance()
     return images, labels
 
 

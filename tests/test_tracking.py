@@ -1,0 +1,249 @@
+"""W&B a lab can compare in: every job's offline run read back from its ``.wandb`` log, its values equal to
+the job's record, its job type and group set, its record file and plots saved, models only when asked."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from patholite import artifacts as art
+from patholite.config.options import load_model_option
+from patholite.models.factory import create_network
+from patholite.pipelines.cache import EpochLog
+from patholite.records import read_record
+from patholite.tracking import experiment_name, group_name, job_group, log_comparison
+from patholite.train import run_job
+from tests.conftest import job_config
+from tests.test_bench import TINY
+from tests.wandb_reader import OfflineRun, offline_runs
+
+CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
+
+
+def only_run(run_dir: Path) -> OfflineRun:
+    runs = offline_runs(run_dir)
+    assert len(runs) == 1, [r.folder for r in runs]
+    return runs[0]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def assert_saved(run: OfflineRun, name: str, original: Path) -> None:
+    """``name`` was saved into the run's files, holding what ``original`` holds."""
+    assert name in run.files, run.files
+    assert (run.folder / "files" / name).read_bytes() == Path(original).read_bytes()
+
+
+def assert_image(run: OfflineRun, key: str, png: Path) -> None:
+    """``key`` was logged as an image whose file is ``png``, byte for byte."""
+    image = run.logged(key)
+    assert image["_type"] == "image-file"
+    assert image["sha256"] == sha256(png)
+    assert run.media(image).read_bytes() == png.read_bytes()
+
+
+def table_rows(run: OfflineRun, key: str) -> tuple[list[str], list[list]]:
+    table = run.logged(key)
+    assert table["_type"] == "table-file"
+    data = json.loads(run.media(table).read_text())
+    return data["columns"], data["data"]
+
+
+def test_groups_carry_the_experiment():
+    cfg = OmegaConf.create({"task_name": "train"})
+    assert experiment_name(cfg, {"experiment": "demo", "model": "vit_mini"}) == "demo"
+    assert experiment_name(cfg, {"experiment": None}) == "train"
+    sweep = {"multirun": True, "sweep_dir": "/o/multiruns/2026-11-25/18-31-00"}
+    assert job_group(cfg, sweep, Path("/o/multiruns/2026-11-25/18-31-00/3"), {"experiment": "demo"}) == (
+        "demo_2026-11-25_18-31-00"
+    )
+    assert group_name("slide", Path("/o/slides/2026-11-25/09-00-01")) == "slide_2026-11-25_09-00-01"
+
+
+def test_train_run_logs_its_record_and_models_when_asked(make_cfg):
+    cfg = make_cfg("compression=ptq", "logger=wandb", "logger.log_model=true")
+    assert run_job(cfg) == "ok"
+    run_dir = Path(cfg.paths.output_dir)
+    record = read_record(run_dir)
+    run = only_run(run_dir)
+    assert run.run.job_type == "train"
+    assert run.run.run_group == f"train_{run_dir.parent.name}_{run_dir.name}"
+    assert record["wandb"]["group"] == run.run.run_group and record["wandb"]["job_type"] == "train"
+    assert run.exit_code == 0
+    names = [a["name"] for a in record["artifacts"]]
+    assert names == ["fp32", "int8_dynamic"]
+    for a in record["artifacts"]:
+        for key in ("accuracy", "macro_f1", "balanced_accuracy"):
+            assert run.summary[f"{a['name']}/{key}"] == a["quality"][key]
+        for key in ("params", "size_bytes", "flops"):
+            assert run.summary[f"{a['name']}/{key}"] == a["cost"][key]
+        assert run.summary[f"{a['name']}/latency_p50_ms_b1"] == a["cost"]["latency_ms"]["1"]["p50"]
+    columns, rows = table_rows(run, "artifacts")
+    assert [r[columns.index("artifact")] for r in rows] == names
+    assert [r[columns.index("accuracy")] for r in rows] == [
+        a["quality"]["accuracy"] for a in record["artifacts"]
+    ]
+    assert_saved(run, "metrics.json", run_dir / "metrics.json")
+    # log_model: each artifact's files, every byte, as a model artifact
+    models = {m.name: m for m in run.artifacts if m.type == "model"}
+    assert sorted(models) == sorted(f"{run.run.run_id}-{n}" for n in names)
+    for a in record["artifacts"]:
+        entries = {e.path: e for e in models[f"{run.run.run_id}-{a['name']}"].manifest.contents}
+        assert sorted(entries) == sorted(a["files"])
+        assert sum(e.size for e in entries.values()) == a["cost"]["size_bytes"]
+        for name, entry in entries.items():
+            md5 = hashlib.md5((Path(a["path"]) / name).read_bytes()).digest()
+            assert entry.digest == base64.b64encode(md5).decode()
+
+
+def test_no_model_is_uploaded_unless_asked(tmp_path, capsys):
+    from patholite.bench import run_bench
+
+    cfg = job_config([*TINY, "bench.isolation=process", "variants=[fp32,int8_dynamic]"], tmp_path / "b",
+                     tmp_path / "cache", "bench")  # fmt: skip
+    assert run_bench(cfg) == "ok"
+    record = read_record(tmp_path / "b")
+    run = only_run(tmp_path / "b")
+    assert run.run.job_type == "bench" and run.run.run_group == f"bench_{tmp_path.name}_b"
+    assert not [m for m in run.artifacts if m.type == "model"]
+    for a in record["artifacts"]:
+        for key in ("params", "size_bytes", "peak_rss_mb"):
+            assert run.summary[f"{a['name']}/{key}"] == a["cost"][key]
+        for batch, latency in a["cost"]["latency_ms"].items():
+            assert run.summary[f"{a['name']}/latency_p50_ms_b{batch}"] == latency["p50"]
+    assert_saved(run, "metrics.json", tmp_path / "b" / "metrics.json")
+    # the timing child's progress, shown by the parent as plain lines in a log
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("timing 2 artifacts: ")]
+    assert lines[0].startswith("timing 2 artifacts: 0/8 blocks (0%)")
+    assert lines[-1].startswith("timing 2 artifacts: 8/8 blocks (100%), 48 images, ")  # (1+3)x(1+2)x2x2
+    assert "\r" not in err and "\x1b[" not in err
+
+
+@pytest.fixture(scope="module")
+def float_artifact(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = create_network(load_model_option("vit_micro"), len(CLASSES), 32).eval()
+    model = OmegaConf.to_container(load_model_option("vit_micro"), resolve=True)
+    norm = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    meta = {"model": {**model, "checkpoint": None}, "class_names": CLASSES, "image_size": 32, **norm,
+            "mpp": 2.0, "tile_size": 64}  # fmt: skip
+    directory = tmp_path_factory.mktemp("artifact") / "fp32"
+    art.save_float_artifact(net, directory, meta)
+    return directory
+
+
+def test_slide_run_logs_calls_plots_and_progress(slides, float_artifact, tmp_path, capsys):
+    from patholite.slide import run_slide
+
+    listing = tmp_path / "slides.txt"
+    listing.write_text(f"{slides / 'CMU-1-Small-Region.svs'}\n{slides / 'small.svs'}\n")
+    overrides = [f"slides={listing}", f"artifact={float_artifact}", "engine.workers=0", "engine.threads=1",
+                 "report.thumbnail_px=256"]  # fmt: skip
+    out = tmp_path / "run"
+    assert run_slide(job_config(overrides, out, tmp_path / "cache", "slide")) == 1  # small.svs fails
+    record = read_record(out)
+    run = only_run(out)
+    assert run.run.job_type == "slide" and run.run.run_group == f"slide_{tmp_path.name}_run"
+    assert run.exit_code == 1  # a run with a failed slide is not a success
+    (artifact,) = record["artifacts"]
+    for key in ("size_bytes", "tiles_per_slide", "seconds_per_slide", "tiles_per_s"):
+        assert run.summary[f"fp32/{key}"] == artifact["cost"][key]
+    assert (run.summary["slides/ok"], run.summary["slides/failed"]) == (1, 1)
+    # the per-slide calls: the summary's rows, as the summary file has them
+    columns, rows = table_rows(run, "slides")
+    summary = pd.read_csv(out / "summary.csv")
+    assert columns == list(summary.columns)
+    assert [r[columns.index("status")] for r in rows] == ["ok", "failed"]
+    assert rows[0][columns.index("call")] == summary["call"][0] in CLASSES
+    assert rows[0][columns.index("n_tiles")] == summary["n_tiles"][0] == artifact["cost"]["tiles_per_slide"]
+    assert np.isclose(rows[0][columns.index("confidence")], summary["confidence"][0])
+    assert "tile.size" in rows[1][columns.index("error")]
+    # the record and the slide's pictures, as files and as images
+    assert_saved(run, "metrics.json", out / "metrics.json")
+    for name in ("report", "heatmap"):
+        png = out / "CMU-1-Small-Region" / f"{name}.png"
+        assert_saved(run, f"CMU-1-Small-Region/{name}.png", png)
+        assert_image(run, f"plots/CMU-1-Small-Region/{name}", png)
+    # progress over the folder: plain lines in a log, reaching the total
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("slides: ")]
+    assert lines[0].startswith("slides: 0/2 slides (0%)")
+    n_tiles = int(summary["n_tiles"][0])
+    assert lines[-1].startswith(f"slides: 2/2 slides (100%), {n_tiles} tiles, 1 failed, ")
+    assert "tiles/s" in lines[-1] and "\r" not in err and "\x1b[" not in err
+
+
+def test_a_sweeps_comparison_is_a_run_in_its_group(tmp_path):
+    from patholite.measure.compare import Comparison
+    from patholite.measure.outputs import write_csv
+
+    sweep = tmp_path / "multiruns" / "2026-11-25" / "18-31-00"
+    out = sweep / "compare"
+    rows = [{"technique": "none", "artifact": "fp32", "accuracy": 0.9, "size_mb": 1.1},
+            {"technique": "ptq", "artifact": "int8_dynamic", "accuracy": 0.88, "size_mb": 0.36}]  # fmt: skip
+    csv_path = write_csv(Comparison(rows=rows, batch_sizes=[], failed=[]), out / "compare.csv")
+    (out / "compare.md").write_text("# patholite comparison\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot = out / "pareto_accuracy_size.png"
+    plt.figure(figsize=(2, 2)).savefig(plot)
+    plt.close("all")
+    cfg = OmegaConf.create({"task_name": "train", "tags": ["lab"], "logger": {"wandb": {
+        "project": "patholite", "entity": None, "mode": "offline", "group": None, "tags": []}}})  # fmt: skip
+    folder = log_comparison(cfg, sweep, {"experiment": "demo"}, csv_path, [plot])
+    run = only_run(out)
+    assert folder == str(run.folder)
+    assert run.run.job_type == "compare" and run.run.run_group == "demo_2026-11-25_18-31-00"
+    assert list(run.run.tags) == ["lab"]
+    columns, data = table_rows(run, "comparison")
+    assert [r[columns.index("artifact")] for r in data] == ["fp32", "int8_dynamic"]
+    assert [r[columns.index("accuracy")] for r in data] == [0.9, 0.88]
+    assert_image(run, "plots/pareto_accuracy_size", plot)
+    assert_saved(run, "compare.csv", csv_path)
+    assert_saved(run, "pareto_accuracy_size.png", plot)
+    cfg.logger.wandb.mode = "disabled"
+    assert log_comparison(cfg, sweep, None, csv_path, [plot]) is None
+
+
+def test_cache_training_logs_its_epochs(caplog):
+    epochs = EpochLog("cache training of vit_micro", total=3)
+    with caplog.at_level(logging.INFO, logger="patholite.pipelines.cache"):
+        for epoch in range(3):
+            epochs.log_metrics({"train/loss": 1.0, "epoch": epoch}, step=epoch * 10)
+            epochs.log_metrics({"val/macro_f1": 0.5 + 0.1 * epoch, "epoch": epoch}, step=epoch * 10 + 9)
+        epochs.finalize("success")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3
+    assert lines[0].startswith(
+        "cache training of vit_micro: epoch 1/3 done (val/macro_f1=0.5), elapsed 0:00:"
+    )
+    assert ", left " in lines[1] and lines[2].startswith(
+        "cache training of vit_micro: epoch 3/3 done (val/macro_f1=0.7)"
+    )
+    assert ", left " not in lines[2]
+
+
+def test_synthetic_tiles_report_progress(capsys):
+    from patholite.data.synthetic.tiles import generate_split
+
+    images, _ = generate_split(3, 16, 0.5, seed=0)
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("synthetic 16-px tiles")
+    ]
+    assert lines[0].startswith("synthetic 16-px tiles: 0/12 tiles (0%)")
+    assert lines[-1].startswith("synthetic 16-px tiles: 12/12 tiles (100%)") and len(images) == 12
