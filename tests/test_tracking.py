@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +16,19 @@ import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
+from rich.console import Console
 
 from patholite import artifacts as art
 from patholite.config.options import load_model_option
+from patholite.errors import PatholiteError
+from patholite.measure.timing import PROGRESS_PREFIX, run_reporting_child
 from patholite.models.factory import create_network
 from patholite.pipelines.cache import EpochLog
-from patholite.records import read_record
+from patholite.progress import Progress
+from patholite.records import ArtifactRecord, read_record
 from patholite.tracking import experiment_name, group_name, job_group, log_comparison
 from patholite.train import run_job
-from tests.conftest import job_config
+from tests.conftest import FAST, job_config
 from tests.test_bench import TINY
 from tests.wandb_reader import OfflineRun, offline_runs
 
@@ -71,6 +77,38 @@ def test_groups_carry_the_experiment():
     assert group_name("slide", Path("/o/slides/2026-11-25/09-00-01")) == "slide_2026-11-25_09-00-01"
 
 
+def test_train_job_logs_its_record_and_models_when_asked(tmp_path, cache_dir, float_artifact, monkeypatch):
+    """The training entry's wiring, its stages replaced by one that records a real artifact folder."""
+    from patholite import train
+
+    def stages(ctx, task):
+        files = sorted(p.name for p in float_artifact.iterdir())
+        quality = {"accuracy": 0.8125, "macro_f1": 0.79, "balanced_accuracy": 0.8, "auroc": 0.93}
+        size = sum((float_artifact / f).stat().st_size for f in files)
+        cost = {"params": 207_876, "size_bytes": size, "latency_ms": {"1": {"p50": 1.25, "p90": 1.5}}}
+        return [ArtifactRecord("fp32", str(float_artifact), files, quality, cost, model="vit_micro")]
+
+    monkeypatch.setattr(train, "run_stages", stages)
+    overrides = [*FAST, "logger=wandb", "logger.log_model=true", "tags=[lab]"]
+    cfg = job_config(overrides, tmp_path / "run", cache_dir)  # nothing is trained: no trained models needed
+    assert run_job(cfg) == "ok"
+    run_dir = Path(cfg.paths.output_dir)
+    record = read_record(run_dir)
+    run = only_run(run_dir)
+    assert run.run.job_type == "train" and list(run.run.tags) == ["lab"]
+    assert run.run.run_group == f"train_{run_dir.parent.name}_{run_dir.name}" == record["wandb"]["group"]
+    (a,) = record["artifacts"]
+    for key in ("accuracy", "macro_f1", "balanced_accuracy", "auroc"):
+        assert run.summary[f"fp32/{key}"] == a["quality"][key]
+    assert (run.summary["fp32/params"], run.summary["fp32/size_bytes"]) == (207_876, a["cost"]["size_bytes"])
+    assert run.summary["fp32/latency_p50_ms_b1"] == 1.25 and run.summary["status"] == "ok"
+    assert_saved(run, "metrics.json", run_dir / "metrics.json")
+    (model,) = [m for m in run.artifacts if m.type == "model"]
+    entries = {e.path: e for e in model.manifest.contents}
+    assert sorted(entries) == a["files"] and sum(e.size for e in entries.values()) == a["cost"]["size_bytes"]
+
+
+@pytest.mark.slow
 def test_train_run_logs_its_record_and_models_when_asked(make_cfg):
     cfg = make_cfg("compression=ptq", "logger=wandb", "logger.log_model=true")
     assert run_job(cfg) == "ok"
@@ -107,6 +145,60 @@ def test_train_run_logs_its_record_and_models_when_asked(make_cfg):
             assert entry.digest == base64.b64encode(md5).decode()
 
 
+def test_bench_job_is_tracked_and_uploads_no_model_unless_asked(tmp_path, monkeypatch):
+    """The bench entry's wiring, its timing child run in this process (the protocol is the same)."""
+    from patholite import bench
+    from patholite.measure import timing
+
+    def in_process(directories, image_size, spec, device="cpu", timeout=3600):
+        keys = ("batch_sizes", "warmup", "iters", "repeats", "threads")
+        return timing._child({"directories": [str(d) for d in directories], "image_size": image_size,
+                              "device": device, **{k: spec[k] for k in keys}})  # fmt: skip
+
+    monkeypatch.setattr(bench, "time_artifacts", in_process)
+    cfg = job_config([*TINY, "bench.isolation=process", "variants=[fp32,int8_dynamic]", "bench.repeats=1",
+                      "bench.batch_sizes=[1]"], tmp_path / "b", tmp_path / "cache", "bench")  # fmt: skip
+    assert bench.run_bench(cfg) == "ok"
+    record = read_record(tmp_path / "b")
+    run = only_run(tmp_path / "b")
+    assert run.run.job_type == "bench" and run.run.run_group == f"bench_{tmp_path.name}_b"
+    assert run.run.display_name == "bench-vit_micro"
+    assert not [m for m in run.artifacts if m.type == "model"]
+    assert [a["name"] for a in record["artifacts"]] == ["fp32", "int8_dynamic"]
+    for a in record["artifacts"]:
+        for key in ("params", "size_bytes", "peak_rss_mb", "flops"):
+            assert run.summary[f"{a['name']}/{key}"] == a["cost"][key]
+        assert run.summary[f"{a['name']}/latency_p50_ms_b1"] == a["cost"]["latency_ms"]["1"]["p50"]
+    columns, rows = table_rows(run, "artifacts")
+    sizes = [a["cost"]["size_bytes"] for a in record["artifacts"]]
+    assert [r[columns.index("size_bytes")] for r in rows] == sizes
+    assert_saved(run, "metrics.json", tmp_path / "b" / "metrics.json")
+
+
+def test_timing_childs_progress_reaches_the_parent(tmp_path):
+    """A child that reports as the timing child does: its lines become the parent's progress, its other
+    stderr stays the error text, its stdout the result."""
+    console = Console(file=io.StringIO(), force_terminal=False)
+    script = (
+        "import json, sys\n"
+        "for i in range(4):\n"
+        f"    print({PROGRESS_PREFIX!r} + json.dumps({{'images': 10}}), file=sys.stderr, flush=True)\n"
+        "print('a warning', file=sys.stderr)\n"
+        "print(json.dumps({'ok': True}))\n"
+    )
+    with Progress("timing 2 artifacts", 4, "blocks", rate_of="images", console=console, interval_s=3600) as p:
+        code, stdout, stderr = run_reporting_child([sys.executable, "-c", script], p, timeout=60)
+    assert (code, json.loads(stdout), stderr) == (0, {"ok": True}, "a warning\n")
+    lines = console.file.getvalue().splitlines()
+    assert [int(line.split(": ")[1].split("/")[0]) for line in lines] == [0, 1, 2, 3, 4]
+    assert lines[-1].startswith("timing 2 artifacts: 4/4 blocks (100%), 40 images, ")
+    assert "images/s" in lines[-1] and "done in" in lines[-1]
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+    with pytest.raises(PatholiteError, match="ran past 1 s"), Progress("t", 1, console=console) as p:
+        run_reporting_child(slow, p, timeout=1)
+
+
+@pytest.mark.slow
 def test_no_model_is_uploaded_unless_asked(tmp_path, capsys):
     from patholite.bench import run_bench
 

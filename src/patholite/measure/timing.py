@@ -50,7 +50,8 @@ def time_artifacts(
     try:
         description = f"timing {len(directories)} artifacts"
         with Progress(description, blocks, "blocks", rate_of="images") as progress:
-            code, stdout, stderr = _run_child(f.name, progress, timeout)
+            command = [sys.executable, "-m", "patholite.measure.timing", f.name]
+            code, stdout, stderr = run_reporting_child(command, progress, timeout)
     finally:
         Path(f.name).unlink(missing_ok=True)
     if code != 0:
@@ -58,11 +59,12 @@ def time_artifacts(
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _run_child(spec_file: str, progress: Progress, timeout: float) -> tuple[int, str, str]:
-    """The timing child, its progress lines (on its stderr) shown by ``progress`` as they come; returns its
-    exit code, stdout and the rest of its stderr. Killed after ``timeout`` seconds."""
+def run_reporting_child(command: list[str], progress: Progress, timeout: float) -> tuple[int, str, str]:
+    """Run ``command`` (the timing child), showing its progress lines (``PROGRESS_PREFIX`` + JSON with
+    ``images``, on its stderr) through ``progress`` as they come; returns its exit code, stdout and the rest
+    of its stderr. Killed after ``timeout`` seconds."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "patholite.measure.timing", spec_file],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
