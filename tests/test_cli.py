@@ -12,6 +12,7 @@ from patholite.errors import ConfigError
 from patholite.overrides import expand_run_references, merge_overrides, override_key, split_flags
 from patholite.records import read_record
 from tests.conftest import REPO, run_cli
+from tests.wandb_reader import offline_runs
 
 FAST = ["debug=fast", "model=vit_micro"]
 
@@ -29,7 +30,8 @@ def test_two_model_sweep_writes_two_records_and_two_wandb_runs(tmp_path):
     assert {r["config"]["model"]["name"] for r in records} == {"vit_micro", "vit_mini"}
     for n, record in enumerate(records):
         assert len(list((sweep / str(n) / "wandb").glob("offline-run-*"))) == 1
-        assert record["wandb"]["group"] == f"{sweep.parent.name}_{sweep.name}"  # the sweep is the W&B group
+        # the experiment (here the entry's task, train) and the sweep are the W&B group
+        assert record["wandb"]["group"] == f"train_{sweep.parent.name}_{sweep.name}"
         assert record["job"]["num"] == n
     summary = json.loads((sweep / "sweep.json").read_text())
     assert summary["failed"] == 0 and len(summary["jobs"]) == 2
@@ -37,6 +39,10 @@ def test_two_model_sweep_writes_two_records_and_two_wandb_runs(tmp_path):
     compared = (sweep / "compare" / "compare.csv").read_text().splitlines()
     assert len(compared) == 3 and "vit_micro" in compared[1] + compared[2]  # header + one row per job
     assert (sweep / "compare" / "pareto_accuracy_latency.png").is_file()
+    # the comparison is a W&B run of its own in the jobs' group, with the Pareto plots
+    [compare_run] = offline_runs(sweep / "compare")
+    assert compare_run.run.job_type == "compare" and compare_run.run.run_group == records[0]["wandb"]["group"]
+    assert "pareto_accuracy_latency.png" in compare_run.files
 
 
 def test_failing_job_in_sweep_is_recorded_and_the_sweep_exits_nonzero(tmp_path):

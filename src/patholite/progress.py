@@ -128,7 +128,7 @@ class Progress:
             for key, value in counts.items():
                 self.counts[key] = self.counts.get(key, 0) + int(value)
             if self.mode == "bar":
-                self._rich.update(self._task, completed=self.done, rate=self._rate_text())
+                self._rich.update(self._task, completed=self.done, rate=self._bar_fields(), refresh=True)
             elif self.mode == "lines":
                 now = time.monotonic()
                 tenth = int(10 * self.done / self.total) if self.total else 10
@@ -144,7 +144,7 @@ class Progress:
                 return
             self._closed = True
             if self.mode == "bar":
-                self._rich.update(self._task, completed=self.done, rate=self._rate_text())
+                self._rich.update(self._task, completed=self.done, rate=self._bar_fields(), refresh=True)
                 self._close_bar()
             elif self.mode == "lines":
                 self._line(f"done in {format_duration(self.elapsed)}")
@@ -187,7 +187,17 @@ class Progress:
     # ----------------------------------------------------------------------------------------- private
     def _rate_text(self) -> str:
         rate = self.rate()
-        return f"{'?' if rate is None else f'{rate:.3g}'} {self.rate_of}/s"
+        if rate is None:
+            text = "?"
+        elif rate >= 100:
+            text = f"{rate:.0f}"
+        else:
+            text = f"{rate:.3g}"
+        return f"{text} {self.rate_of}/s"
+
+    def _bar_fields(self) -> str:
+        """The bar's text after its count: the secondary counts and the rate."""
+        return ", ".join([*(f"{value} {key}" for key, value in self.counts.items()), self._rate_text()])
 
     def _line(self, note: str | None = None) -> None:
         self._last_line = time.monotonic()
@@ -218,6 +228,9 @@ class Progress:
                     TextColumn("left"),
                     TimeRemainingColumn(),
                     console=self.console,
+                    # no refresh thread: the slide engine forks loader workers while a bar is shown, and a
+                    # fork while another thread holds a stream's lock can hang the child; repainted on advance
+                    auto_refresh=False,
                 )
                 rich.start()
                 _shared.update(rich=rich, users=0)
