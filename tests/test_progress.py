@@ -77,6 +77,15 @@ def test_a_second_bar_joins_the_first_display():
     assert "3/3" in buffer.getvalue() and "2/2" in buffer.getvalue()
 
 
+def test_a_loop_left_early_says_it_stopped():
+    console, buffer = log_console()
+    with pytest.raises(RuntimeError), Progress("slides", 3, "slides", console=console) as p:
+        p.advance()
+        raise RuntimeError("a slide failed")
+    assert buffer.getvalue().splitlines()[-1].startswith("slides: 1/3 slides (33%)")
+    assert "stopped after 0:00:0" in buffer.getvalue().splitlines()[-1]
+
+
 def test_track_yields_everything_once():
     console, buffer = log_console()
     assert list(track(range(7), "things", console=console, interval_s=3600)) == list(range(7))

@@ -21,6 +21,7 @@ from rich.console import Console
 from patholite import artifacts as art
 from patholite.config.options import load_model_option
 from patholite.errors import PatholiteError
+from patholite.measure.compare import find_records
 from patholite.measure.timing import PROGRESS_PREFIX, run_reporting_child
 from patholite.models.factory import create_network
 from patholite.pipelines.cache import EpochLog
@@ -103,6 +104,8 @@ def test_train_job_logs_its_record_and_models_when_asked(tmp_path, cache_dir, fl
     assert (run.summary["fp32/params"], run.summary["fp32/size_bytes"]) == (207_876, a["cost"]["size_bytes"])
     assert run.summary["fp32/latency_p50_ms_b1"] == 1.25 and run.summary["status"] == "ok"
     assert_saved(run, "metrics.json", run_dir / "metrics.json")
+    # the W&B copy of the record is not another run to compare
+    assert [r["run_dir"] for r in find_records([run_dir])] == [str(run_dir)]
     (model,) = [m for m in run.artifacts if m.type == "model"]
     entries = {e.path: e for e in model.manifest.contents}
     assert sorted(entries) == a["files"] and sum(e.size for e in entries.values()) == a["cost"]["size_bytes"]

@@ -147,7 +147,9 @@ class Progress:
                 self._rich.update(self._task, completed=self.done, rate=self._bar_fields(), refresh=True)
                 self._close_bar()
             elif self.mode == "lines":
-                self._line(f"done in {format_duration(self.elapsed)}")
+                # a loop left early (an error, Ctrl-C) says so rather than "done"
+                verb = "done in" if self.done >= self.total else "stopped after"
+                self._line(f"{verb} {format_duration(self.elapsed)}")
 
     def __enter__(self) -> Progress:
         return self

@@ -33,6 +33,8 @@ def find_records(directories: Iterable[str | Path]) -> list[dict[str, Any]]:
         if not directory.is_dir():
             raise PatholiteError(f"{directory} is not a directory; give sweep or run directories")
         for path in sorted(directory.rglob(RECORD_FILE)):
+            if "wandb" in path.relative_to(directory).parts[:-1]:
+                continue  # a W&B run's copy of its job's record (tracking saves it there), not another run
             record = read_record(path)
             record.setdefault("run_dir", str(path.parent))
             records.append(record)
