@@ -22,7 +22,9 @@ def log_console() -> tuple[Console, io.StringIO]:
 
 def test_lines_in_a_log_are_plain_periodic_and_reach_the_total():
     console, buffer = log_console()
-    with Progress("slides", 20, "slides", rate_of="tiles", console=console, interval_s=3600) as p:
+    with Progress(
+        "slides", 20, "slides", rate_of="tiles", console=console, interval_s=3600, min_gap_s=0
+    ) as p:
         for _ in range(20):
             p.advance(1, tiles=50)
     text = buffer.getvalue()
@@ -35,6 +37,18 @@ def test_lines_in_a_log_are_plain_periodic_and_reach_the_total():
     assert lines[-1].startswith("slides: 20/20 slides (100%), 1000 tiles, ")
     assert "tiles/s" in lines[-1] and "done in 0:00:0" in lines[-1]
     assert "left " in lines[5]
+
+
+def test_a_short_loop_prints_its_start_and_end_only():
+    console, buffer = log_console()
+    with Progress("synthetic tiles", 100, "tiles", console=console, interval_s=3600) as p:
+        for _ in range(100):  # every tenth within a moment of the last line
+            p.advance()
+    lines = buffer.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "synthetic tiles: 0/100 tiles (0%)",
+        "synthetic tiles: 100/100 tiles (100%)",
+    ]
 
 
 def test_lines_also_come_every_interval(monkeypatch):

@@ -189,7 +189,7 @@ def test_timing_childs_progress_reaches_the_parent(tmp_path):
         "print('a warning', file=sys.stderr)\n"
         "print(json.dumps({'ok': True}))\n"
     )
-    with Progress("timing 2 artifacts", 4, "blocks", rate_of="images", console=console, interval_s=3600) as p:
+    with Progress("timing 2 artifacts", 4, "blocks", rate_of="images", console=console, min_gap_s=0) as p:
         code, stdout, stderr = run_reporting_child([sys.executable, "-c", script], p, timeout=60)
     assert (code, json.loads(stdout), stderr) == (0, {"ok": True}, "a warning\n")
     lines = console.file.getvalue().splitlines()
@@ -320,7 +320,8 @@ def test_cache_training_logs_its_epochs(caplog):
     with caplog.at_level(logging.INFO, logger="patholite.pipelines.cache"):
         for epoch in range(3):
             epochs.log_metrics({"train/loss": 1.0, "epoch": epoch}, step=epoch * 10)
-            epochs.log_metrics({"val/macro_f1": 0.5 + 0.1 * epoch, "epoch": epoch}, step=epoch * 10 + 9)
+            val = {"val/macro_f1": 0.5 + 0.1 * epoch, "val/f1/Normal": 0.2, "epoch": epoch}
+            epochs.log_metrics(val, step=epoch * 10 + 9)
         epochs.finalize("success")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3

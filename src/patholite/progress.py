@@ -4,7 +4,8 @@ Every long loop (slides of a folder, synthetic tiles and slides, benchmark timin
 ``Progress``: done out of total, a rate (of the main count or of a secondary one, e.g. tiles per second
 while counting slides) and the time left. Where the console is a terminal it is a repainted Rich bar;
 elsewhere it is one plain line (no carriage return, no ANSI code) at the start, whenever another tenth of
-the total is done or ``interval_s`` seconds have passed, and at the end. ``PATHOLITE_PROGRESS`` picks the
+the total is done (at least ``min_gap_s`` after the last line) or ``interval_s`` seconds have passed, and at
+the end. ``PATHOLITE_PROGRESS`` picks the
 mode (``auto``: by the terminal, ``bar``, ``lines``, ``off``) and ``PATHOLITE_PROGRESS_INTERVAL`` the
 seconds between plain lines (default 30).
 """
@@ -92,6 +93,7 @@ class Progress:
         console: Console | None = None,
         interval_s: float | None = None,
         mode: str | None = None,
+        min_gap_s: float = 2.0,
     ) -> None:
         if total < 0:
             raise ValueError(f"progress total={total} must be 0 or more")
@@ -104,6 +106,8 @@ class Progress:
         if self.mode not in MODES[1:]:
             raise ValueError(f"progress mode={self.mode!r}: use bar, lines or off")
         self.interval_s = progress_interval() if interval_s is None else float(interval_s)
+        self.min_gap_s = float(min_gap_s)  # a tenth's line waits this long after the last line: short loops
+        # print their start and end, not ten lines in a second
         self.done = 0
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -132,7 +136,8 @@ class Progress:
             elif self.mode == "lines":
                 now = time.monotonic()
                 tenth = int(10 * self.done / self.total) if self.total else 10
-                if tenth > self._last_tenth or now - self._last_line >= self.interval_s:
+                since = now - self._last_line
+                if (tenth > self._last_tenth and since >= self.min_gap_s) or since >= self.interval_s:
                     self._last_tenth = max(self._last_tenth, tenth)
                     if self.done < self.total:  # the last line comes from close()
                         self._line()

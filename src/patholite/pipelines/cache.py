@@ -197,7 +197,10 @@ class EpochLog(Logger):
         if self._epoch != epoch:
             self._epoch, self._metrics = epoch, {}
             self._first = epoch if self._first is None else self._first
-        self._metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+        # the epoch's validation scores, not the per-class ones (val/f1/<class>): one line stays readable
+        self._metrics.update(
+            {k: float(v) for k, v in metrics.items() if k.startswith("val/") and k.count("/") == 1}
+        )
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
