@@ -90,14 +90,15 @@ def test_train_job_logs_its_record_and_models_when_asked(tmp_path, cache_dir, fl
         return [ArtifactRecord("fp32", str(float_artifact), files, quality, cost, model="vit_micro")]
 
     monkeypatch.setattr(train, "run_stages", stages)
-    overrides = [*FAST, "logger=wandb", "logger.log_model=true", "tags=[lab]"]
+    overrides = [*FAST, "experiment=demo", "logger=wandb", "logger.log_model=true", "tags=[lab]"]
     cfg = job_config(overrides, tmp_path / "run", cache_dir)  # nothing is trained: no trained models needed
     assert run_job(cfg) == "ok"
     run_dir = Path(cfg.paths.output_dir)
     record = read_record(run_dir)
     run = only_run(run_dir)
     assert run.run.job_type == "train" and list(run.run.tags) == ["lab"]
-    assert run.run.run_group == f"train_{run_dir.parent.name}_{run_dir.name}" == record["wandb"]["group"]
+    # the experiment names the group (a lone run: with its folder)
+    assert run.run.run_group == f"demo_{run_dir.parent.name}_{run_dir.name}" == record["wandb"]["group"]
     (a,) = record["artifacts"]
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "auroc"):
         assert run.summary[f"fp32/{key}"] == a["quality"][key]
