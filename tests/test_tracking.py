@@ -344,3 +344,17 @@ def test_synthetic_tiles_report_progress(capsys):
     ]
     assert lines[0].startswith("synthetic 16-px tiles: 0/12 tiles (0%)")
     assert lines[-1].startswith("synthetic 16-px tiles: 12/12 tiles (100%)") and len(images) == 12
+
+
+def test_bad_wandb_mode_fails_a_bench_job_before_work(tmp_path, capsys):
+    from patholite.bench import run_bench
+
+    cfg = job_config([*TINY, "logger.wandb.mode=cloud"], tmp_path / "b", tmp_path / "cache", "bench")
+    with pytest.raises(SystemExit) as exit_info:
+        run_bench(cfg)
+    assert exit_info.value.code == 1
+    assert (
+        "logger.wandb.mode='cloud': use offline (the default), online or disabled" in capsys.readouterr().err
+    )
+    assert read_record(tmp_path / "b")["status"] == "failed"
+    assert not (tmp_path / "b" / "artifacts").exists()  # nothing was built
