@@ -358,3 +358,21 @@ def test_bad_wandb_mode_fails_a_bench_job_before_work(tmp_path, capsys):
     )
     assert read_record(tmp_path / "b")["status"] == "failed"
     assert not (tmp_path / "b" / "artifacts").exists()  # nothing was built
+
+
+def test_synthetic_slides_report_progress(tmp_path, capsys):
+    from patholite.data.synthetic.slides import generate_slides
+    from patholite.data.synthetic.spec import SlideSpec
+
+    spec = SlideSpec(width=1024, height=768)
+    generate_slides(tmp_path, 2, spec, seed=0)
+    err = capsys.readouterr().err
+    tiles = -(-1024 // spec.tile) * -(-768 // spec.tile)
+    for i in range(2):
+        rendering = [line for line in err.splitlines() if line.startswith(f"rendering synthetic_000{i}.svs")]
+        assert rendering[-1].startswith(
+            f"rendering synthetic_000{i}.svs level 0: {tiles}/{tiles} tiles (100%)"
+        )
+    slides = [line for line in err.splitlines() if line.startswith(f"synthetic slides in {tmp_path}")]
+    assert slides[0].startswith(f"synthetic slides in {tmp_path}: 0/2 slides (0%)")
+    assert slides[-1].startswith(f"synthetic slides in {tmp_path}: 2/2 slides (100%)")

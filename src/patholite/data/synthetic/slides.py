@@ -17,8 +17,10 @@ and folds are."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,8 +108,9 @@ def needs_bigtiff(spec: SlideSpec) -> bool:
     return spec.width * spec.height * 3 > _BIGTIFF_BYTES
 
 
-def _write_tiff(path: Path, r: Renderer, levels: list[tuple[int, int, int]]) -> None:
-    """Aperio layout: level 0 (tiled), the thumbnail (stripped), then the lower levels (tiled)."""
+def _write_tiff(path: Path, r: Renderer, levels: list[tuple[int, int, int]], name: str) -> None:
+    """Aperio layout: level 0 (tiled), the thumbnail (stripped), then the lower levels (tiled); ``name``:
+    the slide's, in the progress display."""
     spec, t, q = r.spec, r.spec.tile, r.spec.quality
     w0, h0 = spec.width, spec.height
     head = f"{_APERIO}{w0}x{h0} [0,0 {w0}x{h0}] ({t}x{t})"
@@ -122,13 +125,25 @@ def _write_tiff(path: Path, r: Renderer, levels: list[tuple[int, int, int]]) -> 
         for i, (d, w, h) in enumerate(levels):
             desc = f"{head} JPEG/RGB Q={q}{props}" if i == 0 else f"{head} -> {w}x{h} JPEG/RGB Q={q}"
             res = (1e4 / (spec.mpp * d), 1e4 / (spec.mpp * d))  # pixels per cm, for readers without Aperio
-            tiles = (tile for *_, tile in r.tiles(d, w, h))
-            tif.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(t, t), description=desc, **opts,
-                      resolution=res, resolutionunit="CENTIMETER")  # fmt: skip
+            # level 0 is most of a slide's time (minutes for a 100k-px slide): its tiles are counted
+            count = (
+                Progress(f"rendering {name} level 0", -(-w // t) * -(-h // t), "tiles") if i == 0 else None
+            )
+            with count or contextlib.nullcontext():
+                tiles = (tile for *_, tile in r.tiles(d, w, h))
+                tif.write(_counted(tiles, count) if count else tiles, shape=(h, w, 3), dtype=np.uint8,
+                          tile=(t, t), description=desc, **opts,
+                          resolution=res, resolutionunit="CENTIMETER")  # fmt: skip
             if i == 0:
                 thumb = r.thumbnail(_THUMB_SIDE)
                 desc = f"{_APERIO}{w0}x{h0} -> {thumb.shape[1]}x{thumb.shape[0]} - {props}"
                 tif.write(thumb, description=desc, rowsperstrip=16, **opts)
+
+
+def _counted(tiles: Iterator[np.ndarray], progress: Progress) -> Iterator[np.ndarray]:
+    for tile in tiles:
+        progress.advance()  # rendered: counted before it is handed over (the writer never asks past the last)
+        yield tile
 
 
 def _save_truth(path: Path, spec: SlideSpec, tissue: np.ndarray, labels: np.ndarray, lesions: list[Lesion]):
@@ -202,7 +217,7 @@ def write_synthetic_slide(path: str | Path, spec: SlideSpec) -> SyntheticSlide:
     ]
     levels = pyramid_levels(spec)
     with atomic_path(path) as tmp:
-        _write_tiff(tmp, Renderer(spec, scene), levels)
+        _write_tiff(tmp, Renderer(spec, scene), levels, path.name)
     write_asap_xml(
         xml_path, [Annotation(f"lesion_{i}", les.cls, les.polygon) for i, les in enumerate(lesions)]
     )
