@@ -46,6 +46,7 @@ class SlideResult:
     annotation_map: np.ndarray | None = None  # uint8 class index per pixel, 255 = unlabelled
     annotation_downsample: float | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage seconds; "total" feeds seconds, tiles/s
+    dimensions: tuple[int, int] | None = None  # the slide's level-0 (width, height): bounds of the outlines
     extra: dict[str, Any] = field(default_factory=dict)  # copied into report.json as is
 
 
@@ -243,9 +244,15 @@ def _plain(value: Any) -> Any:
 
 
 def write_slide_outputs(
-    result: SlideResult, out_dir: str | Path, rule: CallRule | None = None
+    result: SlideResult,
+    out_dir: str | Path,
+    rule: CallRule | None = None,
+    more_files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write heatmap.png, overlay.png, report.png and report.json into ``out_dir``; return the report dict."""
+    """Write heatmap.png, overlay.png, report.png and report.json into ``out_dir``; return the report dict.
+
+    ``more_files`` (key -> file name) are outputs written beside them already (the QuPath and ASAP files),
+    listed in the report's ``files``."""
     rule = rule or CallRule()
     validate_result(result)
     check_rule(rule, result.class_names)
@@ -271,7 +278,7 @@ def write_slide_outputs(
         "timings": dict(result.timings),
         "extra": dict(result.extra),
         "out_dir": str(out_dir),
-        "files": {k: v for k, v in FILES.items() if k != "json"},
+        "files": {**{k: v for k, v in FILES.items() if k != "json"}, **dict(more_files or {})},
     }
     report = json.loads(json.dumps(report, default=_plain))  # what report.json will hold, exactly
     _write_png(out_dir / FILES["heatmap"], colorize(argmax, n_classes))
