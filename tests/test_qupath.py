@@ -28,7 +28,13 @@ from patholite.config.slide_schema import BachWsiConfig, SlideRunConfig
 from patholite.data import build_datamodule
 from patholite.errors import SlideError
 from patholite.models.factory import create_network
-from patholite.slides.qupath import hole_free, tissue_region, union_of_boxes, write_qupath_outputs
+from patholite.slides.qupath import (
+    hole_free,
+    tissue_region,
+    union_of_boxes,
+    union_of_tiles,
+    write_qupath_outputs,
+)
 from patholite.slides.report import SlideResult
 from patholite.slides.run import run_slides
 from patholite.wsi.annotations import (
@@ -183,24 +189,23 @@ def test_annotation_files_are_found_beside_slides_by_name(tmp_path):
 # ----------------------------------------------------------------------------------------------- geometry
 def test_unions_are_exact_keep_holes_and_cut_into_hole_free_pieces():
     rng = np.random.default_rng(0)
-    xy = np.array([(x, y) for x in range(12) for y in range(10)], float) * 32
+    xy = np.array([(x, y) for x in range(12) for y in range(10)], float) * 32  # index = 10 x + y
     keep = rng.random(len(xy)) < 0.6
-    keep[[0, 13]] = True  # (0,0) and (32,32)... touching at a corner only
-    keep[[1, 10]] = False
-    union = union_of_boxes(xy[keep, 0], xy[keep, 1], xy[keep, 0] + 32, xy[keep, 1] + 32)
+    keep[[0, 11]], keep[[1, 10]] = True, False  # (0, 0) and (32, 32) touch at a corner only
     truth = tile_union(xy[keep], 32)
-    assert union.is_valid and union.symmetric_difference(truth).area == 0
+    for unite in (union_of_boxes, union_of_tiles):  # two ways to the same union, vertices where it turns
+        union = unite(xy[keep, 0], xy[keep, 1], xy[keep, 0] + 32, xy[keep, 1] + 32)
+        assert union.is_valid and union.symmetric_difference(truth).area == 0
+        assert shapely.get_num_coordinates(union) == shapely.get_num_coordinates(shapely.simplify(truth, 0))
     assert any(len(p.interiors) for p in getattr(union, "geoms", [union]))  # this draw has holes
     pieces = hole_free(union)
     assert all(not p.interiors and p.is_valid for p in pieces)
     assert shapely.unary_union(pieces).symmetric_difference(truth).area == 0
     assert sum(p.area for p in pieces) == pytest.approx(truth.area)  # pieces only meet along edges
-    # overlapping tiles (a grid with overlap) are a union too
-    over = np.array([[0, 0], [24, 0], [48, 8]], float)
-    assert (
-        union_of_boxes(over[:, 0], over[:, 1], over[:, 0] + 32, over[:, 1] + 32).area
-        == tile_union(over, 32).area
-    )
+    over = np.array([[0, 0], [24, 0], [48, 8]], float)  # overlapping tiles (a grid with overlap)
+    for unite in (union_of_boxes, union_of_tiles):
+        union = unite(over[:, 0], over[:, 1], over[:, 0] + 32, over[:, 1] + 32)
+        assert union.is_valid and union.symmetric_difference(tile_union(over, 32)).area == 0
 
 
 def test_the_tissue_outline_follows_the_mask_pixels_with_holes():
