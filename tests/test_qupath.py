@@ -184,6 +184,16 @@ def test_annotation_files_are_found_beside_slides_by_name(tmp_path):
     assert find_annotation(tmp_path, "a") == tmp_path / "a.geojson"
     (tmp_path / "a.xml").write_text("<ASAP_Annotations/>")
     assert find_annotation(tmp_path, "a") == tmp_path / "a.xml"  # the published XML first
+    # a slide run finds them the same way: beside the slide, or in the folder annotations= names
+    from patholite.slides.inference import annotation_path
+
+    cfg = OmegaConf.structured(SlideRunConfig)
+    folder = tmp_path / "qupath"
+    folder.mkdir()
+    assert annotation_path(cfg, tmp_path / "b.svs") is None
+    write_export(folder / "b.geojson", [qupath_feature([square(0, 0, 9)], "Tumor")])
+    cfg.annotations = str(folder)
+    assert annotation_path(cfg, tmp_path / "b.svs") == folder / "b.geojson"
 
 
 # ----------------------------------------------------------------------------------------------- geometry
