@@ -95,6 +95,7 @@ def check_geojson_structure(data: dict, bounds: tuple[int, int]) -> list:
                 assert all(len(p) == 2 and all(isinstance(v, int | float) for v in p) for p in ring)
         geom = shape(geometry)
         assert geom.is_valid, shapely.is_valid_reason(geom)
+        assert all(shapely.is_ccw(p.exterior) for p in getattr(geom, "geoms", [geom]))  # one ring order
         x0, y0, x1, y1 = geom.bounds
         assert x0 >= 0 and y0 >= 0 and x1 <= bounds[0] and y1 <= bounds[1]
         geometries.append(geom)

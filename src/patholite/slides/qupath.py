@@ -220,7 +220,8 @@ def tile_features(result: SlideResult) -> list[dict[str, Any]]:
         measurements = {"tile": i, **dict(zip(keys, p, strict=True))}
         if fractions is not None:
             measurements["tissue_fraction"] = fractions[i]
-        square = [[[x, y], [x, y + s], [x + s, y + s], [x + s, y], [x, y]]]  # counter-clockwise, y down
+        # the exterior's order as geometry_json gives the regions' (RFC 7946: positive shoelace area)
+        square = [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]
         properties = {"objectType": DETECTION, "name": f"tile {i}", "classification": classes[k],
                       "measurements": measurements}  # fmt: skip
         out.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square},
