@@ -70,19 +70,24 @@ def config_dir_argument(argv: list[str]) -> str | None:
 
 
 def _schema_of(path: Path, group: str, node: DictConfig) -> DictConfig | None:
-    """The schema an option file composes onto: the ``/schema/<group>/<name>`` its defaults list names."""
+    """The schema an option file composes onto: the ``/schema/<group>/<name>`` its defaults list names, else
+    its group's only schema (``model``: ``timm``; ``dataset`` has one per family, so none)."""
+    store = ConfigStore.instance()
     for entry in node.get("defaults") or []:
         if isinstance(entry, str) and entry.startswith("/schema/"):
             name = entry.removeprefix("/").split("@", 1)[0]
             try:
                 return ConfigStore.instance().load(f"{name}.yaml").node
             except ConfigLoadError as err:
-                store = ConfigStore.instance()
                 known = sorted(store.list(f"schema/{group}")) if store.get_type(f"schema/{group}") else []
                 raise ConfigError(
                     f"{path}: its defaults list names {entry!r}, which is not a schema; for group {group!r} "
                     f"name one of {[f'/schema/{group}/' + k.removesuffix('.yaml') for k in known]}"
                 ) from err
+    if OmegaConf.select(node, "defaults") is None and store.get_type(f"schema/{group}"):
+        only = store.list(f"schema/{group}")
+        if len(only) == 1:
+            return store.load(f"schema/{group}/{only[0]}").node
     return None
 
 
@@ -108,7 +113,8 @@ def check_config_dir(argv: list[str]) -> None:
             node = OmegaConf.load(path)
         except Exception as err:  # noqa: BLE001 - YAML and OmegaConf syntax errors have many types
             raise ConfigError(f"{path}: not a readable YAML config ({type(err).__name__}: {err})") from err
-        if group == "." or not isinstance(node, DictConfig):
+        packaged = path.read_text().lstrip().startswith("# @package")  # placed elsewhere (e.g. _global_)
+        if group == "." or packaged or not isinstance(node, DictConfig):
             continue
         schema = _schema_of(path, group, node)
         if schema is None:  # no schema named: Hydra and preflight check it in context
