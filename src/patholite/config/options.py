@@ -8,6 +8,7 @@ import importlib.resources
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -79,12 +80,16 @@ def _schema_of(path: Path, group: str, node: DictConfig) -> DictConfig | None:
             try:
                 return ConfigStore.instance().load(f"{name}.yaml").node
             except ConfigLoadError as err:
-                known = sorted(store.list(f"schema/{group}")) if store.get_type(f"schema/{group}") else []
+                known = (
+                    sorted(store.list(f"schema/{group}"))
+                    if store.get_type(f"schema/{group}") == ObjectType.GROUP
+                    else []
+                )
                 raise ConfigError(
                     f"{path}: its defaults list names {entry!r}, which is not a schema; for group {group!r} "
                     f"name one of {[f'/schema/{group}/' + k.removesuffix('.yaml') for k in known]}"
                 ) from err
-    if OmegaConf.select(node, "defaults") is None and store.get_type(f"schema/{group}"):
+    if OmegaConf.select(node, "defaults") is None and store.get_type(f"schema/{group}") == ObjectType.GROUP:
         only = store.list(f"schema/{group}")
         if len(only) == 1:
             return store.load(f"schema/{group}/{only[0]}").node
