@@ -24,8 +24,9 @@ def _conf_dir() -> Path:
     package onto the folder). A source tree run with ``PYTHONPATH=src`` or installed editable reads its own
     ``conf/`` (so a copy of the tree reads its copy, never another checkout's); a wheel reads the package.
     """
-    checkout = Path(__file__).resolve().parents[3]
-    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "train.yaml").is_file():
+    src = Path(__file__).resolve().parents[2]
+    checkout = src.parent
+    if src.name == "src" and (checkout / "conf" / "train.yaml").is_file():  # <checkout>/src/patholite
         return checkout / "conf"
     try:
         installed = Path(str(importlib.resources.files("patholite.conf")))
