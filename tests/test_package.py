@@ -4,6 +4,7 @@ what it writes, and ``debug=fast`` with every model option."""
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.metadata
 import json
 import os
@@ -131,6 +132,13 @@ def test_build_requirements_know_the_spdx_license_string():
 # ------------------------------------------------------------------------------------- bad config input
 
 
+@pytest.fixture
+def capsys(capsys, monkeypatch):
+    """pytest's capsys, with sys.argv restored after the entry point rewrote it."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    return capsys
+
+
 def _train_error(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_:
         train_main(list(argv))
@@ -160,6 +168,15 @@ def test_a_missing_config_dir_is_one_error_before_any_work(tmp_path, capsys, mon
         err = _train_error(capsys, *flags, "debug=fast")
         assert err.count("\n") == 1 and "no such folder" in err and "nope" in err, err
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("entry", ["bench", "slide"])
+def test_every_hydra_entry_point_checks_its_config_dir(entry, tmp_path, capsys, monkeypatch):
+    main = importlib.import_module(f"patholite.{entry}").main
+    monkeypatch.setattr(sys, "argv", [f"patholite-{entry}", "--config-dir", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "no such folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

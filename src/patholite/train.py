@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry: expand ``resume=``/``rerun=``, run Hydra, exit non-zero if any sweep job failed."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        options.check_config_dir(argv)  # a missing folder or a typo'd key in the user's options, named
         check_launcher(argv)
         sys.argv = [sys.argv[0], *expand_run_references(argv)]
     except PatholiteError as err:
