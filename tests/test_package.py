@@ -69,10 +69,12 @@ def build_wheel(out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- packaging
 
 
-def test_every_package_under_src_and_the_configs_are_listed():
-    assert sorted(SETUPTOOLS["packages"]) == sorted(
-        [*setuptools.find_packages(REPO / "src"), "patholite.conf"]
-    )
+def test_every_package_under_src_and_every_config_folder_are_listed():
+    conf = [
+        "patholite.conf",
+        *(f"patholite.conf.{p}" for p in setuptools.find_namespace_packages(REPO / "conf")),
+    ]
+    assert sorted(SETUPTOOLS["packages"]) == sorted([*setuptools.find_packages(REPO / "src"), *conf])
     assert SETUPTOOLS["package-dir"] == {"": "src", "patholite.conf": "conf"}
 
 
