@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 export WANDB_MODE ?= offline
 export TORCH_DEVICE_BACKEND_AUTOLOAD ?= 0
 
-.PHONY: install demo test test-slow lint format clean
+.PHONY: install wheel demo test test-slow lint format clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
+
+# a wheel in dist/ (configs included: conf/ ships as patholite.conf); `pip install dist/patholite-*.whl`
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps -w dist .
 
 demo: $(STAMP)
 	$(PY) -m patholite.train -m experiment=demo
@@ -37,4 +41,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests scripts
 
 clean:
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs .pytest_cache .ruff_cache build dist

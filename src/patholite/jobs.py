@@ -14,7 +14,11 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from patholite import sweep
-from patholite.errors import user_message  # noqa: F401  (entry points import it from here)
+from patholite.config.options import check_config_dir
+from patholite.errors import (
+    PatholiteError,
+    user_message,  # noqa: F401  (entry points import it from here)
+)
 
 
 def job_info(hc) -> dict[str, Any]:
@@ -47,7 +51,15 @@ def sigterm_as_exit() -> Iterator[None]:
 
 
 def run_hydra(hydra_main: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` function; exit 1 if any job of a sweep did not end ok."""
+    """Run a ``@hydra.main`` function; exit 1 if any job of a sweep did not end ok.
+
+    A ``--config-dir`` that is missing, or holds an option file with a schema error, is one line naming the
+    file and the key (exit 2), before Hydra composes anything."""
+    try:
+        check_config_dir(sys.argv[1:])
+    except PatholiteError as err:
+        print(f"patholite: error: {err}", file=sys.stderr)
+        sys.exit(2)
     sweep.FAILED_JOBS.clear()
     hydra_main()
     if sweep.FAILED_JOBS:

@@ -87,7 +87,7 @@ class SlideRunConfig:
     # auto: by the artifact's sidecar (an SMT slide model -> smt, a tile classifier -> tiles); tiles: tile the
     # tissue and classify every tile; smt: the SMT walk (1 + K + K^2 region reads per slide)
     mode: str = "auto"
-    annotations: str | None = None  # an XML file (one slide) or a folder of <slide stem>.xml
+    annotations: str | None = None  # a file (one slide) or a folder of <slide stem>.xml|.geojson|.json
     annotation_classes: dict[str, str] = field(default_factory=dict)  # XML group -> class name
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)

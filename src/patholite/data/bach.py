@@ -20,7 +20,7 @@ from patholite.data.images import headerless_rows, require_path, shown
 from patholite.data.slides import SlideDataModule, SlideEntry
 from patholite.data.splits import check_fractions, grouped_split
 from patholite.errors import DatasetError
-from patholite.wsi.annotations import BACH_CLASS_MAP
+from patholite.wsi.annotations import BACH_CLASS_MAP, find_annotation
 
 BACH_CLASSES = ["Normal", "Benign", "InSitu", "Invasive"]
 GROUND_TRUTH = "microscopy_ground_truth.csv"
@@ -176,7 +176,8 @@ class BachDataModule(HistologyDataModule):
 
 # ------------------------------------------------------------------------------- BACH part B: slides
 _BACH_WSI_LAYOUT = (
-    "Expected BACH part B: A01.svs..A10.svs with their Aperio ImageScope annotations A01.xml..A10.xml in one "
+    "Expected BACH part B: A01.svs..A10.svs with their Aperio ImageScope annotations A01.xml..A10.xml (or "
+    "QuPath GeoJSON A01.geojson..) in one "
     "folder (the WSI folder of ICIAR2018_BACH_Challenge.zip, https://doi.org/10.5281/zenodo.3632035); set "
     "dataset.root to it"
 )
@@ -201,6 +202,9 @@ class BachWsiDataModule(SlideDataModule):
             raise DatasetError(f"dataset=bach_wsi: no A<NN>.svs slides in {root}. {hint}")
         entries = []
         for p in slides:
-            xml = require_path(p.with_suffix(".xml"), "dataset=bach_wsi", _BACH_WSI_LAYOUT)
+            # ImageScope XML as published, or the regions redrawn in QuPath (GeoJSON)
+            xml = find_annotation(root, p.stem) or require_path(
+                p.with_suffix(".xml"), "dataset=bach_wsi", _BACH_WSI_LAYOUT
+            )
             entries.append(SlideEntry(p, xml, self.most_severe(xml)))
         return entries

@@ -8,12 +8,13 @@ from pathlib import Path
 from patholite.data.images import headerless_rows, require_path, shown
 from patholite.data.slides import NORMAL, SlideDataModule, SlideEntry
 from patholite.errors import DatasetError
-from patholite.wsi.annotations import CAMELYON16_CLASS_MAP
+from patholite.wsi.annotations import CAMELYON16_CLASS_MAP, find_annotation
 
 _C16_LAYOUT = (
     "Expected the CAMELYON16 layout: training/normal/normal_NNN.tif, training/tumor/tumor_NNN.tif, "
     "training/lesion_annotations/tumor_NNN.xml, testing/images/test_NNN.tif, testing/lesion_annotations/"
-    "test_NNN.xml (tumour test slides) and testing/reference.csv (header-less rows "
+    "test_NNN.xml (tumour test slides; ASAP XML, or QuPath GeoJSON as tumor_NNN.geojson) and "
+    "testing/reference.csv (header-less rows "
     "'test_NNN,Tumor|Normal,...'). Get it from https://camelyon17.grand-challenge.org/Data/ and set "
     "dataset.root to the folder holding training/ and testing/"
 )
@@ -43,7 +44,10 @@ class Camelyon16DataModule(SlideDataModule):
         entries = [SlideEntry(p, None, NORMAL) for p in _tifs(self._folder("training/normal"), "normal")]
         for p in _tifs(self._folder("training/tumor"), "tumor"):
             hint = f"Every tumour slide needs its lesion annotations. {_C16_LAYOUT}"
-            xml = require_path(lesions / f"{p.stem}.xml", "dataset=camelyon16", hint)
+            # ASAP XML as published, or the regions redrawn in QuPath (GeoJSON)
+            xml = find_annotation(lesions, p.stem) or require_path(
+                lesions / f"{p.stem}.xml", "dataset=camelyon16", hint
+            )
             entries.append(SlideEntry(p, xml, "Tumor"))
         if not entries:
             raise DatasetError(
@@ -67,8 +71,7 @@ class Camelyon16DataModule(SlideDataModule):
         lesions = self._folder("testing/lesion_annotations") if "Tumor" in reference.values() else None
         entries = []
         for stem, path in sorted(slides.items()):
-            xml = None if lesions is None else lesions / f"{path.stem}.xml"
-            xml = xml if xml is not None and xml.is_file() else None
+            xml = None if lesions is None else find_annotation(lesions, path.stem)
             # the official test annotations are not complete: a tumour slide without them keeps its
             # slide-level row (slide_table) but gives no tiles
             tileable = xml is not None or reference[stem] == NORMAL

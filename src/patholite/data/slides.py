@@ -37,7 +37,7 @@ from patholite.wsi.tiling import cached_tiles
 log = logging.getLogger(__name__)
 
 NORMAL = "Normal"  # the class of tissue no annotation covers
-_CACHE_VERSION = 1  # bump when the labelling changes: it keys the per-slide tile cache
+_CACHE_VERSION = 2  # bump when the labelling changes: it keys the per-slide tile cache (2: holes, unions)
 _LABEL_MAP_PX = 16  # label-map pixels per tile side: tile fractions in steps of 1/256
 _MAX_LABEL_MAP_SIDE = 16384  # bounds the label map of very large slides
 

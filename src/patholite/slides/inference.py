@@ -19,12 +19,14 @@ from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.engine import TileSpec, stream_tiles
+from patholite.slides.qupath import write_qupath_outputs
 from patholite.slides.report import CallRule, SlideResult, check_rule, write_slide_outputs
 from patholite.wsi.annotations import (
     BACH_CLASS_MAP,
     CAMELYON16_CLASS_MAP,
     EXCLUSION,
     check_fits,
+    find_annotation,
     rasterize,
     read_annotations,
 )
@@ -88,18 +90,16 @@ def tile_geometry(tile_cfg, meta: dict[str, Any], directory: Path) -> TileGeomet
 
 
 def annotation_path(cfg, slide_path: Path) -> Path | None:
-    """The slide's annotation XML: ``annotations`` as a file (one slide) or a folder of ``<stem>.xml``;
-    with neither, an XML beside the slide."""
+    """The slide's annotation file (ASAP / ImageScope XML or QuPath GeoJSON): ``annotations`` as a file (one
+    slide) or a folder of ``<stem>.xml|.geojson|.json``; with neither, such a file beside the slide."""
     if cfg.annotations:
         source = Path(cfg.annotations).expanduser()
         if source.is_file():
             return source
         if not source.is_dir():
             raise ConfigError(f"annotations={source} does not exist")
-        candidate = source / f"{slide_path.stem}.xml"
-        return candidate if candidate.is_file() else None
-    beside = slide_path.with_suffix(".xml")
-    return beside if beside.is_file() else None
+        return find_annotation(source, slide_path.stem)
+    return find_annotation(slide_path.parent, slide_path.stem)
 
 
 def annotation_classes(cfg, class_names: list[str]) -> dict[str, str]:
@@ -171,6 +171,7 @@ def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_d
         thumbnail, thumb_ds = slide.thumbnail(cfg.report.thumbnail_px)
         annotations = annotation_map(cfg, slide, class_names, thumb_ds)
         describe = slide.describe()
+        dimensions = tuple(int(v) for v in slide.dimensions)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = tile_spec(path, grid, geometry, meta, cfg.reader.mpp, cfg.reader.backend)
     e = cfg.engine
@@ -194,6 +195,7 @@ def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_d
         annotation_map=annotations,
         annotation_downsample=thumb_ds if annotations is not None else None,
         timings=timings,
+        dimensions=dimensions,
         extra={
             "artifact": meta["_directory"],
             "artifact_kind": meta["kind"],
@@ -211,7 +213,10 @@ def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_d
             "tiles_file": "tiles.csv",
         },
     )
-    return write_slide_outputs(result, out_dir, _call_rule(cfg))
+    rule = _call_rule(cfg)
+    check_rule(rule, class_names)
+    qupath = write_qupath_outputs(result, out_dir)  # before report.json, which lists them and comes last
+    return write_slide_outputs(result, out_dir, rule, qupath)
 
 
 def _call_rule(cfg):

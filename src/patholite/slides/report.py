@@ -7,7 +7,9 @@ cycling after 20), so class k has the same colour on every slide of one artifact
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,6 @@ from typing import Any
 import cv2
 import matplotlib
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -46,6 +47,7 @@ class SlideResult:
     annotation_map: np.ndarray | None = None  # uint8 class index per pixel, 255 = unlabelled
     annotation_downsample: float | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage seconds; "total" feeds seconds, tiles/s
+    dimensions: tuple[int, int] | None = None  # the slide's level-0 (width, height): bounds of the outlines
     extra: dict[str, Any] = field(default_factory=dict)  # copied into report.json as is
 
 
@@ -243,9 +245,15 @@ def _plain(value: Any) -> Any:
 
 
 def write_slide_outputs(
-    result: SlideResult, out_dir: str | Path, rule: CallRule | None = None
+    result: SlideResult,
+    out_dir: str | Path,
+    rule: CallRule | None = None,
+    more_files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write heatmap.png, overlay.png, report.png and report.json into ``out_dir``; return the report dict."""
+    """Write heatmap.png, overlay.png, report.png and report.json into ``out_dir``; return the report dict.
+
+    ``more_files`` (key -> file name) are outputs written beside them already (the QuPath and ASAP files),
+    listed in the report's ``files``."""
     rule = rule or CallRule()
     validate_result(result)
     check_rule(rule, result.class_names)
@@ -271,7 +279,7 @@ def write_slide_outputs(
         "timings": dict(result.timings),
         "extra": dict(result.extra),
         "out_dir": str(out_dir),
-        "files": {k: v for k, v in FILES.items() if k != "json"},
+        "files": {**{k: v for k, v in FILES.items() if k != "json"}, **dict(more_files or {})},
     }
     report = json.loads(json.dumps(report, default=_plain))  # what report.json will hold, exactly
     _write_png(out_dir / FILES["heatmap"], colorize(argmax, n_classes))
@@ -363,8 +371,9 @@ def failed_row(slide: str | Path, error: BaseException | str, seconds: float | N
     return {"slide": str(slide), "status": "failed", "error": message, "seconds": seconds}
 
 
-def summary_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """One row per slide: report dicts (status ok) and failed_row dicts; frac_<class> for every class seen.
+    Returns the columns and the rows (None where a row has no value).
 
     tiles_per_s is the row's own, else n_tiles / seconds.
     """
@@ -399,14 +408,14 @@ def summary_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     optional = [c for c in OPTIONAL_COLUMNS if any(row.get(c) is not None for row in rows)]
     for entry, row in zip(table, rows, strict=True):
         entry.update({c: row.get(c) for c in optional})
-    frame = pd.DataFrame(table, columns=columns + optional)
-    for column in ["n_tiles", *optional]:
-        frame[column] = frame[column].astype("Int64")  # integers, blank for failed slides
-    return frame
+    for entry in table:
+        for column in ["n_tiles", *optional]:  # integers, blank for failed slides
+            entry[column] = None if entry[column] is None else int(entry[column])
+    return columns + optional, table
 
 
 def _md_cell(column: str, value: Any) -> str:
-    if value is None or pd.isna(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if column.startswith("frac_") or column == "call_share":
         return f"{100 * value:.1f}%"
@@ -418,21 +427,23 @@ def _md_cell(column: str, value: Any) -> str:
 def write_summary(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> Path:
     """Write summary.csv and summary.md (one row per slide, failed ones with their error); return the CSV."""
     out_dir = Path(out_dir)
-    frame = summary_frame(rows)
+    columns, table = summary_table(rows)
     csv_path = out_dir / "summary.csv"
-    with atomic_path(csv_path) as tmp:
-        frame.to_csv(tmp, index=False)
-    failed = int((frame["status"] == "failed").sum())
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)  # None is written as an empty cell
+        writer.writeheader()
+        writer.writerows(table)
+    failed = sum(1 for entry in table if entry["status"] == "failed")
     lines = [
         "# Slide summary",
         "",
-        f"{len(frame)} slides: {len(frame) - failed} ok, {failed} failed.",
+        f"{len(table)} slides: {len(table) - failed} ok, {failed} failed.",
         "",
-        "| " + " | ".join(frame.columns) + " |",
-        "|" + "---|" * len(frame.columns),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
-    for record in frame.astype(object).to_dict("records"):
-        lines.append("| " + " | ".join(_md_cell(c, record[c]) for c in frame.columns) + " |")
+    for entry in table:
+        lines.append("| " + " | ".join(_md_cell(c, entry[c]) for c in columns) + " |")
     with atomic_path(out_dir / "summary.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return csv_path

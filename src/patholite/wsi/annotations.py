@@ -1,11 +1,16 @@
-"""Whole-slide annotations: read ASAP and Aperio ImageScope XML, write ASAP XML, rasterize, label tiles.
+"""Whole-slide annotations: read ASAP and Aperio ImageScope XML and QuPath GeoJSON, write ASAP XML,
+rasterize, label tiles.
 
-Coordinates are level-0 pixels (x, y). Two dialects are read, auto-detected from the root element:
+Coordinates are level-0 pixels (x, y). Three formats are read: GeoJSON by the file name (``.geojson``,
+``.json``), the two XML dialects auto-detected from the root element:
 
 - ASAP (CAMELYON16): ``<ASAP_Annotations>``; the class is the annotation's ``PartOfGroup``. In CAMELYON16 the
   groups ``_0`` and ``_1`` are tumour and ``_2`` is an exclusion region; groups named "Exclusion" are too.
 - Aperio ImageScope (BACH WSI): ``<Annotations>``; the class is the Region ``Text`` (else the Annotation's
   ``Name``), and ``NegativeROA="1"`` marks an exclusion region. Rectangles and ellipses become polygons.
+- QuPath GeoJSON (``wsi/geojson.py``): annotation objects' Polygons and MultiPolygons, holes kept; the class
+  is the classification name; QuPath's "Ignore*" class (and "Exclusion") marks exclusion regions. Detections
+  (cells, tiles) are not annotations and are skipped; an annotation without a class is an error.
 
 Point marks carry no area and are skipped: ASAP Dot / PointSet, ImageScope arrows and rulers. An ASAP spline
 is taken as the polygon through its control points.
@@ -14,7 +19,7 @@ is taken as the polygon through its control points.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -22,9 +27,12 @@ import numpy as np
 
 from patholite.errors import SlideError
 from patholite.io import atomic_path
+from patholite.wsi.geojson import ANNOTATION, is_geojson, read_geojson
 
 # ASAP group names that mean "punch this out of the labels" (compared case-insensitively).
 ASAP_EXCLUSION_GROUPS = ("_2", "exclusion", "exclude", "excluded")
+# QuPath classes that mean the same: its built-in "Ignore*" class, and the words above.
+GEOJSON_EXCLUSION_CLASSES = ("ignore*", "ignore", "exclusion", "exclude", "excluded")
 
 _GROUP_COLORS = ("#F4FA58", "#64FE2E", "#FF0000", "#0000FF", "#FF00FF", "#00FFFF", "#FFA500", "#808080")
 
@@ -36,15 +44,18 @@ def is_asap_exclusion_group(group: str) -> bool:
 
 @dataclass
 class Annotation:
-    """One annotated region: a closed polygon in level-0 pixel coordinates."""
+    """One annotated region: a closed polygon in level-0 pixel coordinates, with holes (GeoJSON has them;
+    ASAP and ImageScope XML do not)."""
 
     name: str
     group: str  # class / group name as written in the file (ASAP PartOfGroup; ImageScope Region Text)
-    polygon: np.ndarray  # (N, 2) float, level-0 x, y
+    polygon: np.ndarray  # (N, 2) float, level-0 x, y: the exterior
     exclude: bool = False  # an exclusion region: punched out of the labels
+    holes: list[np.ndarray] = field(default_factory=list)  # (M, 2) rings inside the exterior, not annotated
 
     def __post_init__(self) -> None:
         self.polygon = np.asarray(self.polygon, dtype=np.float64).reshape(-1, 2)
+        self.holes = [np.asarray(h, dtype=np.float64).reshape(-1, 2) for h in self.holes]
 
 
 def write_asap_xml(path: str | Path, annotations: list[Annotation]) -> None:
@@ -52,8 +63,15 @@ def write_asap_xml(path: str | Path, annotations: list[Annotation]) -> None:
 
     ASAP has no per-annotation exclusion flag, so an exclusion annotation must be in a group that readers
     treat as one (``_2`` or ``Exclusion``, see ``ASAP_EXCLUSION_GROUPS``); anything else raises ValueError.
+    ASAP polygons have no holes: an annotation with holes raises ValueError (split it into hole-free pieces
+    first, as ``slides/qupath.py`` does).
     """
     for ann in annotations:
+        if ann.holes:
+            raise ValueError(
+                f"annotation {ann.name!r} has {len(ann.holes)} hole(s), which ASAP XML cannot hold; "
+                "split it into hole-free polygons first"
+            )
         if ann.exclude and not is_asap_exclusion_group(ann.group):
             raise ValueError(
                 f"annotation {ann.name!r} is an exclusion but its group {ann.group!r} would read back as a "
@@ -217,6 +235,59 @@ def _read_imagescope(root: ET.Element, path: Path) -> list[Annotation]:
     return out
 
 
+def _read_geojson(path: Path) -> list[Annotation]:
+    """QuPath's annotation objects as Annotations (see the module docstring)."""
+    regions = read_geojson(path)
+    kept = [r for r in regions if r.object_type.lower() == ANNOTATION]
+    if not kept:
+        kinds = sorted({r.object_type for r in regions})
+        raise SlideError(
+            f"annotation file {path} holds no annotation objects, only {kinds}; in QuPath, export the "
+            "annotations (File > Export objects as GeoJSON, or "
+            "exportObjectsToGeoJson(getAnnotationObjects(), path, 'FEATURE_COLLECTION'))"
+        )
+    unclassified = [r.name for r in kept if not r.classification]
+    if unclassified:
+        raise SlideError(
+            f"annotation file {path}: {len(unclassified)} annotation(s) have no classification, e.g. "
+            f"{unclassified[:5]}; the class is what a region means. Set a class on each in QuPath (or "
+            "'Ignore*' for regions to leave out) and export again, or delete them"
+        )
+    return [
+        Annotation(
+            r.name,
+            r.classification,
+            r.shell,
+            exclude=r.classification.strip().lower() in GEOJSON_EXCLUSION_CLASSES,
+            holes=r.holes,
+        )
+        for r in kept
+    ]
+
+
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")  # what an annotation file beside a slide is called
+
+
+def _looks_like_geojson(path: Path) -> bool:
+    """A ``.json`` beside a slide may be anything (the synthetic slides' metadata is one): GeoJSON names its
+    features near the start."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return '"Feature' in f.read(65536)
+    except OSError:
+        return False
+
+
+def find_annotation(folder: str | Path, stem: str) -> Path | None:
+    """The annotation file ``<stem>.xml``, ``<stem>.geojson`` or ``<stem>.json`` (a GeoJSON one) in
+    ``folder``: the first of these that exists, or None."""
+    for suffix in ANNOTATION_SUFFIXES:
+        candidate = Path(folder) / f"{stem}{suffix}"
+        if candidate.is_file() and (suffix != ".json" or _looks_like_geojson(candidate)):
+            return candidate
+    return None
+
+
 def _parse_xml(path: Path) -> ET.Element:
     if not path.is_file():
         raise SlideError(f"annotation file {path} does not exist; check the annotation folder and file name")
@@ -252,7 +323,8 @@ def _apply_class_map(annotations: list[Annotation], class_map: dict[str, str], p
 
 
 def read_annotations(path: str | Path, class_map: dict[str, str] | None = None) -> list[Annotation]:
-    """Read an ASAP or Aperio ImageScope annotation file (dialect detected from the root element).
+    """Read a QuPath GeoJSON (``.geojson``, ``.json``), ASAP or Aperio ImageScope annotation file (the XML
+    dialect detected from the root element).
 
     With ``class_map`` (file group -> class name, keys matched case-insensitively), each region's ``group``
     is replaced by its class; a group mapped to ``EXCLUSION`` becomes an exclusion region, and a group missing
@@ -260,6 +332,11 @@ def read_annotations(path: str | Path, class_map: dict[str, str] | None = None) 
     written.
     """
     path = Path(path)
+    if is_geojson(path):
+        annotations = _read_geojson(path)
+        if class_map is not None:
+            _apply_class_map(annotations, class_map, path)
+        return annotations
     root = _parse_xml(path)
     if root.tag == "ASAP_Annotations":
         annotations = _read_asap(root, path)
@@ -313,10 +390,29 @@ def _to_map_points(polygon: np.ndarray, downsample: float) -> np.ndarray:
     return np.round(scaled * (1 << _SHIFT)).astype(np.int32).reshape(-1, 1, 2)
 
 
-def _fill(mask: np.ndarray, polygons: list[np.ndarray], downsample: float, value: int) -> None:
-    if polygons:
-        pts = [_to_map_points(p, downsample) for p in polygons]
-        cv2.fillPoly(mask, pts, value, lineType=cv2.LINE_8, shift=_SHIFT)
+def _fill(mask: np.ndarray, annotations: list[Annotation], downsample: float, value: int) -> None:
+    """Paint the union of the annotations (each its exterior minus its holes) with ``value``.
+
+    One fillPoly call per exterior: given several polygons at once, fillPoly leaves their overlaps unfilled
+    (an even-odd rule), which would punch holes where two regions of a class overlap."""
+    h, w = mask.shape
+    for ann in annotations:
+        shell = _to_map_points(ann.polygon, downsample)
+        if not ann.holes:
+            cv2.fillPoly(mask, [shell], value, lineType=cv2.LINE_8, shift=_SHIFT)
+            continue
+        # exterior minus holes on a patch of the exterior's box, then copied where set: the holes show what
+        # lies under the region, not a value of their own
+        lo = np.maximum((shell.min(axis=(0, 1)) >> _SHIFT) - 1, 0)
+        hi = np.minimum((shell.max(axis=(0, 1)) >> _SHIFT) + 2, (w, h))
+        if (hi <= lo).any():
+            continue
+        offset = (lo << _SHIFT).astype(np.int32)
+        patch = np.zeros((hi[1] - lo[1], hi[0] - lo[0]), np.uint8)
+        cv2.fillPoly(patch, [shell - offset], 1, lineType=cv2.LINE_8, shift=_SHIFT)
+        holes = [_to_map_points(hole, downsample) - offset for hole in ann.holes]
+        cv2.fillPoly(patch, holes, 0, lineType=cv2.LINE_8, shift=_SHIFT)
+        mask[lo[1] : hi[1], lo[0] : hi[0]][patch.astype(bool)] = value
 
 
 def rasterize(
@@ -336,9 +432,12 @@ def rasterize(
       higher index wins; list classes from least to most severe (e.g. Normal, Benign, InSitu, Invasive).
     - Exclusion regions are a separate mask and punch holes: there ``labels`` is the background value and
       ``excluded`` is True.
+    - A region's holes are not part of it: they show what other regions (or the background) put there.
+      Overlapping regions of one class are their union.
     - Pixels follow cv2.fillPoly's rule: every map pixel that a polygon reaches into is filled, boundary
       included, so regions over-cover by up to half a pixel per edge (an 80 px level-0 square spans 21x21
-      pixels at downsample 4). Pick a downsample well below the tile side.
+      pixels at downsample 4). Pick a downsample well below the tile side. Holes are erased by the same
+      rule, so they over-cover by as much.
 
     A non-exclusion annotation whose group is not in ``class_names`` raises SlideError (map groups to classes
     with ``read_annotations(..., class_map=...)``).
@@ -361,9 +460,9 @@ def rasterize(
     fill = UNLABELLED if background is None else background
     labels = np.full(shape, fill, dtype=np.uint8)
     for i, name in enumerate(class_names):  # later classes overwrite earlier ones
-        _fill(labels, [a.polygon for a in annotations if not a.exclude and a.group == name], downsample, i)
+        _fill(labels, [a for a in annotations if not a.exclude and a.group == name], downsample, i)
     excluded = np.zeros(shape, dtype=np.uint8)
-    _fill(excluded, [a.polygon for a in annotations if a.exclude], downsample, 1)
+    _fill(excluded, [a for a in annotations if a.exclude], downsample, 1)
     excluded = excluded.astype(bool)
     labels[excluded] = fill
     return labels, excluded

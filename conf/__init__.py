@@ -1,0 +1,1 @@
+"""patholite's Hydra configs, shipped as the package ``patholite.conf`` (see pyproject.toml)."""
