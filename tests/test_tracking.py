@@ -4,6 +4,7 @@ the job's record, its job type and group set, its record file and plots saved, m
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import io
 import json
@@ -12,7 +13,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -259,12 +259,14 @@ def test_slide_run_logs_calls_plots_and_progress(slides, float_artifact, tmp_pat
     assert (run.summary["slides/ok"], run.summary["slides/failed"]) == (1, 1)
     # the per-slide calls: the summary's rows, as the summary file has them
     columns, rows = table_rows(run, "slides")
-    summary = pd.read_csv(out / "summary.csv")
-    assert columns == list(summary.columns)
-    assert [r[columns.index("status")] for r in rows] == ["ok", "failed"]
-    assert rows[0][columns.index("call")] == summary["call"][0] in CLASSES
-    assert rows[0][columns.index("n_tiles")] == summary["n_tiles"][0] == artifact["cost"]["tiles_per_slide"]
-    assert np.isclose(rows[0][columns.index("confidence")], summary["confidence"][0])
+    with open(out / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert columns == list(summary[0])
+    assert [r[columns.index("status")] for r in rows] == [s["status"] for s in summary] == ["ok", "failed"]
+    assert rows[0][columns.index("call")] == summary[0]["call"] in CLASSES
+    n_tiles = int(summary[0]["n_tiles"])
+    assert rows[0][columns.index("n_tiles")] == n_tiles == artifact["cost"]["tiles_per_slide"]
+    assert np.isclose(rows[0][columns.index("confidence")], float(summary[0]["confidence"]))
     assert "tile.size" in rows[1][columns.index("error")]
     # the record and the slide's pictures, as files and as images
     assert_saved(run, "metrics.json", out / "metrics.json")
@@ -276,21 +278,21 @@ def test_slide_run_logs_calls_plots_and_progress(slides, float_artifact, tmp_pat
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("slides: ")]
     assert lines[0].startswith("slides: 0/2 slides (0%)")
-    n_tiles = int(summary["n_tiles"][0])
     assert lines[-1].startswith(f"slides: 2/2 slides (100%), {n_tiles} tiles, 1 failed, ")
     assert "tiles/s" in lines[-1] and "\r" not in err and "\x1b[" not in err
 
 
 def test_a_sweeps_comparison_is_a_run_in_its_group(tmp_path):
-    from patholite.measure.compare import Comparison
-    from patholite.measure.outputs import write_csv
-
     sweep = tmp_path / "multiruns" / "2026-11-25" / "18-31-00"
     out = sweep / "compare"
-    rows = [{"technique": "none", "artifact": "fp32", "accuracy": 0.9, "size_mb": 1.1},
-            {"technique": "ptq", "artifact": "int8_dynamic", "accuracy": 0.88, "size_mb": 0.36}]  # fmt: skip
-    csv_path = write_csv(Comparison(rows=rows, batch_sizes=[], failed=[]), out / "compare.csv")
-    (out / "compare.md").write_text("# patholite comparison\n")
+    out.mkdir(parents=True)
+    columns = ["technique", "artifact", "accuracy", "size_mb"]
+    rows = [["none", "fp32", 0.9, 1.1], ["ptq", "int8_dynamic", 0.88, 0.36]]
+    files = [out / "compare.csv", out / "compare.md"]
+    files[0].write_text(
+        "technique,artifact,accuracy,size_mb\nnone,fp32,0.9,1.1\nptq,int8_dynamic,0.88,0.36\n"
+    )
+    files[1].write_text("# patholite comparison\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,7 +303,7 @@ def test_a_sweeps_comparison_is_a_run_in_its_group(tmp_path):
     plt.close("all")
     cfg = OmegaConf.create({"task_name": "train", "tags": ["lab"], "logger": {"wandb": {
         "project": "patholite", "entity": None, "mode": "offline", "group": None, "tags": []}}})  # fmt: skip
-    folder = log_comparison(cfg, sweep, {"experiment": "demo"}, csv_path, [plot])
+    folder = log_comparison(cfg, sweep, {"experiment": "demo"}, (columns, rows), files, [plot])
     run = only_run(out)
     assert folder == str(run.folder)
     assert run.run.job_type == "compare" and run.run.run_group == "demo_2026-11-25_18-31-00"
@@ -310,10 +312,10 @@ def test_a_sweeps_comparison_is_a_run_in_its_group(tmp_path):
     assert [r[columns.index("artifact")] for r in data] == ["fp32", "int8_dynamic"]
     assert [r[columns.index("accuracy")] for r in data] == [0.9, 0.88]
     assert_image(run, "plots/pareto_accuracy_size", plot)
-    assert_saved(run, "compare.csv", csv_path)
+    assert_saved(run, "compare.csv", files[0])
     assert_saved(run, "pareto_accuracy_size.png", plot)
     cfg.logger.wandb.mode = "disabled"
-    assert log_comparison(cfg, sweep, None, csv_path, [plot]) is None
+    assert log_comparison(cfg, sweep, None, (columns, rows), files, [plot]) is None
 
 
 def test_cache_training_logs_its_epochs(caplog):

@@ -30,7 +30,7 @@ from patholite.errors import AcceleratorError, ConfigError, PatholiteError, Slid
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
 from patholite.records import ArtifactRecord, RunRecord
-from patholite.slides.report import summary_frame
+from patholite.slides.report import summary_table
 from patholite.slides.run import run_slides
 from patholite.wsi.reader import find_slides
 
@@ -167,8 +167,8 @@ def run_slide(cfg: DictConfig) -> int:
         else:
             record.finish("ok")
         # the W&B run gets the record, each slide's report and heatmap, and a table of the per-slide calls
-        frame = summary_frame(rows)
-        table = (list(frame.columns), frame.astype(object).where(frame.notna(), None).values.tolist())
+        columns, summary = summary_table(rows)
+        table = (columns, [[row[c] for c in columns] for row in summary])
         plots = slide_plots(rows)
         tracking.log_record(loggers, record, plots, {"slides": table}, log_model=cfg.logger.log_model)
     finally:

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from patholite.compare import run as compare_run
 from patholite.io import write_json
+from patholite.measure.outputs import columns
 from patholite.measure.report import print_records
 from patholite.records import RECORD_FILE, now, read_record
 from patholite.tracking import log_comparison
@@ -67,7 +68,7 @@ class SweepSummary(Callback):
         )
         if len(records) > len(FAILED_JOBS):
             try:
-                _, written = compare_run([str(sweep_dir)])
+                comparison, written = compare_run([str(sweep_dir)])
                 console.print("comparison: " + "  ".join(str(p) for p in written))
             except Exception as err:  # noqa: BLE001 - the records stand; the comparison is a convenience
                 console.print(f"[yellow]no comparison written[/]: {type(err).__name__}: {err}")
@@ -75,7 +76,10 @@ class SweepSummary(Callback):
             try:  # the comparison and its Pareto plots in the sweep's W&B group, beside its jobs' runs
                 choices = OmegaConf.select(config, "hydra.runtime.choices", default=None)
                 plots = [p for p in written if p.suffix == ".png"]
-                logged = log_comparison(config, sweep_dir, choices, written[0], plots)
+                cols = columns(comparison)
+                table = (cols, [[row.get(c) for c in cols] for row in comparison.rows])
+                files = [p for p in written if p.suffix != ".png"]
+                logged = log_comparison(config, sweep_dir, choices, table, files, plots)
                 if logged:
                     console.print(f"comparison W&B run: {logged}")
             except Exception as err:  # noqa: BLE001 - tracking never fails a finished sweep

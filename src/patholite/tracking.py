@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -246,10 +245,16 @@ def upload_models(run: Any, record: RunRecord) -> None:
 
 
 def log_comparison(
-    cfg: DictConfig, sweep_dir: Path, choices: dict[str, Any] | None, csv_path: Path, plots: Sequence[Path]
+    cfg: DictConfig,
+    sweep_dir: Path,
+    choices: dict[str, Any] | None,
+    table: tuple[list[str], list[list[Any]]],
+    files: Sequence[Path],
+    plots: Sequence[Path],
 ) -> str | None:
     """A sweep's comparison as its own W&B run (``job_type=compare``) in the sweep's group: the comparison
-    table, its files and the Pareto plots as images. Returns the run's folder (None without W&B)."""
+    ``table`` (columns, rows), its ``files`` and the Pareto ``plots`` as images and files. Returns the run's
+    folder (None without W&B)."""
     logger_cfg = cfg.get("logger")
     w = logger_cfg.get("wandb") if logger_cfg is not None else None
     if w is None or w.mode == "disabled":
@@ -264,13 +269,12 @@ def log_comparison(
         settings={"console": "off", "silent": True},
     )  # fmt: skip
     try:
-        frame = pd.read_csv(csv_path)
-        rows = frame.astype(object).where(frame.notna(), None).values.tolist()
-        logged: dict[str, Any] = {"comparison": wandb.Table(columns=list(frame.columns), data=rows)}
+        columns, rows = table
+        logged: dict[str, Any] = {"comparison": wandb.Table(columns=list(columns), data=rows)}
         for plot in plots:
             logged[f"plots/{plot.stem}"] = wandb.Image(str(plot))
         run.log(logged)
-        save_files(run, [csv_path, csv_path.with_suffix(".md"), *plots], out)
+        save_files(run, [*files, *plots], out)
         return str(Path(run.dir).parent)
     finally:
         run.finish()
