@@ -18,10 +18,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from patholite.artifacts.load import load_artifact
+from patholite.artifacts.torch_float import save_float_artifact
 from patholite.errors import CheckpointError, ConfigError
 from patholite.models.factory import build_model, classifier_keys
 from patholite.models.hub import hub_source, model_normalisation, sidecar_model
 from patholite.pipelines.cache import cache_inputs
+from patholite.pipelines.context import RunContext
 from patholite.pipelines.preflight import preflight
 from patholite.train import run_job
 
@@ -232,3 +234,26 @@ def test_foundation_model_options_compose_and_ask_for_their_repo(option, hub_cac
     repo = cfg.model.hub[len("hf-hub:") :]
     with pytest.raises(ConfigError, match=f"{repo} is not in the Hugging Face cache"):
         preflight(cfg)
+
+
+def test_a_model_started_from_a_hub_models_artifact_carries_its_record(make_cfg, tmp_path):
+    """Fine-tuning (or pruning, quantizing) an artifact of hub weights keeps their record; old sidecars
+    without one read as before."""
+    record = {
+        "hub": f"hf-hub:{REPO}",
+        "revision": COMMIT,
+        "file": "model.safetensors",
+        "sha256": "ab" * 32,
+        "license": "apache-2.0",
+        "mpp": 0.5,
+        "how": "hub",
+    }
+    cfg = make_cfg()
+    checked = preflight(cfg)
+    net = build_model(cfg.model, checked.datamodule.num_classes, 32)
+    save_float_artifact(net, tmp_path / "hubbed", {"weights_source": record})
+    save_float_artifact(net, tmp_path / "old", {})
+    for folder, expected in (("hubbed", record), ("old", None)):
+        tuned = make_cfg(f"model.checkpoint={tmp_path / folder / 'model.safetensors'}")
+        ctx = RunContext(tuned, tmp_path / "run", preflight(tuned).datamodule, checked.accelerator)
+        assert ctx.artifact_meta().get("weights_source") == expected

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from patholite.accelerators import ResolvedAccelerator
+from patholite.artifacts.sidecar import weights_source_of
 from patholite.data import HistologyDataModule
 from patholite.models.hub import sidecar_model
 from patholite.pipelines.teacher import Teacher
@@ -47,6 +48,7 @@ class RunContext:
         # a hub model's architecture written out, and where its weights came from (hub id, commit, sha256,
         # licence, mpp): every artifact made from them (pruned, quantized, fine-tuned) carries the record
         model, provenance = sidecar_model(model)
+        provenance = provenance or weights_source_of(model.get("checkpoint"))  # started from such an artifact
         model["checkpoint"] = None  # the artifact's own weights replace it
         if model.get("smt"):
             model["smt"]["encoder_checkpoint"] = None
