@@ -139,6 +139,11 @@ def test_missing_repo_fails_in_preflight_naming_cache_and_command(hub_cache, mak
     for part in ("model.hub=hf-hub:nobody/absent-model", str(hub_cache), "hf download nobody/absent-model"):
         assert part in message
     assert "model.download=true" in message and "HF_HUB_OFFLINE" not in message
+    # a revision that is not cached is named; the cached commit, pinned, loads
+    hub_repo(hub_cache, args=ARGS)
+    with pytest.raises(ConfigError, match=f"{REPO} at revision v2 is not in the Hugging Face cache"):
+        preflight(make_cfg(f"model.hub=hf-hub:{REPO}", "model.revision=v2"))
+    preflight(make_cfg(f"model.hub=hf-hub:{REPO}", f"model.revision={COMMIT}"))
     # asked to download while HF_HUB_OFFLINE=1: still nothing fetched, and the message says why
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
         preflight(make_cfg("model.hub=hf-hub:nobody/absent-model", "model.download=true"))

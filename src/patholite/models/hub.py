@@ -173,7 +173,7 @@ def hub_source(model_cfg: Any) -> HubSource | None:
         custom = sorted(set(cfg.get("kwargs") or {}) - set(_SHAPE_FREE_KWARGS))
         raise ConfigError(
             f"{key}: model={cfg.get('name')} is a custom size of {name} (model.kwargs {custom}), which timm "
-            f"has no pretrained weights for ({changed[0]} differs); set model.pretrained=false, or pick an "
+            f"has no pretrained weights for ({changed[0]}); set model.pretrained=false, or pick an "
             "option of a standard size (e.g. model=deit_tiny)"
         )
     repo, _, revision = pretrained.hf_hub_id.partition("@")
@@ -200,8 +200,8 @@ def _changed_tensors(name: str, kwargs: dict[str, Any]) -> list[str]:
             raise ConfigError(f"timm could not build {name} with model.kwargs={kwargs}: {err}") from err
     keys = sorted(set(ref) | set(own))
     return [
-        f"{k} {tuple(own[k].shape) if k in own else 'absent'} vs "
-        f"{tuple(ref[k].shape) if k in ref else 'absent'} in the pretrained network"
+        f"{k} is {tuple(own[k].shape) if k in own else 'absent'}, timm's weights have "
+        f"{tuple(ref[k].shape) if k in ref else 'none'}"
         for k in keys
         if k != "pos_embed" and (k not in ref or k not in own or ref[k].shape != own[k].shape)
     ]
