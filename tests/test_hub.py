@@ -21,7 +21,7 @@ from patholite.artifacts.load import load_artifact
 from patholite.artifacts.torch_float import save_float_artifact
 from patholite.errors import CheckpointError, ConfigError
 from patholite.models.factory import build_model, classifier_keys
-from patholite.models.hub import hub_source, model_normalisation, sidecar_model
+from patholite.models.hub import hub_source, sidecar_model
 from patholite.pipelines.cache import cache_inputs
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.preflight import preflight
@@ -181,55 +181,94 @@ def test_pretrained_refused_for_custom_sizes_and_bad_combinations(make_cfg):
 
 
 def test_pretrained_resolves_timms_tag_from_the_local_cache(hub_cache, make_cfg):
-    """``model.pretrained=true`` on deit_tiny reads timm's own repo (its pretrained cfg's hf_hub_id) from the
-    cache: a locally built one here, with random weights."""
-    source = hub_source({"name": "deit_tiny", "timm_name": "deit_tiny_patch16_224", "pretrained": True})
-    assert source.repo_id == "timm/deit_tiny_patch16_224.fb_in1k"
-    snapshot = hub_repo(hub_cache, repo=source.repo_id, architecture="deit_tiny_patch16_224")
-    cfg = make_cfg("model=deit_tiny", "model.pretrained=true", "dataset.image_size=224")
-    net = build_model(cfg.model, 3, 224)
+    """``model.pretrained=true`` reads timm's own repo (its pretrained cfg's hf_hub_id) from the cache: a
+    locally built one here, with random weights of timm's tiny ``test_vit`` (its tag normalises with 0.5)."""
+    deit = hub_source({"name": "deit_tiny", "timm_name": "deit_tiny_patch16_224", "pretrained": True})
+    assert deit.repo_id == "timm/deit_tiny_patch16_224.fb_in1k"
+    source = hub_source({"name": "t", "timm_name": "test_vit", "pretrained": True})
+    assert source.repo_id == "timm/test_vit.r160_in1k"
+    snapshot = hub_repo(hub_cache, repo=source.repo_id, architecture="test_vit")
+    cfg = make_cfg("model=deit_tiny", "model.timm_name=test_vit", "model.pretrained=true")
+    checked = preflight(cfg)
+    assert list(cfg.dataset.mean) == [0.5] * 3 and list(cfg.dataset.std) == [0.5] * 3  # timm's tag's
+    net = build_model(cfg.model, checked.datamodule.num_classes, 32)
     saved = load_file(str(snapshot / "model.safetensors"))
     for key, value in net.state_dict().items():
-        if not key.startswith("head."):
+        if key not in ("head.weight", "head.bias", "pos_embed"):  # pos_embed: resampled to 32 px
             assert torch.equal(value, saved[key]), key
+    assert net.state_dict()["pos_embed"].shape != saved["pos_embed"].shape
     _, provenance = sidecar_model(OmegaConf.to_container(cfg.model))
     assert provenance["hub"] == f"hf-hub:{source.repo_id}" and provenance["how"] == "pretrained"
-    assert provenance["license"] == "apache-2.0"  # timm's pretrained cfg says so
-    assert model_normalisation(cfg.model, None) is None  # deit_tiny notes none of its own
+    assert provenance["revision"] == COMMIT and provenance["license"] == "apache-2.0"  # timm's cfg says so
 
 
-class _GatedHub(http.server.BaseHTTPRequestHandler):
-    """Answers every request as the hub answers a gated repo to a client without access."""
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """Answers as the hub does: ``error_code`` (GatedRepo: a gated repo to a client without access;
+    EntryNotFound: a file the repo does not have) with its status."""
 
-    def _gated(self) -> None:
-        self.send_response(401)
-        self.send_header("X-Error-Code", "GatedRepo")
-        self.send_header("X-Error-Message", "Access to model is restricted.")
+    status, error_code = 401, "GatedRepo"
+
+    def _answer(self) -> None:
+        self.send_response(self.status)
+        self.send_header("X-Error-Code", self.error_code)
+        self.send_header("X-Error-Message", "from a test")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    do_HEAD = do_GET = _gated
+    do_HEAD = do_GET = _answer
 
     def log_message(self, *args) -> None:  # quiet
         pass
 
 
-def test_gated_repo_without_token_says_accept_the_licence_and_log_in(hub_cache, make_cfg, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.delenv("HF_HUB_OFFLINE")
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-        cfg = make_cfg("model.hub=hf-hub:gated-org/gated-model", "model.download=true")
-        with pytest.raises(ConfigError) as err:
-            preflight(cfg)
-    finally:
+class _MissingFileHub(_FakeHub):
+    status, error_code = 404, "EntryNotFound"
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Downloads allowed, to ``online(handler)``'s local server (None: a port nobody listens on)."""
+    servers = []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+    def start(handler: type | None) -> None:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler or _FakeHub)
+        port = server.server_port
+        if handler is None:
+            server.server_close()
+        else:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+
+    yield start
+    for server in servers:
         server.shutdown()
+        server.server_close()
+
+
+def test_gated_repo_without_token_says_accept_the_licence_and_log_in(hub_cache, make_cfg, online):
+    online(_FakeHub)
+    with pytest.raises(ConfigError) as err:
+        preflight(make_cfg("model.hub=hf-hub:gated-org/gated-model", "model.download=true"))
     message = str(err.value)
     assert "gated" in message and "https://huggingface.co/gated-org/gated-model" in message
     assert "hf auth login" in message and "HF_TOKEN" in message
+
+
+def test_download_of_a_repo_without_safetensors_is_refused(hub_cache, make_cfg, online):
+    hub_repo(hub_cache, args=ARGS, files=("config.json",))  # its weights are not on the hub as safetensors
+    online(_MissingFileHub)
+    with pytest.raises(CheckpointError, match="has no model.safetensors; patholite loads safetensors only"):
+        preflight(make_cfg(f"model.hub=hf-hub:{REPO}", "model.download=true"))
+
+
+@pytest.mark.slow  # huggingface_hub retries a refused connection 5 times with backoff (about 23 s)
+def test_download_with_the_hub_unreachable_says_how_to_fetch_it(hub_cache, make_cfg, online):
+    online(None)  # nothing listens: the hub cannot be reached
+    with pytest.raises(ConfigError, match="cannot reach the hub to fetch config.json.*hf download"):
+        preflight(make_cfg("model.hub=hf-hub:other-org/model", "model.download=true"))
 
 
 @pytest.mark.parametrize("option", ["uni", "virchow2", "h_optimus_0", "h0_mini"])

@@ -31,10 +31,10 @@ import timm.layers
 import torch
 from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
-    EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -318,7 +318,11 @@ def _download(source: HubSource, filename: str, cache: Path) -> Path:
             f"{source.key}: no repo {source.repo_id} on the hub, or it is private and needs a token "
             "(`hf auth login` or HF_TOKEN); check the name"
         ) from err
-    except EntryNotFoundError as err:
+    except LocalEntryNotFoundError as err:  # the hub unreachable (it subclasses EntryNotFoundError: first)
+        raise ConfigError(
+            f"{source.key}: cannot reach the hub to fetch {filename} ({err}); {_fetch_hint(source, cache)}"
+        ) from err
+    except RemoteEntryNotFoundError as err:
         if filename == source.filename:
             raise CheckpointError(
                 f"{source.key}: {source.repo_id} has no {filename}; patholite loads safetensors only (a repo "
@@ -332,7 +336,7 @@ def _download(source: HubSource, filename: str, cache: Path) -> Path:
         if err.response is not None and err.response.status_code == 401:
             raise ConfigError(f"{source.key}: the hub refused access (401){_gated_hint(source)}") from err
         raise ConfigError(f"{source.key}: the hub answered {err}; try again, or fetch it by hand") from err
-    except (LocalEntryNotFoundError, OSError) as err:
+    except OSError as err:  # any other failure to connect or write the cache
         raise ConfigError(
             f"{source.key}: cannot reach the hub to fetch {filename} ({err}); {_fetch_hint(source, cache)}"
         ) from err
