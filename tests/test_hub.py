@@ -21,7 +21,7 @@ from patholite.artifacts.load import load_artifact
 from patholite.artifacts.torch_float import save_float_artifact
 from patholite.errors import CheckpointError, ConfigError
 from patholite.models.factory import build_model, classifier_keys
-from patholite.models.hub import hub_source, sidecar_model
+from patholite.models.hub import hub_source, resolve_layers, sidecar_model
 from patholite.pipelines.cache import cache_inputs
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.preflight import preflight
@@ -41,12 +41,17 @@ def hub_repo(
     args: dict | None = None,
     files: tuple[str, ...] = ("config.json", "model.safetensors"),
     num_classes: int = 10,
+    layers: dict | None = None,
 ) -> Path:
-    """A timm-format repo in the hub cache layout, from random weights; returns its snapshot folder."""
-    net = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **(args or {}))
+    """A timm-format repo in the hub cache layout, from random weights; returns its snapshot folder.
+    ``layers``: layer kwargs, written into config.json by name (as Virchow2's and H0-mini's are)."""
+    classes = {k: resolve_layers({k: v})[k] for k, v in (layers or {}).items()}
+    net = timm.create_model(architecture, num_classes=num_classes, **(args or {}), **classes)
     export = cache.parent / f"export-{repo.replace('/', '--')}"
     pickled = "pytorch_model.bin" in files
-    timm.models.save_for_hf(net, str(export), model_args=args, safe_serialization="both" if pickled else True)
+    model_args = {**(args or {}), **(layers or {})} or None
+    safe = "both" if pickled else True
+    timm.models.save_for_hf(net, str(export), model_args=model_args, safe_serialization=safe)
     config = json.loads((export / "config.json").read_text())
     config["pretrained_cfg"].update(mean=MEAN, std=STD, license="cc-by-nc-nd-4.0")
     (export / "config.json").write_text(json.dumps(config))
@@ -91,6 +96,26 @@ def test_hub_weights_load_exactly_head_replaced_normalisation_wins(hub_cache, ma
     assert cache_inputs(cfg, cfg.model)["hub_weights_sha256"] == sha
     plain = cache_inputs(cfg, make_cfg().model)
     assert "hub_weights_sha256" not in plain and "hub" not in plain["model"]  # older entries keep their keys
+
+
+def test_layer_classes_named_in_the_hub_config_are_resolved(hub_cache, make_cfg):
+    """Virchow2 and H0-mini name their MLP and activation (timm.layers.SwiGLUPacked, torch.nn.SiLU) in
+    config.json; the network built from it takes the weights exactly."""
+    layers = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
+    snapshot = hub_repo(hub_cache, args=ARGS, layers=layers)
+    config = json.loads((snapshot / "config.json").read_text())
+    assert config["model_args"]["mlp_layer"] == layers["mlp_layer"]
+    cfg = make_cfg(f"model.hub=hf-hub:{REPO}")
+    net = build_model(cfg.model, preflight(cfg).datamodule.num_classes, 32)
+    mlp = net.blocks[0].mlp
+    assert isinstance(mlp, timm.layers.GluMlp) and isinstance(mlp.act, torch.nn.SiLU)
+    saved = load_file(str(snapshot / "model.safetensors"))
+    for key, value in net.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(value, saved[key]), key
+    # the sidecar keeps the names (JSON), and its network rebuilds from them
+    model, _ = sidecar_model(OmegaConf.to_container(cfg.model))
+    assert model["kwargs"]["mlp_layer"] == layers["mlp_layer"] and model["hub"] is None
 
 
 @pytest.mark.parametrize(
