@@ -186,7 +186,6 @@ def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> N
 
 def load_state(net: nn.Module, state: dict[str, torch.Tensor], named: str, skip_head: bool = False) -> None:
     """Load ``state`` (from ``named``, for messages) into ``net``, position embeddings resampled."""
-    path = named
     state, fresh = adapt_to_pyramid(state, net)
     head = set(classifier_keys(net)) | fresh
     if skip_head or fresh:
@@ -209,7 +208,7 @@ def load_state(net: nn.Module, state: dict[str, torch.Tensor], named: str, skip_
     ]
     if wrong:
         raise CheckpointError(
-            f"{path} does not fit the model (checkpoint vs model shapes): " + "; ".join(wrong[:5])
+            f"{named} does not fit the model (its shapes vs the model's): " + "; ".join(wrong[:5])
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # loading into meta tensors is a no-op that torch warns about
@@ -217,6 +216,7 @@ def load_state(net: nn.Module, state: dict[str, torch.Tensor], named: str, skip_
     missing = [k for k in result.missing_keys if not ((skip_head or fresh) and k in head)]
     if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"{path} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"{named} does not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
             + (" (set model.checkpoint_skip_head=true to train a new head)" if set(missing) <= head else "")
         )
