@@ -42,6 +42,8 @@ def hub_repo(
     files: tuple[str, ...] = ("config.json", "model.safetensors"),
     num_classes: int = 10,
     layers: dict | None = None,
+    mean: list[float] = MEAN,
+    std: list[float] = STD,
 ) -> Path:
     """A timm-format repo in the hub cache layout, from random weights; returns its snapshot folder.
     ``layers``: layer kwargs, written into config.json by name (as Virchow2's and H0-mini's are)."""
@@ -53,7 +55,7 @@ def hub_repo(
     safe = "both" if pickled else True
     timm.models.save_for_hf(net, str(export), model_args=model_args, safe_serialization=safe)
     config = json.loads((export / "config.json").read_text())
-    config["pretrained_cfg"].update(mean=MEAN, std=STD, license="cc-by-nc-nd-4.0")
+    config["pretrained_cfg"].update(mean=mean, std=std, license="cc-by-nc-nd-4.0")
     (export / "config.json").write_text(json.dumps(config))
     folder = cache / f"models--{repo.replace('/', '--')}"
     snapshot = folder / "snapshots" / COMMIT
@@ -326,3 +328,22 @@ def test_a_model_started_from_a_hub_models_artifact_carries_its_record(make_cfg,
         tuned = make_cfg(f"model.checkpoint={tmp_path / folder / 'model.safetensors'}")
         ctx = RunContext(tuned, tmp_path / "run", preflight(tuned).datamodule, checked.accelerator)
         assert ctx.artifact_meta().get("weights_source") == expected
+
+
+def test_a_hub_teacher_is_checked_in_preflight_and_must_share_the_students_normalisation(hub_cache, make_cfg):
+    kd = ["compression=kd", "compression.teacher.model=h_optimus_0"]
+    with pytest.raises(ConfigError, match="bioptimus/H-optimus-0 is not in the Hugging Face cache"):
+        preflight(make_cfg(*kd))
+    h_optimus = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "h_optimus_0.yaml")
+    hub_repo(  # H-optimus-0's layout and normalisation, at vit_micro's size
+        hub_cache,
+        repo="bioptimus/H-optimus-0",
+        args={**ARGS, "init_values": 1e-5},
+        mean=list(h_optimus.mean),
+        std=list(h_optimus.std),
+    )
+    with pytest.raises(ConfigError, match="expects mean .*0.707223.*set model.mean and model.std"):
+        preflight(make_cfg(*kd))
+    mean, std = (f"[{','.join(str(v) for v in h_optimus[k])}]" for k in ("mean", "std"))
+    checked = preflight(make_cfg(*kd, f"model.mean={mean}", f"model.std={std}"))
+    assert checked.teacher is not None
