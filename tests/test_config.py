@@ -36,10 +36,15 @@ def options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes_and_validates(group, option, tmp_path):
+def test_every_option_composes_and_validates(group, option, tmp_path, monkeypatch):
     slide_model = group == "model" and option.startswith("smt")  # diagnoses slides: needs slide data
     extra = ["dataset=smt_synthetic"] if slide_model else []
     cfg = compose_config([f"{group}={option}", *extra], tmp_path, tmp_path / "cache")
+    if group == "model" and cfg.model.hub:  # foundation models: loaded from a built hub cache in test_hub.py
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        with pytest.raises(ConfigError, match="not in the Hugging Face cache"):
+            check_run(cfg)
+        return
     # every check short of the data; an accelerator option is checked against this machine elsewhere
     check_config(cfg) if group == "accelerator" else check_run(cfg)
     if group == "model":
@@ -136,7 +141,8 @@ def test_key_added_with_plus_is_caught_by_the_schema(tmp_path):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["model.pretrained=true"], "model.pretrained"),
+        (["model.pretrained=true", "model.checkpoint=/w.safetensors"], "both name weights"),
+        (["model.hub=MahmoodLab/uni"], "model.hub"),
         (["dataset.val_fraction=0.6", "dataset.test_fraction=0.5"], "val_fraction"),
         (["dataset.batch_size=0"], "dataset.batch_size"),
         (["trainer.max_epochs=0"], "trainer.max_epochs"),

@@ -100,6 +100,46 @@ def check_finetune(ft: DictConfig, key: str) -> None:
     require(ft.lr > 0, f"{key}.finetune.lr={ft.lr} must be > 0")
 
 
+def check_model_weights(m: DictConfig, key: str = "model") -> None:
+    """Where the model's weights come from (``key``: where it is configured): one source at most, and the
+    hub keys well formed. Whether the hub files are there is checked by preflight (models/hub.py)."""
+    if m.hub is not None:
+        hub = str(m.hub)
+        require(
+            hub.startswith("hf-hub:") and hub.count("/") == 1 and not hub.endswith("/"),
+            f"{key}.hub={hub!r}: give a hub repo as hf-hub:<org>/<repo>, e.g. hf-hub:MahmoodLab/uni",
+        )
+    require(
+        not (m.pretrained and m.hub),
+        f"{key}.pretrained=true and {key}.hub={m.hub} both name weights: keep {key}.hub (that repo's "
+        f"weights) or {key}.pretrained (timm's for {m.timm_name})",
+    )
+    from_hub = bool(m.pretrained or m.hub)
+    hub_key = f"{key}.hub" if m.hub else f"{key}.pretrained"
+    require(
+        not (from_hub and m.checkpoint),
+        f"{key}.checkpoint={m.checkpoint} and {hub_key} both name weights; keep one "
+        f"({key}.pretrained=false {key}.hub=null to start from the checkpoint)",
+    )
+    require(
+        not (from_hub and m.family == "smt"),
+        f"{key}={m.name}: SMT takes encoder weights from {key}.smt.encoder_checkpoint, not from the hub",
+    )
+    require(
+        not m.download or from_hub,
+        f"{key}.download=true fetches hub weights, but {key}={m.name} asks for none: set "
+        f"{key}.hub=hf-hub:... or {key}.pretrained=true",
+    )
+    for name in ("mean", "std"):
+        values = m.get(name)
+        positive = ", each > 0" if name == "std" else ""
+        require(
+            values is None or (len(values) == 3 and (name == "mean" or all(v > 0 for v in values))),
+            f"{key}.{name}={values and list(values)} needs 3 values (RGB){positive}, or null",
+        )
+    require(m.mpp is None or m.mpp > 0, f"{key}.mpp={m.mpp} must be > 0 (microns per pixel), or null")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value or combination cannot work."""
     _check_against_schema(cfg)
@@ -123,11 +163,7 @@ def check_config(cfg: DictConfig) -> None:
         len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
         "dataset.mean and dataset.std need 3 values (RGB), std > 0",
     )
-    require(
-        not m.pretrained,
-        f"model.pretrained=true would download weights; patholite runs offline: set model.pretrained=false "
-        f"and model.checkpoint=<local weights file> for {m.name}",
-    )
+    check_model_weights(m)
     choice(m.family, "model.family", ("vit", "cnn", "smt"))
     require(
         (m.family == "smt") == (m.smt is not None),

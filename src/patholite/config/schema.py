@@ -159,7 +159,20 @@ class ModelConfig:
     timm_name: str = MISSING
     family: str = "vit"  # vit | cnn | smt (timm_name/kwargs then describe each SMT encoder)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    pretrained: bool = False  # never downloads; weights come from `checkpoint`
+    # Weights from the Hugging Face hub (models/hub.py), opt-in: `pretrained` takes timm's pretrained weights
+    # of timm_name; `hub` ("hf-hub:<org>/<repo>") any timm-format repo (architecture from its config.json).
+    # Both read the local hub cache only, unless `download` is true (then preflight fetches config.json and
+    # model.safetensors, never pickled weights). The classifier head is always new.
+    pretrained: bool = False
+    hub: str | None = None
+    revision: str | None = None  # a branch, tag or commit of the hub repo; None: main
+    download: bool = False
+    # What the weights expect: normalisation (wins over dataset.mean/std; None: the hub config's / timm's),
+    # the resolution in microns per pixel, and the weights' licence (recorded in every artifact's sidecar)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    mpp: float | None = None
+    license: str | None = None
     checkpoint: str | None = None  # local .safetensors / .pth / .pt / Lightning .ckpt
     checkpoint_skip_head: bool = False  # drop the checkpoint's classifier (foundation-model weights)
     num_classes: int | None = None  # None: the dataset's class count

@@ -1,8 +1,10 @@
-"""Build any ``model=`` option through timm, offline, and load local weights into it.
+"""Build any ``model=`` option through timm and load its weights into it.
 
-Weights never come from a hub: ``pretrained`` must stay false and local files (safetensors, torch state
-dicts, Lightning checkpoints, foundation-model weights) come in through ``model.checkpoint``; ViT position
-embeddings are resampled when the checkpoint was trained at another image size.
+Weights come from a local file (safetensors, torch state dicts, Lightning checkpoints, foundation-model
+weights) through ``model.checkpoint``, or, when the user asks (``model.pretrained``, ``model.hub``), from
+the local Hugging Face cache (``models/hub.py``; preflight fetches them first only with ``model.download``);
+ViT position embeddings are resampled when the weights were trained at another image size, and a hub
+model's classifier head is always new.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from patholite.errors import CheckpointError, ConfigError
+from patholite.models.hub import (
+    locate_hub_weights,
+    network_spec,
+    resolve_layers,
+    wants_hub,
+    weights_shapes,
+)
 from patholite.models.pyramid import PyramidViT, default_pyramid_blocks
 from patholite.models.smt import smt_from_config
 
@@ -35,16 +44,21 @@ def create_network(model_cfg: Any, num_classes: int, image_size: int) -> nn.Modu
     cfg = _plain(model_cfg)
     if cfg.get("family") == "smt":  # R3's multilayer network; its image size is model.smt.image_size
         return smt_from_config(cfg, num_classes)
-    kwargs = dict(cfg.get("kwargs") or {})
+    name, kwargs = network_spec(cfg)  # a hub model's architecture comes from its cached config.json
     if cfg.get("family", "vit") == "vit":
         kwargs.setdefault("img_size", image_size)
     if cfg.get("drop_path_rate"):
         kwargs["drop_path_rate"] = cfg["drop_path_rate"]
+    if kwargs.get("global_pool") == "" and num_classes:  # feature extractors (Virchow2) pool nothing
+        raise ConfigError(
+            f"model={cfg.get('name')}: {name} is configured with global_pool='' (a feature extractor): its "
+            "head would classify every token; set model.kwargs.global_pool=token (or avg)"
+        )
     try:
-        net = timm.create_model(cfg["timm_name"], pretrained=False, num_classes=num_classes, **kwargs)
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **resolve_layers(kwargs))
     except (TypeError, RuntimeError, AssertionError, ValueError) as err:
         raise ConfigError(
-            f"model={cfg.get('name')}: timm could not build {cfg['timm_name']!r} with model.kwargs={kwargs} "
+            f"model={cfg.get('name')}: timm could not build {name!r} with model.kwargs={kwargs} "
             f"at image size {image_size}: {err}"
         ) from err
     pyramid = cfg.get("pyramid") or {}
@@ -59,11 +73,14 @@ def create_network(model_cfg: Any, num_classes: int, image_size: int) -> nn.Modu
 
 
 def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
-    """The network of ``model_cfg``, with the local checkpoint's weights when one is named."""
+    """The network of ``model_cfg``, with the local checkpoint's weights when one is named, else its hub
+    weights (head new) when it asks for them."""
     net = create_network(model_cfg, num_classes, image_size)
     cfg = _plain(model_cfg)
     if cfg.get("checkpoint"):
         load_weights(net, cfg["checkpoint"], skip_head=bool(cfg.get("checkpoint_skip_head")))
+    elif wants_hub(cfg):
+        load_hub_weights(net, cfg)
     elif cfg.get("family") == "smt" and (cfg.get("smt") or {}).get("encoder_checkpoint"):
         init_smt_encoders(net, cfg["smt"]["encoder_checkpoint"])
     return net
@@ -150,12 +167,26 @@ def checkpoint_num_classes(state: dict[str, torch.Tensor], net: nn.Module) -> in
     return None
 
 
+def load_hub_weights(net: nn.Module, model_cfg: Any, shapes_only: bool = False) -> None:
+    """Load ``model_cfg``'s cached hub weights into ``net``, the head replaced and every other tensor
+    required to fit. ``shapes_only``: check the fit from the file's header (``net`` on the meta device)."""
+    from_hub = locate_hub_weights(model_cfg, download=False)
+    path = from_hub.weights
+    state = weights_shapes(path) if shapes_only else read_state_dict(path)
+    load_state(net, state, f"{from_hub.source.key} ({path})", skip_head=True)
+
+
 def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> None:
     """Load a local checkpoint into ``net``; position embeddings are resampled to the network's grid.
 
     Works on a network on the ``meta`` device too, which checks the fit without allocating weights.
     """
-    state, fresh = adapt_to_pyramid(read_state_dict(path), net)
+    load_state(net, read_state_dict(path), str(path), skip_head=skip_head)
+
+
+def load_state(net: nn.Module, state: dict[str, torch.Tensor], named: str, skip_head: bool = False) -> None:
+    """Load ``state`` (from ``named``, for messages) into ``net``, position embeddings resampled."""
+    state, fresh = adapt_to_pyramid(state, net)
     head = set(classifier_keys(net)) | fresh
     if skip_head or fresh:
         state = {k: v for k, v in state.items() if k not in head}
@@ -177,7 +208,7 @@ def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> N
     ]
     if wrong:
         raise CheckpointError(
-            f"{path} does not fit the model (checkpoint vs model shapes): " + "; ".join(wrong[:5])
+            f"{named} does not fit the model (its shapes vs the model's): " + "; ".join(wrong[:5])
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # loading into meta tensors is a no-op that torch warns about
@@ -185,6 +216,7 @@ def load_weights(net: nn.Module, path: str | Path, skip_head: bool = False) -> N
     missing = [k for k in result.missing_keys if not ((skip_head or fresh) and k in head)]
     if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"{path} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"{named} does not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
             + (" (set model.checkpoint_skip_head=true to train a new head)" if set(missing) <= head else "")
         )

@@ -1,5 +1,6 @@
 """Whether a model config can take a dataset's images and classes, checked on the ``meta`` device (no weights
-allocated): patch size against the image size, a checkpoint's head and every tensor shape."""
+allocated): patch size against the image size, a checkpoint's (or hub weights') head and every tensor
+shape."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from patholite.models.factory import (
     checkpoint_num_classes,
     create_network,
     init_smt_encoders,
+    load_hub_weights,
     load_weights,
     read_state_dict,
 )
+from patholite.models.hub import wants_hub
 
 
 def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int, key: str = "model") -> None:
@@ -53,6 +56,8 @@ def check_model_fits(model_cfg: DictConfig, num_classes: int, image_size: int, k
                 f"{num_classes} classes; set model.checkpoint_skip_head=true to train a new head"
             )
         load_weights(net, model_cfg.checkpoint, skip_head=bool(model_cfg.checkpoint_skip_head))  # every shape
+    elif wants_hub(model_cfg):  # the head is replaced; every other tensor must fit (read from the header)
+        load_hub_weights(net, model_cfg, shapes_only=True)
 
 
 def patch_size(model_cfg: DictConfig, image_size: int) -> tuple[int, ...] | None:

@@ -28,6 +28,7 @@ from torch import nn
 from patholite.artifacts.sidecar import SIDECAR
 from patholite.artifacts.torch_float import WEIGHTS, save_float_artifact
 from patholite.io import write_json
+from patholite.models.hub import file_sha256, locate_hub_weights, wants_hub
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.seed import seed_everything
 from patholite.progress import format_duration
@@ -48,6 +49,10 @@ _TRAINER_KEYS = (
 )
 
 
+# ModelConfig keys added with hub weights (models/hub.py)
+_HUB_KEYS = ("hub", "revision", "download", "mean", "std", "mpp", "license")
+
+
 def cache_inputs(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     """Everything that determines the plain training of ``model_cfg`` on ``cfg``'s data (``world_size``:
     DDP processes; same global batch, but another data order, so another model)."""
@@ -55,7 +60,10 @@ def cache_inputs(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) ->
     for key in _DATASET_NOISE:
         dataset.pop(key, None)
     model = OmegaConf.to_container(model_cfg, resolve=True)
-    return {
+    for key in _HUB_KEYS:  # the hub's keys, unset, leave the keys of entries made before them unchanged
+        if key == "download" or model.get(key) is None:  # fetching or not changes nothing trained
+            model.pop(key, None)
+    inputs = {
         "model": model,
         "dataset": dataset,
         "seed": int(cfg.seed),
@@ -69,6 +77,9 @@ def cache_inputs(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) ->
         "precision": cfg.accelerator.precision,
         "recipe": "plain-v1",  # bump when the plain recipe changes what it trains
     } | ({"ddp_world_size": world_size} if world_size > 1 else {})  # single-process keys stay as they were
+    if wants_hub(model_cfg):  # another snapshot of the hub weights is another starting point
+        inputs["hub_weights_sha256"] = file_sha256(locate_hub_weights(model_cfg, download=False).weights)
+    return inputs
 
 
 def cache_key(inputs: dict[str, Any]) -> str:

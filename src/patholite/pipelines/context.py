@@ -10,7 +10,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from patholite.accelerators import ResolvedAccelerator
+from patholite.artifacts.sidecar import weights_source_of
 from patholite.data import HistologyDataModule
+from patholite.models.hub import sidecar_model
 from patholite.pipelines.teacher import Teacher
 
 
@@ -43,6 +45,10 @@ class RunContext:
         """The sidecar facts every artifact of this run shares (``model_cfg``: another network's, e.g. the
         teacher's)."""
         model = self.plain("model") if model_cfg is None else OmegaConf.to_container(model_cfg, resolve=True)
+        # a hub model's architecture written out, and where its weights came from (hub id, commit, sha256,
+        # licence, mpp): every artifact made from them (pruned, quantized, fine-tuned) carries the record
+        model, provenance = sidecar_model(model)
+        provenance = provenance or weights_source_of(model.get("checkpoint"))  # started from such an artifact
         model["checkpoint"] = None  # the artifact's own weights replace it
         if model.get("smt"):
             model["smt"]["encoder_checkpoint"] = None
@@ -55,4 +61,5 @@ class RunContext:
             "std": list(d.std),
             "dataset": d.name,
             **self.datamodule.tile_geometry(),  # mpp and tile_size: how the slide engine cuts tiles
+            **({"weights_source": provenance} if provenance else {}),
         }
