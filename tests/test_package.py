@@ -23,6 +23,7 @@ from setuptools.config.pyprojecttoml import read_configuration
 
 from patholite.artifacts.torch_float import save_float_artifact
 from patholite.config import options
+from patholite.errors import ConfigError
 from patholite.io import current_umask, write_json
 from patholite.pipelines.preflight import check_run
 from patholite.records import RunRecord
@@ -248,10 +249,20 @@ def _fast(model: str) -> list[str]:
 
 
 @pytest.mark.parametrize("model", MODEL_OPTIONS)
-def test_debug_fast_composes_and_passes_the_checks_with_every_model(model, tmp_path, cache_dir):
+def test_debug_fast_composes_and_passes_the_checks_with_every_model(model, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # not the user's real one
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = job_config(_fast(model), tmp_path / "run", cache_dir)
     try:
-        check_run(cfg)  # every check short of reading data, SMT's start epochs against max_epochs included
+        if cfg.model.get("hub"):  # a foundation model's weights: offline and absent, named before any work
+            with pytest.raises(
+                ConfigError, match=f"{cfg.model.hub.removeprefix('hf-hub:')} is not in the Hugging"
+            ):
+                check_run(cfg)
+        else:
+            check_run(
+                cfg
+            )  # every check short of reading data, SMT's start epochs against max_epochs included
     finally:
         GlobalHydra.instance().clear()
     assert cfg.trainer.max_epochs == 1
