@@ -91,6 +91,17 @@ def test_a_second_bar_joins_the_first_display():
     assert "3/3" in buffer.getvalue() and "2/2" in buffer.getvalue()
 
 
+def test_bars_on_the_default_console_nest_and_all_stop():
+    # the synthetic slides' bar opens a bar per slide inside it, neither naming a console
+    with Progress("slides", 2, mode="bar") as outer:
+        with Progress("level 0", 3, mode="bar") as inner:
+            assert inner._rich is outer._rich and inner.console is outer.console
+            inner.advance(3)
+        assert outer._rich.live.is_started  # the inner bar's end left the display running
+        outer.advance(2)
+    assert not outer._rich.live.is_started and not outer.console._live_stack
+
+
 def test_a_loop_left_early_says_it_stopped():
     console, buffer = log_console()
     with pytest.raises(RuntimeError), Progress("slides", 3, "slides", console=console) as p:

@@ -39,8 +39,17 @@ T = TypeVar("T")
 
 # The Rich display of this process's bars: a bar started while another runs joins its display (Rich allows
 # one live display per console), and the display stops with its last bar.
-_shared: dict[str, Any] = {"rich": None, "users": 0}
+_shared: dict[str, Any] = {"rich": None, "users": 0, "console": None}
 _shared_lock = threading.Lock()
+
+
+def _stderr_console() -> Console:
+    """One stderr console for every progress of the process, so a bar opened inside another (a slide's
+    levels inside a folder of slides) joins its display instead of starting a second one."""
+    with _shared_lock:
+        if _shared["console"] is None:
+            _shared["console"] = Console(stderr=True)
+        return _shared["console"]
 
 
 def progress_mode(console: Console) -> str:
@@ -101,7 +110,7 @@ class Progress:
         self.total = int(total)
         self.unit = unit
         self.rate_of = rate_of or unit
-        self.console = console or Console(stderr=True)
+        self.console = console or _stderr_console()
         self.mode = mode or progress_mode(self.console)
         if self.mode not in MODES[1:]:
             raise ValueError(f"progress mode={self.mode!r}: use bar, lines or off")
@@ -224,7 +233,9 @@ class Progress:
     def _open_bar(self) -> None:
         with _shared_lock:
             rich = _shared["rich"]
-            if rich is None or rich.console is not self.console:
+            if rich is not None and rich.console is self.console:
+                _shared["users"] += 1  # nested: a task in the running display
+            else:
                 rich = RichProgress(
                     TextColumn("[bold]{task.description}"),
                     BarColumn(),
@@ -240,17 +251,20 @@ class Progress:
                     auto_refresh=False,
                 )
                 rich.start()
-                _shared.update(rich=rich, users=0)
-            _shared["users"] += 1
+                if _shared["rich"] is None:  # a display on another console stays this bar's own
+                    _shared.update(rich=rich, users=1)
             self._rich = rich
             self._task = rich.add_task(self.description, total=self.total, unit=self.unit, rate="")
 
     def _close_bar(self) -> None:
         with _shared_lock:
-            _shared["users"] -= 1
-            if _shared["users"] <= 0 and _shared["rich"] is self._rich:
-                self._rich.stop()
+            if self._rich is _shared["rich"]:
+                _shared["users"] -= 1
+                if _shared["users"] > 0:  # the display goes on for the bars around this one
+                    self._rich.remove_task(self._task)
+                    return
                 _shared.update(rich=None, users=0)
+            self._rich.stop()
 
 
 def track(
