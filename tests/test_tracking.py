@@ -378,3 +378,21 @@ def test_synthetic_slides_report_progress(tmp_path, capsys):
     slides = [line for line in err.splitlines() if line.startswith(f"synthetic slides in {tmp_path}")]
     assert slides[0].startswith(f"synthetic slides in {tmp_path}: 0/2 slides (0%)")
     assert slides[-1].startswith(f"synthetic slides in {tmp_path}: 2/2 slides (100%)")
+
+
+def test_a_wandb_failure_after_the_work_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    from patholite import tracking
+    from patholite.records import RunRecord
+
+    class BrokenRun:
+        class summary:  # noqa: N801
+            @staticmethod
+            def update(values):
+                raise OSError("disk full in the W&B run folder")
+
+    monkeypatch.setattr(tracking, "wandb_run", lambda loggers: BrokenRun())
+    record = RunRecord(run_dir=str(tmp_path / "run"), config={})
+    record.finish("ok")
+    with caplog.at_level("WARNING", logger="patholite.tracking"):
+        tracking.log_record([], record)  # the job's work is done: no exception
+    assert "disk full" in caplog.text and str(record.path) in caplog.text

@@ -166,7 +166,22 @@ def log_record(
 ) -> None:
     """Put a finished job in its W&B run: the record's numbers (summary, an ``artifacts`` table), the
     record file and ``plots`` (PNGs: saved as files and logged as images), ``tables`` (name -> columns,
-    rows), and with ``log_model`` every artifact's folder as a W&B model artifact. Nothing without W&B."""
+    rows), and with ``log_model`` every artifact's folder as a W&B model artifact. Nothing without W&B.
+    A W&B failure is logged, not raised: the job's work is done and its record on disk is complete."""
+    try:
+        _log_record(loggers, record, plots, tables, log_model)
+    except Exception as err:  # noqa: BLE001  (W&B's errors have no common base)
+        log.warning("W&B logging failed (%s: %s); the record %s is complete", type(err).__name__, err,
+                    record.path)  # fmt: skip
+
+
+def _log_record(
+    loggers: Sequence[Logger],
+    record: RunRecord,
+    plots: Sequence[Path],
+    tables: dict[str, tuple[list[str], list[list[Any]]]] | None,
+    log_model: bool,
+) -> None:
     run = wandb_run(loggers)
     if run is None:
         return
