@@ -200,6 +200,17 @@ def test_timing_childs_progress_reaches_the_parent(tmp_path):
     slow = [sys.executable, "-c", "import time; time.sleep(30)"]
     with pytest.raises(PatholiteError, match="ran past 1 s"), Progress("t", 1, console=console) as p:
         run_reporting_child(slow, p, timeout=1)
+    # a garbled progress line is error text, and the lines after it still drain (a dead reader would block
+    # the child on a full pipe until the timeout)
+    garbled = (
+        "import sys\n"
+        f"print({PROGRESS_PREFIX!r} + '{{not json', file=sys.stderr)\n"
+        "sys.stderr.write('x' * 200000)\n"
+        "print('{}')\n"
+    )
+    with Progress("t", 1, console=console) as p:
+        code, stdout, stderr = run_reporting_child([sys.executable, "-c", garbled], p, timeout=30)
+    assert code == 0 and stdout.strip() == "{}" and "{not json" in stderr and stderr.count("x") >= 200000
 
 
 @pytest.mark.slow

@@ -77,10 +77,13 @@ def run_reporting_child(command: list[str], progress: Progress, timeout: float) 
 
     def read_stderr() -> None:
         for line in child.stderr:
-            if line.startswith(PROGRESS_PREFIX):
-                progress.advance(1, images=json.loads(line[len(PROGRESS_PREFIX) :])["images"])
-            else:
-                errors.append(line)
+            try:
+                if line.startswith(PROGRESS_PREFIX):
+                    progress.advance(1, images=json.loads(line[len(PROGRESS_PREFIX) :])["images"])
+                    continue
+            except (ValueError, KeyError, TypeError):
+                pass  # not a progress line after all: kept as error text; the pipe must keep draining
+            errors.append(line)
 
     # both pipes drained by threads, so neither fills while the child runs for up to ``timeout``
     readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
@@ -97,7 +100,9 @@ def run_reporting_child(command: list[str], progress: Progress, timeout: float) 
         ) from err
     finally:
         for reader in readers:
-            reader.join()
+            # a grandchild (torch.compile's workers) may still hold the pipes after a kill; the readers are
+            # daemons, so what they have read by then is what the error shows
+            reader.join(timeout=5)
     stdout = "".join(out)
     return child.returncode, stdout, "".join(errors)
 
