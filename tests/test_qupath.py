@@ -176,9 +176,15 @@ def test_bad_geojson_names_the_file_and_the_problem(tmp_path, content, words):
     assert str(path) in str(err.value)
 
 
-def test_annotation_files_are_found_beside_slides_by_name(tmp_path):
+def test_annotation_files_are_found_beside_slides_by_name(tmp_path, caplog):
     (tmp_path / "a.json").write_text('{"slide": "metadata, not annotations"}')
     assert find_annotation(tmp_path, "a") is None
+    # QuPath names a cell-detection export after the image too: passed over, with a warning
+    write_export(
+        tmp_path / "a.geojson", [qupath_feature([square(0, 0, 9)], "Tumor", object_type="detection")]
+    )
+    assert find_annotation(tmp_path, "a") is None
+    assert "detections only" in caplog.text
     write_export(tmp_path / "a.json", [qupath_feature([square(0, 0, 9)], "Tumor")])
     assert find_annotation(tmp_path, "a") == tmp_path / "a.json"
     write_export(tmp_path / "a.geojson", [qupath_feature([square(0, 0, 9)], "Tumor")])

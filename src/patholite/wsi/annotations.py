@@ -18,6 +18,7 @@ is taken as the polygon through its control points.
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 from patholite.errors import SlideError
 from patholite.io import atomic_path
 from patholite.wsi.geojson import ANNOTATION, is_geojson, read_geojson
+
+log = logging.getLogger(__name__)
 
 # ASAP group names that mean "punch this out of the labels" (compared case-insensitively).
 ASAP_EXCLUSION_GROUPS = ("_2", "exclusion", "exclude", "excluded")
@@ -278,13 +281,28 @@ def _looks_like_geojson(path: Path) -> bool:
         return False
 
 
+def _only_detections(path: Path) -> bool:
+    """A GeoJSON file of QuPath objects with no annotation among them (a cell or tile detection export,
+    which QuPath names after the image as it names annotation exports)."""
+    try:
+        regions = read_geojson(path)
+    except SlideError:
+        return False  # malformed: reading it as the annotations names what is wrong
+    return not any(r.object_type.lower() == ANNOTATION for r in regions)
+
+
 def find_annotation(folder: str | Path, stem: str) -> Path | None:
     """The annotation file ``<stem>.xml``, ``<stem>.geojson`` or ``<stem>.json`` (a GeoJSON one) in
-    ``folder``: the first of these that exists, or None."""
+    ``folder``: the first of these that exists, or None. A GeoJSON file holding detections only is passed
+    over with a warning."""
     for suffix in ANNOTATION_SUFFIXES:
         candidate = Path(folder) / f"{stem}{suffix}"
-        if candidate.is_file() and (suffix != ".json" or _looks_like_geojson(candidate)):
-            return candidate
+        if not candidate.is_file() or (suffix == ".json" and not _looks_like_geojson(candidate)):
+            continue
+        if suffix != ".xml" and _only_detections(candidate):
+            log.warning("%s holds QuPath detections only, no annotations: not read as annotations", candidate)
+            continue
+        return candidate
     return None
 
 
