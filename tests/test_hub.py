@@ -332,8 +332,12 @@ def test_a_model_started_from_a_hub_models_artifact_carries_its_record(make_cfg,
 
 def test_a_hub_teacher_is_checked_in_preflight_and_must_share_the_students_normalisation(hub_cache, make_cfg):
     kd = ["compression=kd", "compression.teacher.model=h_optimus_0"]
-    with pytest.raises(ConfigError, match="bioptimus/H-optimus-0 is not in the Hugging Face cache"):
+    with pytest.raises(ConfigError, match="bioptimus/H-optimus-0 is not in the Hugging Face cache") as err:
         preflight(make_cfg(*kd))
+    assert "compression.teacher.download=true" in str(err.value)
+    # the teacher's own download key reaches the fetch (which the offline hub then refuses)
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        preflight(make_cfg(*kd, "compression.teacher.download=true"))
     h_optimus = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "h_optimus_0.yaml")
     hub_repo(  # H-optimus-0's layout and normalisation, at vit_micro's size
         hub_cache,

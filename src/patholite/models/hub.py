@@ -280,8 +280,8 @@ def _fetch_hint(source: HubSource, cache: Path) -> str:
     return (
         f"fetch it once with `hf download {source.repo_id} {files}{rev} --cache-dir {cache}` (or python -c "
         f"\"from huggingface_hub import hf_hub_download; hf_hub_download('{source.repo_id}', "
-        f"'{source.filename}', cache_dir='{cache}')\"), or set model.download=true to let this run fetch it"
-        f"{_gated_hint(source)}"
+        f"'{source.filename}', cache_dir='{cache}')\"), or let this run fetch it: model.download=true "
+        f"(compression.teacher.download=true for a teacher){_gated_hint(source)}"
     )
 
 

@@ -76,6 +76,7 @@ def resolve_teacher(c: DictConfig) -> Teacher:
         )
     model = load_model_option(c.teacher.model)
     model.checkpoint = checkpoint
+    model.download = bool(c.teacher.get("download", False))
     return Teacher(model, f"compression.teacher.model={c.teacher.model}")
 
 

@@ -17,6 +17,8 @@ class TeacherConfig:
     # a weights file for `model`, a run folder (its final float model) or a float artifact folder; None:
     # `model` trained once with the plain recipe, cached under paths.cache_dir
     checkpoint: str | None = None
+    # a teacher option with hub weights (e.g. uni): fetch them when absent from the local cache
+    download: bool = False
 
 
 @dataclass
