@@ -351,3 +351,19 @@ def test_a_hub_teacher_is_checked_in_preflight_and_must_share_the_students_norma
     mean, std = (f"[{','.join(str(v) for v in h_optimus[k])}]" for k in ("mean", "std"))
     checked = preflight(make_cfg(*kd, f"model.mean={mean}", f"model.std={std}"))
     assert checked.teacher is not None
+
+
+def test_bench_times_a_hub_architecture_with_random_weights_that_load_without_the_cache(hub_cache, tmp_path):
+    from tests.test_bench import bench_job
+
+    snapshot = hub_repo(hub_cache, args=ARGS)
+    assert bench_job([f"model.hub=hf-hub:{REPO}", "variants=[fp32]"], tmp_path / "b") == "ok"
+    directory = tmp_path / "b" / "artifacts" / "fp32"
+    sidecar = json.loads((directory / "artifact.json").read_text())
+    assert sidecar["random_weights"] and sidecar["model"]["hub"] is None  # the architecture, written out
+    hub = load_file(snapshot / "model.safetensors")
+    shutil.rmtree(hub_cache)
+    net, _ = load_artifact(directory)  # no hub cache needed
+    ours = net.state_dict()
+    assert {k for k in hub if not k.startswith("head.")} <= set(ours)  # the hub's architecture
+    assert not torch.equal(ours["blocks.0.attn.qkv.weight"], hub["blocks.0.attn.qkv.weight"])  # random

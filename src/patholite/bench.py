@@ -25,6 +25,7 @@ from patholite import artifacts as art
 from patholite import tracking
 from patholite.accelerators import resolve_accelerator
 from patholite.config.options import CONF_DIR
+from patholite.config.schema import ModelConfig
 from patholite.errors import AcceleratorError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
@@ -33,6 +34,7 @@ from patholite.measure.report import print_records
 from patholite.measure.timing import time_artifacts, timing_block
 from patholite.models.factory import create_network
 from patholite.models.fits import check_model_fits
+from patholite.models.hub import locate_hub_weights, sidecar_model
 from patholite.pipelines.stages import artifact_names
 from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort, save_static_ort
 from patholite.records import ArtifactRecord, RunRecord, read_record
@@ -52,10 +54,13 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
     if unknown or not cfg.variants:
         raise ConfigError(f"variants={list(cfg.variants)}: choose from {list(VARIANTS)}")
     n = cfg.model.num_classes or 1000
-    check_model_fits(cfg.model, n, cfg.image_size)
+    locate_hub_weights(cfg.model)  # a hub model's architecture is in its config (fetched: model.download)
+    # random weights of the architecture, written out: the artifacts load without the hub cache
+    model, _ = sidecar_model(OmegaConf.to_container(cfg.model, resolve=True))
+    architecture = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
+    check_model_fits(architecture, n, cfg.image_size)
     torch.manual_seed(cfg.seed)
-    net = create_network(cfg.model, n, cfg.image_size).eval()
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    net = create_network(architecture, n, cfg.image_size).eval()
     meta = {
         "model": {**model, "checkpoint": None},
         "class_names": [f"class_{i}" for i in range(n)],
