@@ -100,15 +100,25 @@ def check_finetune(ft: DictConfig, key: str) -> None:
     require(ft.lr > 0, f"{key}.finetune.lr={ft.lr} must be > 0")
 
 
+HUB_PREFIX = "hf-hub:"
+
+
+def split_hub_name(hub: str, key: str = "model") -> tuple[str, str | None]:
+    """``hf-hub:<org>/<repo>[@<revision>]`` as (repo id, revision or None); ConfigError naming ``key``.hub
+    for anything else."""
+    require(
+        hub.startswith(HUB_PREFIX) and hub.count("/") == 1 and not hub.endswith("/"),
+        f"{key}.hub={hub!r}: give a hub repo as hf-hub:<org>/<repo>, e.g. hf-hub:MahmoodLab/uni",
+    )
+    repo, _, revision = hub[len(HUB_PREFIX) :].partition("@")
+    return repo, revision or None
+
+
 def check_model_weights(m: DictConfig, key: str = "model") -> None:
     """Where the model's weights come from (``key``: where it is configured): one source at most, and the
     hub keys well formed. Whether the hub files are there is checked by preflight (models/hub.py)."""
     if m.hub is not None:
-        hub = str(m.hub)
-        require(
-            hub.startswith("hf-hub:") and hub.count("/") == 1 and not hub.endswith("/"),
-            f"{key}.hub={hub!r}: give a hub repo as hf-hub:<org>/<repo>, e.g. hf-hub:MahmoodLab/uni",
-        )
+        split_hub_name(str(m.hub), key)
     require(
         not (m.pretrained and m.hub),
         f"{key}.pretrained=true and {key}.hub={m.hub} both name weights: keep {key}.hub (that repo's "

@@ -42,9 +42,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch import nn
 
+from patholite.config.checks import HUB_PREFIX, split_hub_name
 from patholite.errors import CheckpointError, ConfigError
 
-HUB_PREFIX = "hf-hub:"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # What a repo may hold instead of safetensors: pickles, which patholite never loads
@@ -139,21 +139,12 @@ class HubSource:
         return not self.timm_cfg
 
 
-def _split_hub(hub: str) -> tuple[str, str | None]:
-    if not hub.startswith(HUB_PREFIX) or hub.count("/") != 1 or hub.endswith("/"):
-        raise ConfigError(
-            f"model.hub={hub!r}: give a hub repo as hf-hub:<org>/<repo>, e.g. hf-hub:MahmoodLab/uni"
-        )
-    repo, _, revision = hub[len(HUB_PREFIX) :].partition("@")
-    return repo, revision or None
-
-
 def hub_source(model_cfg: Any) -> HubSource | None:
     """The hub repo ``model_cfg`` takes its weights from (None: no hub weights); ConfigError when the
     option cannot have any (no timm pretrained tag, or model.kwargs change timm's architecture)."""
     cfg = _plain(model_cfg)
     if cfg.get("hub"):
-        repo, revision = _split_hub(str(cfg["hub"]))
+        repo, revision = split_hub_name(str(cfg["hub"]))
         return HubSource(f"model.hub={cfg['hub']}", repo, cfg.get("revision") or revision, WEIGHTS_FILE)
     if not cfg.get("pretrained"):
         return None
