@@ -28,7 +28,7 @@ import numpy as np
 
 from patholite.errors import SlideError
 from patholite.io import atomic_path
-from patholite.wsi.geojson import ANNOTATION, is_geojson, read_geojson
+from patholite.wsi.geojson import ANNOTATION, is_geojson, object_types, read_geojson
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +285,9 @@ def _only_detections(path: Path) -> bool:
     """A GeoJSON file of QuPath objects with no annotation among them (a cell or tile detection export,
     which QuPath names after the image as it names annotation exports)."""
     try:
-        regions = read_geojson(path)
+        return ANNOTATION not in object_types(path)
     except SlideError:
         return False  # malformed: reading it as the annotations names what is wrong
-    return not any(r.object_type.lower() == ANNOTATION for r in regions)
 
 
 def find_annotation(folder: str | Path, stem: str) -> Path | None:

@@ -105,6 +105,12 @@ def _class_name(properties: dict, path: Path, where: str) -> str | None:
     return (name.strip() or None) if isinstance(name, str) else None
 
 
+def object_types(path: str | Path) -> set[str]:
+    """The QuPath object types (lower case) of the features in a GeoJSON file, without reading geometries."""
+    path = Path(path)
+    return {object_type(f).lower() for f in _features(_load(path), path)}
+
+
 def object_type(feature: dict) -> str:
     """The QuPath object type of a feature; one that names none is an annotation (as QuPath reads it)."""
     properties = feature.get("properties") or {}
