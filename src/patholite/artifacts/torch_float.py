@@ -17,6 +17,7 @@ from patholite.artifacts.sidecar import SIDECAR, read_sidecar, write_sidecar
 from patholite.compress.surgery import apply_surgery
 from patholite.errors import CheckpointError
 from patholite.io import atomic_path
+from patholite.models.encoder import is_encoder_meta
 from patholite.models.factory import create_network
 
 KIND = "torch_float"
@@ -35,8 +36,10 @@ def save_float_artifact(model: nn.Module, directory: str | Path, meta: dict[str,
 
 
 def create_float_twin(meta: dict[str, Any]) -> nn.Module:
-    """The float network an artifact's sidecar describes, surgery replayed, with random weights."""
-    net = create_network(meta["model"], len(meta["class_names"]), meta["image_size"])
+    """The float network an artifact's sidecar describes, surgery replayed, with random weights (an
+    encoder's headless: its forward returns embeddings)."""
+    num_classes = 0 if is_encoder_meta(meta) else len(meta["class_names"])
+    net = create_network(meta["model"], num_classes, meta["image_size"])
     return apply_surgery(net, meta.get("surgery")).eval()
 
 
