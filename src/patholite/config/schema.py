@@ -255,6 +255,19 @@ class PathsConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """How an encoder is judged (as kaiko's eva does): its embeddings of the labelled splits, a linear probe
+    (logistic regression, L2 chosen on val by balanced accuracy) and kNN (cosine)."""
+
+    l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    max_iter: int = 200  # L-BFGS iterations per probe fit
+    knn_k: int = 20
+    knn_temperature: float = 0.07  # neighbours' votes weighted by exp(cos / T) (DINO's kNN)
+    label_fraction: float = 1.0  # the share of train labels the probes fit on (stratified, seeded)
+    stain_sigma: float = 0.1  # stain robustness: the test tiles re-stained (HED jitter) at this strength
+
+
+@dataclass
 class BenchConfig:
     """Cost measurement of each artifact; presets ``bench=quick`` (records) and ``bench=paper`` (R2)."""
 
@@ -281,6 +294,7 @@ class TrainConfig:
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     seed: int = 42
     task_name: str = "train"
     tags: list[str] = field(default_factory=list)
