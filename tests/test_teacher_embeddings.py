@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from patholite.io import current_umask
 from patholite.pipelines.embeddings import FOLDER, KEY_FILE, cached_embeddings, entry_name
@@ -197,6 +197,9 @@ def test_loader_workers_and_plain_image_datasets(tmp_path):
 
     out = cached_embeddings(tmp_path, KEY, Plain(10), Teacher(), batch_size=4, num_workers=1)
     np.testing.assert_array_equal(out["cls"], expected(10)["cls"])
+    # a Subset's items keep their parent's indices; its rows are in its own order
+    picked = cached_embeddings(tmp_path, {"subset": [7, 2, 5]}, Subset(Tiles(10), [7, 2, 5]), Teacher(), 2)
+    np.testing.assert_array_equal(picked["cls"], expected(10)["cls"][[7, 2, 5]])
 
 
 def test_a_failed_build_leaves_no_entry(tmp_path):

@@ -170,12 +170,9 @@ def _fill(
     done = 0
     with Progress(f"{log_name} embeddings", count, "tiles") as progress, torch.no_grad():
         for batch in loader:
+            # row i is the dataset's item i (an unshuffled loader); an item's own index is not checked, so a
+            # Subset, whose items keep their parent's indices, is embedded in its own order
             images = batch[0] if isinstance(batch, list | tuple) else batch
-            if isinstance(batch, list | tuple) and len(batch) > 1 and torch.is_tensor(batch[1]):
-                # tile order is what the rows mean: a dataset that reorders must not slip through
-                expected = torch.arange(done, done + len(images))
-                if not torch.equal(batch[1].cpu().long(), expected):
-                    raise RuntimeError(f"{log_name} embeddings: the tiles came out of order at row {done}")
             out = compute(images)
             if not maps:
                 if not out:
