@@ -1,6 +1,7 @@
-"""LightningModules: the plain classifier (teacher) and SMT (R3); distillation students come later."""
+"""LightningModules: the plain classifier (teacher), SMT (R3), label-free feature distillation."""
 
 from patholite.modules.classifier import ClassifierModule
+from patholite.modules.encoder import FeatureKdModule
 from patholite.modules.smt import SMTModule
 
-__all__ = ["ClassifierModule", "SMTModule"]
+__all__ = ["ClassifierModule", "FeatureKdModule", "SMTModule"]

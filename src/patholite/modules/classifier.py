@@ -114,29 +114,32 @@ class ClassifierModule(L.LightningModule):
         self._log_per_class("test", self.test_per_class)
 
     def configure_optimizers(self):
-        cfg = self.hparams.optim
-        decay, no_decay = [], []
         # the distiller's own parameters (feature projections) train with the student; its teacher has none
         owner = self.distiller if self.distiller is not None else self.net
-        for name, param in owner.named_parameters():
-            if not param.requires_grad:
-                continue
-            # norms, biases and token/position embeddings are not weight-decayed (timm's convention)
-            (
-                no_decay
-                if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token"))
-                else decay
-            ).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = total / max(1, self.trainer.max_epochs or 1)
-        warmup = min(total - 1, int(cfg["warmup_epochs"] * per_epoch)) if total > 1 else 0
-        schedule = LambdaLR(optimizer, warmup_cosine(total, max(1, warmup), cfg["min_lr_ratio"]))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(self.trainer, owner, self.hparams.optim)
+
+
+def adamw_warmup_cosine(trainer: L.Trainer, owner: nn.Module, cfg: dict[str, Any]) -> dict[str, Any]:
+    """AdamW over ``owner``'s trainable parameters (``cfg``: the ``optim`` node as a dict) with a linear
+    warm-up and a cosine decay per step: Lightning's ``configure_optimizers`` result."""
+    decay, no_decay = [], []
+    for name, param in owner.named_parameters():
+        if not param.requires_grad:
+            continue
+        # norms, biases and token/position embeddings are not weight-decayed (timm's convention)
+        (
+            no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay
+        ).append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg["lr"],
+        betas=tuple(cfg["betas"]),
+    )
+    total = max(1, int(trainer.estimated_stepping_batches))
+    per_epoch = total / max(1, trainer.max_epochs or 1)
+    warmup = min(total - 1, int(cfg["warmup_epochs"] * per_epoch)) if total > 1 else 0
+    schedule = LambdaLR(optimizer, warmup_cosine(total, max(1, warmup), cfg["min_lr_ratio"]))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -53,9 +53,13 @@ def fit(
     stage: str,
     epochs: int | None = None,
     ema: Any | None = None,
+    datamodule: L.LightningDataModule | None = None,
+    monitor: tuple[str, str] | None = None,
 ) -> Fitted:
     """Train ``module`` for ``epochs`` (default ``trainer.max_epochs``), resuming this stage's checkpoint when
-    the run is resumed, and return its best weights."""
+    the run is resumed, and return its best weights. ``datamodule``: other data than the run's labelled
+    tiles (unlabelled tiles with teacher targets); ``monitor``: (metric, min|max) choosing the best epoch
+    when the module logs another than ``callbacks.monitor``."""
     seed_everything(ctx.cfg.seed)
     checkpoint_dir = ctx.checkpoint_dir / stage
     averaging = ema_callback(ema)
@@ -67,6 +71,7 @@ def fit(
         manual_optimization=not module.automatic_optimization,
         # a model whose parts join during training (SMT) names the first epoch where all of them trained
         select_from_epoch=int(getattr(module, "complete_from_epoch", 0)),
+        monitor=monitor,
     )
     resume = latest_checkpoint(checkpoint_dir) if ctx.resuming else None
     if not ctx.resuming and (stale := latest_checkpoint(checkpoint_dir)) is not None:
@@ -78,7 +83,7 @@ def fit(
         )
     if resume is not None:
         log.info("stage %s: resuming from %s", stage, resume)
-    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=datamodule or ctx.datamodule, ckpt_path=str(resume) if resume else None)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ema_state = None
     if best:

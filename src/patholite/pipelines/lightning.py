@@ -53,15 +53,23 @@ class StopFromEpoch(EarlyStopping):
             super()._run_early_stopping_check(trainer)
 
 
-def build_callbacks(ctx: RunContext, checkpoint_dir: Path, select_from_epoch: int = 0) -> list[L.Callback]:
+def build_callbacks(
+    ctx: RunContext,
+    checkpoint_dir: Path,
+    select_from_epoch: int = 0,
+    monitor: tuple[str, str] | None = None,
+) -> list[L.Callback]:
+    """``monitor``: (metric, min|max) the best epoch is chosen by, when the module logs another metric than
+    ``callbacks.monitor`` (an encoder's feature loss)."""
     cb = ctx.cfg.callbacks
+    metric, mode = monitor or (cb.monitor, cb.monitor_mode)
     callbacks: list[L.Callback] = [
         BestFromEpoch(
             from_epoch=select_from_epoch,
             dirpath=checkpoint_dir,
             filename="best-{epoch:03d}",
-            monitor=cb.monitor,
-            mode=cb.monitor_mode,
+            monitor=metric,
+            mode=mode,
             save_top_k=1,
         ),
         # Lightning 2.6's save_last only writes when the monitored metric improved, so a resumed run could
@@ -81,8 +89,8 @@ def build_callbacks(ctx: RunContext, checkpoint_dir: Path, select_from_epoch: in
     if cb.early_stopping_patience:
         callbacks.append(
             StopFromEpoch(
-                monitor=cb.monitor,
-                mode=cb.monitor_mode,
+                monitor=metric,
+                mode=mode,
                 patience=cb.early_stopping_patience,
                 from_epoch=select_from_epoch,
             )
@@ -102,10 +110,11 @@ def build_trainer(
     extra_callbacks: list[L.Callback] | None = None,
     manual_optimization: bool = False,
     select_from_epoch: int = 0,
+    monitor: tuple[str, str] | None = None,
 ) -> L.Trainer:
     """``manual_optimization``: the module steps its own optimisers (SMT) and clips itself; Lightning
     refuses its gradient clipping and accumulation then. ``select_from_epoch``: the best checkpoint and early
-    stopping consider epochs from this one on."""
+    stopping consider epochs from this one on. ``monitor``: see ``build_callbacks``."""
     t = ctx.cfg.trainer
     return L.Trainer(
         **ctx.accelerator.trainer_kwargs(),
@@ -120,7 +129,7 @@ def build_trainer(
         deterministic=t.deterministic,
         default_root_dir=str(ctx.run_dir),
         logger=ctx.loggers or False,
-        callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir, select_from_epoch)
+        callbacks=build_callbacks(ctx, checkpoint_dir or ctx.checkpoint_dir, select_from_epoch, monitor)
         + list(extra_callbacks or []),
         enable_progress_bar=ctx.cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,

@@ -16,7 +16,7 @@ from patholite.data.base import check_global_batch
 from patholite.errors import ConfigError
 from patholite.models.fits import check_model_fits
 from patholite.models.hub import locate_hub_weights, model_normalisation
-from patholite.pipelines.stages import check_stages
+from patholite.pipelines.stages import check_stages, stage_task
 from patholite.pipelines.tasks import Task, task_for
 from patholite.pipelines.teacher import Teacher, check_teacher_fits, resolve_teacher
 
@@ -37,7 +37,7 @@ def check_run(cfg: DictConfig) -> tuple[Task, ResolvedAccelerator, Teacher | Non
     """The checks that need the config, this machine and the files the config names, but no data: the
     config's keys, the task's model and data settings, every stage and its block, the teacher."""
     check_config(cfg)
-    task = task_for(cfg.model)
+    task = task_for(cfg.model, stage_task(cfg.compression))
     task.check(cfg)
     prepare_hub_weights(cfg)
     accelerator = resolve_accelerator(cfg.accelerator)

@@ -9,7 +9,7 @@ or trains its network (``tasks.base.Task.plain_network``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -53,8 +53,35 @@ def run_float_artifact(run: Path, key: str) -> Path:
 
 def resolve_teacher(c: DictConfig) -> Teacher:
     """The teacher ``c`` (the ``compression`` node) names; raises for one that does not exist."""
-    checkpoint = c.teacher.checkpoint
-    key = "compression.teacher.checkpoint"
+    return _resolve(
+        c.teacher.model, c.teacher.checkpoint, bool(c.teacher.get("download", False)), "compression.teacher"
+    )
+
+
+def resolve_teachers(c: DictConfig) -> list[Teacher]:
+    """The teachers of label-free feature distillation: each of ``compression.feature_kd.teachers`` (a model
+    option, or a trained run or float artifact folder), or ``compression.teacher`` when that list is
+    empty."""
+    named = list(c.feature_kd.teachers)
+    if not named:
+        return [resolve_teacher(c)]
+    download = bool(c.teacher.get("download", False))
+    teachers = []
+    for i, item in enumerate(named):
+        key = f"compression.feature_kd.teachers[{i}]"
+        if Path(str(item)).expanduser().is_dir() or "/" in str(item):
+            teachers.append(_resolve("", str(item), download, key, path_key=key))
+        else:
+            teachers.append(replace(_resolve(str(item), None, download, key), named=f"{key}={item}"))
+    return teachers
+
+
+def _resolve(
+    option: str, checkpoint: str | None, download: bool, key: str, path_key: str | None = None
+) -> Teacher:
+    """A teacher from a model option (``option``) and its weights file, or from a run or artifact folder
+    (``checkpoint``); ``key`` names the setting in messages."""
+    key = path_key or f"{key}.checkpoint"
     path = Path(checkpoint).expanduser() if checkpoint else None
     if path is not None and path.is_dir():  # a trained model on disk: its own architecture and weights
         if is_run_folder(path):
@@ -72,12 +99,12 @@ def resolve_teacher(c: DictConfig) -> Teacher:
     if path is not None and not path.is_file():
         raise ConfigError(
             f"{key}={checkpoint} does not exist; give a trained teacher's weights file, run folder or float "
-            "artifact folder, or null to train the teacher once with the plain recipe (cached)"
+            "artifact folder, or a model option trained once with the plain recipe (cached)"
         )
-    model = load_model_option(c.teacher.model)
+    model = load_model_option(option)
     model.checkpoint = checkpoint
-    model.download = bool(c.teacher.get("download", False))
-    return Teacher(model, f"compression.teacher.model={c.teacher.model}")
+    model.download = download
+    return Teacher(model, f"{key.removesuffix('.checkpoint')}.model={option}" if not path_key else key)
 
 
 def check_teacher_fits(cfg: DictConfig, teacher: Teacher, class_names: list[str], input_size: int) -> None:

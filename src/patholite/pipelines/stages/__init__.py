@@ -57,6 +57,12 @@ def stage_list(c: DictConfig) -> list[str]:
     return stages
 
 
+def stage_task(c: DictConfig) -> str | None:
+    """The task the run's first stage makes its model (``Stage.task``), or None: the model family's."""
+    first = STAGES.get(str(c.stages[0])) if len(c.stages) else None
+    return first.task if first is not None else None
+
+
 def check_stages(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None:
     """The stage list can run in this order for this task, and every stage's config block is valid."""
     c = cfg.compression
@@ -106,10 +112,11 @@ def run_stages(ctx: RunContext, task: Task) -> list[ArtifactRecord]:
         run.done.append(name)
         run.save_state()
     run.stage = None
+    task.complete(run.records)
     if run.time_at_end:
         log.info("timing %d artifacts together, alternating", len(run.records))
         time_together(run.records, int(ctx.cfg.dataset.image_size), ctx.cfg.bench, "cpu")
     return run.records
 
 
-__all__ = ["STAGES", "Stage", "StageRun", "artifact_names", "check_stages", "run_stages"]
+__all__ = ["STAGES", "Stage", "StageRun", "artifact_names", "check_stages", "run_stages", "stage_task"]

@@ -51,6 +51,7 @@ class Stage:
     after: tuple[str, ...] = ()  # stages that, when also listed, must come before this one
     last: bool = False  # listed last when listed at all
     check: Callable[[DictConfig, Task, ResolvedAccelerator], None] | None = None
+    task: str | None = None  # a first stage whose model is judged as this task (feature_kd: encoders)
 
 
 @dataclass
@@ -127,12 +128,15 @@ class StageRun:
         source: Current | None = None,
         model_cfg: DictConfig | None = None,
         state: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> Current:
         """Save ``net`` as the float artifact ``name`` (a name the stage declares), reload it from its files,
-        record it, and return it as the model the next stage works on."""
+        record it, and return it as the model the next stage works on (``meta``: sidecar keys that differ
+        from the run's, e.g. a teacher's own normalisation)."""
         name = self.name(name)
         directory = self.ctx.artifact_dir(name)
-        files = save_float_artifact(net.cpu().eval(), directory, self.meta(surgery, model_cfg))
+        sidecar = {**self.meta(surgery, model_cfg), **(meta or {})}
+        files = save_float_artifact(net.cpu().eval(), directory, sidecar)
         loaded, _ = load_float_artifact(directory)
         logits = self.record(name, loaded, directory, files, source)
         return Current(name, loaded.cpu().eval(), directory, logits, list(surgery or []), dict(state or {}))

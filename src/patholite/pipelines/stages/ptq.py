@@ -124,9 +124,9 @@ class Method:
 
 
 METHODS = {
-    "dynamic": Method("int8_dynamic", _dynamic, tasks=("tiles", "slides")),
-    "dynamic_ort": Method("int8_dynamic_ort", _dynamic_ort),
-    "static_ort": Method("int8_static_ort", _static_ort),
+    "dynamic": Method("int8_dynamic", _dynamic, tasks=("tiles", "slides", "encoders")),
+    "dynamic_ort": Method("int8_dynamic_ort", _dynamic_ort, tasks=("tiles", "encoders")),
+    "static_ort": Method("int8_static_ort", _static_ort, tasks=("tiles", "encoders")),
     "mixed": Method("int8_mixed", _mixed),
 }
 
@@ -171,6 +171,7 @@ STAGE = Stage(
     name="ptq",
     run=run,
     key="ptq",
+    tasks=("tiles", "slides", "encoders"),
     check=check,
     artifacts={
         "int8_dynamic": "torch.ao dynamic INT8 of Linear layers (x86/fbgemm), LayerNorm/Softmax in float",

@@ -109,6 +109,9 @@ class Task:
         """``net``'s outputs on the test data, as ``evaluate`` returns them (without recording)."""
         raise NotImplementedError
 
+    def complete(self, records: list[ArtifactRecord]) -> None:
+        """Finish the rows once every artifact of the run is recorded (what needs two rows at once)."""
+
     def times_together(self, ctx: RunContext) -> bool:
         """Whether a run's artifacts are timed together at its end (one child, alternating)."""
         return False
