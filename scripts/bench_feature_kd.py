@@ -1,0 +1,242 @@
+"""Issue 16's targets for label-free feature distillation, measured through patholite's own entry points.
+
+Quality (``quality``): a teacher trained with labels on synthetic tiles generated from another seed
+(``dataset.seed=1``) than the tiles the student distils on and the probes judge (``dataset.seed=0``); then
+- a label-free student of the teacher (``compression=feature_kd_ptq``): linear-probe balanced accuracy of
+  teacher, student and INT8 student (95% bootstrap CIs), and INT8's change of probe accuracy;
+- the same student probed with 10% of the train labels, against a student of the same architecture trained
+  from scratch on those 10% (``dataset.train_per_class`` cut to a tenth);
+- a second teacher of another architecture, a student of it alone, and a student of both teachers.
+Speed (``speed``): teacher and student encoders (random weights, headless) and the student's INT8 forms,
+timed together in one child process, alternating (patholite's protocol), at ``--speed-size`` px.
+
+    python scripts/bench_feature_kd.py --out bench-fkd                      # the issue's protocol (hours)
+    python scripts/bench_feature_kd.py --out bench-fkd --teacher vit_mini --teacher2 resnet18 \\
+        --student vit_nano --image-size 64 --epochs 6 --kd-epochs 6            # a reduced run (minutes)
+
+Writes ``<out>/results.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from patholite.artifacts.onnx import save_onnx_artifact
+from patholite.artifacts.torch_float import save_float_artifact
+from patholite.config.options import load_model_option
+from patholite.config.schema import BenchConfig
+from patholite.measure.timing import time_artifacts
+from patholite.models.encoder import embed_dim
+from patholite.models.factory import create_network
+from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort
+from patholite.records import read_record
+
+QUIET = ["logger=csv", "callbacks.progress_bar=none", "bench.isolation=process", "bench.warmup=1"]
+QUIET += ["bench.iters=2", "bench.repeats=1", "bench.batch_sizes=[8]"]
+
+
+def train(out: Path, name: str, args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """One ``python -m patholite.train`` run (reused when its record says ok); its record."""
+    run_dir = out / name
+    if (run_dir / "metrics.json").is_file() and read_record(run_dir).get("status") == "ok":
+        return read_record(run_dir)
+    common = [
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={out / 'cache'}",
+        f"dataset.image_size={args.image_size}",
+        f"trainer.max_epochs={args.epochs}",
+        f"seed={args.seed}",
+    ]
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "patholite.train", *QUIET, *common, *overrides], text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {done.returncode}); see {run_dir}")
+    print(f"{name}: {time.time() - started:.0f} s", flush=True)
+    return read_record(run_dir)
+
+
+def rows(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in record["artifacts"]}
+
+
+def probe(row: dict[str, Any]) -> dict[str, Any]:
+    q = row["quality"]
+    linear = q.get("probe", {}).get("linear", {})
+    return {
+        "balanced_accuracy": q["balanced_accuracy"],
+        "balanced_accuracy_ci95": linear.get("balanced_accuracy_ci95") or q.get("balanced_accuracy_ci95"),
+        "knn_balanced_accuracy": q.get("probe", {}).get("knn", {}).get("balanced_accuracy"),
+        "stain_cosine": q.get("stain_cosine"),
+        "params": row["cost"]["params"],
+    }
+
+
+def quality(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    teacher_data = ["dataset.seed=1", "compression=none"]
+    t1 = train(out, "teacher", args, [f"model={args.teacher}", *teacher_data])
+    t2 = train(out, "teacher2", args, [f"model={args.teacher2}", *teacher_data])
+    kd = [f"model={args.student}", f"compression.feature_kd.epochs={args.kd_epochs}"]
+    kd += [f"compression.feature_kd.tiles.max_tiles={args.tiles}"] if args.tiles else []
+    single = train(
+        out,
+        "student",
+        args,
+        [*kd, "compression=feature_kd_ptq", f"compression.teacher.checkpoint={out / 'teacher'}"],
+    )
+    few = train(
+        out,
+        "student_10pct_labels",
+        args,
+        [*kd, "compression=feature_kd", f"compression.teacher.checkpoint={out / 'teacher'}"]
+        + [f"probe.label_fraction={args.label_fraction}"],
+    )
+    per_class = max(1, round(400 * args.label_fraction))
+    scratch = train(
+        out,
+        "scratch_10pct_labels",
+        args,
+        [f"model={args.student}", "compression=none", f"dataset.train_per_class={per_class}"],
+    )
+    alone2 = train(
+        out,
+        "student_of_teacher2",
+        args,
+        [*kd, "compression=feature_kd", f"compression.teacher.checkpoint={out / 'teacher2'}"],
+    )
+    both = train(
+        out,
+        "student_of_both",
+        args,
+        [
+            *kd,
+            "compression=feature_kd",
+            f"compression.feature_kd.teachers=[{out / 'teacher'},{out / 'teacher2'}]",
+        ],
+    )
+    s = rows(single)
+    result = {
+        "teacher_trained": {"classifier_balanced_accuracy": rows(t1)["fp32"]["quality"]["balanced_accuracy"]},
+        "teacher_probe": probe(s["teacher_fp32"]),
+        "student_probe": probe(s["student_fp32"]),
+        "int8": {
+            name: {**probe(s[name]), "parity": s[name]["parity"]} for name in s if name.startswith("int8")
+        },
+        "student_parity_vs_teacher": s["student_fp32"]["parity"],
+        "labels_10pct": {
+            "student_probe": probe(rows(few)["student_fp32"]),
+            "scratch_classifier": {
+                "balanced_accuracy": rows(scratch)["fp32"]["quality"]["balanced_accuracy"],
+                "accuracy_ci95": rows(scratch)["fp32"]["quality"]["accuracy_ci95"],
+            },
+        },
+        "multi_teacher": {
+            "teacher2_probe": probe(rows(alone2)["teacher_fp32"]),
+            "student_of_teacher1": probe(s["student_fp32"]),
+            "student_of_teacher2": probe(rows(alone2)["student_fp32"]),
+            "student_of_both": probe(rows(both)["student_fp32"]),
+            "teacher2_classifier_balanced_accuracy": rows(t2)["fp32"]["quality"]["balanced_accuracy"],
+        },
+    }
+    result["student_minus_teacher_pp"] = 100 * (
+        result["student_probe"]["balanced_accuracy"] - result["teacher_probe"]["balanced_accuracy"]
+    )
+    return result
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Headless teacher and student (random weights) and the student's INT8 forms at ``--speed-size`` px,
+    timed together in one child, alternating."""
+    size = args.speed_size
+    work = Path(tempfile.mkdtemp(prefix="fkd-speed-"))
+    dirs = {}
+    for role, option in (("teacher_fp32", args.speed_teacher), ("student_fp32", args.speed_student)):
+        cfg = OmegaConf.to_container(load_model_option(option), resolve=True)
+        net = create_network(cfg, 0, size).eval()
+        meta = {
+            "model": cfg,
+            "class_names": ["a", "b"],
+            "image_size": size,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "encoder": {"embed_dim": embed_dim(net, size)},
+        }
+        save_float_artifact(net, work / role, meta)
+        dirs[role] = work / role
+        if role == "student_fp32":
+            save_dynamic(net, work / "student_int8_torch", meta, args.engine)
+            save_onnx_artifact(net, work / "student_onnx_fp32", meta)
+            save_dynamic_ort(work / "student_onnx_fp32" / "model.onnx", work / "student_int8_ort", meta)
+            dirs.update({k: work / k for k in ("student_int8_torch", "student_int8_ort")})
+    bench = OmegaConf.structured(
+        BenchConfig(warmup=5, iters=args.iters, repeats=args.repeats, batch_sizes=[8], threads=None)
+    )
+    timing = time_artifacts(list(dirs.values()), size, bench, "cpu")
+    out = {"image_size": size, "batch": 8, "threads": timing["threads"], "artifacts": {}}
+    base = timing["artifacts"]["teacher_fp32"]["throughput_ips"]["8"]
+    for name in dirs:
+        t = timing["artifacts"][name]
+        out["artifacts"][name] = {
+            "throughput_ips": t["throughput_ips"]["8"],
+            "x_teacher_fp32": t["throughput_ips"]["8"] / base,
+            "ratio_to_first": (t.get("ratio_to_baseline") or {}).get("8"),
+        }
+    return out
+
+
+def cpu() -> dict[str, Any]:
+    flags = ""
+    with contextlib.suppress(OSError, StopIteration):
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "features": [f for f in wanted if f in flags.split()],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--teacher", default="deit_small")
+    p.add_argument("--teacher2", default="resnet18")
+    p.add_argument("--student", default="deit_tiny")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--epochs", type=int, default=30, help="teacher and scratch training epochs")
+    p.add_argument("--kd-epochs", type=int, default=30)
+    p.add_argument("--tiles", type=int, default=0, help="unlabelled tiles (0: the whole train split)")
+    p.add_argument("--label-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--speed-teacher", default="deit_small")
+    p.add_argument("--speed-student", default="deit_tiny")
+    p.add_argument("--speed-size", type=int, default=224)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--engine", default="x86")
+    p.add_argument("--skip", choices=("quality", "speed"), action="append", default=[])
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"cpu": cpu(), "args": {k: str(v) for k, v in vars(args).items()}}
+    if "speed" not in args.skip:
+        results["speed"] = speed(args)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    if "quality" not in args.skip:
+        results["quality"] = quality(args.out, args)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
