@@ -171,3 +171,67 @@ def test_stages_that_need_labels_or_logits_refuse_an_encoder(make_cfg):
         preflight(make_cfg("compression=feature_kd", "compression.stages=[feature_kd,qat]"))
     with pytest.raises(ConfigError, match="mixed"):
         preflight(make_cfg("compression=feature_kd_ptq", "compression.ptq.methods=[mixed]"))
+
+
+def test_an_encoder_is_pruned_and_quantization_aware_trained_toward_its_float_embeddings(make_cfg, tmp_path):
+    cfg = make_cfg(
+        "compression=feature_kd",
+        "compression.stages=[feature_kd,prune,qat]",
+        "compression.prune.importance=magnitude",
+        "compression.prune.ratio=0.25",
+    )
+    assert run_job(cfg) == "ok"
+    rows = {a["name"]: a for a in read_record(tmp_path / "run")["artifacts"]}
+    assert list(rows) == ["teacher_fp32", "student_fp32", "pruned", "int8_qat"]
+    assert rows["pruned"]["source"] == "student_fp32" and rows["int8_qat"]["source"] == "pruned"
+    assert rows["pruned"]["cost"]["params"] < rows["student_fp32"]["cost"]["params"]
+    for name in ("pruned", "int8_qat"):
+        parity = rows[name]["parity"]
+        assert parity["mean_cosine"] is not None and parity["mean_cosine"] > 0.5
+        assert "balanced_accuracy_change_pp" in parity
+    # the fine-tunes learned from the float encoder's embeddings: no labels, checkpoints of their own
+    assert (tmp_path / "run" / "checkpoints" / "prune").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "qat").is_dir()
+
+
+def test_prune_scoring_that_needs_labels_is_refused_for_an_encoder(make_cfg):
+    with pytest.raises(ConfigError, match="importance=magnitude"):
+        preflight(make_cfg("compression=feature_kd", "compression.stages=[feature_kd,prune]"))
+
+
+def test_a_student_carries_its_teachers_provenance_and_licence(make_cfg, tmp_path, job_cache):
+    # a teacher artifact made from a (pretend) hub model: its sidecar names the hub repo and the licence
+    [entry] = [p for p in (job_cache / "trained").iterdir() if p.is_dir()]
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    for f in entry.iterdir():
+        if f.is_file():
+            (teacher / f.name).write_bytes(f.read_bytes())
+    sidecar = json.loads((teacher / "artifact.json").read_text())
+    source = {"hub_id": "MahmoodLab/uni", "revision": "abc123", "license": "cc-by-nc-nd-4.0"}
+    (teacher / "artifact.json").write_text(json.dumps({**sidecar, "weights_source": source}))
+    cfg = make_cfg(
+        "compression=feature_kd_ptq",
+        "compression.ptq.methods=[dynamic]",
+        f"compression.teacher.checkpoint={teacher}",
+    )
+    assert run_job(cfg) == "ok"
+    for name in ("student_fp32", "int8_dynamic"):
+        meta = json.loads((tmp_path / "run" / "artifacts" / name / "artifact.json").read_text())
+        assert meta["licence"] == "cc-by-nc-nd-4.0"
+        assert meta["distilled_from"][0]["weights_source"]["hub_id"] == "MahmoodLab/uni"
+
+
+def test_a_sweep_over_feature_kd_and_none_is_compared_in_one_table(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli(
+        ["-m", "debug=fast", "model=vit_micro", "logger=csv", "compression=feature_kd,none"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [sweep] = sorted((tmp_path / "outputs" / "multiruns").glob("*/*"))
+    table = (sweep / "compare" / "compare.csv").read_text().splitlines()
+    header, body = table[0].split(","), table[1:]
+    assert any("feature_kd" in row and "student_fp32" in row for row in body)
+    assert any(row.split(",")[0] == "none" or ",none," in row for row in body)
+    assert "balanced_accuracy" in header

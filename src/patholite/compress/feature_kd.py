@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from patholite.data.transforms import StainJitter
-from patholite.models.encoder import embeddings
+from patholite.models.encoder import as_pooled, embeddings
 
-PROJECTIONS = ("linear", "mlp")
+PROJECTIONS = ("linear", "mlp", "identity")
 
 
 def feature_loss(
@@ -43,7 +43,12 @@ def feature_loss(
 
 
 def projection_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Module:
-    """Student width -> teacher width: ``linear``, or ``mlp`` (Linear, GELU, Linear; hidden = the larger)."""
+    """Student width -> teacher width: ``linear``, ``mlp`` (Linear, GELU, Linear; hidden = the larger), or
+    ``identity`` for equal widths (a fine-tuned encoder matching the encoder it came from)."""
+    if kind == "identity":
+        if in_dim != out_dim:
+            raise ValueError(f"projection identity needs equal widths, got {in_dim} -> {out_dim}")
+        return nn.Identity()
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
@@ -90,7 +95,10 @@ class FeatureDistiller(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled, patch_mean = embeddings(self.net, x, "the student")
+        if self.patch:
+            pooled, patch_mean = embeddings(self.net, x, "the student")
+        else:  # the forward pass alone: a traced (fake-quantized) encoder has no forward_features
+            pooled = as_pooled(self.net(x), "the student")
         out = {key: head(pooled[:, : int(key.rsplit("@", 1)[1])]) for key, head in self.heads.items()}
         out.update({f"{t}@patch": head(patch_mean) for t, head in self.patch_heads.items()})
         return out

@@ -42,7 +42,11 @@ def as_encoder(net: nn.Module, named: str = "the network") -> nn.Module:
 
 
 def _pooled(net: nn.Module, features: torch.Tensor, named: str) -> torch.Tensor:
-    pooled = net.forward_head(features, pre_logits=True)
+    return as_pooled(net.forward_head(features, pre_logits=True), named)
+
+
+def as_pooled(pooled: torch.Tensor, named: str = "the encoder") -> torch.Tensor:
+    """A headless network's output as one embedding per image (B x width)."""
     if pooled.ndim == 3:  # a ViT configured with global_pool='' (Virchow2): the class token
         pooled = pooled[:, 0]
     if pooled.ndim != 2:

@@ -11,36 +11,27 @@ foundation model), a weights file, or a model option trained once with the plain
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import nn
-from torch.utils.data import Dataset
 
 from patholite.accelerators import ResolvedAccelerator
 from patholite.artifacts.sidecar import read_sidecar
 from patholite.artifacts.torch_float import load_float_artifact
-from patholite.compress.feature_kd import PROJECTIONS, FeatureDistiller, HistologyAugment
+from patholite.compress.feature_kd import PROJECTIONS
 from patholite.config.checks import choice, require
 from patholite.data.unlabelled import KINDS, check_tile_source, unlabelled_tiles
 from patholite.errors import ConfigError
 from patholite.measure.probe import mean_cosine
-from patholite.models.encoder import as_encoder, embeddings, is_encoder_meta
+from patholite.models.encoder import as_encoder, is_encoder_meta
 from patholite.models.factory import build_model
 from patholite.models.hub import locate_hub_weights, model_normalisation, wants_hub
-from patholite.modules.encoder import MONITOR, MONITOR_TRAIN, FeatureKdModule
 from patholite.pipelines.context import RunContext
-from patholite.pipelines.embeddings import cached_embeddings
-from patholite.pipelines.fit import fit
 from patholite.pipelines.stages.base import Stage, StageRun
 from patholite.pipelines.tasks import TASKS, Task
+from patholite.pipelines.tasks.encoder_fit import Distilled, FrozenEncoder, distil_features
 from patholite.pipelines.tasks.encoders import meta_width
 from patholite.pipelines.teacher import Teacher, resolve_teachers
 
@@ -50,29 +41,7 @@ MAX_TEACHERS = 4
 TEACHER_NAMES = ("teacher_fp32", *(f"teacher_{i}_fp32" for i in range(1, MAX_TEACHERS)))
 
 
-@dataclass
-class TeacherEncoder:
-    """A teacher ready to embed tiles: its headless network, the normalisation its weights expect, and the
-    digest of its weights (the cache key of its embeddings)."""
-
-    teacher: Teacher
-    net: nn.Module
-    mean: list[float]
-    std: list[float]
-    digest: str
-
-
-def weights_digest(net: nn.Module) -> str:
-    """sha256 of a network's state dict (names, shapes, bytes): what its embeddings depend on."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def teacher_encoder(ctx: RunContext, teacher: Teacher) -> TeacherEncoder:
+def teacher_encoder(ctx: RunContext, teacher: Teacher) -> FrozenEncoder:
     """``teacher``'s headless network and normalisation: an artifact's own, a hub model's, else the
     dataset's. A teacher with no weights of its own is trained once with the plain recipe (cached)."""
     d = ctx.cfg.dataset
@@ -90,173 +59,52 @@ def teacher_encoder(ctx: RunContext, teacher: Teacher) -> TeacherEncoder:
         net = as_encoder(build_model(teacher.model, ctx.datamodule.num_classes, size), teacher.named)
     else:
         net = as_encoder(TASKS["tiles"].plain_network(ctx, teacher.model, "teacher"), teacher.named)
-    net = net.eval()
-    return TeacherEncoder(
-        teacher, net, [float(v) for v in mean], [float(v) for v in std], weights_digest(net)
+    return FrozenEncoder(
+        teacher.named, str(teacher.model.name), net.eval(), [float(v) for v in mean], [float(v) for v in std]
     )
 
 
-class DistillTiles(Dataset):
-    """Unlabelled tiles (``indices`` of ``tiles``) with each teacher's standardised embeddings as targets."""
-
-    def __init__(
-        self,
-        tiles: Dataset,
-        indices: list[int],
-        targets: dict[str, dict[str, np.ndarray]],
-        stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
-    ) -> None:
-        self.tiles, self.indices, self.targets, self.stats = tiles, list(indices), targets, stats
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
-        index = self.indices[i]
-        image, _ = self.tiles[index]
-        targets = {
-            t: {
-                kind: torch.from_numpy((np.asarray(arr[index], dtype=np.float32) - mu) / sd)
-                for kind, arr in per.items()
-                for mu, sd in [self.stats[t][kind]]
-            }
-            for t, per in self.targets.items()
-        }
-        return image, targets
-
-
-def standardisation(values: np.ndarray, rows: list[int], on: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std over the training tiles (identity when ``on`` is false): teachers'
-    embeddings differ in scale by orders of magnitude, and smooth-L1 would weigh them by it."""
-    if not on:
-        width = values.shape[1]
-        return np.zeros(width, np.float32), np.ones(width, np.float32)
-    sample = np.asarray(values[np.sort(np.asarray(rows))], dtype=np.float64)
-    return sample.mean(0).astype(np.float32), (sample.std(0) + 1e-6).astype(np.float32)
+def teacher_sidecar(teacher: Teacher, enc: FrozenEncoder) -> dict[str, Any]:
+    """What a teacher's recorded artifact states beyond the run's sidecar: its own normalisation and, for a
+    teacher read from an artifact, that artifact's hub provenance (the students inherit its licence)."""
+    extra: dict[str, Any] = {"mean": enc.mean, "std": enc.std}
+    if teacher.artifact is not None and read_sidecar(teacher.artifact).get("weights_source"):
+        extra["weights_source"] = read_sidecar(teacher.artifact)["weights_source"]
+    return extra
 
 
 def run(run: StageRun) -> None:
     ctx, fk = run.ctx, run.c.feature_kd
     # The student is initialised first, from the stage's seed: training a missing teacher uses the RNG too.
     student = run.task.new_network(ctx)
-    encoders = [teacher_encoder(ctx, t) for t in resolve_teachers(run.c)]
-    recorded = []
-    for name, enc in zip(TEACHER_NAMES, encoders, strict=False):
-        extra = {"mean": enc.mean, "std": enc.std}
-        recorded.append(run.record_float(name, enc.net, model_cfg=enc.teacher.model, meta=extra))
-
-    d = ctx.cfg.dataset
-    tiles = unlabelled_tiles(fk.tiles, ctx.datamodule.splits["train"], int(d.image_size))
-    train_rows, val_rows = tiles.split(float(fk.tiles.val_fraction), int(fk.tiles.seed))
-    log.info("feature_kd: %d unlabelled tiles (%d held out)", len(tiles), len(val_rows))
-    kinds = ("cls", "patch") if fk.patch_weight > 0 else ("cls",)
-    targets, stats, dims = {}, {}, {}
-    for i, enc in enumerate(encoders):
-        key = f"t{i}"
-        targets[key] = cached_embeddings(
-            Path(ctx.cfg.paths.cache_dir),
-            embedding_key(enc, tiles.key(), kinds),
-            tiles,
-            teacher_compute(enc, kinds, ctx.accelerator.device),
-            batch_size=int(fk.teacher_batch_size),
-            num_workers=int(d.num_workers),
-            log_name=enc.teacher.named,
-        )
-        stats[key] = {
-            k: standardisation(v, train_rows, bool(fk.standardize)) for k, v in targets[key].items()
-        }
-        dims[key] = int(targets[key]["cls"].shape[1])
-
-    width = int(meta_width(ctx.cfg.model, int(d.image_size), "the student"))
-    distiller = FeatureDistiller(
-        student, width, dims, list(fk.nested), fk.projection, patch=fk.patch_weight > 0
-    )
-    optim = {
-        **ctx.plain("optim"),
-        "lr": fk.lr,
-        "weight_decay": fk.weight_decay,
-        "warmup_epochs": fk.warmup_epochs,
-    }
-    module = FeatureKdModule(
-        distiller,
-        d.mean,
-        d.std,
-        HistologyAugment(fk.augment.flips, fk.augment.rotate90, float(fk.augment.stain_sigma)),
-        {
-            "cosine_weight": fk.cosine_weight,
-            "smooth_l1_weight": fk.smooth_l1_weight,
-            "beta": fk.smooth_l1_beta,
-            "patch_weight": fk.patch_weight,
-        },
-        optim,
-    )
-    data = L.LightningDataModule.from_datasets(
-        train_dataset=DistillTiles(tiles, train_rows, targets, stats),
-        val_dataset=DistillTiles(tiles, val_rows, targets, stats) if val_rows else None,
-        batch_size=int(d.batch_size),
-        num_workers=int(d.num_workers),
-    )
+    teachers = resolve_teachers(run.c)
+    encoders = [teacher_encoder(ctx, t) for t in teachers]
+    recorded = [
+        run.record_float(name, enc.net, model_cfg=t.model, meta=teacher_sidecar(t, enc))
+        for name, enc, t in zip(TEACHER_NAMES, encoders, teachers, strict=False)
+    ]
+    width = meta_width(ctx.cfg.model, int(ctx.cfg.dataset.image_size), "the student")
     epochs = int(fk.epochs) if fk.epochs is not None else None
-    fitted = fit(
-        ctx,
-        module,
-        "feature_kd",
-        epochs,
-        ema=run.c.ema,
-        datamodule=data,
-        monitor=MONITOR if val_rows else MONITOR_TRAIN,
-    )
+    done = distil_features(ctx, "feature_kd", student, width, encoders, epochs, float(fk.lr), ema=run.c.ema)
+    fitted = done.fitted
     net = fitted.ema_net if fitted.ema_net is not None else fitted.net
     name = "student_fp32_ema" if fitted.ema_net is not None else "student_fp32"
     if fitted.ema_net is not None and run.c.ema.keep_raw:
         run.record_float("student_fp32", fitted.net, source=recorded[0])
     run.current = run.record_float(name, net, source=recorded[0])
-    run.records[-1].parity["projected_cosine"] = projected_agreement(
-        distiller, net, run.current, recorded, stats
-    )
+    run.records[-1].parity["projected_cosine"] = projected_agreement(done, run.current, recorded)
 
 
-def projected_agreement(
-    distiller: FeatureDistiller, net: nn.Module, student: Any, teachers: list[Any], stats: dict
-) -> dict[str, float]:
+def projected_agreement(done: Distilled, student: Any, teachers: list[Any]) -> dict[str, float]:
     """Mean cosine on the test tiles between the student's embedding through its distillation head and each
     teacher's (standardised as in training): how far the student learned each teacher."""
     out = {}
     with torch.inference_mode():
         for i, rec in enumerate(teachers):
-            head = distiller.heads[f"t{i}@{distiller.sizes[-1]}"].cpu().eval()
-            mu, sd = (torch.from_numpy(v) for v in stats[f"t{i}"]["cls"])
+            head = done.distiller.heads[f"t{i}@{done.distiller.sizes[-1]}"].cpu().eval()
+            mu, sd = (torch.from_numpy(v) for v in done.stats[f"t{i}"]["cls"])
             out[rec.name] = mean_cosine(head(student.logits.float()), (rec.logits.float() - mu) / sd)
     return out
-
-
-def embedding_key(enc: TeacherEncoder, tiles_key: dict[str, Any], kinds: tuple[str, ...]) -> dict[str, Any]:
-    """What a teacher's cached embeddings depend on: its weights and input, which embeddings, the tiles."""
-    return {
-        "version": 1,
-        "teacher": enc.teacher.model.name,
-        "weights_sha256": enc.digest,
-        "mean": enc.mean,
-        "std": enc.std,
-        "embeddings": list(kinds),
-        "tiles": tiles_key,
-    }
-
-
-def teacher_compute(enc: TeacherEncoder, kinds: tuple[str, ...], device: Any):
-    """uint8 tiles -> the teacher's named embeddings of them, clean (no augmentation)."""
-    net = enc.net.to(device)
-    mean = torch.tensor(enc.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(enc.std, device=device).view(1, 3, 1, 1)
-
-    @torch.inference_mode()
-    def compute(tiles: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = (tiles.to(device).float() / 255.0 - mean) / std
-        pooled, patch = embeddings(net, x, enc.teacher.named)
-        found = {"cls": pooled, "patch": patch}
-        return {k: found[k].float().cpu() for k in kinds}
-
-    return compute
 
 
 def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None:

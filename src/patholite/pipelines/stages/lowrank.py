@@ -29,7 +29,7 @@ def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None
     lr = cfg.compression.lowrank
     require(lr.landmarks >= 1, f"compression.lowrank.landmarks={lr.landmarks} must be >= 1")
     check_finetune(lr.finetune, "compression.lowrank")
-    if cfg.compression.lowrank.finetune.distill:  # learns from the model before the change
+    if cfg.compression.lowrank.finetune.distill and task.name != "encoders":  # learns from the model before
         check_kd(cfg)
     check_vit(cfg, "lowrank")
 
@@ -38,7 +38,7 @@ STAGE = Stage(
     name="lowrank",
     run=run,
     key="lowrank",
-    tasks=("tiles",),
+    tasks=("tiles", "encoders"),
     after=("prune",),  # pruning reshapes softmax attention
     check=check,
     artifacts={"lowrank": "Nystrom low-rank attention"},

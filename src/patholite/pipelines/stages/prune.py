@@ -73,7 +73,13 @@ def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None
         f"compression.prune.importance={p.importance} needs compression.prune.scoring_batches >= 1",
     )
     check_finetune(p.finetune, "compression.prune")
-    if cfg.compression.prune.finetune.distill:  # learns from the model before the change
+    require(
+        task.name != "encoders" or p.importance == "magnitude",
+        f"compression.prune.importance={p.importance} scores channels by a loss on labels, which an encoder "
+        "has none of: use compression.prune.importance=magnitude (the fine-tune then learns the float "
+        "encoder's embeddings)",
+    )
+    if cfg.compression.prune.finetune.distill and task.name != "encoders":  # learns from the model before
         check_kd(cfg)
     check_vit(cfg, "prune")
 
@@ -97,7 +103,7 @@ STAGE = Stage(
     name="prune",
     run=run,
     key="prune",
-    tasks=("tiles",),
+    tasks=("tiles", "encoders"),
     check=check,
     artifacts={"pruned": "structurally pruned (heads, MLP channels) and fine-tuned"},
 )

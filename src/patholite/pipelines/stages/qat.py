@@ -38,6 +38,7 @@ STAGE = Stage(
     name="qat",
     run=run,
     key="qat",
+    tasks=("tiles", "slides", "encoders"),
     check=check,
     artifacts={"int8_qat": "quantization-aware trained, converted to INT8"},
 )

@@ -12,6 +12,7 @@ probe balanced accuracy in percentage points.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,9 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from patholite.artifacts.qat import save_qat_artifact
 from patholite.artifacts.sidecar import SIDECAR, read_sidecar
+from patholite.compress.qat import convert_qat, prepare_qat
 from patholite.config.checks import require
 from patholite.data import HistologyDataModule, build_datamodule
 from patholite.data.base import ImageSetDataset
@@ -41,6 +44,7 @@ from patholite.models.encoder import ENCODER_KEY, embed_dim
 from patholite.models.factory import build_model, create_network
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.tasks.base import Task
+from patholite.pipelines.tasks.encoder_fit import Distilled, FrozenEncoder, distil_features
 from patholite.records import QUALITY_SCALARS, ArtifactRecord
 
 log = logging.getLogger(__name__)
@@ -242,6 +246,53 @@ class EncoderTask(Task):
                 torch.manual_seed(ctx.cfg.seed * 1000 + draw)
                 views.append(self._embed(ctx, net, "test", device, restain(d.mean, d.std, sigma))[0])
         return mean_cosine(*views)
+
+    # -------------------------------------------------------------------------------------- training
+    def finetune(
+        self, ctx: RunContext, stage: str, net: nn.Module, ft: DictConfig, source: nn.Module
+    ) -> nn.Module:
+        """After a structural change (pruning, low-rank): ``net`` learns ``source``'s embeddings (the float
+        encoder before the change) on the unlabelled tiles; ``ft.distill`` is implied, no labels needed."""
+        if ft.epochs <= 0:
+            return net
+        done = self._match(ctx, stage, net, source, int(ft.epochs), float(ft.lr), ema=ctx.cfg.compression.ema)
+        fitted = done.fitted
+        return fitted.ema_net if fitted.ema_net is not None else fitted.net
+
+    def qat(
+        self, ctx: RunContext, net: nn.Module, state: dict[str, Any], directory: Path, meta: dict[str, Any]
+    ) -> list[str]:
+        """R2's QAT-lite for an encoder: FX fake quantization, a fine-tune toward the float encoder's
+        embeddings on the unlabelled tiles, then the real INT8 model (kind ``torch_int8_qat``)."""
+        q, engine = ctx.cfg.compression.qat, ctx.accelerator.int8_engine
+        size = int(ctx.cfg.dataset.image_size)
+        prepared = prepare_qat(copy.deepcopy(net).train(), torch.zeros(1, 3, size, size), engine=engine)
+        done = self._match(ctx, "qat", prepared, net, int(q.finetune.epochs), float(q.finetune.lr))
+        return save_qat_artifact(convert_qat(done.fitted.net.cpu()), directory, {**meta, "engine": engine})
+
+    def _match(
+        self,
+        ctx: RunContext,
+        stage: str,
+        net: nn.Module,
+        source: nn.Module,
+        epochs: int,
+        lr: float,
+        ema: DictConfig | None = None,
+    ) -> Distilled:
+        """Fit ``net`` to ``source``'s embeddings, width to width (no projection, no standardisation)."""
+        d = ctx.cfg.dataset
+        frozen = FrozenEncoder(
+            f"the encoder before {stage}",
+            str(ctx.cfg.model.name),
+            copy.deepcopy(source).cpu().eval(),
+            [float(v) for v in d.mean],
+            [float(v) for v in d.std],
+        )
+        width = meta_width(ctx.cfg.model, int(d.image_size), f"model={ctx.cfg.model.name}")
+        return distil_features(
+            ctx, stage, net, width, [frozen], epochs, lr, "identity", False, nested=[], ema=ema, patch=False
+        )
 
     def outputs(self, ctx: RunContext, net: nn.Module) -> torch.Tensor:
         return self._embed(ctx, net, "test", "cpu")[0]
