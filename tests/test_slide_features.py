@@ -134,6 +134,7 @@ def test_float_encoder_writes_the_feature_layout_in_tiles_csv_order(encoders, sl
         report = json.loads((out / "report.json").read_text())
         assert report["embed_dim"] == 64 and report["n_tiles"] == n and report["tiles_per_s"] > 0
         assert report["tiles_per_s"] == pytest.approx(n / report["timings"]["wall_s"])
+        assert report["timings"]["save_busy_s"] > 0  # the writer thread listed the tiles, and was timed
         assert row["mode"] == "features" and row["embed_dim"] == 64
         assert not (out / "heatmap.png").exists()  # no classes, no class maps
     summary = csv_rows(tmp_path / "out" / "summary.csv")

@@ -134,14 +134,13 @@ class PredictionWriter:
                         x, y = self.coords[i]
                         extra = [f"{v[i]:.4f}" for v in self.extra.values()]
                         self._csv.writerow([int(i), int(x), int(y), *extra])
-                    self.rows += len(indices)
-                    continue
-                preds = probs.argmax(1)
-                for i, p, row in zip(indices, preds, probs, strict=True):
-                    x, y = self.coords[i]
-                    extra = [f"{v[i]:.4f}" for v in self.extra.values()]
-                    name = self.class_names[p]
-                    self._csv.writerow([int(i), int(x), int(y), *extra, int(p), name, *np.round(row, 5)])
+                else:
+                    preds = probs.argmax(1)
+                    for i, p, row in zip(indices, preds, probs, strict=True):
+                        x, y = self.coords[i]
+                        extra = [f"{v[i]:.4f}" for v in self.extra.values()]
+                        name = self.class_names[p]
+                        self._csv.writerow([int(i), int(x), int(y), *extra, int(p), name, *np.round(row, 5)])
                 self.rows += len(indices)
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = err
