@@ -1,5 +1,6 @@
 """Entry point: ``python -m patholite.slide`` (or ``patholite-slide``): a tile classifier over whole slides,
-or an SMT slide model (``mode``: auto picks by the artifact; see ``slides.smt_inference``).
+an SMT slide model (``mode``: auto picks by the artifact; see ``slides.smt_inference``), or every tile's
+embedding into one feature file per slide (``mode=features``, auto for an encoder; see ``slides.extract``).
 
 ``slide=<file>`` or ``slides=<folder or list file>``, and ``artifact=<artifact or run folder>`` (float, torch
 INT8 or ONNX Runtime). Per slide: tissue detection, tiling at the resolution the model was trained at,
@@ -31,7 +32,7 @@ from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
 from patholite.records import ArtifactRecord, RunRecord
 from patholite.slides.report import summary_table
-from patholite.slides.run import run_slides
+from patholite.slides.run import MODES, run_slides
 from patholite.wsi.reader import find_slides
 
 log = logging.getLogger("patholite.slide")
@@ -65,8 +66,8 @@ def check_slide_config(cfg: DictConfig) -> None:
             )
     elif device != "cpu":
         raise ConfigError(f"engine.device={device!r}: use cpu or cuda (cuda:N for one GPU)")
-    if str(cfg.get("mode", "auto")) not in ("auto", "tiles", "smt"):
-        raise ConfigError(f"mode={cfg.mode!r}: use auto (by the artifact), tiles or smt")
+    if str(cfg.get("mode", "auto")) not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r}: use auto (by the artifact), tiles, smt or features")
     if cfg.tissue.method not in ("otsu_saturation", "otsu_gray"):
         raise ConfigError(f"tissue.method={cfg.tissue.method!r}: choose otsu_saturation or otsu_gray")
 
@@ -174,7 +175,12 @@ def run_slide(cfg: DictConfig) -> int:
     finally:
         tracking.close_loggers(loggers, record.status)
     for r in rows:
-        if r["status"] == "ok" and r.get("mode") == "smt":
+        if r["status"] == "ok" and r.get("mode") == "features":
+            print(
+                f"{Path(r['slide']).name}: {r['n_tiles']} tiles, {r['embed_dim']}-d features, "
+                f"{r['tiles_per_s']:.1f} tiles/s -> {Path(r['out']) / r['files']['features']}"
+            )
+        elif r["status"] == "ok" and r.get("mode") == "smt":
             t, call = r["timings"], r["call"]
             megapixels = r["pixels_read"] / 1e6
             print(

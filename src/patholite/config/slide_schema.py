@@ -84,8 +84,10 @@ class SlideRunConfig:
     slides: str | None = None  # a folder of slides, or a text file with one slide path per line
     artifact: str = MISSING  # an artifact folder (artifact.json) or a run folder (its best artifact)
     artifact_name: str | None = None  # which artifact of a run folder; None: the run's last stage
-    # auto: by the artifact's sidecar (an SMT slide model -> smt, a tile classifier -> tiles); tiles: tile the
-    # tissue and classify every tile; smt: the SMT walk (1 + K + K^2 region reads per slide)
+    # auto: by the artifact's sidecar (an SMT slide model -> smt, an encoder -> features, a tile classifier ->
+    # tiles); tiles: tile the tissue and classify every tile; smt: the SMT walk (1 + K + K^2 region reads per
+    # slide); features: every tile's embedding (an encoder's, or a classifier's pre-logits) into
+    # <slide>/features.h5 (slides.features describes the file)
     mode: str = "auto"
     annotations: str | None = None  # a file (one slide) or a folder of <slide stem>.xml|.geojson|.json
     annotation_classes: dict[str, str] = field(default_factory=dict)  # XML group -> class name

@@ -3,6 +3,8 @@ T_process, T_save)).
 
 Loader worker processes read and normalise tiles (each opens the slide once, lazily, in its own process),
 the calling thread runs the model on batches, and a writer thread appends the predictions to the tile CSV.
+With ``embed=True`` the model is an embedder (an encoder, or a classifier's pre-logits): its (B, D) outputs
+are kept in tile order and the CSV lists the tiles without class columns (``mode=features``).
 Every stage's busy time is measured where it happens, so a report can say which stage bounds the run.
 """
 
@@ -91,7 +93,8 @@ def _worker_init(_: int) -> None:
 
 class PredictionWriter:
     """Appends per-tile predictions to a CSV from a background thread; the file appears complete or not at
-    all (written to a temporary file, renamed on ``close``)."""
+    all (written to a temporary file, renamed on ``close``). No ``class_names``: the tiles alone (index,
+    x, y, extra columns), what an embedding run lists."""
 
     def __init__(self, path: Path, class_names: list[str], coords: np.ndarray, extra: dict[str, np.ndarray]):
         self.path = path
@@ -106,13 +109,12 @@ class PredictionWriter:
         self._tmp = self._atomic.__enter__()
         self._file = open(self._tmp, "w", newline="")  # noqa: SIM115 - closed in close()
         self._csv = csv.writer(self._file)
-        self._csv.writerow(
-            ["tile", "x", "y", *extra, "prediction", "label", *[f"p_{c}" for c in class_names]]
-        )
+        classes = ["prediction", "label", *[f"p_{c}" for c in class_names]] if class_names else []
+        self._csv.writerow(["tile", "x", "y", *extra, *classes])
         self._thread = threading.Thread(target=self._run, name="tile-writer", daemon=True)
         self._thread.start()
 
-    def put(self, indices: np.ndarray, probs: np.ndarray) -> None:
+    def put(self, indices: np.ndarray, probs: np.ndarray | None) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put((indices, probs))
@@ -127,12 +129,18 @@ class PredictionWriter:
             start = time.perf_counter()
             try:
                 indices, probs = item
-                preds = probs.argmax(1)
-                for i, p, row in zip(indices, preds, probs, strict=True):
-                    x, y = self.coords[i]
-                    extra = [f"{v[i]:.4f}" for v in self.extra.values()]
-                    name = self.class_names[p]
-                    self._csv.writerow([int(i), int(x), int(y), *extra, int(p), name, *np.round(row, 5)])
+                if probs is None:  # tiles only (embeddings)
+                    for i in indices:
+                        x, y = self.coords[i]
+                        extra = [f"{v[i]:.4f}" for v in self.extra.values()]
+                        self._csv.writerow([int(i), int(x), int(y), *extra])
+                else:
+                    preds = probs.argmax(1)
+                    for i, p, row in zip(indices, preds, probs, strict=True):
+                        x, y = self.coords[i]
+                        extra = [f"{v[i]:.4f}" for v in self.extra.values()]
+                        name = self.class_names[p]
+                        self._csv.writerow([int(i), int(x), int(y), *extra, int(p), name, *np.round(row, 5)])
                 self.rows += len(indices)
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = err
@@ -154,9 +162,10 @@ class PredictionWriter:
 
 @dataclass
 class StreamResult:
-    probs: np.ndarray  # (N, C) in tile order
+    probs: np.ndarray  # (N, C) in tile order; (N, 0) with embed=True
     timings: dict[str, float] = field(default_factory=dict)
-    embeddings: np.ndarray | None = None  # (N, d) in tile order, when the model returns (logits, features)
+    # (N, d) float32 in tile order, when the model returns (logits, features) or with embed=True
+    embeddings: np.ndarray | None = None
 
 
 def _loader(dataset: SlideTiles, batch_size: int, workers: int, prefetch: int) -> DataLoader:
@@ -179,6 +188,22 @@ def _unwrap_worker_error(err: BaseException, path: str) -> SlideError:
     return SlideError(f"slide {path}: reading tiles failed in a loader worker: {type(err).__name__}: {text}")
 
 
+def _embedding_rows(output, path: str) -> np.ndarray:
+    """An embedder's batch output as (B, D) float32 rows, checked finite."""
+    if isinstance(output, tuple) or output.ndim != 2:
+        shape = [tuple(o.shape) for o in output] if isinstance(output, tuple) else tuple(output.shape)
+        raise CheckpointError(
+            f"the embedding model returned {shape} on tiles of slide {path}, not one (batch, width) embedding"
+        )
+    rows = output.float().cpu().numpy()
+    if not np.isfinite(rows).all():
+        raise CheckpointError(
+            f"the model's embeddings of tiles of slide {path} are not finite (NaN or inf): the artifact is "
+            "broken (diverged training, or a bad INT8 conversion)"
+        )
+    return rows
+
+
 @torch.inference_mode()
 def stream_tiles(
     model: nn.Module,
@@ -190,15 +215,18 @@ def stream_tiles(
     prefetch: int = 4,
     device: str = "cpu",
     extra_columns: dict[str, np.ndarray] | None = None,
+    embed: bool = False,
 ) -> StreamResult:
     """Run ``model`` over every tile of ``spec``; per-tile predictions go to ``csv_path`` (None: no file).
 
     ``model`` returns logits, or a tuple ``(logits, features)`` whose per-tile features are kept in tile
-    order as the result's ``embeddings`` (``slides.baselines.EmbeddingTap`` makes one of a classifier)."""
+    order as the result's ``embeddings`` (``slides.baselines.EmbeddingTap`` makes one of a classifier).
+    ``embed``: ``model`` returns embeddings (B, D) alone; they are the result's ``embeddings``, ``probs`` is
+    (N, 0) and the CSV lists the tiles without class columns (pass no ``class_names``)."""
     dataset = SlideTiles(spec)
     normalise = Normalise(spec.mean, spec.std, device)
     n = len(dataset)
-    probs = np.zeros((n, len(class_names)), np.float32)
+    probs = np.zeros((n, 0 if embed else len(class_names)), np.float32)
     embeddings = None
     load_busy = wait = process = 0.0
     start = time.perf_counter()
@@ -207,7 +235,8 @@ def stream_tiles(
         # workers fork here, before the writer thread exists: a fork copies no running thread's locks
         batches = iter(_loader(dataset, batch_size, workers, prefetch))
         if csv_path is not None:
-            writer = PredictionWriter(csv_path, class_names, spec.coords, extra_columns or {})
+            names = [] if embed else class_names
+            writer = PredictionWriter(csv_path, names, spec.coords, extra_columns or {})
         while True:
             t0 = time.perf_counter()
             try:
@@ -224,6 +253,16 @@ def stream_tiles(
             wait += t1 - t0
             load_busy += float(read_s.sum())
             logits = model(normalise(images))
+            idx = indices.numpy()
+            if embed:
+                features = _embedding_rows(logits, spec.path)
+                if embeddings is None:
+                    embeddings = np.zeros((n, features.shape[1]), np.float32)
+                embeddings[idx] = features
+                process += time.perf_counter() - t1
+                if writer is not None:
+                    writer.put(idx, None)
+                continue
             if isinstance(logits, tuple):
                 logits, features = logits
                 features = features.float().flatten(1).cpu().numpy()
@@ -238,7 +277,6 @@ def stream_tiles(
                     f"the model's scores on tiles of slide {spec.path} are not finite (NaN or inf): the "
                     "artifact is broken (diverged training, or a bad INT8 conversion)"
                 )
-            idx = indices.numpy()
             probs[idx] = batch_probs
             if writer is not None:
                 writer.put(idx, batch_probs)

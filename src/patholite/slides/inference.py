@@ -32,7 +32,8 @@ from patholite.wsi.annotations import (
 )
 from patholite.wsi.cache import slide_cache_dir, tissue_for
 from patholite.wsi.reader import open_slide
-from patholite.wsi.tiling import cached_tiles, check_request
+from patholite.wsi.tiling import TileGrid, cached_tiles, check_request
+from patholite.wsi.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 
@@ -147,27 +148,33 @@ def tile_spec(path: Path, grid, geometry: TileGeometry, meta: dict[str, Any], mp
     )
 
 
+def tissue_and_grid(slide, path: Path, cfg, geometry: TileGeometry) -> tuple[TissueMask, TileGrid, dict]:
+    """The open slide's tissue mask and tile grid, through the per-slide cache (``paths.cache_dir/slides``),
+    with the seconds each took (``tissue_s``, ``tiling_s``)."""
+    cache = slide_cache_dir(Path(cfg.paths.cache_dir) / "slides", path, cfg)
+    t0 = time.perf_counter()
+    tissue = tissue_for(slide, cfg, cache)
+    t1 = time.perf_counter()
+    grid = cached_tiles(
+        slide,
+        cache / f"tiles-{geometry.patch_size}-{geometry.mpp}-{geometry.magnification}.h5",
+        patch_size=geometry.patch_size,
+        mpp=geometry.mpp,
+        magnification=geometry.magnification,
+        overlap=cfg.tile.overlap,
+        tissue=tissue,
+        theta=cfg.tile.theta,
+    )
+    return tissue, grid, {"tissue_s": t1 - t0, "tiling_s": time.perf_counter() - t1}
+
+
 def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Every output of one slide into ``out_dir``; returns its report."""
     start = time.perf_counter()
     class_names = list(meta["class_names"])
     geometry = tile_geometry(cfg.tile, meta, Path(meta["_directory"]))
     with open_slide(path, mpp=cfg.reader.mpp, backend=cfg.reader.backend) as slide:
-        cache = slide_cache_dir(Path(cfg.paths.cache_dir) / "slides", path, cfg)
-        t0 = time.perf_counter()
-        tissue = tissue_for(slide, cfg, cache)
-        t1 = time.perf_counter()
-        grid = cached_tiles(
-            slide,
-            cache / f"tiles-{geometry.patch_size}-{geometry.mpp}-{geometry.magnification}.h5",
-            patch_size=geometry.patch_size,
-            mpp=geometry.mpp,
-            magnification=geometry.magnification,
-            overlap=cfg.tile.overlap,
-            tissue=tissue,
-            theta=cfg.tile.theta,
-        )
-        t2 = time.perf_counter()
+        tissue, grid, grid_timings = tissue_and_grid(slide, path, cfg, geometry)
         thumbnail, thumb_ds = slide.thumbnail(cfg.report.thumbnail_px)
         annotations = annotation_map(cfg, slide, class_names, thumb_ds)
         describe = slide.describe()
@@ -179,7 +186,7 @@ def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_d
     stream = stream_tiles(
         model, spec, class_names, out_dir / "tiles.csv", e.batch_size, e.workers, e.prefetch, e.device, extra
     )
-    timings = {"tissue_s": t1 - t0, "tiling_s": t2 - t1, **stream.timings}
+    timings = {**grid_timings, **stream.timings}
     timings["total"] = time.perf_counter() - start
     result = SlideResult(
         slide=str(path),

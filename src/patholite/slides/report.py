@@ -26,7 +26,8 @@ from patholite.io import atomic_path, write_json
 
 UNLABELLED = 255  # annotation-map value of pixels no annotation covers
 OVERLAY_ALPHA = 0.5  # weight of the class colour over the thumbnail in overlay.png
-OPTIONAL_COLUMNS = ("reads", "pixels_read")  # summary columns of rows that have them (SMT)
+# summary columns of rows that have them (SMT: reads; features: embed_dim)
+OPTIONAL_COLUMNS = ("reads", "pixels_read", "embed_dim")
 FILES = {"heatmap": "heatmap.png", "overlay": "overlay.png", "report": "report.png", "json": "report.json"}
 
 
