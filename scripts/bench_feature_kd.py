@@ -30,23 +30,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from patholite.artifacts.onnx import save_onnx_artifact
 from patholite.artifacts.torch_float import save_float_artifact
 from patholite.config.options import load_model_option
 from patholite.config.schema import BenchConfig
+from patholite.data.synthetic.slides import generate_slides
+from patholite.data.synthetic.spec import SlideSpec
 from patholite.measure.timing import time_artifacts
 from patholite.models.encoder import embed_dim
 from patholite.models.factory import create_network
 from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort
 from patholite.records import read_record
+from patholite.slides.features import mil_on_features
 
 QUIET = ["logger=csv", "callbacks.progress_bar=none", "bench.isolation=process", "bench.warmup=1"]
 QUIET += ["bench.iters=2", "bench.repeats=1", "bench.batch_sizes=[8]"]
 
 
-def train(out: Path, name: str, args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+def train(
+    out: Path, name: str, args: argparse.Namespace, overrides: list[str], epochs: int | None = None
+) -> dict[str, Any]:
     """One ``python -m patholite.train`` run (reused when its record says ok); its record."""
     run_dir = out / name
     if (run_dir / "metrics.json").is_file() and read_record(run_dir).get("status") == "ok":
@@ -55,7 +61,7 @@ def train(out: Path, name: str, args: argparse.Namespace, overrides: list[str]) 
         f"hydra.run.dir={run_dir}",
         f"paths.cache_dir={out / 'cache'}",
         f"dataset.image_size={args.image_size}",
-        f"trainer.max_epochs={args.epochs}",
+        f"trainer.max_epochs={epochs or args.epochs}",
         f"seed={args.seed}",
     ]
     started = time.time()
@@ -107,6 +113,7 @@ def quality(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "scratch_10pct_labels",
         args,
         [f"model={args.student}", "compression=none", f"dataset.train_per_class={per_class}"],
+        epochs=args.scratch_epochs,
     )
     alone2 = train(
         out,
@@ -194,6 +201,70 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney AUROC (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def features(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Cohort feature extraction through ``python -m patholite.slide mode=features`` on synthetic slides
+    (half with lesions) by the teacher and the student's float and INT8 forms; tiles per second of each;
+    MIL trained on the even slides' features, scored on the odd ones; paired bootstrap of the AUROC change."""
+    folder = out / "slides"
+    spec = SlideSpec(width=args.slide_px, height=args.slide_px)
+    slides = generate_slides(folder, args.slides, spec, seed=args.seed, normal_share=0.5)
+    labels = {s.path.stem: int(bool(s.lesions)) for s in slides}
+    artifacts = {
+        "teacher_fp32": out / "student" / "artifacts" / "teacher_fp32",
+        "student_fp32": out / "student" / "artifacts" / "student_fp32",
+        "int8_dynamic": out / "student" / "artifacts" / "int8_dynamic",
+        "int8_dynamic_ort": out / "student" / "artifacts" / "int8_dynamic_ort",
+    }
+    result: dict[str, Any] = {"slides": len(slides), "lesion_slides": sum(labels.values()), "artifacts": {}}
+    for name, artifact in artifacts.items():
+        run_dir = out / "features" / name
+        if not (run_dir / "summary.csv").is_file():
+            command = [sys.executable, "-m", "patholite.slide", "mode=features", f"artifact={artifact}"]
+            command += [f"slides={folder}", f"hydra.run.dir={run_dir}", "logger=csv"]
+            done = subprocess.run(command, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"feature extraction with {name} failed; see {run_dir}")
+        reports = [json.loads(p.read_text()) for p in sorted(run_dir.glob("*/report.json"))]
+        tiles = sum(int(r["n_tiles"]) for r in reports)
+        stream = sum(int(r["n_tiles"]) / float(r["tiles_per_s"]) for r in reports if r.get("tiles_per_s"))
+        total = sum(float(r["seconds"]) for r in reports)
+        h5 = {p.parent.name: p for p in run_dir.glob("*/features.h5")}
+        stems = sorted(h5)
+        train = [(h5[s], labels[s]) for i, s in enumerate(stems) if i % 2 == 0]
+        test = [(h5[s], labels[s]) for i, s in enumerate(stems) if i % 2 == 1]
+        mil = mil_on_features(train, test, epochs=args.mil_epochs, seed=args.seed)
+        result["artifacts"][name] = {
+            "tiles": tiles,
+            "tiles_per_s_stream": tiles / stream if stream else None,
+            "tiles_per_s_end_to_end": tiles / total if total else None,
+            "mil_auroc": mil["auroc"],
+            "test_labels": [r["label"] for r in mil["slides"]],
+            "test_scores": [r["score"] for r in mil["slides"]],
+        }
+    base = result["artifacts"]["teacher_fp32"]
+    for row in result["artifacts"].values():
+        row["speed_x_teacher_end_to_end"] = row["tiles_per_s_end_to_end"] / base["tiles_per_s_end_to_end"]
+        y, t, s = np.array(base["test_labels"]), np.array(base["test_scores"]), np.array(row["test_scores"])
+        rng = np.random.default_rng(args.seed)
+        diffs = []
+        for _ in range(1000):
+            idx = rng.integers(0, len(y), len(y))
+            if len(set(y[idx].tolist())) == 2:
+                diffs.append(auroc(y[idx], s[idx]) - auroc(y[idx], t[idx]))
+        row["mil_auroc_change_pp"] = 100 * (row["mil_auroc"] - base["mil_auroc"])
+        row["mil_auroc_change_ci95_pp"] = [float(100 * np.percentile(diffs, q)) for q in (2.5, 97.5)]
+    return result
+
+
 def cpu() -> dict[str, Any]:
     flags = ""
     with contextlib.suppress(OSError, StopIteration):
@@ -225,7 +296,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--engine", default="x86")
-    p.add_argument("--skip", choices=("quality", "speed"), action="append", default=[])
+    p.add_argument("--scratch-epochs", type=int, default=60, help="the 10%-label student from scratch")
+    p.add_argument("--slides", type=int, default=48, help="synthetic slides for feature extraction")
+    p.add_argument("--slide-px", type=int, default=4096)
+    p.add_argument("--mil-epochs", type=int, default=30)
+    p.add_argument("--skip", choices=("quality", "speed", "features"), action="append", default=[])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"cpu": cpu(), "args": {k: str(v) for k, v in vars(args).items()}}
@@ -234,6 +309,9 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     if "quality" not in args.skip:
         results["quality"] = quality(args.out, args)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    if "features" not in args.skip:
+        results["features"] = features(args.out, args)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

@@ -110,6 +110,11 @@ def projected_agreement(done: Distilled, student: Any, teachers: list[Any]) -> d
 def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None:
     c, fk = cfg.compression, cfg.compression.feature_kd
     size = int(cfg.dataset.image_size)
+    require(
+        accelerator.world_size == 1,
+        f"compression={c.name}: feature distillation runs in one process for now (its unlabelled tiles are "
+        f"not sharded over {accelerator.world_size} DDP processes); use one device (accelerator=cpu or gpu)",
+    )
     choice(fk.projection, "compression.feature_kd.projection", PROJECTIONS)
     for key in ("cosine_weight", "smooth_l1_weight", "patch_weight"):
         require(fk[key] >= 0, f"compression.feature_kd.{key}={fk[key]} must be >= 0")
