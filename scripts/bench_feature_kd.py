@@ -225,7 +225,8 @@ def features(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "int8_dynamic_ort": out / "student" / "artifacts" / "int8_dynamic_ort",
     }
     result: dict[str, Any] = {"slides": len(slides), "lesion_slides": sum(labels.values()), "artifacts": {}}
-    for name, artifact in artifacts.items():
+    # a first pass fills the per-slide tissue and grid cache, so no timed artifact pays for it
+    for name, artifact in [("warmup", artifacts["int8_dynamic_ort"]), *artifacts.items()]:
         run_dir = out / "features" / name
         if not (run_dir / "summary.csv").is_file():
             command = [sys.executable, "-m", "patholite.slide", "mode=features", f"artifact={artifact}"]
@@ -233,6 +234,8 @@ def features(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             done = subprocess.run(command, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"feature extraction with {name} failed; see {run_dir}")
+        if name == "warmup":
+            continue
         reports = [json.loads(p.read_text()) for p in sorted(run_dir.glob("*/report.json"))]
         tiles = sum(int(r["n_tiles"]) for r in reports)
         stream = sum(int(r["n_tiles"]) / float(r["tiles_per_s"]) for r in reports if r.get("tiles_per_s"))
