@@ -124,6 +124,10 @@ def test_feature_kd_distils_without_labels_probes_quantizes_and_records(make_cfg
     assert set(student["parity"]["projected_cosine"]) == {"teacher_fp32"}
     assert int8["parity"]["mean_cosine"] > 0.9  # INT8 keeps the embedding
     assert "balanced_accuracy_change_pp" in int8["parity"]
+    # the float student's own probe read on the INT8 embeddings: flips and change without refit noise
+    assert 0 <= int8["parity"]["probe_flip_rate"] <= 1
+    assert "same_probe_balanced_accuracy_change_pp" in int8["parity"]
+    assert Path(student["path"], "probe.safetensors").is_file()
     sidecar = json.loads(Path(student["path"], "artifact.json").read_text())
     assert sidecar["encoder"] == {"embed_dim": 64}
 

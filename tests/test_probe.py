@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from patholite.measure.metrics import QualityMeter
 from patholite.measure.probe import (
+    apply_probe,
     balanced_accuracy,
     confusions,
     embed,
@@ -224,3 +225,14 @@ def test_embed_flattens_in_loader_order_with_transform():
     split = (features, y)
     result = linear_probe(split, split, split, [str(c) for c in range(6)], l2_grid=(1e-2,), max_iter=20)
     assert result["probabilities"].shape == (5, 6)
+
+
+def test_a_probes_head_read_on_the_same_embeddings_gives_its_own_probabilities():
+    torch.manual_seed(0)
+    x = torch.randn(60, 5)
+    y = (x[:, 0] > 0).long()
+    split = (x, y)
+    result = linear_probe(split, split, split, ["a", "b"], l2_grid=(1e-3,))
+    torch.testing.assert_close(apply_probe(result["head"], x), result["probabilities"])
+    with pytest.raises(ValueError, match="width"):
+        apply_probe(result["head"], x[:, :3])

@@ -136,7 +136,8 @@ def linear_probe(
     regression per ``l2`` on train, the ``l2`` with the best val balanced accuracy kept (ties: the larger,
     the simpler model), and that train-only fit (val is never merged in) scored on test.
 
-    Returns ``{"quality", "l2", "val_balanced_accuracy": {str(l2): value}, "probabilities": (N, C)}``."""
+    Returns ``{"quality", "l2", "val_balanced_accuracy": {str(l2): value}, "probabilities": (N, C),
+    "head": {"weight", "bias", "mean", "std"}}`` (``apply_probe`` reads the head on other embeddings)."""
     if not l2_grid:
         raise ValueError("linear_probe: empty l2_grid")
     num_classes = len(class_names)
@@ -166,7 +167,19 @@ def linear_probe(
         "l2": chosen,
         "val_balanced_accuracy": {str(l2): scores[l2] for l2 in l2_grid},
         "probabilities": probabilities,
+        "head": {"weight": weight.cpu(), "bias": bias.cpu(), "mean": mean.cpu(), "std": std.cpu()},
     }
+
+
+def apply_probe(head: dict[str, Tensor], x: Tensor) -> Tensor:
+    """A fitted linear probe's (``linear_probe(...)["head"]``) class probabilities for embeddings ``x``:
+    one encoder's probe read on another's embeddings of the same tiles (INT8 against its float source)."""
+    if x.shape[1] != head["weight"].shape[0]:
+        raise ValueError(
+            f"apply_probe: embeddings of width {x.shape[1]}, probe of width {head['weight'].shape[0]}"
+        )
+    z = (x.float().cpu() - head["mean"]) / head["std"]
+    return torch.softmax(z @ head["weight"] + head["bias"], dim=1)
 
 
 def unit_rows(x: Tensor) -> Tensor:

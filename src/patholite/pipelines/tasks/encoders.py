@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,9 +31,13 @@ from patholite.config.checks import require
 from patholite.data import HistologyDataModule, build_datamodule
 from patholite.data.base import ImageSetDataset
 from patholite.data.transforms import StainJitter, build_transform
+from patholite.io import atomic_path
 from patholite.measure.cost import files_size
 from patholite.measure.evaluate import measure_cost, measure_memory
 from patholite.measure.probe import (
+    apply_probe,
+    balanced_accuracy,
+    confusions,
     embed,
     knn_probe,
     linear_probe,
@@ -50,6 +55,7 @@ from patholite.records import QUALITY_SCALARS, ArtifactRecord
 log = logging.getLogger(__name__)
 
 Split = tuple[torch.Tensor, torch.Tensor]
+PROBE_FILE = "probe.safetensors"  # beside an encoder artifact: its linear probe on dataset= (W, b, mean, std)
 
 
 def meta_width(model_cfg: Any, image_size: int, named: str) -> int:
@@ -80,6 +86,24 @@ def teacher_lineage(artifacts: Path) -> dict[str, Any]:
         {str(t["weights_source"]["license"]) for t in lineage if (t["weights_source"] or {}).get("license")}
     )
     return {"distilled_from": lineage, **({"licence": " + ".join(licences)} if licences else {})}
+
+
+def same_probe(probe: Path | None, test: Split, reference: torch.Tensor) -> dict[str, float]:
+    """The source artifact's own linear probe read on this artifact's test embeddings and on the source's:
+    the share of test tiles whose predicted class changes (``probe_flip_rate``) and the change of balanced
+    accuracy (``same_probe_balanced_accuracy_change_pp``). Unlike refitting a probe per artifact, this
+    isolates what quantization or pruning changed from the probe fit's own variation. Empty when the source
+    has no probe file or another width."""
+    if probe is None or not probe.is_file() or reference.shape != test[0].shape:
+        return {}
+    head = load_file(str(probe))
+    ours, theirs = apply_probe(head, test[0]).argmax(1), apply_probe(head, reference).argmax(1)
+    labels, n = test[1].long(), int(head["weight"].shape[1])
+    change = balanced_accuracy(confusions(labels, ours, n)) - balanced_accuracy(confusions(labels, theirs, n))
+    return {
+        "probe_flip_rate": float((ours != theirs).float().mean()),
+        "same_probe_balanced_accuracy_change_pp": round(100 * float(change), 3),
+    }
 
 
 class Renormalise(nn.Module):
@@ -206,6 +230,8 @@ class EncoderTask(Task):
         cost = measure_cost(net, size, ctx.cfg.bench, device, Path(directory), defer_timing)
         cost["size_bytes"] = files_size(directory, files)
         cost.update(measure_memory(directory, size, ctx.cfg.bench, device))
+        with atomic_path(Path(directory) / PROBE_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in linear["head"].items()}, str(tmp))
         parity = None
         if reference is not None:
             parity = {
@@ -213,6 +239,7 @@ class EncoderTask(Task):
                 "mean_cosine": mean_cosine(test[0], reference) if reference.shape == test[0].shape else None,
                 "neighbour_overlap": neighbour_overlap(test[0], reference, int(p.knn_k)),
                 "n_samples": int(test[0].shape[0]),
+                **same_probe(ctx.artifact_dir(source) / PROBE_FILE if source else None, test, reference),
             }
         record = ArtifactRecord(
             name=name,
