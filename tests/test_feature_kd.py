@@ -11,6 +11,8 @@ import torch
 from torch.nn import functional as F
 
 from patholite.compress.feature_kd import FeatureDistiller, HistologyAugment, feature_loss
+from patholite.data.synthetic.slides import write_synthetic_slide
+from patholite.data.synthetic.spec import SlideSpec
 from patholite.errors import ConfigError, PatholiteError
 from patholite.models.factory import create_network
 from patholite.pipelines.preflight import preflight
@@ -237,3 +239,23 @@ def test_a_sweep_over_feature_kd_and_none_is_compared_in_one_table(tmp_path):
     assert any("feature_kd" in row and "student_fp32" in row for row in body)
     assert any(row.split(",")[0] == "none" or ",none," in row for row in body)
     assert "balanced_accuracy" in header
+
+
+def test_a_student_learns_from_the_tissue_tiles_of_a_folder_of_slides(make_cfg, tmp_path):
+    folder = tmp_path / "cohort"
+    write_synthetic_slide(folder / "a.svs", SlideSpec(768, 768, seed=1))
+    tiles = "compression.feature_kd.tiles"
+    cfg = make_cfg(
+        *KD,
+        f"{tiles}.kind=slides",
+        f"{tiles}.path={folder}",
+        f"{tiles}.mpp=1.0",
+        f"{tiles}.tile_px=32",
+        f"{tiles}.per_slide=16",
+        f"{tiles}.max_tiles=null",
+    )
+    assert run_job(cfg) == "ok"
+    [key] = (Path(cfg.paths.cache_dir) / "teacher_embeddings").glob("*/key.json")
+    meta = json.loads(key.read_text())
+    assert meta["key"]["tiles"]["kind"] == "slides" and meta["count"] == 16
+    assert read_record(tmp_path / "run")["artifacts"][1]["name"] == "student_fp32"

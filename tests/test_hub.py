@@ -367,3 +367,32 @@ def test_bench_times_a_hub_architecture_with_random_weights_that_load_without_th
     ours = net.state_dict()
     assert {k for k in hub if not k.startswith("head.")} <= set(ours)  # the hub's architecture
     assert not torch.equal(ours["blocks.0.attn.qkv.weight"], hub["blocks.0.attn.qkv.weight"])  # random
+
+
+def test_a_foundation_model_teaches_without_labels_with_its_own_normalisation_and_licence(
+    hub_cache, make_cfg, tmp_path
+):
+    h_optimus = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "h_optimus_0.yaml")
+    snapshot = hub_repo(
+        hub_cache,
+        repo="bioptimus/H-optimus-0",
+        args={**ARGS, "init_values": 1e-5},
+        mean=list(h_optimus.mean),
+        std=list(h_optimus.std),
+    )
+    # unlike kd, the student keeps its own normalisation: each network sees the tiles its own way
+    cfg = make_cfg("compression=feature_kd", "compression.teacher.model=h_optimus_0")
+    assert run_job(cfg) == "ok"
+    artifacts = tmp_path / "run" / "artifacts"
+    teacher = json.loads((artifacts / "teacher_fp32" / "artifact.json").read_text())
+    student = json.loads((artifacts / "student_fp32" / "artifact.json").read_text())
+    assert teacher["mean"] == list(h_optimus.mean) and student["mean"] != teacher["mean"]
+    assert teacher["encoder"] == {"embed_dim": 64} and teacher["weights_source"]["revision"] == COMMIT
+    # the teacher is the hub's trunk, headless
+    hub = load_file(str(snapshot / "model.safetensors"))
+    recorded = load_file(str(artifacts / "teacher_fp32" / "model.safetensors"))
+    assert not any(k.startswith("head.") for k in recorded)
+    torch.testing.assert_close(recorded["blocks.0.attn.qkv.weight"], hub["blocks.0.attn.qkv.weight"])
+    # the student carries its teacher's provenance and is bound by its licence
+    assert student["distilled_from"][0]["weights_source"] == teacher["weights_source"]
+    assert student["licence"] == teacher["weights_source"]["license"]

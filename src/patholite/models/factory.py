@@ -131,6 +131,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def without_absent_head(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the classifier tensors (timm's ``pretrained_cfg["classifier"]`` names) that ``net``
+    has no place for, as when a foundation model's hub file keeps a head its headless encoder drops."""
+    names = (getattr(net, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = [names] if isinstance(names, str) else list(names)
+    own = net.state_dict()
+    return {
+        k: v for k, v in state.items() if k in own or not any(k == n or k.startswith(n + ".") for n in names)
+    }
+
+
 def classifier_keys(net: nn.Module) -> list[str]:
     """State-dict keys of the network's classification head(s)."""
     head = net.get_classifier() if hasattr(net, "get_classifier") else None
@@ -190,6 +201,8 @@ def load_state(net: nn.Module, state: dict[str, torch.Tensor], named: str, skip_
     head = set(classifier_keys(net)) | fresh
     if skip_head or fresh:
         state = {k: v for k, v in state.items() if k not in head}
+    if skip_head:  # a headless network (an encoder: num_classes=0) has no head for the file's to go to
+        state = without_absent_head(net, state)
     target = net.vit if isinstance(net, PyramidViT) else net
     prefix = "vit." if isinstance(net, PyramidViT) else ""
     if hasattr(target, "pos_embed") and (prefix + "pos_embed") in state:
