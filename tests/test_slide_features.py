@@ -17,6 +17,7 @@ from patholite.config.slide_schema import SlideRunConfig
 from patholite.data.synthetic.slides import write_synthetic_slide
 from patholite.data.synthetic.spec import LesionSpec, SlideSpec
 from patholite.errors import CheckpointError, ConfigError, SlideError
+from patholite.mil import main as mil_main
 from patholite.models.factory import create_network
 from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort
 from patholite.slide import run_slide
@@ -253,3 +254,32 @@ def test_the_entry_point_runs_an_encoder_by_itself(encoders, slides, tmp_path, c
     assert bag.attrs["artifact_kind"] == "torch_int8_dynamic"
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "ok" and record["artifacts"][0]["cost"]["tiles_per_s"] > 0
+
+
+def test_the_mil_entry_point_learns_from_a_cohorts_feature_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    feats = tmp_path / "feats"
+    rows = ["slide,label,split"]
+    for i in range(16):
+        positive = i % 2 == 1
+        (feats / f"s{i:02d}").mkdir(parents=True)
+        _synthetic_bag(feats / f"s{i:02d}" / FEATURES_FILE, rng, positive)
+        rows.append(f"s{i:02d},{'tumour' if positive else 'normal'},{'train' if i < 10 else 'test'}")
+    labels = tmp_path / "slides.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    mil_main([str(feats), "--labels", str(labels), "--out", str(tmp_path / "mil"), "--epochs", "15"])
+    assert "AUROC 1.000" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "mil" / "metrics.json").read_text())
+    assert metrics["classes"] == ["normal", "tumour"] and metrics["n_train"] == 10 and metrics["n_test"] == 6
+    scores = (tmp_path / "mil" / "scores.csv").read_text().splitlines()
+    assert scores[0] == "slide,label,predicted,p_normal,p_tumour" and len(scores) == 7
+    assert json.loads((tmp_path / "mil" / "model" / "artifact.json").read_text())["kind"] == "mil"
+    # a slide without features, a missing column: one message each, exit 2, before training
+    labels.write_text("slide,label,split\nnope,normal,train\n")
+    with pytest.raises(SystemExit) as exit_:
+        mil_main([str(feats), "--labels", str(labels), "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "have no features.h5" in capsys.readouterr().err
+    labels.write_text("slide,label\ns00,normal\n")
+    with pytest.raises(SystemExit):
+        mil_main([str(feats), "--labels", str(labels), "--out", str(tmp_path / "x")])
+    assert "lacks the columns ['split']" in capsys.readouterr().err
