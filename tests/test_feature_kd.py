@@ -259,3 +259,14 @@ def test_a_student_learns_from_the_tissue_tiles_of_a_folder_of_slides(make_cfg, 
     meta = json.loads(key.read_text())
     assert meta["key"]["tiles"]["kind"] == "slides" and meta["count"] == 16
     assert read_record(tmp_path / "run")["artifacts"][1]["name"] == "student_fp32"
+
+
+def test_the_weights_digest_covers_every_tensor_of_a_cnn_and_changes_with_one():
+    from patholite.pipelines.tasks.encoder_fit import weights_digest
+
+    net = create_network({"name": "r", "family": "cnn", "timm_name": "resnet18", "kwargs": {}}, 0, 32)
+    before = weights_digest(net)  # BatchNorm's 0-d num_batches_tracked included
+    assert before == weights_digest(net)
+    with torch.no_grad():
+        net.bn1.num_batches_tracked += 1
+    assert weights_digest(net) != before

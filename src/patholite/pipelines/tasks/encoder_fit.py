@@ -61,7 +61,8 @@ def weights_digest(net: nn.Module) -> str:
     for name, tensor in sorted(net.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape first: a 0-d buffer (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
