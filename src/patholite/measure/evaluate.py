@@ -151,6 +151,23 @@ def measure_memory(
     }
 
 
+def artifact_cost(
+    model: nn.Module,
+    directory: str | Path,
+    files: list[str],
+    image_size: int,
+    bench,
+    device: torch.device | str = "cpu",
+    defer_timing: bool = False,
+) -> dict[str, Any]:
+    """A saved artifact's cost block: parameters, FLOPs, timing (``measure_cost``), its files' bytes and peak
+    memory, whatever kind of model it holds."""
+    cost = measure_cost(model, image_size, bench, device, Path(directory), defer_timing)
+    cost["size_bytes"] = files_size(directory, files)
+    cost.update(measure_memory(directory, image_size, bench, device))
+    return cost
+
+
 def artifact_record(
     name: str,
     model: nn.Module,
@@ -172,9 +189,7 @@ def artifact_record(
     model = model.to(device)
     logits, labels = predict(model, loader, device)
     quality = quality_from_logits(logits, labels, class_names)
-    cost = measure_cost(model, image_size, bench, device, Path(directory), defer_timing)
-    cost["size_bytes"] = files_size(directory, files)
-    cost.update(measure_memory(directory, image_size, bench, device))
+    cost = artifact_cost(model, directory, files, image_size, bench, device, defer_timing)
     assert set(quality) == set(QUALITY_KEYS) and set(cost) == set(COST_KEYS), "record schema drifted"
     record = ArtifactRecord(
         name=name,

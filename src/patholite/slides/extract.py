@@ -28,7 +28,13 @@ from patholite.slides.baselines import EmbeddingTap
 from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.engine import stream_tiles
 from patholite.slides.features import FEATURES_FILE, write_features
-from patholite.slides.inference import load_classifier, tile_geometry, tile_spec, tissue_and_grid
+from patholite.slides.inference import (
+    load_classifier,
+    tile_block,
+    tile_geometry,
+    tile_spec,
+    tissue_and_grid,
+)
 from patholite.wsi.reader import open_slide
 from patholite.wsi.tiling import check_request
 
@@ -160,16 +166,7 @@ def process_feature_slide(path: Path, cfg, embedder: Embedder, out_dir: Path) ->
             "artifact": meta["_directory"],
             "artifact_kind": meta["kind"],
             "model": model_name,
-            "tile": {
-                "patch_size": geometry.patch_size,
-                "mpp": mpp,
-                "magnification": geometry.magnification,
-                "patch_level": grid.patch_level,
-                "downsample": grid.downsample,
-                "size0": int(grid.size0),
-                "overlap": cfg.tile.overlap,
-                "theta": cfg.tile.theta,
-            },
+            "tile": tile_block(geometry, grid, cfg, mpp),
             "slide": describe,
         },
         "out_dir": str(out_dir),

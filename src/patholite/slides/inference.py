@@ -133,6 +133,20 @@ def annotation_map(cfg, slide, class_names: list[str], downsample: float):
 
 
 # ---------------------------------------------------------------------------------------- one slide
+def tile_block(geometry: TileGeometry, grid, cfg, mpp: float | None) -> dict[str, Any]:
+    """The tile geometry a slide report records (``mpp``: the tiles' microns per pixel as used)."""
+    return {
+        "patch_size": geometry.patch_size,
+        "mpp": mpp,
+        "magnification": geometry.magnification,
+        "patch_level": grid.patch_level,
+        "downsample": grid.downsample,
+        "size0": int(grid.size0),
+        "overlap": cfg.tile.overlap,
+        "theta": cfg.tile.theta,
+    }
+
+
 def tile_spec(path: Path, grid, geometry: TileGeometry, meta: dict[str, Any], mpp, backend: str) -> TileSpec:
     """What the engine's loader workers need to read one slide's tiles for the artifact ``meta``."""
     return TileSpec(
@@ -206,16 +220,7 @@ def process_slide(path: Path, cfg, model: nn.Module, meta: dict[str, Any], out_d
         extra={
             "artifact": meta["_directory"],
             "artifact_kind": meta["kind"],
-            "tile": {
-                "patch_size": geometry.patch_size,
-                "mpp": geometry.mpp,
-                "magnification": geometry.magnification,
-                "patch_level": grid.patch_level,
-                "downsample": grid.downsample,
-                "size0": int(grid.size0),
-                "overlap": cfg.tile.overlap,
-                "theta": cfg.tile.theta,
-            },
+            "tile": tile_block(geometry, grid, cfg, geometry.mpp),
             "slide": describe,
             "tiles_file": "tiles.csv",
         },

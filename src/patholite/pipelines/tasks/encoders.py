@@ -32,8 +32,7 @@ from patholite.data import HistologyDataModule, build_datamodule
 from patholite.data.base import ImageSetDataset
 from patholite.data.transforms import StainJitter, build_transform
 from patholite.io import atomic_path
-from patholite.measure.cost import files_size
-from patholite.measure.evaluate import measure_cost, measure_memory
+from patholite.measure.evaluate import artifact_cost
 from patholite.measure.probe import (
     apply_probe,
     balanced_accuracy,
@@ -227,9 +226,7 @@ class EncoderTask(Task):
         quality["embed_dim"] = int(test[0].shape[1])
         quality["stain_cosine"] = self._stain_cosine(ctx, runner, device)
         size = int(d.image_size)
-        cost = measure_cost(net, size, ctx.cfg.bench, device, Path(directory), defer_timing)
-        cost["size_bytes"] = files_size(directory, files)
-        cost.update(measure_memory(directory, size, ctx.cfg.bench, device))
+        cost = artifact_cost(net, directory, files, size, ctx.cfg.bench, device, defer_timing)
         with atomic_path(Path(directory) / PROBE_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in linear["head"].items()}, str(tmp))
         parity = None
