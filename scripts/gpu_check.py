@@ -122,7 +122,7 @@ def plan(gpus: int, slide: Path | None, out: Path) -> list[Check]:
                 f"artifact={run('train_gpu')}",
                 "artifact_name=fp32",
                 "engine.device=cuda",
-                "tile.mpp=2.0",
+                "tile.mpp=0.5",
                 *QUIET,
             ],  # fmt: skip
             run("slide_cuda"),

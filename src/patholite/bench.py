@@ -3,7 +3,9 @@
 Measures artifact directories (``artifacts=[dir,...]``), or builds a ``model=`` option with random weights
 (``model.num_classes``, default 1000) and its dynamic-INT8 variant. Every artifact gets parameters, FLOPs,
 size on disk and peak memory (a fresh child each); latency is timed for all of them in one child process,
-alternating, with each artifact's ratio to the first per repeat (median and spread). The result is a run
+alternating, with each artifact's ratio to the first per repeat (median and spread). On a GPU or NPU the
+float artifacts are timed there, and INT8 and ONNX ones (CPU-only kernels) in a second child on the CPU
+beside the first float one, each record naming its device (``timing_groups``). The result is a run
 record (``metrics.json``), so ``patholite.compare`` and sweeps treat it like any run.
 """
 
