@@ -124,7 +124,7 @@ def plan(gpus: int, slide: Path | None, out: Path) -> list[Check]:
                 "engine.device=cuda",
                 "tile.mpp=0.5",
                 *QUIET,
-            ],  # fmt: skip
+            ],
             run("slide_cuda"),
             verify_slide,
             skip=None if slide is not None and slide.is_file() else f"no slide ({slide}): give --slide",
