@@ -3,7 +3,9 @@
 Measures artifact directories (``artifacts=[dir,...]``), or builds a ``model=`` option with random weights
 (``model.num_classes``, default 1000) and its dynamic-INT8 variant. Every artifact gets parameters, FLOPs,
 size on disk and peak memory (a fresh child each); latency is timed for all of them in one child process,
-alternating, with each artifact's ratio to the first per repeat (median and spread). The result is a run
+alternating, with each artifact's ratio to the first per repeat (median and spread). On a GPU or NPU the
+float artifacts are timed there, and INT8 and ONNX ones (CPU-only kernels) in a second child on the CPU
+beside the first float one, each record naming its device (``timing_groups``). The result is a run
 record (``metrics.json``), so ``patholite.compare`` and sweeps treat it like any run.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from patholite import tracking
 from patholite.accelerators import resolve_accelerator
 from patholite.config.options import CONF_DIR
 from patholite.config.schema import ModelConfig
-from patholite.errors import AcceleratorError, ConfigError, PatholiteError
+from patholite.errors import ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
 from patholite.measure.evaluate import count_architecture, measure_memory
@@ -43,6 +46,11 @@ log = logging.getLogger("patholite.bench")
 KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic", "onnx": "onnx_fp32"}
 VARIANTS = ("fp32", "fp32_compile", "int8_dynamic", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort")
 ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort"}
+# Where an artifact kind's model runs when the accelerator is not the CPU: torch floats move to it; torch.ao
+# INT8 (dynamic, QAT) has no CUDA/NPU kernels (quantized::linear_dynamic) and ONNX artifacts run ONNX
+# Runtime's CPU provider, so those stay on the CPU and are timed and recorded there.
+DEVICE_KINDS = {"torch_float"}
+CPU_KINDS = {"torch_int8_dynamic", "torch_int8_qat", "onnx"}
 # Random weights: static INT8 scales are fitted to random images, fine for speed, meaningless for accuracy.
 CALIBRATION_IMAGES = 16
 
@@ -102,6 +110,46 @@ def artifact_name(directory: Path, meta: dict[str, Any]) -> str:
     return directory.name if directory.name in known else KIND_NAMES.get(meta["kind"], "fp32")
 
 
+@dataclass(frozen=True)
+class TimingGroup:
+    """Artifacts timed together in one child on ``device``, alternating, the first as the baseline; only
+    the ``measured`` ones take their numbers from it (the baseline may be there for the ratios alone)."""
+
+    device: str
+    directories: list[Path]
+    measured: list[Path]
+    note: str | None = None
+
+
+def timing_groups(
+    directories: list[Path], names: list[str], kinds: list[str], device: str
+) -> list[TimingGroup]:
+    """Where each artifact is timed. On the CPU: all together. On an accelerator, the float artifacts
+    there, and every other kind (``CPU_KINDS``: torch.ao INT8 has no CUDA/NPU kernels, ONNX Runtime runs
+    its CPU provider) on the CPU, alternating with the first float artifact timed there too as their
+    baseline, so each record's device is the one its model really ran on."""
+    unknown = sorted({k for k in kinds if k not in DEVICE_KINDS and k not in CPU_KINDS})
+    if unknown:  # a new kind must say where it runs before its numbers can be trusted
+        raise PatholiteError(f"bench: artifact kinds {unknown} have no timing device; add them to bench.py")
+    if torch.device(device).type == "cpu":
+        return [TimingGroup(device, list(directories), list(directories))]
+    floats = [d for d, k in zip(directories, kinds, strict=True) if k in DEVICE_KINDS]
+    cpu = [d for d, k in zip(directories, kinds, strict=True) if k in CPU_KINDS]
+    groups = [TimingGroup(device, floats, floats)] if floats else []
+    if cpu:
+        name = dict(zip(directories, names, strict=True))
+        baseline = (
+            f", alternating with {name[floats[0]]} timed on the CPU too as their baseline" if floats else ""
+        )
+        note = (
+            f"{sorted({name[d] for d in cpu})} run on the CPU only (torch.ao INT8 has no "
+            f"{torch.device(device).type} kernels, ONNX Runtime runs its CPU provider): timed on the "
+            f"CPU{baseline}" + (f"; the float artifacts ran on {device}" if floats else "")
+        )
+        groups.append(TimingGroup("cpu", floats[:1] + cpu, cpu, note))
+    return groups
+
+
 def _static_cost(directory: Path, image_size: int) -> dict[str, Any]:
     net, meta = art.load_artifact(directory)
     files = sorted(p.name for p in directory.iterdir() if p.is_file())
@@ -134,35 +182,34 @@ def run_bench(cfg: DictConfig) -> str:
         record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
         accel = resolve_accelerator(cfg.accelerator)
         record.device = accel.describe()
-        cpu_only = ({"int8_dynamic"} | ONNX_VARIANTS) & set(cfg.variants)
-        if accel.kind != "cpu" and cpu_only and not cfg.artifacts:
-            raise AcceleratorError(
-                f"{sorted(cpu_only)} run on the CPU here (torch.ao INT8, ONNX Runtime's CPU provider): "
-                "use accelerator=cpu, or variants=[fp32] on this accelerator"
-            )
         dirs = [Path(d).expanduser().resolve() for d in cfg.artifacts] or build_random_artifacts(
             cfg, out / "artifacts", accel.int8_engine
         )
         static = [_static_cost(d, cfg.image_size) for d in dirs]  # also checks every artifact loads
-        timing = time_artifacts(dirs, cfg.image_size, cfg.bench, str(accel.device))
         names = [artifact_name(d, s["meta"]) for d, s in zip(dirs, static, strict=True)]
-        for d, s in zip(dirs, static, strict=True):
+        groups = timing_groups(dirs, names, [s["meta"]["kind"] for s in static], str(accel.device))
+        timed = {}  # directory -> (its group, the group's timing result)
+        for group in groups:
+            result = time_artifacts(group.directories, cfg.image_size, cfg.bench, group.device)
+            timed.update({d: (group, result) for d in group.measured})
+        for d, s, name in zip(dirs, static, names, strict=True):
+            group, timing = timed[d]
             t = timing["artifacts"][d.name]
             cost = {
                 **s["cost"],
-                **measure_memory(d, cfg.image_size, cfg.bench, accel.device),
+                **measure_memory(d, cfg.image_size, cfg.bench, group.device),
                 "latency_ms": t["latency_ms"],
                 "throughput_ips": t["throughput_ips"],
                 "device": timing["device"],
                 "threads": timing["threads"],
                 "timing": {
-                    **timing_block(timing, d, names),
+                    **timing_block(timing, d, [names[dirs.index(g)] for g in group.directories]),
                     "energy_source": timing["energy_source"],
                     "energy_absent_reason": timing["energy_absent_reason"],
+                    **({"note": group.note} if group.note else {}),
                 },
                 "protocol": {k: cfg.bench[k] for k in ("warmup", "iters", "repeats")},
             }
-            name = names[dirs.index(d)]
             record.artifacts.append(
                 ArtifactRecord(
                     name=name,
@@ -200,7 +247,8 @@ def run_bench(cfg: DictConfig) -> str:
                 f"b{b}: {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]"
                 for b, r in a.cost["timing"]["ratio_to_baseline"].items()
             )
-            print(f"{a.name}: latency / {timing['baseline']} = {ratios}")
+            where = f"{a.cost['timing']['baseline']} on {a.cost['device']}"
+            print(f"{a.name}: latency / {where} = {ratios}")
         print(f"record: {record.path}")
     return record.status
 

@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from patholite.accelerators.resolve import synchronize
 from patholite.errors import ConfigError, SlideError
 from patholite.wsi.region import Box, patch_box
 
@@ -182,11 +183,6 @@ def read_regions(
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def focus_walk(
     net: SMTNet,
@@ -215,7 +211,7 @@ def focus_walk(
         logits, _, patches = net.encode(layer, to_input(images.to(device), mean, std))
         probs = logits.float().softmax(-1)
         scores = net.focus(layer, patches) if layer + 1 < depth else None
-        _sync(device)
+        synchronize(device)  # queued CUDA/NPU work finishes inside the model time it belongs to
         model_s += time.perf_counter() - start
         layers.append({"owners": owners, "boxes": current, "scores": chosen, "probs": probs.cpu()})
         if scores is None:
@@ -230,6 +226,27 @@ def focus_walk(
         read_s += time.perf_counter() - start
         reads += len(current)
     return {"layers": layers, "reads": reads, "read_seconds": read_s, "model_seconds": model_s}
+
+
+class BlankRegions:
+    """A region source of black images: what ``warm_up`` walks instead of a slide."""
+
+    def read(self, box: Box, size: int) -> np.ndarray:
+        return np.zeros((size, size, 3), np.uint8)
+
+
+def warm_up(net: SMTNet, k: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    """One untimed walk of a blank slide (1 + K + ... images, the batch shapes a real walk runs) on the
+    net's device, synchronised: the first timed slide then does not pay one-off start-up (the CUDA/NPU
+    context, kernel selection and caching allocator; the CPU's thread pool and oneDNN primitives)."""
+    side = float(net.image_size * net.grid ** (net.layers - 1))
+    thumbs = torch.zeros(1, 3, net.image_size, net.image_size, dtype=torch.uint8)
+    was_training = net.training
+    net.eval()
+    try:
+        focus_walk(net, thumbs, [Box(0.0, 0.0, side)], [BlankRegions()], k, mean, std)
+    finally:
+        net.train(was_training)
 
 
 def aggregate_slides(

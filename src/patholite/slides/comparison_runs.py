@@ -33,7 +33,7 @@ from patholite.data.synthetic.slides import Truth, generate_slides, read_truth, 
 from patholite.data.synthetic.spec import LesionSpec, SlideSpec
 from patholite.errors import ConfigError
 from patholite.models.mil import predict_mil, train_mil
-from patholite.models.smt import aggregate_slides, predict_slide
+from patholite.models.smt import aggregate_slides, predict_slide, warm_up
 from patholite.slides.baselines import pool_scores, tile_outputs
 from patholite.wsi.reader import forget_cached, open_slide
 from patholite.wsi.region import Box, RegionReader, chain_check, patch_box, pixels_decoded, smt_tissue_box
@@ -87,6 +87,11 @@ def negative_index(class_names: Sequence[str], what: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def warm_smt(net, meta: dict) -> None:
+    """One untimed blank walk of the SMT network (``models.smt.warm_up``) before its first timed slide."""
+    warm_up(net, int(meta["model"]["smt"]["top_k"]), meta["mean"], meta["std"])
+
+
 def walk_smt(
     net, meta: dict, path: Path, mpp: float | None, tissue_side: int = TILER_TISSUE_PX
 ) -> dict[str, Any]:
@@ -214,6 +219,8 @@ def compare_slides(
     ``lesion_share``, a result per method, and ``focus`` on positive slides with a truth)."""
     rows = []
     grid = int(smt[1]["model"]["smt"]["grid"])
+    if any(m.startswith("smt") for m in methods):
+        warm_smt(*smt)
     for n, case in enumerate(cases):
         row: dict[str, Any] = {
             "slide": case.path.name,
@@ -255,6 +262,7 @@ def scaling_rows(
         for c in ("InSitu", "Invasive")
     ]
     out = []
+    warm_smt(*smt)
     for size in sizes:
         spec = SlideSpec(width=size, height=size, difficulty=float(dataset.difficulty), lesions=lesions)
         slides = generate_slides(folder / str(size), n, spec, seed=7, normal_share=0.0, prefix=f"scale{size}")
@@ -305,6 +313,8 @@ def walk_artifacts(
     it (its own trained tissue framing), in a rotating order per slide: one row per slide with each
     artifact's score and times."""
     names, rows = tuple(models), []
+    for net, meta in models.values():
+        warm_smt(net, meta)
     for n, case in enumerate(cases):
         row: dict[str, Any] = {"slide": case.path.name, "label": case.label}
         for name in rotate(names, n):

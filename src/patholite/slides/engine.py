@@ -71,16 +71,29 @@ class SlideTiles(Dataset):
         return tensor, index, time.perf_counter() - start
 
 
+def copies_async(device: str | torch.device) -> bool:
+    """Whether host batches for ``device`` are pinned and copied with ``non_blocking``: on CUDA, so the copy
+    of the next batch overlaps the model's work; a CPU run is unchanged (no copy to overlap)."""
+    return torch.device(device).type == "cuda"
+
+
 class Normalise:
     """uint8 batches to the model's normalised float input, in the model thread."""
 
     def __init__(self, mean, std, device: str) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
         self.device = device
+        self.non_blocking = copies_async(device)
+        # kept on the host until the first batch arrives on the device, then moved there once
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.to(self.device).float() - self.mean) * self.scale
+        # from pinned memory (the loader's, on CUDA) the copy is asynchronous; the model's kernels queue
+        # behind it on the same stream, and reading the results back (.cpu()) waits for them
+        images = images.to(self.device, non_blocking=self.non_blocking)
+        if self.mean.device != images.device:
+            self.mean, self.scale = self.mean.to(images.device), self.scale.to(images.device)
+        return (images.float() - self.mean) * self.scale
 
 
 def _worker_init(_: int) -> None:
@@ -168,7 +181,9 @@ class StreamResult:
     embeddings: np.ndarray | None = None
 
 
-def _loader(dataset: SlideTiles, batch_size: int, workers: int, prefetch: int) -> DataLoader:
+def _loader(
+    dataset: SlideTiles, batch_size: int, workers: int, prefetch: int, device: str = "cpu"
+) -> DataLoader:
     kwargs = {}
     if workers > 0:
         kwargs = {
@@ -177,7 +192,14 @@ def _loader(dataset: SlideTiles, batch_size: int, workers: int, prefetch: int) -
             "persistent_workers": False,
             "timeout": LOADER_TIMEOUT_S,  # a stalled read (network storage, a deadlock) fails, never hangs
         }
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=copies_async(device),  # page-locked host batches: what a non-blocking copy needs
+        **kwargs,
+    )
 
 
 def _unwrap_worker_error(err: BaseException, path: str) -> SlideError:
@@ -233,7 +255,7 @@ def stream_tiles(
     ok, writer = False, None
     try:
         # workers fork here, before the writer thread exists: a fork copies no running thread's locks
-        batches = iter(_loader(dataset, batch_size, workers, prefetch))
+        batches = iter(_loader(dataset, batch_size, workers, prefetch, device))
         if csv_path is not None:
             names = [] if embed else class_names
             writer = PredictionWriter(csv_path, names, spec.coords, extra_columns or {})

@@ -27,7 +27,7 @@ from patholite.artifacts.resolve import resolve_artifact
 from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.io import write_json
-from patholite.models.smt import SMTNet, check_top_k, predict_slide
+from patholite.models.smt import SMTNet, check_top_k, predict_slide, warm_up
 from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.report import save_figure
 from patholite.wsi.region import POLICIES, Box, RegionReader, chain_check, pixels_decoded, smt_tissue_box
@@ -373,6 +373,8 @@ def run_smt_slides(
             directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)
             net, meta = load_smt_model(directory, cfg.engine.device)
         settings = smt_settings(net, meta, directory or "?", cfg.get("smt"))  # bad overrides fail here
+        # the first slide's model_s would otherwise hold the device's start-up (CUDA context, kernels)
+        warm_up(net, settings.top_k, settings.mean, settings.std)
         return each_slide(
             paths, cfg, out_dir, lambda path, out: process_smt_slide(path, cfg, net, meta, out, settings)
         )
