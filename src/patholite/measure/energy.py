@@ -61,7 +61,7 @@ def nvml_handle(pynvml, index: int):
     if uuid is not None:
         try:
             return pynvml.nvmlDeviceGetHandleByUUID(uuid)
-        except Exception:  # noqa: BLE001 - e.g. a MIG slice, whose UUID torch reports without its prefix
+        except Exception:  # noqa: BLE001 - e.g. a MIG slice: its UUID is MIG-..., torch prints it bare
             pass
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
@@ -71,6 +71,8 @@ def nvml_handle(pynvml, index: int):
         raise PatholiteError(f"CUDA device {index} is not among CUDA_VISIBLE_DEVICES={visible}")
     entry = entries[index]
     if entry.isdigit():
+        # CUDA's ordinal; NVML's is the PCI order, the same with CUDA_DEVICE_ORDER=PCI_BUS_ID (as SLURM's
+        # GPU binding assumes) or identical GPUs. The UUID above is exact whenever torch reports one.
         return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
     if entry.startswith("MIG-"):
         return pynvml.nvmlDeviceGetHandleByUUID(entry)

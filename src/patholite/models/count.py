@@ -75,7 +75,7 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
 
     memo: dict[int, torch.Tensor] = {}
     for p in model.parameters():
-        memo[id(p)] = nn.Parameter(cpu(p), requires_grad=p.requires_grad)
+        memo[id(p)] = nn.Parameter(cpu(p), requires_grad=False)  # counted under inference_mode
     for b in model.buffers():
         memo[id(b)] = cpu(b)
     return copy.deepcopy(model, memo)
