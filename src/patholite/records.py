@@ -32,7 +32,8 @@ Schema (version ``SCHEMA_VERSION``)::
                   "confusion_matrix": [[...]] (rows: true class, columns: predicted), "n_samples"},
       "cost": COST_KEYS: {"params", "flops", "flops_fused_uncounted", "size_bytes",
                "latency_ms": {"<batch>": {"p50", "p90"}}, "throughput_ips": {"<batch>": value},
-               "peak_rss_mb", "memory": {"method": "child" | "process", ...},
+               "peak_rss_mb", "memory": {"method": "child" | "process", "device_peak_mb",
+                          "device_peak_source"? | "device_peak_absent_reason"?, ...},
                "timing": {"method": "child_alternating" | "child" | "process", "sync"?,
                           "timed_with"?, "baseline"?, "ratio_to_baseline"?: {"<batch>": {"median", "min",
                           "max", "per_repeat"}}, "energy_j_per_image"?: {"<batch>": joules},
@@ -43,6 +44,10 @@ Schema (version ``SCHEMA_VERSION``)::
 attention, which it cannot see on CPU. ``peak_rss_mb`` comes from a fresh child process that loads the
 artifact and runs the largest batch (``memory.method == "child"``, with ``rss_after_imports_mb`` and
 ``peak_increase_mb``), or, with ``bench.isolation=process``, is the job's own peak so far (an upper bound).
+That child runs the artifact on the run's device; on a GPU or NPU ``memory.device_peak_mb`` is beside it: the
+most memory torch's allocator held there (``max_memory_allocated``, reset before the artifact is loaded;
+the runtime's own context not counted). On the CPU it is null, with ``device_peak_absent_reason``.
+FLOPs are counted on the CPU whatever the run's device, so every row of a run counts alike.
     }
 
 A job writes the record at start ("running"), so a job killed outright never leaves one claiming success,

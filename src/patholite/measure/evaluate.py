@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader
 from patholite import artifacts as art
 from patholite.artifacts.sidecar import read_sidecar
 from patholite.measure.cost import files_size, measure_latency, peak_rss_mb, torch_threads
+from patholite.measure.devices import device_peak
 from patholite.measure.memory import measure_in_child
 from patholite.measure.metrics import QualityMeter
 from patholite.measure.stats import bootstrap
-from patholite.measure.timing import time_artifacts, timing_block
+from patholite.measure.timing import energy_block, time_artifacts, timing_block
 from patholite.models.count import count_flops, count_params
 from patholite.records import COST_KEYS, QUALITY_KEYS, ArtifactRecord
 
@@ -69,17 +70,16 @@ def parity(logits: torch.Tensor, reference: torch.Tensor, against: str) -> dict[
     }
 
 
-def count_architecture(
-    model: nn.Module, image_size: int, device: torch.device | str = "cpu", directory: Path | None = None
-) -> dict[str, Any]:
-    """Parameters and FLOPs. Packed INT8 weights and ONNX graphs are invisible to torch's counters, so a
-    non-float artifact is counted on its float twin (same architecture, surgery replayed)."""
+def count_architecture(model: nn.Module, image_size: int, directory: Path | None = None) -> dict[str, Any]:
+    """Parameters and FLOPs, counted on the CPU whatever device the run uses (``count_flops``), so every row
+    counts alike. Packed INT8 weights and ONNX graphs are invisible to torch's counters, so a non-float
+    artifact is counted on its float twin (same architecture, surgery replayed)."""
     if directory is not None:
         meta = art.read_sidecar(directory)
         if meta["kind"] != "torch_float" or meta.get("runtime"):
             twin = art.create_float_twin(meta)
             return {"params": count_params(twin), **count_flops(twin, image_size)}
-    return {"params": count_params(model), **count_flops(model, image_size, device)}
+    return {"params": count_params(model), **count_flops(model, image_size)}
 
 
 def measure_cost(
@@ -94,7 +94,7 @@ def measure_cost(
     artifact ``directory`` (``bench.isolation=child``), else in this process. ``defer_timing``: the caller
     times this artifact later, together with its run's others (``time_together``)."""
     model.eval()
-    static = count_architecture(model, image_size, device, directory)
+    static = count_architecture(model, image_size, directory)
     protocol = {"warmup": bench.warmup, "iters": bench.iters, "repeats": bench.repeats}
     if defer_timing:
         return {
@@ -116,7 +116,7 @@ def measure_cost(
             "device": timing["device"],
             "threads": timing["threads"],
             "protocol": protocol,
-            "timing": {"method": "child", "sync": timing["sync"]},
+            "timing": {"method": "child", "sync": timing["sync"], **energy_block(timing, directory)},
         }
     with torch_threads(bench.threads):
         threads = torch.get_num_threads()
@@ -137,17 +137,20 @@ def measure_cost(
 def measure_memory(
     directory: str | Path, image_size: int, bench, device: torch.device | str
 ) -> dict[str, Any]:
-    """``peak_rss_mb`` and how it was measured: a fresh child process per artifact at the largest batch (CPU),
-    or this process's peak so far (``bench.isolation=process``, and on GPUs for now)."""
-    if bench.isolation == "child" and torch.device(device).type == "cpu":
+    """``peak_rss_mb`` and how it was measured: a fresh child process per artifact at the largest batch, on
+    the run's device (beside the RSS, a GPU's or NPU's own peak: ``memory.device_peak_mb``), or this process's
+    peaks so far (``bench.isolation=process``)."""
+    if bench.isolation == "child":
         batch = max(bench.batch_sizes)
-        child = measure_in_child(directory, batch, iters=3, image_size=image_size)
-        if "error" not in child:
-            return {"peak_rss_mb": child["peak_rss_mb"], "memory": {"method": "child", **child}}
-        return {"peak_rss_mb": None, "memory": {"method": "child", **child}}
+        child = measure_in_child(directory, batch, iters=3, image_size=image_size, device=str(device))
+        return {"peak_rss_mb": child.get("peak_rss_mb"), "memory": {"method": "child", **child}}
     return {
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "memory": {"method": "process", "note": "the job's peak so far, training included"},
+        "memory": {
+            "method": "process",
+            "note": "the job's peak so far, training included",
+            **device_peak(torch.device(device)),
+        },
     }
 
 

@@ -23,6 +23,7 @@ from patholite.accelerators.resolve import sync_name
 from patholite.artifacts.load import load_artifact
 from patholite.errors import PatholiteError
 from patholite.measure.cost import latency_summary, time_block
+from patholite.measure.devices import open_device
 from patholite.measure.energy import open_meter
 from patholite.progress import Progress
 
@@ -118,6 +119,14 @@ def timing_block(timing: dict[str, Any], directory: str | Path, names: list[str]
         "baseline": timing["baseline"],
         "ratio_to_baseline": timed["ratio_to_baseline"],
     }
+    return {**block, **energy_block(timing, directory)}
+
+
+def energy_block(timing: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+    """The energy part of a record's ``cost.timing`` from ``time_artifacts``' result: joules per image of the
+    artifact in ``directory`` and what measured them, or why nothing did."""
+    timed = timing["artifacts"][Path(directory).name]
+    block = {"energy_source": timing["energy_source"], "energy_absent_reason": timing["energy_absent_reason"]}
     if "energy_j_per_image" in timed:
         block["energy_j_per_image"] = timed["energy_j_per_image"]
     return block
@@ -126,7 +135,7 @@ def timing_block(timing: dict[str, Any], directory: str | Path, names: list[str]
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
+    device = open_device(spec["device"])  # a fresh interpreter: torch_npu imported here for an NPU
     meter, energy_source = open_meter(device.type, device.index or 0)
     names, nets = [], []
     for directory in spec["directories"]:

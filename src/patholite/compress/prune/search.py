@@ -41,7 +41,7 @@ from torch_pruning.pruner import function as tp_function
 
 from patholite.compress.prune.structure import block_shapes, find_blocks, reshape_block, set_heads
 from patholite.errors import ConfigError
-from patholite.models.count import count_flops, count_params, unfused_attention
+from patholite.models.count import count_params, count_unfused_flops, unfused_attention
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ def _plan(
 
 def flops_and_params(net: nn.Module, image_size: int) -> tuple[float, int]:
     """FLOPs of one image (2 per multiply-add, attention included) and the parameter count."""
-    device = next(net.parameters()).device
-    return float(count_flops(net, image_size, device=device)["flops"]), count_params(net)
+    return float(count_unfused_flops(net, image_size)), count_params(net)
 
 
 def _meta_copy(net: nn.Module) -> nn.Module:
@@ -103,15 +102,15 @@ def _meta_copy(net: nn.Module) -> nn.Module:
 def _planned_flops(net: nn.Module, path: str, plan: list[dict[str, int]], image_size: int) -> float:
     """FLOPs of ``net`` reshaped to ``plan``, counted on a copy (``net`` is untouched)."""
 
-    def count(probe: nn.Module, device: torch.device | str) -> float:
+    def count(probe: nn.Module) -> float:
         for block, shape in zip(probe.get_submodule(path), plan, strict=True):
             reshape_block(block, shape["num_heads"], shape["mlp_hidden"])
-        return float(count_flops(probe, image_size, device=device)["flops"])
+        return float(count_unfused_flops(probe, image_size))  # on the meta device or the CPU, never a GPU
 
     try:  # FLOPs depend on shapes only: the meta device counts a ViT-L without copying its weights.
-        return count(_meta_copy(net), "meta")
+        return count(_meta_copy(net))
     except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count a real copy
-        return count(copy.deepcopy(net), next(net.parameters()).device)
+        return count(copy.deepcopy(net))
 
 
 def _search_plan(
@@ -332,7 +331,7 @@ def prune_vit(
     """Remove whole attention heads and MLP hidden channels of a timm ViT in place; returns ``net``.
 
     Give ``ratio`` (fraction of heads and MLP channels removed in every block, in (0, 1)) or
-    ``target_flops`` (FLOPs per image, attention counted, as ``patholite.measure.cost.count_flops``: the
+    ``target_flops`` (FLOPs per image, attention counted, as ``patholite.models.count.count_flops``: the
     smallest uniform ratio that reaches it sets the heads, then the MLP keeps the most channels that fit).
     ``importance`` is ``"magnitude"``, ``"taylor"`` or ``"moving_average"`` (R1; ``beta``, ``saliency``);
     the last two need ``scoring_batches`` of (images, labels). MLP widths are multiples of ``round_to``.

@@ -65,6 +65,8 @@ class Current:
     logits: torch.Tensor
     surgery: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where ``logits`` were taken (its row's ``cost.device``)
+    cpu_logits: torch.Tensor | None = field(default=None, repr=False)  # its outputs on the CPU, once asked
 
 
 class StageRun:
@@ -113,12 +115,23 @@ class StageRun:
             directory,
             files,
             source=source.name if source else None,
-            reference=source.logits if source else None,
+            reference=self.reference(source, cpu) if source else None,
             cpu=cpu,
             defer_timing=self.time_at_end,
         )
         self.records.append(record)
         return logits
+
+    def reference(self, source: Current, cpu: bool) -> torch.Tensor:
+        """``source``'s outputs for a row's parity, taken where that row runs: an INT8 or ONNX row (``cpu``)
+        against its source's outputs on the CPU, not on the run's GPU (TF32 on) or NPU, whose numerics would
+        add to the quantization error that parity reports. A row on the run's device is held against the
+        source's outputs there, as they were recorded."""
+        if not cpu or torch.device(source.device).type == "cpu":
+            return source.logits
+        if source.cpu_logits is None:
+            source.cpu_logits = self.task.outputs(self.ctx, source.net)  # every task's ``outputs``: the CPU
+        return source.cpu_logits
 
     def record_float(
         self,
@@ -139,7 +152,10 @@ class StageRun:
         files = save_float_artifact(net.cpu().eval(), directory, sidecar)
         loaded, _ = load_float_artifact(directory)
         logits = self.record(name, loaded, directory, files, source)
-        return Current(name, loaded.cpu().eval(), directory, logits, list(surgery or []), dict(state or {}))
+        device = str(self.records[-1].cost.get("device", "cpu"))
+        return Current(
+            name, loaded.cpu().eval(), directory, logits, list(surgery or []), dict(state or {}), device
+        )
 
     def record_file_artifact(self, name: str, files: list[str], source: Current, cpu: bool = True) -> None:
         """Record the artifact ``name`` a stage wrote into ``artifact_dir(name)`` (INT8, ONNX), reloaded."""
@@ -169,7 +185,12 @@ class StageRun:
                 "records": [asdict(r) for r in self.records],
                 "current": None
                 if cur is None
-                else {"name": cur.name, "directory": str(cur.directory), "surgery": cur.surgery},
+                else {
+                    "name": cur.name,
+                    "directory": str(cur.directory),
+                    "surgery": cur.surgery,
+                    "device": cur.device,
+                },
             },
         )
 
@@ -187,7 +208,15 @@ class StageRun:
                 saved = torch.load(saved_path, map_location="cpu", weights_only=True)
             else:  # a run interrupted before this file existed: its outputs again
                 saved = {"logits": self.task.outputs(self.ctx, net), "state": {}}
+            # a state saved before ``device`` was: its outputs were taken on the run's device
+            device = cur.get("device", str(self.ctx.accelerator.device))
             self.current = Current(
-                cur["name"], net, Path(cur["directory"]), saved["logits"], cur["surgery"], saved["state"]
+                cur["name"],
+                net,
+                Path(cur["directory"]),
+                saved["logits"],
+                cur["surgery"],
+                saved["state"],
+                device,
             )
         log.info("resuming after the finished stages %s", self.done)

@@ -189,7 +189,7 @@ def smt_record(
     per_slide = _per_slide_cost(walked["slides"])
     wall = per_slide["wall_s_median"]
     # one encoder pass on an S x S image, times the images a slide's walk sees (encoders share a shape)
-    counted = count_architecture(net, int(ctx.cfg.model.smt.image_size), "cpu", directory)
+    counted = count_architecture(net, int(ctx.cfg.model.smt.image_size), directory)
     images = per_slide["reads_per_slide"]
     cost = {
         "params": counted["params"],
