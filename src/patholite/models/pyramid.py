@@ -41,8 +41,9 @@ class PyramidViT(nn.Module):
 
         The ViT's final ``norm``, its ``fc_norm``/attention pool/heads and the blocks deeper than the last
         pyramid block get no gradient: DDP (``find_unused_parameters=False``) then fails on the second step
-        waiting for them, and the optimiser would still weight-decay them. Frozen rather than removed, they
-        stay in the state dict, so pyramid artifacts and checkpoints saved before load strictly as ever.
+        waiting for them. Frozen rather than removed, they stay in the state dict, so pyramid artifacts
+        saved before load strictly as ever; and since an optimiser skips a parameter without a gradient,
+        one process trains exactly what it trained before.
         """
         used = {id(p) for m in self._used_modules() for p in m.parameters()}
         # the ViT's own parameters (class, register and distillation tokens, position embedding) all enter
