@@ -111,7 +111,8 @@ class SMTModule(L.LightningModule):
         ``class_weights``: per-class CE weights (resolve ``class_weights: auto`` before, e.g. with
         ``smt_focus.class_weights_from_counts``); ``negative_class``: index of the negative class;
         ``eval_depth``: walk depth for validation/test (None: the deepest layer trained so far);
-        ``gradient_clip_val``: gradient-norm clip per optimiser, done here (Lightning refuses its own clipping
+        ``gradient_clip_val``: gradient-norm clip per optimiser, done here on unscaled gradients
+        (``on_before_optimizer_step``; Lightning refuses its own clipping
         under manual optimisation: build the Trainer with ``gradient_clip_val=None``); ``memory``: a trained
         module's ``memory.state_dict()`` to continue (its epochs restart at 0)."""
         model = dict(_plain(model))
