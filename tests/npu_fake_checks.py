@@ -58,6 +58,7 @@ def test_resolves_to_the_npu_accelerator_with_fp16_mixed(fake_npu):
     assert isinstance(settings["accelerator"], NPUAccelerator)
     (plugin,) = settings["plugins"]
     assert (plugin.precision, plugin.device) == ("16-mixed", "npu")
+    assert resolved.precision == "16-mixed"  # resolved, as the trained-model cache keys it
     described = resolved.describe()
     assert described["accelerator"] == "NPUAccelerator" and described["plugins"] == [
         "MixedPrecision(16-mixed)"
@@ -66,7 +67,8 @@ def test_resolves_to_the_npu_accelerator_with_fp16_mixed(fake_npu):
         trainer = L.Trainer(**resolved.trainer_kwargs(), logger=False, enable_checkpointing=False)
         assert isinstance(trainer.accelerator, NPUAccelerator)
         assert trainer.strategy.root_device == torch.device("npu", 0)  # not Lightning's CPU default
-    assert resolve_accelerator(_cfg(precision="32-true")).lightning["precision"] == "32-true"
+    full = resolve_accelerator(_cfg(precision="32-true"))
+    assert full.lightning["precision"] == full.precision == "32-true"
 
 
 def test_accelerator_makes_the_device_calls(fake_npu):

@@ -99,3 +99,35 @@ def test_submitit_launcher_without_the_extra_says_what_to_install(monkeypatch):
     with pytest.raises(ConfigError, match=r"patholite\[slurm\]"):
         check_launcher(["-m", "hydra/launcher=slurm", "model=deit_tiny"])
     check_launcher(["-m", "model=deit_tiny"])  # the default launcher needs nothing
+
+
+def _fake_gpus(monkeypatch, capabilities: dict[int, tuple[int, int]]) -> None:
+    """CUDA devices with these compute capabilities; torch's own bf16 check says yes (it counts emulation)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capabilities[int(i or 0)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: f"GPU{int(i or 0)}")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.mark.parametrize(
+    "devices, expected, named",
+    [([0], "bf16-mixed", "native bf16 on cuda:0"), ([1], "16-mixed", "cuda:1 (GPU1, compute capability 7.0)"),
+     ([0, 1], "16-mixed", "cuda:1 (GPU1, compute capability 7.0) has no native bf16")],
+)  # fmt: skip
+def test_auto_precision_is_bf16_only_where_every_gpu_in_use_has_it_natively(
+    monkeypatch, devices, expected, named
+):
+    """An A100 (8.0) beside a V100 (7.0): torch.cuda.is_bf16_supported() says yes for both (emulation)."""
+    _fake_gpus(monkeypatch, {0: (8, 0), 1: (7, 0)})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(AcceleratorConfig),
+        {"name": "gpu", "accelerator": "gpu", "devices": devices, "precision": "auto"},
+    )
+    resolved = resolve_accelerator(cfg)
+    assert resolved.lightning["precision"] == expected
+    assert resolved.precision == expected  # what the trained-model cache keys (pipelines/cache.py)
+    assert any(note.startswith(f"precision auto -> {expected}") and named in note for note in resolved.notes)
+    # asked for explicitly, bf16 stays, and the record says it is emulated
+    emulated = resolve_accelerator(OmegaConf.merge(cfg, {"precision": "bf16-mixed", "devices": [1]}))
+    assert emulated.precision == "bf16-mixed" and "emulated" in " ".join(emulated.notes)

@@ -182,3 +182,34 @@ def test_smt_is_refused_under_ddp(make_cfg):
     cfg = make_cfg("model=smt_micro", "dataset=smt_synthetic", "accelerator.devices=2")
     with pytest.raises(ConfigError, match="focusing memory .* use accelerator.devices=1"):
         preflight(cfg)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_driver_frees_gpu_memory_before_a_spawned_fit(monkeypatch, tmp_path, world_size):
+    """Under ddp_spawn rank 0 trains on GPU 0, where the driver evaluated before: the driver moves the
+    module to the CPU and empties CUDA's cache first (mocked CUDA). One process trains in place."""
+    import types
+
+    import lightning as L
+
+    from patholite.pipelines import fit as fit_module
+
+    events: list[str] = []
+    module = L.LightningModule()
+    module.net = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(module, "cpu", lambda: events.append("module.cpu") or module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    trainer = types.SimpleNamespace(
+        fit=lambda *a, **k: events.append("trainer.fit"), checkpoint_callback=None
+    )
+    monkeypatch.setattr(fit_module, "build_trainer", lambda *a, **k: trainer)
+    ctx = types.SimpleNamespace(
+        cfg=OmegaConf.create({"seed": 0}), checkpoint_dir=tmp_path, resuming=False, datamodule=None,
+        accelerator=types.SimpleNamespace(world_size=world_size),
+    )  # fmt: skip
+    fitted = fit_module.fit(ctx, module, "train")
+    assert fitted.net is module.net
+    expected = ["module.cpu", "empty_cache", "trainer.fit"] if world_size > 1 else ["trainer.fit"]
+    assert events == expected

@@ -33,6 +33,7 @@ class Fresh:
     to its trainer, and the next one (a student after its teacher) refuses it."""
 
     make: Callable[[], Any]
+    precision: str = ""  # the training precision of a precision plugin it makes (the NPU's), for the record
 
 
 @dataclass
@@ -45,6 +46,14 @@ class ResolvedAccelerator:
     int8_engine: str
     notes: list[str] = field(default_factory=list)
     world_size: int = 1  # training processes (DDP ranks); evaluation always runs in the driver
+
+    @property
+    def precision(self) -> str:
+        """The precision training runs in, resolved (never ``auto``): Lightning's ``precision`` setting, or
+        the NPU's mixed-precision plugin's."""
+        if "precision" in self.lightning:
+            return str(self.lightning["precision"])
+        return str(getattr(self.lightning.get("plugins"), "precision", "") or "32-true")
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """``lightning`` for one new Trainer, its strategy and plugin objects freshly made."""
@@ -158,7 +167,7 @@ def _strategy(cfg, ids: list[int], backend: str) -> Any:
     return Fresh(make)
 
 
-def _resolve_cpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
+def _resolve_cpu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.device]:
     precision = "32-true" if cfg.precision == "auto" else cfg.precision
     if precision not in ("32-true", "32", "bf16-mixed", "bf16-true", "64-true"):
         raise ConfigError(f"accelerator.precision={precision} does not run on CPU; use 32-true or bf16-mixed")
@@ -176,7 +185,32 @@ def _resolve_cpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     return "cpu", lightning, torch.device("cpu")
 
 
-def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
+# bf16 arithmetic in hardware: Ampere (compute capability 8.0) and later. torch.cuda.is_bf16_supported()
+# also says yes where it is emulated (V100, T4: slower than fp32), and answers for the current device only.
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def _emulated_bf16(ids: list[int]) -> str:
+    """The devices among ``ids`` without native bf16, as "cuda:i (name, capability x.y)"; "" if none."""
+    slow = []
+    for i in ids:
+        capability = tuple(torch.cuda.get_device_capability(i))
+        if capability < NATIVE_BF16_CAPABILITY:
+            name = torch.cuda.get_device_name(i)
+            slow.append(f"cuda:{i} ({name}, compute capability {capability[0]}.{capability[1]})")
+    return ", ".join(slow)
+
+
+def _auto_gpu_precision(ids: list[int]) -> tuple[str, str]:
+    """``precision: auto`` on the CUDA devices ``ids``: bf16-mixed only when every one of them has native bf16
+    (compute capability >= 8.0), else 16-mixed; and why, for the record's notes."""
+    if slow := _emulated_bf16(ids):
+        return "16-mixed", f"{slow} has no native bf16 (needs compute capability >= 8.0)"
+    devices = ", ".join(f"cuda:{i}" for i in ids)
+    return "bf16-mixed", f"native bf16 on {devices} (compute capability >= 8.0)"
+
+
+def _resolve_gpu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.device]:
     if not torch.cuda.is_available():
         raise AcceleratorError(
             f"accelerator={cfg.name} but torch sees no CUDA device on this machine; run with "
@@ -185,7 +219,10 @@ def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     ids = _device_ids(cfg, torch.cuda.device_count(), "CUDA device(s)")
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        precision, why = _auto_gpu_precision(ids)
+        notes.append(f"precision auto -> {precision}: {why}")
+    elif precision in ("bf16-mixed", "bf16-true") and (slow := _emulated_bf16(ids)):
+        notes.append(f"{precision} asked for, but {slow}: bf16 is emulated there (slow)")
     lightning = {
         "accelerator": "gpu",
         "devices": ids,
@@ -195,7 +232,7 @@ def _resolve_gpu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     return "gpu", lightning, torch.device("cuda", ids[0])
 
 
-def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
+def _resolve_npu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.device]:
     """Ascend NPUs through torch_npu (the ``npu`` extra): fp16 mixed precision by default."""
     available = npu_device_count()  # imports torch_npu, or says what to install
     if available == 0:
@@ -217,7 +254,7 @@ def _resolve_npu(cfg) -> tuple[str, dict[str, Any], torch.device]:
     if precision in ("16-mixed", "bf16-mixed"):
         # Lightning would autocast a custom accelerator as "cuda": name the device type for autocast and
         # the gradient scaler explicitly
-        lightning["plugins"] = Fresh(lambda: [MixedPrecision(precision, device="npu")])
+        lightning["plugins"] = Fresh(lambda: [MixedPrecision(precision, device="npu")], precision=precision)
     else:
         lightning["precision"] = precision
     return "npu", lightning, torch.device("npu", first)
@@ -250,7 +287,7 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
         raise ConfigError(
             f"accelerator.accelerator={cfg.accelerator!r} is not one of {sorted(_RESOLVERS) + ['auto']}"
         )
-    kind, lightning, device = _RESOLVERS[asked](cfg)
+    kind, lightning, device = _RESOLVERS[asked](cfg, notes)
     devices = lightning["devices"]
     world = devices if isinstance(devices, int) else len(devices)
     if world > 1:

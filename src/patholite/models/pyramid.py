@@ -29,6 +29,29 @@ class PyramidViT(nn.Module):
         dim = vit.embed_dim
         self.scale_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.blocks)
         self.head = nn.Linear(dim * len(self.blocks), num_classes)
+        self._freeze_unused()
+
+    def _used_modules(self) -> list[nn.Module]:
+        """The ViT's parts that ``forward_features`` runs (its own tokens and position embedding aside)."""
+        vit = self.vit
+        return [vit.patch_embed, vit.norm_pre, *list(vit.blocks)[: self.blocks[-1] + 1]]
+
+    def _freeze_unused(self) -> None:
+        """Stop the ViT parameters that ``forward`` never reaches from training.
+
+        The ViT's final ``norm``, its ``fc_norm``/attention pool/heads and the blocks deeper than the last
+        pyramid block get no gradient: DDP (``find_unused_parameters=False``) then fails on the second step
+        waiting for them. Frozen rather than removed, they stay in the state dict, so pyramid artifacts
+        saved before load strictly as ever; and since an optimiser skips a parameter without a gradient,
+        one process trains exactly what it trained before.
+        """
+        used = {id(p) for m in self._used_modules() for p in m.parameters()}
+        # the ViT's own parameters (class, register and distillation tokens, position embedding) all enter
+        # the token sequence in ``_pos_embed``
+        used |= {id(p) for p in self.vit.parameters(recurse=False)}
+        for param in self.vit.parameters():
+            if id(param) not in used:
+                param.requires_grad_(False)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Pooled patch-token features of each pyramid block, shallow to deep."""

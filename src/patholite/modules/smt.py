@@ -15,8 +15,8 @@ load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -65,6 +65,26 @@ def _weighted(weights: Sequence[float], terms: Sequence[torch.Tensor], zero: tor
     return sum((w * t for w, t in zip(weights, terms, strict=False)), zero)
 
 
+@contextmanager
+def one_scaler_update(scaler: torch.amp.GradScaler | None) -> Iterator[None]:
+    """Several optimiser steps after one backward, with one ``scaler.update()`` after the last.
+
+    Lightning's mixed-precision plugin updates the scaler in every ``optimizer.step()``. With two
+    optimisers the second was then unscaled by the scale the first step's update had already changed
+    (halved on an overflow, doubled on growth) and the scale moved twice per step. GradScaler's own recipe
+    for several optimisers: unscale and step each, update once.
+    """
+    if scaler is None:
+        yield
+        return
+    scaler.update = lambda new_scale=None: None  # shadows the method for the steps inside
+    try:
+        yield
+    finally:
+        del scaler.update
+    scaler.update()
+
+
 def _boxes(rows: torch.Tensor) -> list[Box]:
     return [Box(*(float(v) for v in row)) for row in rows.tolist()]
 
@@ -91,7 +111,8 @@ class SMTModule(L.LightningModule):
         ``class_weights``: per-class CE weights (resolve ``class_weights: auto`` before, e.g. with
         ``smt_focus.class_weights_from_counts``); ``negative_class``: index of the negative class;
         ``eval_depth``: walk depth for validation/test (None: the deepest layer trained so far);
-        ``gradient_clip_val``: gradient-norm clip per optimiser, done here (Lightning refuses its own clipping
+        ``gradient_clip_val``: gradient-norm clip per optimiser, done here on unscaled gradients
+        (``on_before_optimizer_step``; Lightning refuses its own clipping
         under manual optimisation: build the Trainer with ``gradient_clip_val=None``); ``memory``: a trained
         module's ``memory.state_dict()`` to continue (its epochs restart at 0)."""
         model = dict(_plain(model))
@@ -266,12 +287,11 @@ class SMTModule(L.LightningModule):
         for opt in optimizers:
             opt.zero_grad()
         self.manual_backward(terms["loss"])
-        for opt in optimizers:
-            if self.gradient_clip_val:
-                self.clip_gradients(
-                    opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
-                )
-            opt.step()
+        # Each step goes through the precision plugin: with a gradient scaler (16-mixed) it unscales that
+        # optimiser's gradients, then calls on_before_optimizer_step (which clips them), then steps.
+        with one_scaler_update(self._grad_scaler()):
+            for opt in optimizers:
+                opt.step()
         logs = {"train/loss": terms["loss"], "train/loss_v": terms["loss_v"], "train/loss_f": terms["loss_f"]}
         for name in ("cls", "focus", "ret", "emb", "kd"):
             logs.update({f"train/{name}_{i}": v.detach() for i, v in enumerate(terms.get(name, []))})
@@ -279,6 +299,19 @@ class SMTModule(L.LightningModule):
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/reads", float(terms["reads"]), on_step=False, on_epoch=True, batch_size=batch_size)
         return terms["loss"].detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Clipped here, not before opt.step(): under 16-mixed the gradients are unscaled only inside step,
+        # so a clip before it measured the scaled norm (scale x true norm) and shrank every step to ~nothing.
+        if self.gradient_clip_val:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The precision plugin's gradient scaler (16-mixed on CUDA or the NPU), else None."""
+        trainer = self._trainer
+        return None if trainer is None else getattr(trainer.precision_plugin, "scaler", None)
 
     def configure_optimizers(self):
         cfg = self.hparams.model["smt"]

@@ -53,9 +53,21 @@ _TRAINER_KEYS = (
 _HUB_KEYS = ("hub", "revision", "download", "mean", "std", "mpp", "license")
 
 
-def cache_inputs(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
+def precision_key(configured: str, resolved: str | None) -> str:
+    """The training precision as the cache keys it: what ran, not ``auto`` (a bf16 GPU teacher and an fp16
+    NPU teacher are different models). ``auto`` that ran in full precision (the CPU's) stays ``auto``, so
+    the entries made on the CPU before keep their keys; ``resolved`` None: the configured value."""
+    if configured != "auto" or resolved is None or resolved in ("32-true", "32"):
+        return configured
+    return resolved
+
+
+def cache_inputs(
+    cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1, precision: str | None = None
+) -> dict[str, Any]:
     """Everything that determines the plain training of ``model_cfg`` on ``cfg``'s data (``world_size``:
-    DDP processes; same global batch, but another data order, so another model)."""
+    DDP processes; same global batch, but another data order, so another model; ``precision``: the resolved
+    training precision, ``ResolvedAccelerator.precision``)."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in _DATASET_NOISE:
         dataset.pop(key, None)
@@ -74,7 +86,7 @@ def cache_inputs(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) ->
             "mode": cfg.callbacks.monitor_mode,
             "early_stopping_patience": cfg.callbacks.early_stopping_patience,
         },
-        "precision": cfg.accelerator.precision,
+        "precision": precision_key(cfg.accelerator.precision, precision),
         "recipe": "plain-v1",  # bump when the plain recipe changes what it trains
     } | ({"ddp_world_size": world_size} if world_size > 1 else {})  # single-process keys stay as they were
     if wants_hub(model_cfg):  # another snapshot of the hub weights is another starting point
@@ -86,8 +98,10 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def entry_dir(cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1) -> tuple[Path, dict[str, Any]]:
-    inputs = cache_inputs(cfg, model_cfg, world_size)
+def entry_dir(
+    cfg: DictConfig, model_cfg: DictConfig, world_size: int = 1, precision: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    inputs = cache_inputs(cfg, model_cfg, world_size, precision)
     name = f"{model_cfg.name}-{cfg.dataset.name}-{cache_key(inputs)}"
     return Path(cfg.paths.cache_dir).resolve() / "trained" / name, inputs
 
@@ -105,7 +119,7 @@ def publish(ctx: RunContext, net: nn.Module, model_cfg: DictConfig | None = None
     """Store a plainly trained ``net`` as the cache entry of ``model_cfg`` (default: the run's model)
     unless one is already there."""
     model_cfg = model_cfg if model_cfg is not None else ctx.cfg.model
-    entry, inputs = entry_dir(ctx.cfg, model_cfg, ctx.accelerator.world_size)
+    entry, inputs = entry_dir(ctx.cfg, model_cfg, ctx.accelerator.world_size, ctx.accelerator.precision)
     with _lock(entry):
         if not is_complete(entry):
             meta = ctx.artifact_meta(model_cfg)
@@ -121,7 +135,7 @@ def trained_plain(
     """The cache entry of ``model_cfg`` trained with the plain recipe on this run's data, training it (once,
     under the lock) when absent: ``train(context)`` fits the context's ``model`` and returns the network.
     ``role`` names it in the logs ("teacher", "starting point")."""
-    entry, inputs = entry_dir(ctx.cfg, model_cfg, ctx.accelerator.world_size)
+    entry, inputs = entry_dir(ctx.cfg, model_cfg, ctx.accelerator.world_size, ctx.accelerator.precision)
     with _lock(entry):
         if is_complete(entry):
             log.info("%s %s: from the cache %s", role, model_cfg.name, entry)

@@ -8,6 +8,7 @@ interrupted and never mixes one stage's weights into another's.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,20 @@ def ema_callback(ema: Any | None) -> EmaCallback | None:
     )
 
 
+def release_driver_gpu(module: nn.Module) -> None:
+    """Before a spawned (DDP) fit, in the driver: ``module`` to the CPU and CUDA's cached memory freed.
+
+    Rank 0 trains on GPU 0, where the driver evaluated the artifacts before (a teacher, the network to
+    fine-tune): whatever it still holds there (the module and the allocator's cache) is memory rank 0 lacks.
+    On the CPU the module also travels to the spawned ranks by pickling, not through CUDA IPC handles to
+    the driver's GPU 0; each rank moves it to its own device.
+    """
+    module.cpu()  # a Distiller moves its hidden teacher too
+    gc.collect()  # tensors kept alive only by reference cycles hold their blocks until collected
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def fit(
     ctx: RunContext,
     module: L.LightningModule,
@@ -83,6 +98,8 @@ def fit(
         )
     if resume is not None:
         log.info("stage %s: resuming from %s", stage, resume)
+    if ctx.accelerator.world_size > 1:  # ddp_spawn: the ranks train, this process waits
+        release_driver_gpu(module)
     trainer.fit(module, datamodule=datamodule or ctx.datamodule, ckpt_path=str(resume) if resume else None)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ema_state = None
