@@ -351,3 +351,32 @@ def test_an_int8_rows_parity_reference_is_taken_on_the_cpu_on_a_gpu_run(tmp_path
     (_, int8_device, int8_ref), (_, _, onnx_ref), (_, pruned_device, pruned_ref) = given
     assert int8_device == "cpu" and torch.allclose(int8_ref, expected) and onnx_ref is int8_ref
     assert pruned_device == "cuda:0" and pruned_ref is on_gpu
+
+
+def test_a_ddp_run_moves_what_the_driver_evaluated_back_to_the_cpu(tmp_path, monkeypatch):
+    """Issue 20, 10a: the driver evaluates on the first device; before a later spawned fit (rank 0 on that
+    device) the evaluated network goes back to the CPU, so the driver holds no GPU memory while it trains."""
+    from patholite.pipelines.stages.base import StageRun
+    from patholite.pipelines.tasks import tiles
+
+    dm = types.SimpleNamespace(class_names=["a", "b"], test_dataloader=lambda: [])
+    moved = []
+
+    class Net(nn.Linear):
+        def cpu(self):
+            moved.append("cpu")
+            return super().cpu()
+
+    def record(name, *_, **__):
+        return types.SimpleNamespace(name=name, cost={"device": "cuda:0"}), torch.zeros(1, 2)
+
+    monkeypatch.setattr(tiles, "artifact_record", record)
+    for world_size, expected in ((1, []), (2, ["cpu"])):
+        moved.clear()
+        ctx = types.SimpleNamespace(
+            cfg=OmegaConf.create({"bench": {"isolation": "child"}, "dataset": {"image_size": 4}}),
+            accelerator=types.SimpleNamespace(device=torch.device("cuda", 0), world_size=world_size),
+            datamodule=dm,
+        )
+        StageRun(ctx, tiles.TileTask()).record("fp32", Net(2, 2), tmp_path, [])
+        assert moved == expected

@@ -204,8 +204,6 @@ def run_bench(cfg: DictConfig) -> str:
                 "threads": timing["threads"],
                 "timing": {
                     **timing_block(timing, d, [names[dirs.index(g)] for g in group.directories]),
-                    "energy_source": timing["energy_source"],
-                    "energy_absent_reason": timing["energy_absent_reason"],
                     **({"note": group.note} if group.note else {}),
                 },
                 "protocol": {k: cfg.bench[k] for k in ("warmup", "iters", "repeats")},

@@ -120,6 +120,10 @@ class StageRun:
             defer_timing=self.time_at_end,
         )
         self.records.append(record)
+        if getattr(self.ctx.accelerator, "world_size", 1) > 1:
+            # a later spawned fit (a student of this teacher, a fine-tune of this network) puts rank 0 on
+            # the first device: what the driver evaluated there must not hold its memory meanwhile
+            net.cpu()
         return logits
 
     def reference(self, source: Current, cpu: bool) -> torch.Tensor:
