@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from patholite.accelerators import resolve_accelerator
+from patholite.accelerators.resolve import resolve_accelerator
 from patholite.config.schema import AcceleratorConfig
 
 from .conftest import REPO, run_cli

@@ -265,7 +265,7 @@ def test_a_trained_run_is_a_teacher_as_it_stands(make_cfg, tmp_path, monkeypatch
 
 
 def test_qat_on_a_non_cpu_accelerator_is_refused(make_cfg):
-    from patholite.accelerators import resolve_accelerator
+    from patholite.accelerators.resolve import resolve_accelerator
     from patholite.pipelines.stages import check_stages
     from patholite.pipelines.tasks import task_for
 

@@ -242,14 +242,15 @@ def test_debug_fast_makes_any_run_tiny(tmp_path):
 def test_gpu_resolution_picks_bf16_where_supported(monkeypatch):
     from omegaconf import OmegaConf
 
-    from patholite.accelerators import resolve_accelerator
+    from patholite.accelerators.resolve import resolve_accelerator
     from patholite.config.schema import AcceleratorConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     cfg = OmegaConf.structured(AcceleratorConfig(name="gpu", accelerator="gpu", precision="auto", devices=1))
-    for bf16, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda b=bf16: b)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    for capability, expected in (((8, 0), "bf16-mixed"), ((7, 0), "16-mixed")):  # native bf16 from Ampere on
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0, c=capability: c)
         resolved = resolve_accelerator(cfg)
         assert resolved.lightning["precision"] == expected and resolved.device == torch.device("cuda", 0)
     cfg.devices = 3

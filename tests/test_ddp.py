@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from patholite.accelerators import resolve_accelerator
+from patholite.accelerators.resolve import resolve_accelerator
 from patholite.config.schema import AcceleratorConfig
 from patholite.errors import AcceleratorError, ConfigError
 

@@ -51,7 +51,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    props = types.SimpleNamespace(name="Fake GPU", total_memory=80 * 2**30)
+    props = types.SimpleNamespace(name="Fake GPU", total_memory=80 * 2**30, major=9, minor=0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
 
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import artifacts as art
 from patholite import tracking
-from patholite.accelerators import resolve_accelerator
+from patholite.accelerators.resolve import resolve_accelerator
 from patholite.config.options import CONF_DIR
 from patholite.config.schema import ModelConfig
 from patholite.errors import ConfigError, PatholiteError

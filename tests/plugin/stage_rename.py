@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from patholite.compress.rename import rename
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.config.checks import require
 from patholite.pipelines.stages.base import Stage, StageRun
 from patholite.pipelines.tasks import Task

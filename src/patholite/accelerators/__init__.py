@@ -1,5 +1,6 @@
-"""Where a run executes: accelerator resolution, and the Ascend NPU accelerator for Lightning (``npu``)."""
+"""Where a run executes: accelerator resolution (``resolve``), the Ascend NPU accelerator for Lightning
+(``npu``) and torch_npu's loading (``npu_runtime``).
 
-from patholite.accelerators.resolve import ResolvedAccelerator, describe_machine, resolve_accelerator
-
-__all__ = ["ResolvedAccelerator", "describe_machine", "resolve_accelerator"]
+Nothing is imported here: ``npu_runtime`` must load without Lightning (the measuring children import it), and
+a package ``__init__`` runs before any of its modules.
+"""

@@ -9,39 +9,15 @@ never imports it unless ``accelerator=npu`` asks for it.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
 
+from patholite.accelerators.npu_runtime import INSTALL, import_torch_npu, npu_device_count
 from patholite.errors import AcceleratorError
 
-INSTALL = (
-    "install Ascend's CANN toolkit for your NPU and driver (source its set_env.sh), then "
-    "pip install 'patholite[npu]' (torch_npu matching torch " + torch.__version__.split("+")[0] + ")"
-)
-
-
-def import_torch_npu():
-    """torch_npu, imported (which adds ``torch.npu``); a clear error when it or CANN is missing."""
-    try:
-        module = importlib.import_module("torch_npu")
-    except ImportError as err:
-        raise AcceleratorError(f"accelerator=npu needs torch_npu, which is not installed: {INSTALL}") from err
-    except (OSError, RuntimeError) as err:  # the library is there but CANN's shared libraries are not
-        raise AcceleratorError(f"torch_npu is installed but cannot load ({err}): {INSTALL}") from err
-    if not hasattr(torch, "npu"):
-        raise AcceleratorError(f"torch_npu imported but torch.npu is missing; reinstall it: {INSTALL}")
-    return module
-
-
-def npu_device_count() -> int:
-    import_torch_npu()
-    try:
-        return int(torch.npu.device_count())
-    except RuntimeError as err:  # the driver answers errors, not zero, when it cannot reach a device
-        raise AcceleratorError(f"torch_npu cannot query the NPUs ({err}); check the Ascend driver") from err
+__all__ = ["INSTALL", "NPUAccelerator", "import_torch_npu", "npu_device_count", "register"]
 
 
 class NPUAccelerator(Accelerator):

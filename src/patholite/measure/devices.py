@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from patholite.accelerators.npu_runtime import import_torch_npu
+
 
 def open_device(name: str) -> torch.device:
     """``name`` (``cpu``, ``cuda:1``, ``npu:0``) as a torch device, torch_npu imported first for an NPU (a
     clear AcceleratorError when it cannot be)."""
     if name.split(":", 1)[0] == "npu":
-        # imported here, not at the top: it brings Lightning, whose memory the CPU memory child would count
-        from patholite.accelerators.npu import import_torch_npu
-
         import_torch_npu()
     return torch.device(name)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.artifacts.sidecar import weights_source_of
 from patholite.data import HistologyDataModule
 from patholite.models.hub import sidecar_model

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from patholite.accelerators import ResolvedAccelerator, resolve_accelerator
+from patholite.accelerators.resolve import ResolvedAccelerator, resolve_accelerator
 from patholite.config import check_config
 from patholite.data import HistologyDataModule
 from patholite.data.base import check_global_batch

@@ -16,7 +16,7 @@ import pkgutil
 
 from omegaconf import DictConfig
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.config.checks import require
 from patholite.measure.evaluate import time_together
 from patholite.pipelines.context import RunContext

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.artifacts.load import load_artifact
 from patholite.artifacts.torch_float import load_float_artifact, save_float_artifact
 from patholite.errors import PatholiteError

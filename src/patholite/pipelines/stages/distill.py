@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.artifacts.torch_float import load_float_artifact
 from patholite.compress.distill import DISTILLER_KINDS, LEVELS
 from patholite.config.checks import choice, require

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.artifacts.sidecar import read_sidecar
 from patholite.artifacts.torch_float import load_float_artifact
 from patholite.compress.feature_kd import PROJECTIONS

@@ -7,7 +7,7 @@ import copy
 
 from omegaconf import DictConfig
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.compress.lowrank import apply_nystrom
 from patholite.config.checks import check_finetune, require
 from patholite.pipelines.stages.base import Stage, StageRun

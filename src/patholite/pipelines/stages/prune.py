@@ -8,7 +8,7 @@ import json
 
 from omegaconf import DictConfig
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.compress.prune import IMPORTANCES, SALIENCIES, describe_structure, prune_vit
 from patholite.compress.surgery import apply_surgery
 from patholite.config.checks import check_finetune, choice, require

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from patholite.accelerators import ResolvedAccelerator
+from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.artifacts.int8_dynamic import save_int8_dynamic_artifact
 from patholite.artifacts.onnx import ONNX_FILE, save_onnx_artifact, write_onnx_sidecar
 from patholite.compress.quantize import (
