@@ -15,9 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from patholite.accelerators import npu_runtime
+from patholite.accelerators import runtime
 from patholite.accelerators.npu import NPUAccelerator, register
-from patholite.accelerators.resolve import resolve_accelerator, sync_name, synchronize
+from patholite.accelerators.resolve import resolve_accelerator
+from patholite.accelerators.runtime import sync_name, synchronize
 from patholite.config.schema import AcceleratorConfig
 from patholite.errors import AcceleratorError
 
@@ -121,7 +122,7 @@ def test_torch_npu_without_cann_says_so(monkeypatch):
     def broken(name):
         raise OSError("libhccl.so: cannot open shared object file")
 
-    monkeypatch.setattr(npu_runtime.importlib, "import_module", broken)
+    monkeypatch.setattr(runtime.importlib, "import_module", broken)
     with pytest.raises(AcceleratorError, match="cannot load.*libhccl.*CANN"):
         resolve_accelerator(_cfg())
 

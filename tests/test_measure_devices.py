@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -380,3 +381,15 @@ def test_a_ddp_run_moves_what_the_driver_evaluated_back_to_the_cpu(tmp_path, mon
         )
         StageRun(ctx, tiles.TileTask()).record("fp32", Net(2, 2), tmp_path, [])
         assert moved == expected
+
+
+def test_the_memory_child_imports_no_lightning():
+    """The memory child's RSS is the measurement: what it imports to load an artifact (any kind, SMT's
+    included) is counted, so Lightning (about 80 MB) must stay out of it."""
+    code = (
+        "import sys, patholite.measure.memory, patholite.artifacts.load, patholite.measure.devices; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"

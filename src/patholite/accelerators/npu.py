@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
 
-from patholite.accelerators.npu_runtime import INSTALL, import_torch_npu, npu_device_count
+from patholite.accelerators.runtime import INSTALL, import_torch_npu, npu_device_count
 from patholite.errors import AcceleratorError
 
 __all__ = ["INSTALL", "NPUAccelerator", "import_torch_npu", "npu_device_count", "register"]

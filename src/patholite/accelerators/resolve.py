@@ -263,19 +263,6 @@ def _resolve_npu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.devi
 _RESOLVERS: dict[str, Callable] = {"cpu": _resolve_cpu, "gpu": _resolve_gpu, "npu": _resolve_npu}
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work: what a timer must do before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)
-
-
-def sync_name(device: torch.device) -> str:
-    names = {"cuda": "cuda.synchronize", "npu": "npu.synchronize"}
-    return names.get(device.type, "none (CPU is synchronous)")
-
-
 def resolve_accelerator(cfg) -> ResolvedAccelerator:
     """Check the ``accelerator`` node against this machine and resolve it; raises before any work."""
     asked = cfg.accelerator

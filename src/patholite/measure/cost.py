@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from patholite.accelerators.resolve import synchronize
+from patholite.accelerators.runtime import synchronize
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from patholite.accelerators.npu_runtime import import_torch_npu
+from patholite.accelerators.runtime import import_torch_npu
 
 
 def open_device(name: str) -> torch.device:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from patholite.accelerators.resolve import sync_name
+from patholite.accelerators.runtime import sync_name
 from patholite.artifacts.load import load_artifact
 from patholite.errors import PatholiteError
 from patholite.measure.cost import latency_summary, time_block

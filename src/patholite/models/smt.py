@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from patholite.accelerators.resolve import synchronize
+from patholite.accelerators.runtime import synchronize
 from patholite.errors import ConfigError, SlideError
 from patholite.wsi.region import Box, patch_box
 

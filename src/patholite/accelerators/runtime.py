@@ -1,6 +1,6 @@
-"""torch_npu, loaded on request: what every NPU path (the Lightning accelerator, the measuring children) needs
-before torch knows an ``npu`` device. torch only, no Lightning, so a measuring child that imports it stays
-as small as one on the CPU.
+"""Device helpers in torch alone, no Lightning, so that models and the measuring children (fresh processes
+whose memory is the measurement) can import them: torch_npu loaded on request (torch knows no ``npu``
+device before), and waiting for a device's queued work.
 """
 
 from __future__ import annotations
@@ -36,3 +36,16 @@ def npu_device_count() -> int:
         return int(torch.npu.device_count())
     except RuntimeError as err:  # the driver answers errors, not zero, when it cannot reach a device
         raise AcceleratorError(f"torch_npu cannot query the NPUs ({err}); check the Ascend driver") from err
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: what a timer must do before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def sync_name(device: torch.device) -> str:
+    names = {"cuda": "cuda.synchronize", "npu": "npu.synchronize"}
+    return names.get(device.type, "none (CPU is synchronous)")
