@@ -6,8 +6,10 @@ Each check runs one of patholite's own commands in a fresh process and reads the
 - train_gpu: ``vit_micro`` for a few steps (``debug=fast``) with ``accelerator=gpu`` (bf16-mixed where the
   GPU supports it); its fp32 artifact evaluated and timed on cuda.
 - train_gpu_ddp: the same with ``accelerator=gpu_ddp`` (DDP over every GPU), only with more than one GPU.
-- slide_cuda: the slide engine with ``engine.device=cuda`` over a real slide (``--slide``; by default the
-  CMU slide under /work/shared/data/slides when present) with train_gpu's fp32 artifact.
+- slide_cuda: the slide engine with ``engine.device=cuda`` over a real slide (``--slide``: any slide
+  OpenSlide reads, e.g. OpenSlide's public test slide CMU-1-Small-Region.svs; by default that slide from the
+  test fixtures folder, ``$PATHOLITE_SHARED/data/slides`` or ``../shared/data/slides`` beside the
+  checkout, when present) with train_gpu's fp32 artifact.
 - bench_fp32: ``patholite.bench`` of ``vit_micro`` at 224 px with ``accelerator=gpu``, fp32 and dynamic
   INT8: fp32 timed on cuda, INT8 on the CPU (torch.ao has no CUDA kernels), each record saying so.
 - bench_bf16: a bf16 bench variant, where ``patholite.bench`` has one (otherwise SKIP, saying so).
@@ -19,6 +21,7 @@ Without CUDA every check is skipped (exit 0). Each check's output is kept in ``<
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CMU_SLIDE = Path("/work/shared/data/slides/CMU-1-Small-Region.svs")
+REPO = Path(__file__).resolve().parents[1]
+# the test fixtures' folder, found as the tests find it (tests/conftest.shared_dir)
+CMU_SLIDE = (
+    Path(os.environ.get("PATHOLITE_SHARED") or REPO.parent / "shared") / "data/slides/CMU-1-Small-Region.svs"
+)
 QUIET = ["logger=none"]
 
 
