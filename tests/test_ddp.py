@@ -79,6 +79,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert steps == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # 45 s, for make test under 8 min; test_two_process_ddp_matches_one_process stays
 @pytest.mark.timeout(900)
 def test_a_sweep_of_ddp_jobs_runs_each_job_once_with_ema_and_a_teacher(tmp_path, trained_models):
     """Under -m each job spawns its ranks; nothing relaunches the sweep (Lightning's subprocess ddp would).

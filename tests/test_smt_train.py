@@ -71,6 +71,7 @@ def test_an_smt_student_distils_from_a_float_smt_teacher(tmp_path):
     assert "train/kd_0" in header and "train/kd_1" in header
 
 
+@pytest.mark.slow  # 27 s; SMT INT8 by PTQ stays (test_a_tiny_smt_trains_and_is_recorded_per_slide)
 def test_qat_fine_tunes_an_smt_for_dynamic_int8(tmp_path):
     from torch.ao.nn.quantized import dynamic as nnqd
 
