@@ -26,6 +26,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas)
@@ -341,9 +342,17 @@ def run_merge(cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="slide")
 def _hydra_main(cfg: DictConfig) -> int:
-    with sigterm_as_exit():
-        code = run_slide(cfg)
-    if code:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        with sigterm_as_exit():
+            code = run_slide(cfg)
+    except SystemExit as err:
+        # in a sweep (shards of a cohort) a failed job is its record, and the others go on: the sweep's
+        # summary lists it and exits 1; an interrupted one (SIGTERM, Ctrl-C) still ends the sweep
+        if multirun and err.code == 1:
+            return 1
+        raise
+    if code and not multirun:
         raise SystemExit(code)
     return code
 
