@@ -350,6 +350,7 @@ def test_bad_shard_settings_fail_before_work(tmp_path, fake_artifact, capsys, ar
 
 
 # ---------------------------------------------------------------------------------------- the sweep
+@pytest.mark.slow  # three interpreters (the launcher, two shards) start torch: ~50 s on 2 busy cores
 def test_a_two_shard_submitit_sweep_writes_one_summary(tmp_path):
     """``-m shard=0,1 shards=2 hydra/launcher=submitit_local``: the shared slides (one too small to tile: a
     failed row) and two synthetic ones, a tiny random vit_micro; both shards write into one cohort folder,
