@@ -237,6 +237,9 @@ def test_other_settings_are_refused_or_overwritten_never_mixed(tmp_path):
     with pytest.raises(ConfigError) as err:  # the whole folder: before any of this job's slides
         _shard(_cfg(**{"tile.theta": 0.7}), entries, folder)
     assert "tile.theta: 0.5 -> 0.7" in str(err.value) and "overwrite=true" in str(err.value)
+    retrained = Cohort(folder, entries, cohort_settings(_cfg(), "tiles", "1" * 64), "new")
+    with pytest.raises(ConfigError, match=r"artifact: art -> new \(other files\)"):
+        retrained.check_folder()
     # one slide's manifest mpp changed: only that slide is stale, refused by name
     changed = [SlideEntry(entries[0].path, mpp=0.25), entries[1]]
     with pytest.raises(ConfigError, match=r"slide a was made .*reader\.mpp: None -> 0\.25.*overwrite=true"):

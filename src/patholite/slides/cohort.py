@@ -205,6 +205,12 @@ class Cohort:
         recorded = read_json_object(path)
         if recorded is not None and recorded.get("fingerprint") != self.fingerprint and not self.overwrite:
             changed = differences(recorded.get("settings") or {}, self.settings)
+            # the artifact by where it was, not by its digest
+            changed = [
+                f"artifact: {recorded.get('artifact')} -> {self.artifact} (other files)"
+                if c.startswith("artifact_sha256:") else c
+                for c in changed
+            ]  # fmt: skip
             raise ConfigError(
                 f"out={self.folder} holds the outputs of another artifact or other settings "
                 f"({'; '.join(changed) or 'its cohort.json is unreadable'}); give another out=, or "
