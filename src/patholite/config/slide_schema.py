@@ -81,14 +81,24 @@ class SlideRunConfig:
     """``python -m patholite.slide``: a trained or compressed classifier over whole slides."""
 
     slide: str | None = None  # one slide file
-    slides: str | None = None  # a folder of slides, or a text file with one slide path per line
-    artifact: str = MISSING  # an artifact folder (artifact.json) or a run folder (its best artifact)
+    # a folder of slides, a text file with one slide path per line, or a CSV manifest (header: slide, and
+    # optionally mpp, label, group; see slides.manifest)
+    slides: str | None = None
+    # an artifact folder (artifact.json) or a run folder (its best artifact); not with merge=
+    artifact: str | None = None
     artifact_name: str | None = None  # which artifact of a run folder; None: the run's last stage
     # auto: by the artifact's sidecar (an SMT slide model -> smt, an encoder -> features, a tile classifier ->
     # tiles); tiles: tile the tissue and classify every tile; smt: the SMT walk (1 + K + K^2 region reads per
     # slide); features: every tile's embedding (an encoder's, or a classifier's pre-logits) into
     # <slide>/features.h5 (slides.features describes the file)
     mode: str = "auto"
+    # the cohort folder every slide's outputs go to (<out>/<slide>/, written atomically; complete slides are
+    # skipped by a rerun); None: the run folder. Required with shards > 1: every shard writes to it
+    out: str | None = None
+    shard: int | None = None  # which share of the cohort this job runs (0-based), with shards
+    shards: int | None = None  # how many shares the cohort is split into, balanced by file size
+    merge: str | None = None  # a cohort folder: build its summary from its slides' reports, nothing else
+    overwrite: bool = False  # redo a cohort folder's slides made with another artifact or other settings
     annotations: str | None = None  # a file (one slide) or a folder of <slide stem>.xml|.geojson|.json
     annotation_classes: dict[str, str] = field(default_factory=dict)  # XML group -> class name
     reader: ReaderConfig = field(default_factory=ReaderConfig)

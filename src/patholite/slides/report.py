@@ -28,6 +28,8 @@ UNLABELLED = 255  # annotation-map value of pixels no annotation covers
 OVERLAY_ALPHA = 0.5  # weight of the class colour over the thumbnail in overlay.png
 # summary columns of rows that have them (SMT: reads; features: embed_dim)
 OPTIONAL_COLUMNS = ("reads", "pixels_read", "embed_dim")
+# a manifest's columns, after the slide's, in rows that have them
+MANIFEST_COLUMNS = ("label", "group")
 FILES = {"heatmap": "heatmap.png", "overlay": "overlay.png", "report": "report.png", "json": "report.json"}
 
 
@@ -373,12 +375,14 @@ def failed_row(slide: str | Path, error: BaseException | str, seconds: float | N
 
 
 def summary_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """One row per slide: report dicts (status ok) and failed_row dicts; frac_<class> for every class seen.
-    Returns the columns and the rows (None where a row has no value).
+    """One row per slide: report dicts (status ok) and failed_row dicts; frac_<class> for every class seen;
+    a manifest's label and group when a row has them. Returns the columns and the rows (None where a row
+    has no value).
 
     tiles_per_s is the row's own, else n_tiles / seconds.
     """
     classes: list[str] = []
+    manifest = [c for c in MANIFEST_COLUMNS if any(row.get(c) is not None for row in rows)]
     for row in rows:
         classes += [c for c in row.get("fractions", {}) if c not in classes]
     table = []
@@ -392,6 +396,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[di
         table.append(
             {
                 "slide": row.get("slide"),
+                **{c: row.get(c) for c in manifest},
                 "status": row["status"],
                 "error": row.get("error", ""),
                 "call": call.get("label"),
@@ -403,7 +408,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[di
                 "seconds": seconds,
             }
         )
-    columns = ["slide", "status", "error", "call", "confidence", "call_share"]
+    columns = ["slide", *manifest, "status", "error", "call", "confidence", "call_share"]
     columns += [f"frac_{c}" for c in classes] + ["n_tiles", "tiles_per_s", "seconds"]
     # focused slide models (SMT) read regions, not tiles: their columns appear when a row has them
     optional = [c for c in OPTIONAL_COLUMNS if any(row.get(c) is not None for row in rows)]

@@ -9,6 +9,7 @@ at read time (a corrupt tile surfaces only when read), raises ``SlideError`` nam
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -330,9 +331,28 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, method))
 
 
+# A list file's first line naming one of these (a CSV header) makes it a manifest: one slide per row, with
+# optional columns (slides.manifest reads them all)
+MANIFEST_PATH_COLUMNS = ("slide", "path")
+
+
+def manifest_header(source: Path) -> list[str] | None:
+    """The lower-cased header of a CSV manifest (its first line names a ``slide`` or ``path`` column), or
+    None for a plain list (one path per line) or any other file."""
+    if source.suffix.lower() != ".csv" or not source.is_file():
+        return None
+    with open(source, newline="") as f:
+        for row in csv.reader(f):
+            if row and not row[0].lstrip().startswith("#"):
+                header = [cell.strip().lower() for cell in row]
+                return header if any(c in MANIFEST_PATH_COLUMNS for c in header) else None
+    return None
+
+
 def find_slides(source: str | Path) -> list[Path]:
     """Slides named by ``source``: one file, a folder (every slide file in it, sorted; DICOM folders count
-    as one slide each), or a text file listing one path per line (relative paths from the list's folder)."""
+    as one slide each), a text file listing one path per line, or a CSV manifest with a header naming a
+    ``slide`` (or ``path``) column (relative paths from the list's folder in both)."""
     source = Path(source).expanduser()
     if not source.exists():
         raise SlideError(f"slides={source} does not exist; give a slide file, a folder or a list file")
@@ -344,7 +364,15 @@ def find_slides(source: str | Path) -> list[Path]:
             raise SlideError(f"slides={source}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in the folder")
         return found
     if source.suffix.lower() in (".txt", ".lst", ".csv"):
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
+        header = manifest_header(source)
+        if header is not None:  # a manifest: the path column's cells (slides.manifest reads the rest)
+            column = next(c for c in header if c in MANIFEST_PATH_COLUMNS)
+            with open(source, newline="") as f:
+                rows = csv.reader(ln for ln in f if not ln.lstrip().startswith("#"))
+                next(rows)
+                lines = [dict(zip(header, row, strict=False)).get(column, "").strip() for row in rows]
+        else:
+            lines = [ln.strip() for ln in source.read_text().splitlines()]
         paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
         paths = [p if p.is_absolute() else source.parent / p for p in paths]
         if not paths:
