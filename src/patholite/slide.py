@@ -33,6 +33,7 @@ from patholite.measure.cost import files_size
 from patholite.records import ArtifactRecord, RunRecord
 from patholite.slides.report import summary_table
 from patholite.slides.run import MODES, run_slides
+from patholite.slides.supervise import check_limits
 from patholite.wsi.reader import find_slides
 
 log = logging.getLogger("patholite.slide")
@@ -70,6 +71,7 @@ def check_slide_config(cfg: DictConfig) -> None:
         raise ConfigError(f"mode={cfg.mode!r}: use auto (by the artifact), tiles, smt or features")
     if cfg.tissue.method not in ("otsu_saturation", "otsu_gray"):
         raise ConfigError(f"tissue.method={cfg.tissue.method!r}: choose otsu_saturation or otsu_gray")
+    check_limits(cfg.limits)
 
 
 def slide_artifact_record(directory: Path, rows: list[dict[str, Any]], device: str) -> ArtifactRecord:
