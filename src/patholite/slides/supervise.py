@@ -165,7 +165,9 @@ class _PipeHandler(logging.Handler):
         self.pid = os.getpid()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if os.getpid() != self.pid:  # a loader worker forked from the worker: the pipe is not its own
+        if os.getpid() != self.pid:  # a loader forked from the worker: the pipe is not its own, stderr is
+            if logging.lastResort is not None:
+                logging.lastResort.handle(record)
             return
         try:
             plain = copy.copy(record)
@@ -195,8 +197,13 @@ def _watch_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _serve(conn, factory: Factory, cfg: dict, directory: str, level: int, parent: int) -> None:
+def _serve(
+    conn, factory: Factory, cfg: dict, directory: str, level: int, parent: int, start_method: str
+) -> None:
     """The worker: build the process once, then process each (path, out) sent until None or EOF."""
+    # a spawned process spawns its own children too; the tile engine's loaders start as in the run's own
+    # process instead (forked: spawning would import torch and the package again in each, for seconds)
+    multiprocessing.set_start_method(start_method, force=True)
     # Ctrl-C reaches the whole process group: stopping the worker is the supervisor's to do
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lock = threading.Lock()  # the model's and the engine's threads may log while a result is sent
@@ -271,7 +278,15 @@ class Supervisor:
         # not a daemon: daemonic processes may not start children, and the tile engine's loaders are
         proc = self._context.Process(
             target=_serve,
-            args=(theirs, self.factory, self.cfg, self.directory, level, os.getpid()),
+            args=(
+                theirs,
+                self.factory,
+                self.cfg,
+                self.directory,
+                level,
+                os.getpid(),
+                multiprocessing.get_start_method(),
+            ),
             name="patholite-slide-worker",
         )
         proc.start()
