@@ -147,6 +147,13 @@ def test_a_failed_set_up_is_raised_before_any_slide(tmp_path):
         pass
 
 
+def test_a_factory_the_worker_cannot_have_is_refused_and_no_worker_is_left(tmp_path):
+    sup = Supervisor(lambda cfg, d: None, OmegaConf.create({}), tmp_path, {"slide_seconds": 5})
+    with pytest.raises(Exception, match="lambda"), sup:
+        pass
+    assert sup._proc is None and sup.starts == 1
+
+
 def test_the_supervisor_is_each_slides_process_and_failures_are_rows(tmp_path):
     from patholite.slides.cohort import each_slide
 

@@ -3,16 +3,17 @@ or crashes its process is a failed row and the run goes on (``limits.slide_secon
 ``limits.slide_memory_gb``).
 
 ``Supervisor`` is a slide ``process(path, out) -> report``, what ``slides.cohort.each_slide`` calls, that
-runs the real one in a long-lived worker process. The worker is started with ``spawn`` (forking a process
-whose torch and OpenMP thread pools already run is unsafe), builds the mode's per-slide process once from
-picklable inputs (``factory(cfg, directory)``: the model loaded and checked as in the run's own process),
-then processes the slides it is sent one at a time. The supervisor waits for each result with the time
-limit and polls the memory of the worker and every process below it (the tile engine's loader workers)
-against the cap; on an overrun it kills the whole tree (SIGKILL), raises ``SlideLimitError`` naming the
-limit, and starts a fresh worker for the next slide. A worker that dies by itself (a segfault in a reader
-library, the kernel's OOM killer) is a ``WorkerDiedError``. An exception inside the worker is raised again
-here as itself (its worker traceback chained), so its failed row reads as it would in-process. The
-worker's log records go to the run's own log.
+runs the real one in a long-lived worker process. The worker is a fresh interpreter (forking a process whose
+torch and OpenMP thread pools already run is unsafe), started as multiprocessing's ``spawn`` would but
+without importing the run's ``__main__`` again (a user's script without a main guard would run again in
+it). It builds the mode's per-slide process once from picklable inputs (``factory(cfg, directory)``: the
+model loaded and checked as in the run's own process), then processes the slides it is sent one at a time.
+The supervisor waits for each result with the time limit and polls the memory of the worker and every
+process below it (the tile engine's loader workers) against the cap; on an overrun it kills the whole tree
+(SIGKILL), raises ``SlideLimitError`` naming the limit, and starts a fresh worker for the next slide. A
+worker that dies by itself (a segfault in a reader library, the kernel's OOM killer) is a
+``WorkerDiedError``. An exception inside the worker is raised again here as itself (its worker traceback
+chained), so its failed row reads as it would in-process. The worker's log records go to the run's log.
 
 Memory is the sum of the tree's proportional set sizes (PSS: a page shared by n processes counts 1/n), what
 the tree costs the machine; a sum of resident sizes would count the model's pages once more for every
@@ -26,16 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import multiprocessing
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -197,12 +202,20 @@ def _watch_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _serve(
-    conn, factory: Factory, cfg: dict, directory: str, level: int, parent: int, start_method: str
-) -> None:
-    """The worker: build the process once, then process each (path, out) sent until None or EOF."""
-    # a spawned process spawns its own children too; the tile engine's loaders start as in the run's own
-    # process instead (forked: spawning would import torch and the package again in each, for seconds)
+# the worker's command line: the run's import path first (as spawn sets it), then the worker's loop
+_WORKER_CODE = (
+    "import sys, json; sys.path[:] = json.loads(sys.argv[2]); "
+    "from patholite.slides.supervise import worker_main; worker_main(int(sys.argv[1]))"
+)
+
+
+def worker_main(fd: int) -> None:
+    """The worker process: its settings, then the factory and its inputs, from the pipe ``fd``; then
+    ``_serve``. A factory that cannot be unpickled here is a set-up error the supervisor raises."""
+    conn = Connection(fd)
+    start_method, parent, level = conn.recv()
+    # its children (the tile engine's loaders) start as in the run's own process: forked, not spawned,
+    # which would import torch and the package again in each, for seconds
     multiprocessing.set_start_method(start_method, force=True)
     # Ctrl-C reaches the whole process group: stopping the worker is the supervisor's to do
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -216,6 +229,18 @@ def _serve(
     root.handlers = [_PipeHandler(send)]
     root.setLevel(level)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    try:
+        factory, cfg, directory = conn.recv()
+    except Exception as err:  # noqa: BLE001 - e.g. a factory defined in the run's __main__
+        send(("setup_error", _portable(err)))
+        return
+    _serve(conn, send, factory, cfg, directory)
+
+
+def _serve(
+    conn: Connection, send: Callable[[tuple], None], factory: Factory, cfg: dict, directory: str
+) -> None:
+    """The worker's loop: build the process once, then process each (path, out) sent until None or EOF."""
     try:
         process = factory(OmegaConf.create(cfg), Path(directory))
     except Exception as err:  # noqa: BLE001 - raised again by the supervisor
@@ -254,8 +279,7 @@ class Supervisor:
         self.cap = None if gb is None else float(gb) * GB
         self.poll_s = poll_s
         self.starts = 0  # workers started so far
-        self._context = multiprocessing.get_context("spawn")
-        self._proc = None
+        self._proc: subprocess.Popen | None = None
         self._conn = None
         self._tree: list[psutil.Process] = []
 
@@ -273,31 +297,27 @@ class Supervisor:
     def start(self) -> None:
         """A fresh worker with the mode's process built in it; its setup error is raised here."""
         self.kill()
-        ours, theirs = self._context.Pipe()
-        level = logging.getLogger().getEffectiveLevel()
-        # not a daemon: daemonic processes may not start children, and the tile engine's loaders are
-        proc = self._context.Process(
-            target=_serve,
-            args=(
-                theirs,
-                self.factory,
-                self.cfg,
-                self.directory,
-                level,
-                os.getpid(),
-                multiprocessing.get_start_method(),
-            ),
-            name="patholite-slide-worker",
-        )
-        proc.start()
+        ours, theirs = multiprocessing.Pipe()
+        fd = theirs.fileno()
+        argv = [sys.executable, "-c", _WORKER_CODE, str(fd), json.dumps(sys.path)]
+        proc = subprocess.Popen(argv, pass_fds=(fd,))
         theirs.close()
         self._proc, self._conn = proc, ours
         self._tree = [psutil.Process(proc.pid)]
         self.starts += 1
-        kind, value = self._wait(None, None)
-        if kind == "setup_error":
+        level = logging.getLogger().getEffectiveLevel()
+        try:
+            try:
+                ours.send((multiprocessing.get_start_method(), os.getpid(), level))
+                ours.send((self.factory, self.cfg, self.directory))  # an unpicklable factory fails here
+            except OSError:  # it could not start (its error is on stderr)
+                raise self._died(None) from None
+            kind, value = self._wait(None, None)
+            if kind == "setup_error":
+                raise value
+        except BaseException:  # no worker is left waiting (Ctrl-C while the model loads included)
             self.kill()
-            raise value
+            raise
 
     def close(self) -> None:
         """Ask the worker to stop; kill it if it has not within ``STOP_S``."""
@@ -305,7 +325,8 @@ class Supervisor:
             return
         with contextlib.suppress(OSError):  # a worker already gone
             self._conn.send(None)
-        self._proc.join(STOP_S)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(STOP_S)
         self.kill()
 
     def kill(self) -> None:
@@ -317,11 +338,10 @@ class Supervisor:
         for proc in procs.values():
             with contextlib.suppress(psutil.Error):  # gone already
                 proc.kill()
-        self._proc.join(5.0)
         psutil.wait_procs(list(procs.values()), timeout=5.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # in uninterruptible I/O: left to the OS
+            self._proc.wait(5.0)
         self._conn.close()
-        with contextlib.suppress(ValueError):  # still running after SIGKILL (uninterruptible I/O)
-            self._proc.close()
         self._proc = self._conn = None
         self._tree = []
 
@@ -353,7 +373,7 @@ class Supervisor:
                     return kind, err
                 else:
                     return kind, value
-            elif not self._proc.is_alive():
+            elif self._proc.poll() is not None:
                 raise self._died(slide)
             ran = time.monotonic() - start
             if seconds is not None and ran > seconds:
@@ -384,8 +404,9 @@ class Supervisor:
         )
 
     def _died(self, slide: Path | None) -> WorkerDiedError:
-        self._proc.join(5.0)
-        code = self._proc.exitcode
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5.0)
+        code = self._proc.returncode
         self.kill()  # its loader processes, if any outlived it
         if code is not None and code < 0:
             try:
@@ -399,7 +420,10 @@ class Supervisor:
         else:
             how = f"exit code {code}"
         if slide is None:
-            return WorkerDiedError(f"the slide worker died while loading the model ({how})")
+            return WorkerDiedError(
+                f"the slide worker died while starting or loading the model ({how}); its error, if it "
+                "printed one, is above"
+            )
         return WorkerDiedError(
             f"the slide worker died while processing slide {slide.name} ({how}); the next slide gets a "
             "fresh worker; if this repeats, look for the OOM killer in the system log (dmesg) and set "
