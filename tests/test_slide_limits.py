@@ -138,8 +138,11 @@ def test_a_worker_that_dies_by_itself_is_a_failed_slide(tmp_path):
             _run(sup, tmp_path, "exit-a.svs")
         with pytest.raises(WorkerDiedError, match="killed by SIGSEGV: a crash in native code"):
             _run(sup, tmp_path, "segv-b.svs")
-        assert _run(sup, tmp_path, "ok-c.svs")["value"] == 7
-        assert sup.starts == 3
+        idle = _run(sup, tmp_path, "ok-c.svs")["pid"]
+        os.kill(idle, signal.SIGKILL)  # between slides (the OOM killer picks a big idle process too)
+        psutil.Process(idle).wait(5)
+        assert _run(sup, tmp_path, "ok-d.svs")["pid"] != idle
+        assert sup.starts == 4
 
 
 def test_a_failed_set_up_is_raised_before_any_slide(tmp_path):
@@ -206,7 +209,8 @@ def test_the_worker_s_mode_setup_pickles_and_sets_the_mode_s_threads(monkeypatch
     from patholite.slides import run
 
     monkeypatch.setitem(run.PREPARE, "smt", (lambda cfg: cfg.threads, lambda cfg, d: (cfg.threads, d)))
-    setup = pickle.loads(pickle.dumps(run.ModeSetup("smt")))  # what the spawned worker receives
+    assert set(run.PREPARE) == set(run.MODES) - {"auto"}  # every mode can run under limits
+    setup = pickle.loads(pickle.dumps(run.ModeSetup("smt")))  # what the worker receives
     before = torch.get_num_threads()
     try:
         assert setup(OmegaConf.create({"threads": 3}), Path("a")) == (3, Path("a"))

@@ -338,16 +338,16 @@ class Supervisor:
         for proc in procs.values():
             with contextlib.suppress(psutil.Error):  # gone already
                 proc.kill()
-        psutil.wait_procs(list(procs.values()), timeout=5.0)
         with contextlib.suppress(subprocess.TimeoutExpired):  # in uninterruptible I/O: left to the OS
-            self._proc.wait(5.0)
+            self._proc.wait(5.0)  # reaped by its Popen, which then knows its exit code
+        psutil.wait_procs([p for pid, p in procs.items() if pid != self._proc.pid], timeout=5.0)
         self._conn.close()
         self._proc = self._conn = None
         self._tree = []
 
     # ------------------------------------------------------------------------------------ one slide
     def __call__(self, path: Path, out: Path) -> dict[str, Any]:
-        if self._proc is None:  # the last worker was killed, or died
+        if self._proc is None or self._proc.poll() is not None:  # killed, or died between slides
             self.start()
         self._conn.send((Path(path), Path(out)))
         kind, value = self._wait(self.seconds, Path(path))
