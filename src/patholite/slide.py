@@ -45,6 +45,7 @@ from patholite.slides.merge import clear_shard, finish_shard, merge_cohort
 from patholite.slides.report import summary_table
 from patholite.slides.run import MODES, run_slides, slide_mode
 from patholite.slides.shards import shard_of
+from patholite.slides.supervise import check_limits
 from patholite.wsi.reader import find_slides
 
 log = logging.getLogger("patholite.slide")
@@ -94,6 +95,7 @@ def check_slide_config(cfg: DictConfig) -> None:
         raise ConfigError(f"mode={cfg.mode!r}: use auto (by the artifact), tiles, smt or features")
     if cfg.tissue.method not in ("otsu_saturation", "otsu_gray"):
         raise ConfigError(f"tissue.method={cfg.tissue.method!r}: choose otsu_saturation or otsu_gray")
+    check_limits(cfg.limits)
 
 
 def check_shards(cfg: DictConfig) -> None:

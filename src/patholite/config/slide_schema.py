@@ -76,6 +76,17 @@ class SmtWalkConfig:
     aggregate: str | None = None  # slide score from the last layer's images: mean | max
 
 
+# ------------------------------------------------------------------------------- per-slide limits
+@dataclass
+class LimitsConfig:
+    """Per-slide limits (``slides.supervise``): with either set, slides run one at a time in a supervised
+    worker process, and a slide that runs past a limit is a failed row (its worker killed, a fresh one for
+    the next slide) instead of a lost run. None: no limit (slides run in the run's own process)."""
+
+    slide_seconds: float | None = None  # wall seconds one slide may take (reading, model, outputs)
+    slide_memory_gb: float | None = None  # GB (2**30 bytes) the worker and its loader processes may hold
+
+
 @dataclass
 class SlideRunConfig:
     """``python -m patholite.slide``: a trained or compressed classifier over whole slides."""
@@ -107,6 +118,7 @@ class SlideRunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     report: SlideReportConfig = field(default_factory=SlideReportConfig)
     smt: SmtWalkConfig = field(default_factory=SmtWalkConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # per-slide time and memory
     paths: PathsConfig = field(default_factory=PathsConfig)
     logger: Any = MISSING
     task_name: str = "slide"

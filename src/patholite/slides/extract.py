@@ -10,6 +10,7 @@ columns), ``features.h5`` (``slides.features``: its layout) and ``report.json``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,15 +177,25 @@ def process_feature_slide(path: Path, cfg, embedder: Embedder, out_dir: Path) ->
     return report
 
 
+def feature_threads(cfg) -> int:
+    """The model's threads in feature mode: as tile mode's (the same engine)."""
+    return cfg.engine.threads or max(1, available_cores() - cfg.engine.workers)
+
+
+def prepare_feature_slides(cfg, directory: Path) -> Callable[[Path, Path], dict[str, Any]]:
+    """Feature mode's set-up: the artifact's embedder loaded (and refused when it gives no embedding) and
+    the tile request checked, once, before any slide is read. Returns one slide's ``process(path, out) ->
+    report``, run in this process or in a supervised worker (``slides.supervise``)."""
+    embedder = load_embedder(directory, cfg.engine.device)
+    geometry = tile_geometry(cfg.tile, embedder.meta, directory)
+    t = cfg.tile
+    check_request(geometry.patch_size, geometry.mpp, geometry.magnification, t.overlap, t.theta)
+    # process_feature_slide is looked up per slide (tests may replace it)
+    return lambda path, out: process_feature_slide(path, cfg, embedder, out)
+
+
 def run_feature_slides(paths: list[Path], cfg, out_dir: Path, directory: Path) -> list[dict[str, Any]]:
-    """Every slide's feature file through the embedder of the artifact ``directory``, loaded (and refused
-    when it gives no embedding) before any slide is read; the cohort's summary and failure policy."""
-    with model_threads(cfg.engine.threads or max(1, available_cores() - cfg.engine.workers)):
-        embedder = load_embedder(directory, cfg.engine.device)
-        geometry = tile_geometry(cfg.tile, embedder.meta, directory)
-        t = cfg.tile
-        check_request(geometry.patch_size, geometry.mpp, geometry.magnification, t.overlap, t.theta)
-        # process_feature_slide is looked up per slide (tests may replace it)
-        return each_slide(
-            paths, cfg, out_dir, lambda path, out: process_feature_slide(path, cfg, embedder, out)
-        )
+    """Every slide's feature file through the embedder of the artifact ``directory``; the cohort's summary
+    and failure policy (``slides.cohort.each_slide``)."""
+    with model_threads(feature_threads(cfg)):
+        return each_slide(paths, cfg, out_dir, prepare_feature_slides(cfg, directory))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,16 +237,27 @@ def _call_rule(cfg):
     return CallRule(severity=severity, min_share=cfg.report.min_share)
 
 
+def tile_threads(cfg) -> int:
+    """The model's threads in tile mode: ``engine.threads``, else the cores the loader workers leave."""
+    return cfg.engine.threads or max(1, available_cores() - cfg.engine.workers)
+
+
+def prepare_tile_slides(cfg, directory: Path) -> Callable[[Path, Path], dict[str, Any]]:
+    """Tile mode's set-up: the artifact's classifier loaded and the settings that would fail every slide
+    checked, once, before any slide is read. Returns one slide's ``process(path, out) -> report``, run in
+    this process or in a supervised worker (``slides.supervise``)."""
+    model, meta = load_classifier(directory, cfg.engine.device)
+    meta["_directory"] = str(directory)
+    check_rule(_call_rule(cfg), meta["class_names"])
+    geometry = tile_geometry(cfg.tile, meta, directory)
+    t = cfg.tile
+    check_request(geometry.patch_size, geometry.mpp, geometry.magnification, t.overlap, t.theta)
+    # process_slide is looked up per slide (tests replace it)
+    return lambda path, out: process_slide(path, cfg, model, meta, out)
+
+
 def run_tile_slides(paths: list[Path], cfg, out_dir: Path, directory: Path) -> list[dict[str, Any]]:
     """Every slide through the tile classifier of the artifact ``directory``: tissue, tiles, pipelined
     inference, report; the cohort's summary and failure policy (``slides.cohort.each_slide``)."""
-    with model_threads(cfg.engine.threads or max(1, available_cores() - cfg.engine.workers)):
-        model, meta = load_classifier(directory, cfg.engine.device)
-        meta["_directory"] = str(directory)
-        # settings that would fail every slide fail once, before any slide is read
-        check_rule(_call_rule(cfg), meta["class_names"])
-        geometry = tile_geometry(cfg.tile, meta, directory)
-        t = cfg.tile
-        check_request(geometry.patch_size, geometry.mpp, geometry.magnification, t.overlap, t.theta)
-        # process_slide is looked up per slide (tests replace it)
-        return each_slide(paths, cfg, out_dir, lambda path, out: process_slide(path, cfg, model, meta, out))
+    with model_threads(tile_threads(cfg)):
+        return each_slide(paths, cfg, out_dir, prepare_tile_slides(cfg, directory))

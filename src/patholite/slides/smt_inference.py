@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,19 +362,32 @@ def focus_figure(report: dict[str, Any], images: list[list[np.ndarray]]) -> Figu
 
 
 # ------------------------------------------------------------------------------------------ many slides
+def smt_threads(cfg) -> int:
+    """The model's threads in SMT mode: ``engine.threads``, else every core (the walk has no loaders)."""
+    return cfg.engine.threads or available_cores()
+
+
+def prepare_smt_slides(
+    cfg, directory: str | Path | None = None, net=None, meta: dict[str, Any] | None = None
+) -> Callable[[Path, Path], dict[str, Any]]:
+    """SMT mode's set-up: the network (``net``/``meta``, else loaded from ``directory``, else from
+    ``cfg.artifact``) and the walk's settings checked, and the model warmed up, once, before any slide is
+    read. Returns one slide's ``process(path, out) -> report``, run in this process or in a supervised
+    worker (``slides.supervise``)."""
+    if net is None or meta is None:
+        directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)
+        net, meta = load_smt_model(directory, cfg.engine.device)
+    settings = smt_settings(net, meta, directory or "?", cfg.get("smt"))  # bad overrides fail here
+    # the first slide's model_s would otherwise hold the device's start-up (CUDA context, kernels)
+    warm_up(net, settings.top_k, settings.mean, settings.std)
+    return lambda path, out: process_smt_slide(path, cfg, net, meta, out, settings)
+
+
 def run_smt_slides(
     paths: list[Path], cfg, out_dir: Path, net=None, meta: dict[str, Any] | None = None,
     directory: str | Path | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every slide through one SMT network (``net``/``meta``, else loaded from ``directory``, else from
-    ``cfg.artifact``), with the tile engine's summary and failure policy (``slides.inference.each_slide``)."""
-    with model_threads(cfg.engine.threads or available_cores()):
-        if net is None or meta is None:
-            directory = directory or resolve_artifact(cfg.artifact, cfg.artifact_name)
-            net, meta = load_smt_model(directory, cfg.engine.device)
-        settings = smt_settings(net, meta, directory or "?", cfg.get("smt"))  # bad overrides fail here
-        # the first slide's model_s would otherwise hold the device's start-up (CUDA context, kernels)
-        warm_up(net, settings.top_k, settings.mean, settings.std)
-        return each_slide(
-            paths, cfg, out_dir, lambda path, out: process_smt_slide(path, cfg, net, meta, out, settings)
-        )
+    ``cfg.artifact``), with the tile engine's summary and failure policy (``slides.cohort.each_slide``)."""
+    with model_threads(smt_threads(cfg)):
+        return each_slide(paths, cfg, out_dir, prepare_smt_slides(cfg, directory, net, meta))
