@@ -167,6 +167,25 @@ def test_a_requeued_command_finds_its_first_attempts_folder(tmp_path):
     assert requeue.with_run_dir(argv, {}) == argv  # not under SLURM
 
 
+def test_a_requeued_submitit_job_composes_the_same_sweep_folder():
+    """submitit re-runs the pickled launcher, whose config carries Hydra's resolved ``now``; the sweep
+    config of each job copies that cache, so ``<sweep dir>/<job num>`` is the first attempt's."""
+    import pickle
+    import time
+
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    setup_globals()  # Hydra's ``now`` resolver, cached per config
+    config = OmegaConf.create({"sweep": {"dir": "multiruns/${now:%H-%M-%S.%f}"}})
+    first = str(config.sweep.dir)
+    time.sleep(0.01)
+    again = pickle.loads(pickle.dumps(config))
+    copy = OmegaConf.create({"sweep": {"dir": "multiruns/${now:%H-%M-%S.%f}"}})
+    OmegaConf.copy_cache(from_config=again, to_config=copy)  # as Hydra's load_sweep_config does
+    assert str(again.sweep.dir) == str(copy.sweep.dir) == first
+
+
 # --- the whole story, as SLURM would play it --------------------------------------------------------------
 
 
