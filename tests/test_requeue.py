@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -14,7 +15,13 @@ import torch
 from patholite import requeue
 from patholite.errors import ConfigError
 from patholite.overrides import quote
-from patholite.pipelines.lightning import STOP, StopAtStepEnd, StopRequested, without_slurm_requeue
+from patholite.pipelines.lightning import (
+    STOP,
+    InterruptedCheckpoint,
+    StopAtStepEnd,
+    StopRequested,
+    without_slurm_requeue,
+)
 from patholite.records import RunRecord, read_record
 from tests.conftest import REPO, run_cli
 
@@ -69,19 +76,31 @@ def test_a_bad_signal_or_restart_count_is_one_clear_error():
 # --- one signal, one stop, one requeue ------------------------------------------------------------------
 
 
-def test_the_signal_stops_at_the_end_of_the_step_and_only_once():
+def test_the_signal_stops_at_the_end_of_the_step_and_only_once(tmp_path):
     job = requeue.SlurmJob("12")
     before = signal.getsignal(signal.SIGUSR1)
+    one_process = SimpleNamespace(world_size=1, strategy=SimpleNamespace(launcher=None))
     with requeue.requeue_on_signal(job):
-        STOP.fitting = 1  # inside a fit: the handler only notes the stop
+        STOP.trainers.append(one_process)  # inside a fit: the handler only notes the stop
         os.kill(os.getpid(), signal.SIGUSR1)
         assert STOP.signum == signal.SIGUSR1 and requeue.requested(job) == signal.SIGUSR1
         with pytest.raises(StopRequested) as stopped:  # ... which the step's end carries out
-            StopAtStepEnd().on_train_batch_end(None)
+            StopAtStepEnd(tmp_path / "interrupted.ckpt").on_train_batch_end(one_process)
         assert stopped.value.code == 128 + signal.SIGUSR1
-        STOP.fitting = 0
+        STOP.trainers.clear()
         os.kill(os.getpid(), signal.SIGUSR1)  # a second signal while stopping: no second stop
     assert signal.getsignal(signal.SIGUSR1) is before and STOP.signum is None
+
+
+def test_a_spawned_fit_passes_the_signal_to_its_ranks_and_its_driver_writes_no_checkpoint(tmp_path):
+    killed = []
+    launcher = SimpleNamespace(procs=["rank0", "rank1"], kill=killed.append)
+    driver = SimpleNamespace(world_size=2, strategy=SimpleNamespace(launcher=launcher))
+    STOP.trainers.append(driver)
+    assert STOP.ask(signal.SIGUSR2) is False and killed == [signal.SIGUSR2]  # the ranks stop at a step's end
+    # the driver's trainer never trained: its on_exception must not overwrite the ranks' checkpoint
+    InterruptedCheckpoint(dirpath=tmp_path, filename="interrupted").on_exception(driver)
+    assert not list(tmp_path.iterdir())
 
 
 def test_outside_a_fit_the_signal_stops_at_once():

@@ -124,6 +124,7 @@ def requeue_on_signal(job: SlurmJob | None) -> Iterator[None]:
         log.warning("%s: the job stops at the end of this step and requeues", signal.Signals(signum).name)
 
     STOP.clear()
+    STOP.watch = int(job.signal)  # a spawned DDP fit's ranks listen to it too
     previous = signal.signal(job.signal, handler)
     try:
         yield

@@ -152,16 +152,23 @@ def _run_job(cfg: DictConfig, slurm: requeue.SlurmJob | None = None) -> str:
                 raise SystemExit(128 + signal.SIGTERM) from err
             raise
     except Exception as err:
-        record.finish("failed", err, traceback.format_exc())
-        if not job["multirun"]:
-            if isinstance(err, PatholiteError):  # a user mistake: its message says what to do, no stack
-                print(
-                    f"patholite: {type(err).__name__}: {user_message(err)}\nrecord: {record.path}",
-                    file=sys.stderr,
-                )
-                raise SystemExit(1) from err
-            raise
-        log.error("job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err, record.path)
+        # a spawned DDP fit's ranks stopped for the requeue signal: the driver sees their exit as an error
+        stopped_for_requeue = requeue.requested(slurm)
+        if stopped_for_requeue is not None:
+            record.finish("requeued", err, traceback.format_exc())
+        else:
+            record.finish("failed", err, traceback.format_exc())
+            if not job["multirun"]:
+                if isinstance(err, PatholiteError):  # a user mistake: its message says what to do, no stack
+                    print(
+                        f"patholite: {type(err).__name__}: {user_message(err)}\nrecord: {record.path}",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(1) from err
+                raise
+            log.error(
+                "job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err, record.path
+            )
     finally:
         tracking.close_loggers(loggers, record.status)
     if stopped_for_requeue is not None:

@@ -34,16 +34,15 @@ warnings.filterwarnings("ignore", message=r".*there is no last checkpoint availa
 
 
 class StopRequest:
-    """A stop that a signal asked for, carried out at the end of the current training or validation step
-    (inside a fit), so the interrupted checkpoint holds whole steps; outside a fit it is carried out at once.
+    """A stop that a signal asked for, carried out at the end of the current training step (inside a fit),
+    so the interrupted checkpoint holds whole steps; outside a fit it is carried out at once.
 
     Signals reach the main thread only, and one process runs one job at a time, so one instance (``STOP``)
-    serves the process; the job's signal handler (``patholite.requeue``) fills it and clears it."""
+    serves the process; the job's signal handler (``patholite.requeue``) fills it and clears it. A spawned
+    DDP fit's ranks are other processes, each with its own ``STOP`` (``StopAtStepEnd`` sets theirs)."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
-        self.at: str | None = None  # ISO time of the signal
-        self.fitting = 0  # fits in progress in this process (the ranks of a spawned DDP fit are others)
+        self.clear()
 
     def ask(self, signum: int) -> bool:
         """Note a stop for ``signum``; True when the caller must stop now (the first ask, outside a fit). A
@@ -52,10 +51,18 @@ class StopRequest:
             return False
         self.signum = int(signum)
         self.at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-        return self.fitting == 0
+        if self.trainers:  # a spawned fit's ranks stop at a step's end too (a signal twice is noted once)
+            for trainer in self.trainers:
+                launcher = getattr(trainer.strategy, "launcher", None)
+                if getattr(launcher, "procs", None):
+                    launcher.kill(self.signum)
+        return not self.trainers
 
     def clear(self) -> None:
-        self.signum, self.at, self.fitting = None, None, 0
+        self.signum: int | None = None
+        self.at: str | None = None  # ISO time of the signal
+        self.watch: int | None = None  # the signal the job listens to, for a spawned fit's ranks
+        self.trainers: list[L.Trainer] = []  # fits in progress in this process
 
 
 STOP = StopRequest()
@@ -72,28 +79,56 @@ class StopRequested(SystemExit):
         return f"stopped by {signal.Signals(self.signum).name}"
 
 
+class StoppableTrainer(L.Trainer):
+    """A Trainer whose fit a signal stops at a step's end rather than at once (``STOP``)."""
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        STOP.trainers.append(self)
+        try:
+            super().fit(*args, **kwargs)
+        finally:
+            STOP.trainers.remove(self)
+
+
 class StopAtStepEnd(L.Callback):
-    """Carries out ``STOP`` at the end of a step; Lightning then calls ``on_exception``, and
-    ``OnExceptionCheckpoint`` writes ``interrupted.ckpt``."""
+    """Carries out ``STOP`` at the end of a training step. In one process Lightning then calls
+    ``on_exception`` and ``InterruptedCheckpoint`` writes ``interrupted.ckpt``. In a spawned DDP fit every
+    rank listens to the job's signal itself (``signum``), rank 0's word is broadcast so all ranks stop at the
+    same step, and they write the checkpoint together here: Lightning calls no ``on_exception`` in them."""
+
+    def __init__(self, checkpoint_path: Path, signum: int | None = None) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.signum = signum
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        STOP.fitting += 1
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        STOP.fitting = max(0, STOP.fitting - 1)
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        STOP.fitting = max(0, STOP.fitting - 1)
+        if trainer.world_size > 1 and self.signum is not None and not STOP.trainers:  # a spawned rank
+            signal.signal(self.signum, lambda signum, frame: STOP.ask(signum))
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        if STOP.signum is not None:
+        stop = STOP.signum is not None
+        if trainer.world_size > 1 and not STOP.trainers:
+            stop = bool(trainer.strategy.broadcast(stop, src=0))
+            if stop:
+                trainer.save_checkpoint(self.checkpoint_path)
+                raise StopRequested(STOP.signum or signal.SIGTERM)
+        if stop:
             raise StopRequested(STOP.signum)
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        if STOP.signum is not None:
+        # a long validation need not outlast SLURM's grace; ranks (a collective per batch) wait for training
+        if trainer.world_size == 1 and STOP.signum is not None:
             raise StopRequested(STOP.signum)
+
+
+class InterruptedCheckpoint(OnExceptionCheckpoint):
+    """``interrupted.ckpt`` on Ctrl-C, SIGTERM or a signal's stop; not by the driver of a spawned DDP fit,
+    whose own trainer never trained (its weights are where the fit started), so it cannot overwrite what
+    the ranks wrote."""
+
+    def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if getattr(getattr(trainer.strategy, "launcher", None), "procs", None):
+            return
+        super().on_exception(trainer, *args, **kwargs)
 
 
 def without_slurm_requeue(kwargs: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -172,9 +207,9 @@ def build_callbacks(
             enable_version_counter=False,
         ),
         # Ctrl-C or SIGTERM mid-epoch: Lightning calls on_exception, which leaves a resumable checkpoint.
-        OnExceptionCheckpoint(dirpath=checkpoint_dir, filename=INTERRUPTED_CKPT),
-        # SLURM's warning signal: stop at the end of this step (then OnExceptionCheckpoint writes)
-        StopAtStepEnd(),
+        InterruptedCheckpoint(dirpath=checkpoint_dir, filename=INTERRUPTED_CKPT),
+        # SLURM's warning signal: stop at the end of this step (then InterruptedCheckpoint writes)
+        StopAtStepEnd(checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt", STOP.watch),
     ]
     if ctx.loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -208,7 +243,7 @@ def build_trainer(
     refuses its gradient clipping and accumulation then. ``select_from_epoch``: the best checkpoint and early
     stopping consider epochs from this one on. ``monitor``: see ``build_callbacks``."""
     t = ctx.cfg.trainer
-    return L.Trainer(
+    return StoppableTrainer(
         **without_slurm_requeue(ctx.accelerator.trainer_kwargs()),
         max_epochs=t.max_epochs if max_epochs is None else max_epochs,
         limit_train_batches=t.limit_train_batches,
