@@ -101,6 +101,19 @@ def test_a_spawned_fit_passes_the_signal_to_its_ranks_and_its_driver_writes_no_c
     # the driver's trainer never trained: its on_exception must not overwrite the ranks' checkpoint
     InterruptedCheckpoint(dirpath=tmp_path, filename="interrupted").on_exception(driver)
     assert not list(tmp_path.iterdir())
+    # in a rank, rank 0's word decides (all stop at the same step) and the ranks save before they stop
+    STOP.clear()
+    saved = []
+    rank = SimpleNamespace(
+        world_size=2,
+        strategy=SimpleNamespace(broadcast=lambda stop, src: True),  # rank 0 was signalled
+        save_checkpoint=saved.append,
+    )
+    with pytest.raises(StopRequested):
+        StopAtStepEnd(tmp_path / "interrupted.ckpt", signal.SIGUSR2).on_train_batch_end(rank)
+    assert saved == [tmp_path / "interrupted.ckpt"]
+    rank.strategy.broadcast = lambda stop, src: False
+    StopAtStepEnd(tmp_path / "interrupted.ckpt", signal.SIGUSR2).on_train_batch_end(rank)  # trains on
 
 
 def test_outside_a_fit_the_signal_stops_at_once():

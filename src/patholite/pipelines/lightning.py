@@ -106,7 +106,7 @@ class StopAtStepEnd(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         stop = STOP.signum is not None
-        if trainer.world_size > 1 and not STOP.trainers:
+        if trainer.world_size > 1 and not STOP.trainers and self.signum is not None:  # a listening rank
             stop = bool(trainer.strategy.broadcast(stop, src=0))
             if stop:
                 trainer.save_checkpoint(self.checkpoint_path)
