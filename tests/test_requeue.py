@@ -69,6 +69,8 @@ def test_the_signal_is_what_the_launcher_asks_slurm_to_send():
 def test_a_bad_signal_or_restart_count_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"PATHOLITE_REQUEUE_SIGNAL='HUP'.*USR1, USR2 or TERM"):
         requeue.slurm_job({"SLURM_JOB_ID": "5", requeue.SIGNAL_ENV: "HUP"})
+    with pytest.raises(ConfigError, match="PATHOLITE_REQUEUE_SIGNAL='USR3'"):  # checked outside SLURM too
+        requeue.with_run_dir(["model=vit_micro"], {requeue.SIGNAL_ENV: "USR3"})
     with pytest.raises(ConfigError, match="SLURM_RESTART_COUNT='x'"):
         requeue.slurm_job({"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "x"})
 

@@ -212,6 +212,8 @@ def with_run_dir(argv: list[str], env: Mapping[str, str] | None = None) -> list[
     or for ``resume=`` (whose folder is given)."""
     env = os.environ if env is None else env
     _pointer.clear()
+    if SIGNAL_ENV in env:  # a typo shows on the laptop, not first on the cluster
+        parse_signal(env[SIGNAL_ENV])
     job = slurm_job(env)
     flags, overrides = split_flags(argv)
     multirun = any(f in ("-m", "--multirun") for f in flags)
