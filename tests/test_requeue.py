@@ -37,6 +37,7 @@ def _no_slurm_here(monkeypatch):
     STOP.clear()
     yield
     STOP.clear()
+    requeue._pointer.clear()  # a pointer a test set must not reach a later job of this worker
 
 
 # --- the job's SLURM facts ------------------------------------------------------------------------------
