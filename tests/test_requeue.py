@@ -14,6 +14,7 @@ import torch
 
 from patholite import requeue
 from patholite.errors import ConfigError
+from patholite.jobs import sigterm_as_exit
 from patholite.overrides import quote
 from patholite.pipelines.lightning import (
     STOP,
@@ -117,6 +118,16 @@ def test_a_spawned_fit_passes_the_signal_to_its_ranks_and_its_driver_writes_no_c
     assert saved == [tmp_path / "interrupted.ckpt"]
     rank.strategy.broadcast = lambda stop, src: False
     StopAtStepEnd(tmp_path / "interrupted.ckpt", signal.SIGUSR2).on_train_batch_end(rank)  # trains on
+
+
+def test_sigterm_waits_for_a_requeue_stop_in_progress():
+    with sigterm_as_exit():
+        STOP.ask(signal.SIGUSR1)  # stopping: the checkpoint is being written
+        os.kill(os.getpid(), signal.SIGTERM)  # SLURM's time limit: no exit in the middle of it
+        STOP.clear()
+        with pytest.raises(SystemExit) as killed:  # otherwise SIGTERM ends the job as ever
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert killed.value.code == 143
 
 
 def test_outside_a_fit_the_signal_stops_at_once():
