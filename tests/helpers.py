@@ -11,7 +11,8 @@ import lightning as L
 
 
 class InterruptAt(L.Callback):
-    """At global step ``step``: raise KeyboardInterrupt (Ctrl-C) or send this process SIGTERM (a kill)."""
+    """At global step ``step``: raise KeyboardInterrupt (Ctrl-C) or send this process SIGTERM (a kill) or
+    SIGUSR1 (SLURM's warning before a time limit)."""
 
     def __init__(self, step: int = 2, kind: str = "keyboard") -> None:
         self.step = step
@@ -20,8 +21,8 @@ class InterruptAt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
         if trainer.global_step != self.step:
             return
-        if self.kind == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.kind in ("sigterm", "sigusr1"):
+            os.kill(os.getpid(), signal.SIGTERM if self.kind == "sigterm" else signal.SIGUSR1)
         else:
             raise KeyboardInterrupt
 

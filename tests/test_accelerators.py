@@ -84,6 +84,7 @@ def test_slurm_launcher_defaults_compose(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
     assert launcher.timeout_min == 240
+    assert launcher.additional_parameters.requeue is True  # sbatch --requeue: the job may requeue itself
 
 
 def test_submitit_launcher_without_the_extra_says_what_to_install(monkeypatch):

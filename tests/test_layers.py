@@ -21,7 +21,7 @@ LAYERS = [
     {"modules"},
     {"slides"},
     {"pipelines"},
-    {"train", "slide", "bench", "compare", "mil", "sweep", "jobs", "tracking", "overrides"},
+    {"train", "slide", "bench", "compare", "mil", "sweep", "jobs", "tracking", "overrides", "requeue"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

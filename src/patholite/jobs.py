@@ -19,6 +19,7 @@ from patholite.errors import (
     PatholiteError,
     user_message,  # noqa: F401  (entry points import it from here)
 )
+from patholite.pipelines.lightning import STOP
 
 
 def job_info(hc) -> dict[str, Any]:
@@ -35,9 +36,13 @@ def job_info(hc) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM anywhere in a job (not only inside Lightning's fit) ends it as interrupted, exit code 143."""
+    """SIGTERM anywhere in a job (not only inside Lightning's fit) ends it as interrupted, exit code 143;
+    once a requeue signal is being carried out (``patholite.requeue``), SIGTERM (SLURM's time limit, or its
+    own requeue) lets the checkpoint and the record finish, until SLURM's SIGKILL."""
 
     def handler(signum, frame):
+        if STOP.signum is not None:  # stopping for SLURM's warning: SLURM's SIGTERM waits for its checkpoint
+            return
         raise SystemExit(128 + signal.SIGTERM)
 
     if threading.current_thread() is not threading.main_thread():

@@ -6,11 +6,17 @@ Schema (version ``SCHEMA_VERSION``)::
     {
       "schema_version": 2,
       "entry": "train" | "bench" | "slide",
-      "status": "running" | "ok" | "failed" | "interrupted",
-      "error": null | "<type>: <message>",         # set when failed or interrupted
+      "status": "running" | "ok" | "failed" | "interrupted" | "requeued",
+      "error": null | "<type>: <message>",         # set when failed, interrupted or requeued
       "traceback": null | "<text>",
       "run_dir": "...",
-      "job": {"name", "num", "override_dirname", "overrides": [...], "sweep_dir", "multirun"},
+      "job": {"name", "num", "override_dirname", "overrides": [...], "sweep_dir", "multirun",
+              # a train job under SLURM (patholite.requeue):
+              "slurm"?: {"job_id" (array jobs: <array id>_<task id>), "restart_count", "requeue_signal",
+                         "launcher": "submitit" | "sbatch"},
+              "requeues"?: how many times this SLURM job was requeued so far,
+              "requeue_events"?: [{"at": ISO-8601, "signal": "SIGUSR1" | ..., "restart_count",
+                                   "requeued": bool, "error"?: why scontrol failed}]},
       "started_at": ISO-8601, "finished_at": ISO-8601 | null, "duration_s": float | null,
       "config": {...resolved config...},
       "versions": {"python", "torch", "timm", ...},
@@ -49,6 +55,9 @@ most memory torch's allocator held there (``max_memory_allocated``, reset before
 the runtime's own context not counted). On the CPU it is null, with ``device_peak_absent_reason``.
 FLOPs are counted on the CPU whatever the run's device, so every row of a run counts alike.
     }
+
+``requeued``: a SLURM job stopped by its warning signal, with its checkpoint written and ``scontrol
+requeue`` accepted; the requeued attempt continues in the same folder and overwrites the record.
 
 A job writes the record at start ("running"), so a job killed outright never leaves one claiming success,
 and again at the end. Every write is atomic. ``read_record`` reads every version: a version-1 record (before
@@ -94,7 +103,7 @@ COST_KEYS = (
     "protocol",
 )
 RECORD_FILE = "metrics.json"
-STATUSES = ("running", "ok", "failed", "interrupted")
+STATUSES = ("running", "ok", "failed", "interrupted", "requeued")
 
 _PACKAGES = (
     "patholite",

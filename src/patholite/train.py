@@ -5,6 +5,8 @@ record (``metrics.json``) whatever happens; a sweep lists failed jobs at the end
 
 Beyond Hydra's syntax it takes ``resume=<run dir>`` (continue that run, in its directory, from its last
 checkpoint) and ``rerun=<run dir> [overrides]`` (a new run from that run's saved overrides plus new ones).
+Under SLURM a job warned before its time limit checkpoints and requeues itself, and the requeued attempt
+continues as ``resume=`` would (``patholite.requeue``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
-from patholite import tracking
+from patholite import requeue, tracking
 from patholite.config import options
 from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
@@ -40,26 +42,36 @@ log = logging.getLogger("patholite.train")
 CONF_DIR = str(options.CONF_DIR)
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to continue from and the W&B run to continue, when ``resume`` is set."""
-    if not cfg.resume:
+def _previous_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        return read_record(run_dir)
+    except (OSError, ValueError):
+        return {}
+
+
+def _resume_point(
+    cfg: DictConfig, run_dir: Path, previous: dict[str, Any], requeued: bool = False
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to continue from and the W&B run to continue, when ``resume`` is set or this is a
+    requeued attempt of the SLURM job that left ``previous`` (its record) in ``run_dir``."""
+    if not cfg.resume and not requeued:
         return None, None
 
-    try:
-        previous = read_record(run_dir)
-    except (OSError, ValueError):
-        previous = {}
+    what = f"resume={cfg.resume}" if cfg.resume else f"requeued SLURM job in {run_dir}"
     if previous.get("status") == "ok":
         raise ConfigError(
-            f"resume={cfg.resume}: that run finished ok; to train it further or differently, start a new run "
-            f"from it with rerun={cfg.resume} trainer.max_epochs=<more>"
+            f"{what}: that run finished ok; to train it further or differently, start a new run "
+            f"from it with rerun={run_dir} trainer.max_epochs=<more>"
         )
     # The interrupted stage's newest checkpoint; or, between stages, the state of the finished ones.
     checkpoint = latest_checkpoint(run_dir / "checkpoints", recursive=True)
     state = run_dir / "stages" / "state.json"
     if checkpoint is None and not state.is_file():
+        if requeued:  # stopped before its first checkpoint: the attempt starts the run again, in its folder
+            log.warning("%s: nothing saved yet (no checkpoint, no finished stage); starting over", what)
+            return None, previous.get("wandb")
         raise CheckpointError(
-            f"resume={cfg.resume}: nothing to continue from: no last.ckpt or interrupted.ckpt under "
+            f"{what}: nothing to continue from: no last.ckpt or interrupted.ckpt under "
             f"{run_dir / 'checkpoints'} and no finished stage in {state}"
         )
     checkpoint = checkpoint or state
@@ -69,22 +81,36 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str
 def run_job(cfg: DictConfig) -> str:
     """Run one job and write its record; returns the record's status."""
     threads = torch.get_num_threads()  # accelerator.threads applies to this job only, not the sweep's next
+    slurm = requeue.slurm_job()
     try:
-        with sigterm_as_exit():
-            return _run_job(cfg)
+        with sigterm_as_exit(), requeue.requeue_on_signal(slurm):
+            return _run_job(cfg, slurm)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_job(cfg: DictConfig) -> str:
+def _run_job(cfg: DictConfig, slurm: requeue.SlurmJob | None = None) -> str:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir).resolve()
     job = job_info(hc)
+    previous = _previous_record(run_dir)
+    # an attempt of the SLURM job that left this folder's record continues it
+    requeued = requeue.continues(slurm, previous)
+    if requeued and previous.get("status") == "ok":
+        log.info("SLURM job %s already finished this run in %s; nothing to do", slurm.job_id, run_dir)
+        return "ok"
+    if slurm is not None:
+        job["slurm"] = slurm.describe()
+        job["requeues"], job["requeue_events"] = requeue.history(slurm, previous if requeued else None)
+        requeue.remember(run_dir, job["sweep_dir"])
     record = RunRecord(run_dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=False), job=job)
     loggers: list = []
+    stopped_for_requeue: int | None = None
     try:
         record.config = OmegaConf.to_container(cfg, resolve=True)
-        resume_from, record.wandb = _resume_point(cfg, run_dir)
+        resume_from, record.wandb = _resume_point(cfg, run_dir, previous, requeued)
+        if requeued:
+            log.info("requeued SLURM job %s: continuing from %s", slurm.job_id, resume_from or "the start")
         record.write()
         checked = preflight(cfg)
         record.config = OmegaConf.to_container(cfg, resolve=True)  # as preflight completed it
@@ -116,25 +142,37 @@ def _run_job(cfg: DictConfig) -> str:
         tracking.log_record(loggers, record, log_model=cfg.logger.log_model)
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning turns Ctrl-C and SIGTERM into SystemExit after writing checkpoints/interrupted.ckpt.
-        record.finish("interrupted", err, traceback.format_exc())
-        log.error("interrupted; continue with: python -m patholite.train resume=%s", run_dir)
-
-        if isinstance(err, SIGTERMException) or not getattr(err, "code", 1):  # a killed job never exits 0
-            raise SystemExit(128 + signal.SIGTERM) from err
-        raise
-    except Exception as err:
-        record.finish("failed", err, traceback.format_exc())
-        if not job["multirun"]:
-            if isinstance(err, PatholiteError):  # a user mistake: its message says what to do, no stack
-                print(
-                    f"patholite: {type(err).__name__}: {user_message(err)}\nrecord: {record.path}",
-                    file=sys.stderr,
-                )
-                raise SystemExit(1) from err
+        stopped_for_requeue = requeue.requested(slurm)
+        if stopped_for_requeue is not None:  # requeued below, once the loggers are closed
+            record.finish("requeued", err, traceback.format_exc())
+        else:
+            record.finish("interrupted", err, traceback.format_exc())
+            log.error("interrupted; continue with: python -m patholite.train resume=%s", run_dir)
+            if isinstance(err, SIGTERMException) or not getattr(err, "code", 1):  # a killed job never exits 0
+                raise SystemExit(128 + signal.SIGTERM) from err
             raise
-        log.error("job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err, record.path)
+    except Exception as err:
+        # a spawned DDP fit's ranks stopped for the requeue signal: the driver sees their exit as an error
+        stopped_for_requeue = requeue.requested(slurm)
+        if stopped_for_requeue is not None:
+            record.finish("requeued", err, traceback.format_exc())
+        else:
+            record.finish("failed", err, traceback.format_exc())
+            if not job["multirun"]:
+                if isinstance(err, PatholiteError):  # a user mistake: its message says what to do, no stack
+                    print(
+                        f"patholite: {type(err).__name__}: {user_message(err)}\nrecord: {record.path}",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(1) from err
+                raise
+            log.error(
+                "job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err, record.path
+            )
     finally:
         tracking.close_loggers(loggers, record.status)
+    if stopped_for_requeue is not None:
+        _requeue(record, slurm, stopped_for_requeue)
     if record.status == "ok" and not job["multirun"]:
         print_records([read_record(record.path)], title=f"run {run_dir}")
         print(
@@ -142,6 +180,26 @@ def _run_job(cfg: DictConfig) -> str:
             + (f"  {record.wandb['dir']}" if record.wandb else "")
         )
     return record.status
+
+
+def _requeue(record: RunRecord, slurm: requeue.SlurmJob, signum: int) -> None:
+    """Ask SLURM to requeue the job, last: SLURM ends the job once it accepts. Exits as the signal would."""
+    error = requeue.resubmit(slurm)
+    record.job["requeue_events"].append(requeue.event(slurm, signum, error))
+    if error is None:
+        record.job["requeues"] += 1
+        log.warning(
+            "%s: checkpoint saved, SLURM job %s requeued (%d so far); the next attempt continues in %s",
+            signal.Signals(signum).name, slurm.job_id, record.job["requeues"], record.run_dir,
+        )  # fmt: skip
+    else:
+        record.status = "interrupted"
+        log.error(
+            "%s: checkpoint saved, but the job could not be requeued (%s); continue with: "
+            "python -m patholite.train resume=%s", signal.Signals(signum).name, error, record.run_dir,
+        )  # fmt: skip
+    record.write()
+    raise SystemExit(128 + signum)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -154,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         check_launcher(argv)
+        argv = requeue.with_run_dir(argv)  # a requeued SLURM job: its first attempt's folder
         sys.argv = [sys.argv[0], *expand_run_references(argv)]
     except PatholiteError as err:
         print(f"patholite: error: {err}", file=sys.stderr)

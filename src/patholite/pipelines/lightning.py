@@ -1,12 +1,18 @@
-"""The Lightning Trainer of a training stage: accelerator, checkpoints (best, last, interrupted), loggers."""
+"""The Lightning Trainer of a training stage: accelerator, checkpoints (best, last, interrupted), loggers,
+and the stop a signal asks for (SLURM's pre-emption or time-limit warning: ``patholite.requeue``)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import signal
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
@@ -25,6 +31,125 @@ LAST_CKPT = "last"
 # that there is none; patholite passes the checkpoint to resume explicitly (resume=<run dir>).
 warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model")
 warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
+
+
+class StopRequest:
+    """A stop that a signal asked for, carried out at the end of the current training step (inside a fit),
+    so the interrupted checkpoint holds whole steps; outside a fit it is carried out at once.
+
+    Signals reach the main thread only, and one process runs one job at a time, so one instance (``STOP``)
+    serves the process; the job's signal handler (``patholite.requeue``) fills it and clears it. A spawned
+    DDP fit's ranks are other processes, each with its own ``STOP`` (``StopAtStepEnd`` sets theirs)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def ask(self, signum: int) -> bool:
+        """Note a stop for ``signum``; True when the caller must stop now (the first ask, outside a fit). A
+        second signal while stopping changes nothing: one signal, one checkpoint, one requeue."""
+        if self.signum is not None:
+            return False
+        self.signum = int(signum)
+        self.at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        if self.trainers:  # a spawned fit's ranks stop at a step's end too (a signal twice is noted once)
+            for trainer in self.trainers:
+                launcher = getattr(trainer.strategy, "launcher", None)
+                if getattr(launcher, "procs", None):
+                    launcher.kill(self.signum)
+        return not self.trainers
+
+    def clear(self) -> None:
+        self.signum: int | None = None
+        self.at: str | None = None  # ISO time of the signal
+        self.watch: int | None = None  # the signal the job listens to, for a spawned fit's ranks
+        self.trainers: list[L.Trainer] = []  # fits in progress in this process
+
+
+STOP = StopRequest()
+
+
+class StopRequested(SystemExit):
+    """The stop a signal asked for; exits as a process killed by that signal would (128 + its number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
+
+class StoppableTrainer(L.Trainer):
+    """A Trainer whose fit a signal stops at a step's end rather than at once (``STOP``)."""
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        STOP.trainers.append(self)
+        try:
+            super().fit(*args, **kwargs)
+        finally:
+            STOP.trainers.remove(self)
+
+
+class StopAtStepEnd(L.Callback):
+    """Carries out ``STOP`` at the end of a training step. In one process Lightning then calls
+    ``on_exception`` and ``InterruptedCheckpoint`` writes ``interrupted.ckpt``. In a spawned DDP fit every
+    rank listens to the job's signal itself (``signum``), rank 0's word is broadcast so all ranks stop at the
+    same step, and they write the checkpoint together here: Lightning calls no ``on_exception`` in them."""
+
+    def __init__(self, checkpoint_path: Path, signum: int | None = None) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.signum = signum
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and self.signum is not None and not STOP.trainers:  # a spawned rank
+            signal.signal(self.signum, lambda signum, frame: STOP.ask(signum))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        stop = STOP.signum is not None
+        if trainer.world_size > 1 and not STOP.trainers and self.signum is not None:  # a listening rank
+            stop = bool(trainer.strategy.broadcast(stop, src=0))
+            if stop:
+                trainer.save_checkpoint(self.checkpoint_path)
+                raise StopRequested(STOP.signum or signal.SIGTERM)
+        if stop:
+            raise StopRequested(STOP.signum)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # a long validation need not outlast SLURM's grace; ranks (a collective per batch) wait for training
+        if trainer.world_size == 1 and STOP.signum is not None:
+            raise StopRequested(STOP.signum)
+
+
+class InterruptedCheckpoint(OnExceptionCheckpoint):
+    """``interrupted.ckpt`` on Ctrl-C, SIGTERM or a signal's stop; not by the driver of a spawned DDP fit,
+    whose own trainer never trained (its weights are where the fit started), so it cannot overwrite what
+    the ranks wrote."""
+
+    def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if getattr(getattr(trainer.strategy, "launcher", None), "procs", None):
+            return
+        super().on_exception(trainer, *args, **kwargs)
+
+
+def without_slurm_requeue(kwargs: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``kwargs`` for ``L.Trainer`` with Lightning's own SLURM auto-requeue turned off.
+
+    Under ``srun`` Lightning picks ``SLURMEnvironment(auto_requeue=True)`` by itself and installs a SIGUSR1
+    handler that writes ``hpc_ckpt_*.ckpt`` in the middle of a step and runs ``scontrol requeue``, beside
+    patholite's handler (``patholite.requeue``): a signal would be handled twice. Patholite keeps its own (a
+    whole step, the stage's checkpoint, the record, also between fits) and hands Lightning the same
+    environment with ``auto_requeue=False``. A strategy that brings its environment (DDP's
+    ``LightningEnvironment``) installs no requeue handler and is left as it is."""
+    env = os.environ if env is None else env
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return kwargs  # what Lightning's SLURMEnvironment.detect() reads: not a SLURM task
+    if getattr(kwargs.get("strategy"), "cluster_environment", None) is not None:
+        return kwargs
+    plugins = kwargs.get("plugins")
+    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins] if plugins is not None else []
+    if any(isinstance(p, ClusterEnvironment) for p in plugins):
+        return kwargs
+    return {**kwargs, "plugins": [*plugins, SLURMEnvironment(auto_requeue=False)]}
 
 
 class BestFromEpoch(ModelCheckpoint):
@@ -82,7 +207,9 @@ def build_callbacks(
             enable_version_counter=False,
         ),
         # Ctrl-C or SIGTERM mid-epoch: Lightning calls on_exception, which leaves a resumable checkpoint.
-        OnExceptionCheckpoint(dirpath=checkpoint_dir, filename=INTERRUPTED_CKPT),
+        InterruptedCheckpoint(dirpath=checkpoint_dir, filename=INTERRUPTED_CKPT),
+        # SLURM's warning signal: stop at the end of this step (then InterruptedCheckpoint writes)
+        StopAtStepEnd(checkpoint_dir / f"{INTERRUPTED_CKPT}.ckpt", STOP.watch),
     ]
     if ctx.loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -116,8 +243,8 @@ def build_trainer(
     refuses its gradient clipping and accumulation then. ``select_from_epoch``: the best checkpoint and early
     stopping consider epochs from this one on. ``monitor``: see ``build_callbacks``."""
     t = ctx.cfg.trainer
-    return L.Trainer(
-        **ctx.accelerator.trainer_kwargs(),
+    return StoppableTrainer(
+        **without_slurm_requeue(ctx.accelerator.trainer_kwargs()),
         max_epochs=t.max_epochs if max_epochs is None else max_epochs,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
