@@ -39,7 +39,7 @@ from patholite.errors import AcceleratorError, ConfigError, PatholiteError, Slid
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
 from patholite.records import ArtifactRecord, RunRecord
-from patholite.slides.cohort import Cohort, artifact_digest, cohort_settings, using_cohort
+from patholite.slides.cohort import Cohort, artifact_digest, cohort_settings
 from patholite.slides.manifest import SlideEntry, read_cohort
 from patholite.slides.merge import clear_shard, finish_shard, merge_cohort
 from patholite.slides.report import summary_table
@@ -240,8 +240,7 @@ def run_slide(cfg: DictConfig) -> int:
                 print(f"skipped {len(skipped)} slides already complete in {folder}")
             rows: list[dict[str, Any]] = []
             if todo:
-                with using_cohort(cohort):
-                    rows = run_slides([e.path for e in todo], cfg, folder, directory)
+                rows = run_slides([e.path for e in todo], cfg, folder, directory, cohort=cohort)
             rows = sorted(skipped + rows, key=lambda r: Path(r.get("out") or r["slide"]).name)
             if finish_shard(folder, shard, shards, cohort.key(), rows):
                 merged, _ = merge_cohort(folder)

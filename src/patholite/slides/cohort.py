@@ -14,7 +14,6 @@ artifact or other settings before any work, even when none of its own slides is 
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import logging
@@ -353,20 +352,6 @@ def slide_folders(folder: Path) -> list[Path]:
     )  # fmt: skip
 
 
-_COHORT: contextvars.ContextVar[Cohort | None] = contextvars.ContextVar("patholite_cohort", default=None)
-
-
-@contextmanager
-def using_cohort(cohort: Cohort) -> Iterator[Cohort]:
-    """``each_slide`` within writes into ``cohort`` (its names, manifest entries and settings): the entry
-    point sets it around ``slides.run.run_slides``, whose engines call ``each_slide`` with paths only."""
-    token = _COHORT.set(cohort)
-    try:
-        yield cohort
-    finally:
-        _COHORT.reset(token)
-
-
 @contextmanager
 def slide_overrides(cfg, entry: SlideEntry) -> Iterator[None]:
     """The manifest's mpp as ``reader.mpp`` while this slide is processed (the engines read it there)."""
@@ -396,11 +381,11 @@ def each_slide(
     module's docstring). With ``slides=`` (many), a slide's failure of any kind is a failed row (and
     ``<name>/failed.json``) and the others go on; with ``slide=`` (one), it is raised.
 
-    ``cohort`` (default: the one ``using_cohort`` set, else the paths alone into ``out_dir``) gives the names,
+    ``cohort`` (the entry point's; default: the paths alone into ``out_dir``) gives the names,
     manifest entries and settings; without an entry point's cohort, summary.csv/.md of these rows are
     written into ``out_dir`` here (the entry point merges its cohort folder itself)."""
-    given = cohort or _COHORT.get()
-    cohort = given or Cohort.of_paths(paths, Path(out_dir))
+    own = cohort is None  # library use: these rows are the whole summary
+    cohort = cohort or Cohort.of_paths(paths, Path(out_dir))
     many = not cfg.slide
     cohort.folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -434,7 +419,7 @@ def each_slide(
             rows.append(row)
             failed = int(row["status"] != "ok")
             progress.advance(1, tiles=int(row.get("n_tiles") or 0), failed=failed)
-    if given is None:
+    if own:
         write_summary(rows, out_dir)
     return rows
 

@@ -26,7 +26,7 @@ from patholite.errors import CheckpointError, ConfigError
 from patholite.io import write_json
 from patholite.models.encoder import ENCODER_KEY, is_encoder_meta
 from patholite.slides.baselines import EmbeddingTap
-from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
+from patholite.slides.cohort import Cohort, available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.engine import stream_tiles
 from patholite.slides.features import FEATURES_FILE, write_features
 from patholite.slides.inference import (
@@ -194,8 +194,10 @@ def prepare_feature_slides(cfg, directory: Path) -> Callable[[Path, Path], dict[
     return lambda path, out: process_feature_slide(path, cfg, embedder, out)
 
 
-def run_feature_slides(paths: list[Path], cfg, out_dir: Path, directory: Path) -> list[dict[str, Any]]:
+def run_feature_slides(
+    paths: list[Path], cfg, out_dir: Path, directory: Path, *, cohort: Cohort | None = None
+) -> list[dict[str, Any]]:
     """Every slide's feature file through the embedder of the artifact ``directory``; the cohort's summary
     and failure policy (``slides.cohort.each_slide``)."""
     with model_threads(feature_threads(cfg)):
-        return each_slide(paths, cfg, out_dir, prepare_feature_slides(cfg, directory))
+        return each_slide(paths, cfg, out_dir, prepare_feature_slides(cfg, directory), cohort=cohort)

@@ -18,7 +18,7 @@ from torch import nn
 from patholite.artifacts.load import load_artifact
 from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
 from patholite.errors import CheckpointError, ConfigError, SlideError
-from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
+from patholite.slides.cohort import Cohort, available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.engine import TileSpec, stream_tiles
 from patholite.slides.qupath import write_qupath_outputs
 from patholite.slides.report import CallRule, SlideResult, check_rule, write_slide_outputs
@@ -256,8 +256,10 @@ def prepare_tile_slides(cfg, directory: Path) -> Callable[[Path, Path], dict[str
     return lambda path, out: process_slide(path, cfg, model, meta, out)
 
 
-def run_tile_slides(paths: list[Path], cfg, out_dir: Path, directory: Path) -> list[dict[str, Any]]:
+def run_tile_slides(
+    paths: list[Path], cfg, out_dir: Path, directory: Path, *, cohort: Cohort | None = None
+) -> list[dict[str, Any]]:
     """Every slide through the tile classifier of the artifact ``directory``: tissue, tiles, pipelined
     inference, report; the cohort's summary and failure policy (``slides.cohort.each_slide``)."""
     with model_threads(tile_threads(cfg)):
-        return each_slide(paths, cfg, out_dir, prepare_tile_slides(cfg, directory))
+        return each_slide(paths, cfg, out_dir, prepare_tile_slides(cfg, directory), cohort=cohort)

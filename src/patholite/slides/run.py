@@ -14,7 +14,7 @@ from patholite.artifacts.resolve import resolve_artifact
 from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
 from patholite.errors import CheckpointError, ConfigError
 from patholite.models.encoder import is_encoder_meta
-from patholite.slides.cohort import check_slide_artifact, each_slide
+from patholite.slides.cohort import Cohort, check_slide_artifact, each_slide
 from patholite.slides.extract import (
     check_feature_artifact,
     feature_threads,
@@ -61,7 +61,9 @@ def slide_mode(mode: str, meta: dict[str, Any], directory: Path) -> str:
     return mode
 
 
-def run_slides(paths: list[Path], cfg, out_dir: Path, directory: Path | None = None) -> list[dict[str, Any]]:
+def run_slides(
+    paths: list[Path], cfg, out_dir: Path, directory: Path | None = None, *, cohort: Cohort | None = None
+) -> list[dict[str, Any]]:
     """Every slide through one loaded model: a tile classifier (tiling) or an SMT slide model (its focusing
     walk), as ``mode`` and the artifact say (``directory``: the artifact folder, default resolved from
     ``cfg.artifact``). With ``slides=`` (many), a slide's failure of any kind is a failed summary row and
@@ -73,12 +75,12 @@ def run_slides(paths: list[Path], cfg, out_dir: Path, directory: Path | None = N
         # the worker loads the model (its errors raised here, before any slide) and the supervisor is
         # each slide's process
         with Supervisor(ModeSetup(mode), cfg, directory, cfg.limits) as process:
-            return each_slide(paths, cfg, out_dir, process)
+            return each_slide(paths, cfg, out_dir, process, cohort=cohort)
     if mode == "smt":
-        return run_smt_slides(paths, cfg, out_dir, directory=directory)
+        return run_smt_slides(paths, cfg, out_dir, directory=directory, cohort=cohort)
     if mode == "features":
-        return run_feature_slides(paths, cfg, out_dir, directory)
-    return run_tile_slides(paths, cfg, out_dir, directory)
+        return run_feature_slides(paths, cfg, out_dir, directory, cohort=cohort)
+    return run_tile_slides(paths, cfg, out_dir, directory, cohort=cohort)
 
 
 @dataclass(frozen=True)

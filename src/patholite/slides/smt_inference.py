@@ -28,7 +28,7 @@ from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.io import write_json
 from patholite.models.smt import SMTNet, check_top_k, predict_slide, warm_up
-from patholite.slides.cohort import available_cores, check_slide_artifact, each_slide, model_threads
+from patholite.slides.cohort import Cohort, available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.report import save_figure
 from patholite.wsi.region import POLICIES, Box, RegionReader, chain_check, pixels_decoded, smt_tissue_box
 
@@ -385,9 +385,10 @@ def prepare_smt_slides(
 
 def run_smt_slides(
     paths: list[Path], cfg, out_dir: Path, net=None, meta: dict[str, Any] | None = None,
-    directory: str | Path | None = None,
+    directory: str | Path | None = None, *, cohort: Cohort | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every slide through one SMT network (``net``/``meta``, else loaded from ``directory``, else from
     ``cfg.artifact``), with the tile engine's summary and failure policy (``slides.cohort.each_slide``)."""
     with model_threads(smt_threads(cfg)):
-        return each_slide(paths, cfg, out_dir, prepare_smt_slides(cfg, directory, net, meta))
+        process = prepare_smt_slides(cfg, directory, net, meta)
+        return each_slide(paths, cfg, out_dir, process, cohort=cohort)
