@@ -298,8 +298,8 @@ def fake_artifact(tmp_path):
 def test_entry_point_shards_skip_and_merge(tmp_path, fake_artifact, monkeypatch, capsys):
     from patholite import slide
 
-    def fake_run_slides(paths, cfg, out_dir, directory):
-        return each_slide(paths, cfg, out_dir, Fake(cfg))
+    def fake_run_slides(paths, cfg, out_dir, directory, *, cohort=None):
+        return each_slide(paths, cfg, out_dir, Fake(cfg), cohort=cohort)
 
     monkeypatch.setattr(slide, "run_slides", fake_run_slides)
     entries = _slides(tmp_path, {"a": 300, "b": 200, "c": 100})
