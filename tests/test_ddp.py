@@ -208,7 +208,7 @@ def test_the_driver_frees_gpu_memory_before_a_spawned_fit(monkeypatch, tmp_path,
     monkeypatch.setattr(fit_module, "build_trainer", lambda *a, **k: trainer)
     ctx = types.SimpleNamespace(
         cfg=OmegaConf.create({"seed": 0}), checkpoint_dir=tmp_path, resuming=False, datamodule=None,
-        accelerator=types.SimpleNamespace(world_size=world_size),
+        accelerator=types.SimpleNamespace(world_size=world_size, spawns=world_size > 1),
     )  # fmt: skip
     fitted = fit_module.fit(ctx, module, "train")
     assert fitted.net is module.net

@@ -103,7 +103,9 @@ def test_a_spawned_fit_passes_the_signal_to_its_ranks_and_its_driver_writes_no_c
     STOP.trainers.append(driver)
     assert STOP.ask(signal.SIGUSR2) is False and killed == [signal.SIGUSR2]  # the ranks stop at a step's end
     # the driver's trainer never trained: its on_exception must not overwrite the ranks' checkpoint
-    InterruptedCheckpoint(dirpath=tmp_path, filename="interrupted").on_exception(driver)
+    InterruptedCheckpoint(dirpath=tmp_path, filename="interrupted").on_exception(
+        driver, None, StopRequested(signal.SIGUSR2)
+    )
     assert not list(tmp_path.iterdir())
     # in a rank, rank 0's word decides (all stop at the same step) and the ranks save before they stop
     STOP.clear()
@@ -118,6 +120,38 @@ def test_a_spawned_fit_passes_the_signal_to_its_ranks_and_its_driver_writes_no_c
     assert saved == [tmp_path / "interrupted.ckpt"]
     rank.strategy.broadcast = lambda stop, src: False
     StopAtStepEnd(tmp_path / "interrupted.ckpt", signal.SIGUSR2).on_train_batch_end(rank)  # trains on
+
+
+def test_a_launchers_ranks_stop_on_rank_0s_word_and_checkpoint_only_that_stop(tmp_path):
+    """srun's or torchrun's ranks each run a Trainer.fit (so ``STOP.trainers`` is not empty in them): rank
+    0's word is broadcast every step; they raise together and write the checkpoint together in
+    ``on_exception`` (a collective), which one rank's own error must not start."""
+    saved = []
+    environment = SimpleNamespace(creates_processes_externally=True)
+    said = []
+    rank = SimpleNamespace(
+        world_size=2,
+        strategy=SimpleNamespace(
+            cluster_environment=environment,
+            launcher=None,
+            broadcast=lambda stop, src: said.append(stop) or True,
+        ),
+        save_checkpoint=saved.append,
+    )
+    STOP.trainers.append(rank)
+    try:
+        with pytest.raises(StopRequested):  # this rank was not signalled; rank 0 was
+            StopAtStepEnd(tmp_path / "interrupted.ckpt", signal.SIGUSR1).on_train_batch_end(rank)
+        assert said == [False] and saved == []  # written in on_exception, below, by every rank
+        rank.strategy.broadcast = lambda stop, src: False
+        StopAtStepEnd(tmp_path / "interrupted.ckpt", signal.SIGUSR1).on_train_batch_end(rank)  # trains on
+    finally:
+        STOP.trainers.remove(rank)
+    checkpoint = InterruptedCheckpoint(dirpath=tmp_path, filename="interrupted")
+    checkpoint.on_exception(rank, None, RuntimeError("this rank alone ran out of memory"))
+    assert saved == []  # the other ranks would wait in the checkpoint's barrier for ever
+    checkpoint.on_exception(rank, None, StopRequested(signal.SIGUSR1))
+    assert saved == [checkpoint.ckpt_path]
 
 
 def test_sigterm_waits_for_a_requeue_stop_in_progress():

@@ -111,17 +111,20 @@ def slurm_job(env: Mapping[str, str] | None = None) -> SlurmJob | None:
 
 
 @contextlib.contextmanager
-def requeue_on_signal(job: SlurmJob | None) -> Iterator[None]:
+def requeue_on_signal(job: SlurmJob | None, follower: bool = False) -> Iterator[None]:
     """While a job runs: its requeue signal stops it at the end of the current step (``STOP``). Nested
-    inside ``jobs.sigterm_as_exit``, so with ``TERM`` this handler is SIGTERM's."""
+    inside ``jobs.sigterm_as_exit``, so with ``TERM`` this handler is SIGTERM's. ``follower``: a rank other
+    than 0 of a launched job, which notes the signal (SLURM sends it to every task) and stops when rank 0
+    says so; it neither stops by itself nor requeues."""
     if job is None or job.signal is None or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if STOP.ask(signum):
+        if STOP.ask(signum) and not follower:
             raise StopRequested(signum)
-        log.warning("%s: the job stops at the end of this step and requeues", signal.Signals(signum).name)
+        if not follower:
+            log.warning("%s: the job stops at the end of this step and requeues", signal.Signals(signum).name)
 
     STOP.clear()
     STOP.watch = int(job.signal)  # a spawned DDP fit's ranks listen to it too

@@ -7,6 +7,9 @@ Beyond Hydra's syntax it takes ``resume=<run dir>`` (continue that run, in its d
 checkpoint) and ``rerun=<run dir> [overrides]`` (a new run from that run's saved overrides plus new ones).
 Under SLURM a job warned before its time limit checkpoints and requeues itself, and the requeued attempt
 continues as ``resume=`` would (``patholite.requeue``).
+
+Under a launcher (srun, submitit's tasks, torchrun: ``accelerators.cluster``) every rank runs this entry
+point: rank 0 runs the job, the others follow it through its fits (``pipelines.ranks``).
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from patholite import requeue, tracking
+from patholite.accelerators.cluster import Launch, launched, multirun_refusal
 from patholite.config import options
 from patholite.errors import CheckpointError, ConfigError, PatholiteError
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.report import print_records
 from patholite.overrides import check_launcher, expand_run_references
 from patholite.pipelines.context import RunContext
+from patholite.pipelines.fit import follow
 from patholite.pipelines.lightning import latest_checkpoint
 from patholite.pipelines.preflight import preflight
+from patholite.pipelines.ranks import RANKS
 from patholite.pipelines.seed import seed_everything
 from patholite.pipelines.stages import run_stages
 from patholite.records import RunRecord, read_record
@@ -78,8 +84,31 @@ def _resume_point(
     return checkpoint, previous.get("wandb")
 
 
+def follow_rank(launch: Launch) -> str:
+    """A rank other than 0 of a launched job: train with rank 0 until it ends the job; its status. Exits as
+    rank 0 does when the job stopped for a requeue."""
+    if not logging.getLogger().handlers:  # no Hydra here: say which rank speaks
+        form = f"[rank {launch.rank}] %(levelname)s %(name)s: %(message)s"
+        logging.basicConfig(level=logging.INFO, format=form)
+    RANKS.meet(launch)
+    slurm = requeue.slurm_job()
+    with requeue.requeue_on_signal(slurm, follower=True):
+        end = follow()
+    if end.status != "ok":
+        ended = f"rank 0 ended the job: {end.status} {end.message}"
+        print(f"patholite: rank {launch.rank}: {ended}", file=sys.stderr)
+    if end.status == "requeued" and slurm is not None and slurm.signal is not None:
+        raise SystemExit(128 + int(slurm.signal))
+    return end.status
+
+
 def run_job(cfg: DictConfig) -> str:
     """Run one job and write its record; returns the record's status."""
+    launch = launched()
+    if launch is not None:  # submitit's tasks of a multi-node job all run this
+        if not launch.leads:
+            return follow_rank(launch)
+        RANKS.meet(launch)
     threads = torch.get_num_threads()  # accelerator.threads applies to this job only, not the sweep's next
     slurm = requeue.slurm_job()
     try:
@@ -98,6 +127,7 @@ def _run_job(cfg: DictConfig, slurm: requeue.SlurmJob | None = None) -> str:
     requeued = requeue.continues(slurm, previous)
     if requeued and previous.get("status") == "ok":
         log.info("SLURM job %s already finished this run in %s; nothing to do", slurm.job_id, run_dir)
+        RANKS.finish("ok")
         return "ok"
     if slurm is not None:
         job["slurm"] = slurm.describe()
@@ -112,6 +142,8 @@ def _run_job(cfg: DictConfig, slurm: requeue.SlurmJob | None = None) -> str:
         if requeued:
             log.info("requeued SLURM job %s: continuing from %s", slurm.job_id, resume_from or "the start")
         record.write()
+        if RANKS.launch is not None and RANKS.control is None:
+            RANKS.start(cfg.accelerator)  # the other ranks join; from here on they follow this one's fits
         checked = preflight(cfg)
         record.config = OmegaConf.to_container(cfg, resolve=True)  # as preflight completed it
         record.device = checked.accelerator.describe()
@@ -171,6 +203,7 @@ def _run_job(cfg: DictConfig, slurm: requeue.SlurmJob | None = None) -> str:
             )
     finally:
         tracking.close_loggers(loggers, record.status)
+        RANKS.finish(record.status, f"record: {record.path}")
     if stopped_for_requeue is not None:
         _requeue(record, slurm, stopped_for_requeue)
     if record.status == "ok" and not job["multirun"]:
@@ -211,12 +244,19 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry: expand ``resume=``/``rerun=``, run Hydra, exit non-zero if any sweep job failed."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        launch = launched()
+        if refusal := multirun_refusal(argv):
+            raise ConfigError(refusal)
         check_launcher(argv)
         argv = requeue.with_run_dir(argv)  # a requeued SLURM job: its first attempt's folder
         sys.argv = [sys.argv[0], *expand_run_references(argv)]
     except PatholiteError as err:
         print(f"patholite: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if launch is not None:
+        if not launch.leads:  # composes no config and writes nothing: rank 0 hands it every fit
+            sys.exit(0 if follow_rank(launch) == "ok" else 1)
+        RANKS.meet(launch)  # before Hydra: if composing fails, the others see rank 0 leave
     run_hydra(_hydra_main)
 
 

@@ -6,6 +6,10 @@ trains with DDP in spawned processes (``ddp_spawn``): Lightning's default ``ddp`
 command line per rank, which under Hydra ``-m`` re-runs the sweep; spawned ranks run only ``trainer.fit``,
 and the job's own process (the driver) evaluates, benchmarks and writes the record, so nothing after
 training needs rank guards.
+
+Across nodes (``num_nodes``) a launcher has started one process per device on each node (srun, torchrun:
+``cluster``); DDP then runs in Lightning's cluster environment for that launcher, rank 0 is the driver, and
+the other ranks train what it hands them (``pipelines.ranks``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import ListConfig
 
+from patholite.accelerators.cluster import Launch, launched
 from patholite.accelerators.npu import NPUAccelerator, npu_device_count, register
 from patholite.errors import AcceleratorError, ConfigError
 
@@ -45,7 +50,13 @@ class ResolvedAccelerator:
     pin_memory: bool
     int8_engine: str
     notes: list[str] = field(default_factory=list)
-    world_size: int = 1  # training processes (DDP ranks); evaluation always runs in the driver
+    world_size: int = 1  # training processes (DDP ranks) of every node; evaluation runs in the driver
+    launch: Launch | None = None  # the launcher's ranks (multi-node, srun or torchrun); None: this process
+
+    @property
+    def spawns(self) -> bool:
+        """Training spawns its DDP ranks from this process (``ddp_spawn``), which only waits for them."""
+        return self.world_size > 1 and self.launch is None
 
     @property
     def precision(self) -> str:
@@ -69,6 +80,7 @@ class ResolvedAccelerator:
             "eval_device": str(self.device),
             "int8_engine": self.int8_engine,
             "world_size": self.world_size,
+            **({"launch": self.launch.describe()} if self.launch else {}),
             "notes": self.notes,
             **describe_machine(self.device),
         }
@@ -143,8 +155,22 @@ def _device_ids(cfg, available: int, what: str) -> list[int]:
     return ids
 
 
-def _strategy(cfg, ids: list[int], backend: str) -> Any:
-    """One device: Lightning's choice. Several: DDP in spawned processes (safe under ``-m``, see above)."""
+def _strategy(cfg, ids: list[int], backend: str, launch: Launch | None) -> Any:
+    """One device: Lightning's choice. Several: DDP in spawned processes (safe under ``-m``, see above). A
+    launcher's ranks: DDP in its cluster environment (the processes exist; nothing is spawned)."""
+    if launch is not None:
+        if cfg.strategy not in ("auto", "ddp"):
+            raise ConfigError(
+                f"accelerator.strategy={cfg.strategy} under {launch.launcher}: its {launch.world_size} ranks "
+                "train with DDP in Lightning's cluster environment; leave accelerator.strategy=auto"
+            )
+        return Fresh(
+            lambda: DDPStrategy(
+                process_group_backend=backend,
+                find_unused_parameters=bool(cfg.find_unused_parameters),
+                cluster_environment=launch.environment(),
+            )
+        )
     if len(ids) == 1:
         return cfg.strategy
     if cfg.strategy not in ("auto", "ddp_spawn"):
@@ -167,7 +193,7 @@ def _strategy(cfg, ids: list[int], backend: str) -> Any:
     return Fresh(make)
 
 
-def _resolve_cpu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.device]:
+def _resolve_cpu(cfg, notes: list[str], launch: Launch | None) -> tuple[str, dict[str, Any], torch.device]:
     precision = "32-true" if cfg.precision == "auto" else cfg.precision
     if precision not in ("32-true", "32", "bf16-mixed", "bf16-true", "64-true"):
         raise ConfigError(f"accelerator.precision={precision} does not run on CPU; use 32-true or bf16-mixed")
@@ -179,7 +205,7 @@ def _resolve_cpu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.devi
     lightning = {
         "accelerator": "cpu",
         "devices": len(ids),
-        "strategy": _strategy(cfg, ids, "gloo"),
+        "strategy": _strategy(cfg, ids, "gloo", launch),
         "precision": precision,
     }
     return "cpu", lightning, torch.device("cpu")
@@ -210,7 +236,7 @@ def _auto_gpu_precision(ids: list[int]) -> tuple[str, str]:
     return "bf16-mixed", f"native bf16 on {devices} (compute capability >= 8.0)"
 
 
-def _resolve_gpu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.device]:
+def _resolve_gpu(cfg, notes: list[str], launch: Launch | None) -> tuple[str, dict[str, Any], torch.device]:
     if not torch.cuda.is_available():
         raise AcceleratorError(
             f"accelerator={cfg.name} but torch sees no CUDA device on this machine; run with "
@@ -226,14 +252,20 @@ def _resolve_gpu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.devi
     lightning = {
         "accelerator": "gpu",
         "devices": ids,
-        "strategy": _strategy(cfg, ids, "nccl"),
+        "strategy": _strategy(cfg, ids, "nccl", launch),
         "precision": precision,
     }
+    # a launcher's rank trains on its node's device ids[local rank]; rank 0 (local rank 0) evaluates on ids[0]
     return "gpu", lightning, torch.device("cuda", ids[0])
 
 
-def _resolve_npu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.device]:
+def _resolve_npu(cfg, notes: list[str], launch: Launch | None) -> tuple[str, dict[str, Any], torch.device]:
     """Ascend NPUs through torch_npu (the ``npu`` extra): fp16 mixed precision by default."""
+    if launch is not None:
+        raise AcceleratorError(
+            f"accelerator=npu under {launch.launcher} with {launch.world_size} ranks: patholite trains on "
+            "one NPU (HCCL multi-NPU DDP is not wired); run one process with accelerator.devices=1"
+        )
     available = npu_device_count()  # imports torch_npu, or says what to install
     if available == 0:
         raise AcceleratorError("accelerator=npu: torch_npu sees no NPU on this machine (check npu-smi info)")
@@ -260,6 +292,15 @@ def _resolve_npu(cfg, notes: list[str]) -> tuple[str, dict[str, Any], torch.devi
     return "npu", lightning, torch.device("npu", first)
 
 
+def process_group_backend(cfg) -> str:
+    """The ``torch.distributed`` backend the ranks train with: nccl on CUDA GPUs, gloo on CPUs. Read from
+    the config alone, before resolving, so that a launched job's ranks can join before any check fails."""
+    asked = cfg.accelerator
+    if asked == "auto":
+        asked = "gpu" if torch.cuda.is_available() else "cpu"
+    return "nccl" if asked == "gpu" else "gloo"
+
+
 _RESOLVERS: dict[str, Callable] = {"cpu": _resolve_cpu, "gpu": _resolve_gpu, "npu": _resolve_npu}
 
 
@@ -274,10 +315,30 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
         raise ConfigError(
             f"accelerator.accelerator={cfg.accelerator!r} is not one of {sorted(_RESOLVERS) + ['auto']}"
         )
-    kind, lightning, device = _RESOLVERS[asked](cfg, notes)
+    num_nodes = int(cfg.num_nodes)
+    if num_nodes < 1:
+        raise ConfigError(f"accelerator.num_nodes={cfg.num_nodes}: give a node count, 1 or more")
+    launch = launched()
+    if launch is None and num_nodes > 1:
+        raise AcceleratorError(
+            f"accelerator.num_nodes={num_nodes}, but no cluster launcher started this process: neither the "
+            "tasks of an srun step (SLURM_NTASKS, SLURM_PROCID, SLURM_STEP_NUM_TASKS) nor torchrun's workers "
+            "(TORCHELASTIC_RUN_ID, RANK, WORLD_SIZE) are in its environment. Submit it with "
+            "hydra/launcher=slurm (one task per device on each node), run it under srun or torchrun "
+            f"--nnodes={num_nodes}; on one machine use accelerator.devices=N (ddp_spawn)"
+        )
+    kind, lightning, device = _RESOLVERS[asked](cfg, notes, launch)
     devices = lightning["devices"]
     world = devices if isinstance(devices, int) else len(devices)
-    if world > 1:
+    if launch is not None:
+        launch.check(world, num_nodes)
+        lightning["num_nodes"] = num_nodes
+        world = launch.world_size
+        notes.append(
+            f"DDP over {world} {kind} processes on {num_nodes} node(s), started by {launch.launcher} "
+            f"(Lightning's {type(launch.environment()).__name__}); rank 0 evaluates and writes the record"
+        )
+    elif world > 1:
         notes.append(f"DDP over {world} {kind} processes (ddp_spawn); evaluation runs in the driver")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -297,4 +358,5 @@ def resolve_accelerator(cfg) -> ResolvedAccelerator:
         int8_engine=engine,
         notes=notes,
         world_size=world,
+        launch=launch,
     )

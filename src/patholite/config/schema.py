@@ -187,6 +187,12 @@ class AcceleratorConfig:
     name: str = MISSING
     accelerator: str = "cpu"  # cpu | gpu | npu (Ascend, through torch_npu) | auto
     devices: Any = 1  # a count, a list of ids, or "auto" (every one); more than one trains with DDP
+    # machines training together, each with ``devices``: their processes are started by srun
+    # (hydra/launcher=slurm) or torchrun, one per device (patholite.accelerators.cluster)
+    num_nodes: int = 1
+    # across nodes, ranks other than 0 wait this long for rank 0's next fit while it evaluates, exports and
+    # benchmarks between fits (and for it to join at the start)
+    rank_wait_min: int = 1440
     strategy: str = "auto"  # one device: Lightning's; several: ddp_spawn (safe under Hydra -m)
     find_unused_parameters: bool = False  # DDP: needed only when some trained parameter gets no gradient
     precision: str = "32-true"  # "auto": bf16-mixed where the GPU supports it, else 16-mixed

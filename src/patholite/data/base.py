@@ -7,8 +7,9 @@ RGB arrays, however they are stored.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from patholite.accelerators.cluster import launched
 from patholite.data.images import probe_image, read_rgb
 from patholite.data.transforms import build_transform
 from patholite.errors import ConfigError, DatasetError
@@ -118,9 +120,30 @@ def stratified_subsample(labels: np.ndarray, max_samples: int, seed: int) -> np.
     return np.sort(np.concatenate(picked))
 
 
+_FITTING = False  # a launched job's fit is running in this process (``fitting``)
+
+
+@contextlib.contextmanager
+def fitting() -> Iterator[None]:
+    """Around a fit of a launched job's ranks: their loaders take this rank's share while it runs."""
+    global _FITTING
+    _FITTING = True
+    try:
+        yield
+    finally:
+        _FITTING = False
+
+
 def ddp_world_size() -> int:
-    """Processes training together in this process's DDP group (1 outside DDP, e.g. in the driver)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Processes training together in this process's DDP group (1 outside DDP, e.g. in the driver).
+
+    A spawned rank's process group exists only for its fit. A launched job's (srun, torchrun) lasts as long
+    as the job, and its rank 0 evaluates whole sets between fits: there only a fit (``fitting``) shards."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    if not _FITTING and launched() is not None:
+        return 1
+    return dist.get_world_size()
 
 
 def rank_loader(dataset: Dataset, global_batch: int, shuffle: bool, **kwargs) -> DataLoader:

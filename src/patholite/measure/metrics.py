@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -14,25 +16,25 @@ from torchmetrics.classification import (
 )
 
 
-def scalar_metrics(num_classes: int) -> MetricCollection:
-    """Metrics logged every epoch; keys are the record's quality keys."""
+def scalar_metrics(num_classes: int, **options: Any) -> MetricCollection:
+    """Metrics logged every epoch; keys are the record's quality keys. ``options``: torchmetrics' own."""
     return MetricCollection(
         {
-            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-            "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
-            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
-            "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
+            "accuracy": MulticlassAccuracy(num_classes, average="micro", **options),
+            "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro", **options),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro", **options),
+            "auroc": MulticlassAUROC(num_classes, average="macro", **options),
+            "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1", **options),
         }
     )
 
 
-def per_class_metrics(num_classes: int) -> MetricCollection:
+def per_class_metrics(num_classes: int, **options: Any) -> MetricCollection:
     return MetricCollection(
         {
-            "f1_per_class": MulticlassF1Score(num_classes, average=None),
-            "recall_per_class": MulticlassRecall(num_classes, average=None),
-            "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+            "f1_per_class": MulticlassF1Score(num_classes, average=None, **options),
+            "recall_per_class": MulticlassRecall(num_classes, average=None, **options),
+            "confusion_matrix": MulticlassConfusionMatrix(num_classes, **options),
         }
     )
 
@@ -43,8 +45,11 @@ class QualityMeter:
     def __init__(self, class_names: list[str]) -> None:
         self.class_names = list(class_names)
         n = len(class_names)
-        self.scalars = scalar_metrics(n)
-        self.per_class = per_class_metrics(n)
+        # one process evaluates the whole set: nothing to gather. torchmetrics would otherwise all-gather over
+        # any process group it finds, and a launched job's rank 0 keeps one between fits, where the other
+        # ranks wait for its next fit, not for this
+        self.scalars = scalar_metrics(n, sync_on_compute=False)
+        self.per_class = per_class_metrics(n, sync_on_compute=False)
         self.count = 0
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:

@@ -90,27 +90,41 @@ class StoppableTrainer(L.Trainer):
             STOP.trainers.remove(self)
 
 
+def launched_ranks(trainer: L.Trainer) -> bool:
+    """A launcher's ranks (srun, torchrun): every rank is a job process with its own Trainer, all of them
+    running ``fit`` (``pipelines.ranks``), unlike a spawned fit's driver and ranks."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    return trainer.world_size > 1 and bool(getattr(environment, "creates_processes_externally", False))
+
+
 class StopAtStepEnd(L.Callback):
     """Carries out ``STOP`` at the end of a training step. In one process Lightning then calls
-    ``on_exception`` and ``InterruptedCheckpoint`` writes ``interrupted.ckpt``. In a spawned DDP fit every
-    rank listens to the job's signal itself (``signum``), rank 0's word is broadcast so all ranks stop at the
-    same step, and they write the checkpoint together here: Lightning calls no ``on_exception`` in them."""
+    ``on_exception`` and ``InterruptedCheckpoint`` writes ``interrupted.ckpt``. With several ranks, rank 0's
+    word is broadcast so that all of them stop after the same step: a launcher's ranks then write the
+    checkpoint together through ``InterruptedCheckpoint``; a spawned fit's ranks, each listening to the
+    job's signal itself (``signum``), write it here, as Lightning calls no ``on_exception`` in them."""
 
     def __init__(self, checkpoint_path: Path, signum: int | None = None) -> None:
         self.checkpoint_path = Path(checkpoint_path)
         self.signum = signum
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size > 1 and self.signum is not None and not STOP.trainers:  # a spawned rank
+        spawned_rank = trainer.world_size > 1 and not STOP.trainers and not launched_ranks(trainer)
+        if spawned_rank and self.signum is not None:
             signal.signal(self.signum, lambda signum, frame: STOP.ask(signum))
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         stop = STOP.signum is not None
-        if trainer.world_size > 1 and not STOP.trainers and self.signum is not None:  # a listening rank
-            stop = bool(trainer.strategy.broadcast(stop, src=0))
-            if stop:
-                trainer.save_checkpoint(self.checkpoint_path)
-                raise StopRequested(STOP.signum or signal.SIGTERM)
+        if trainer.world_size > 1 and self.signum is not None:
+            if launched_ranks(trainer):
+                if trainer.strategy.broadcast(stop, src=0):
+                    raise StopRequested(STOP.signum or self.signum)
+                return
+            if not STOP.trainers:  # a spawned rank
+                if trainer.strategy.broadcast(stop, src=0):
+                    trainer.save_checkpoint(self.checkpoint_path)
+                    raise StopRequested(STOP.signum or signal.SIGTERM)
+                return
         if stop:
             raise StopRequested(STOP.signum)
 
@@ -121,14 +135,19 @@ class StopAtStepEnd(L.Callback):
 
 
 class InterruptedCheckpoint(OnExceptionCheckpoint):
-    """``interrupted.ckpt`` on Ctrl-C, SIGTERM or a signal's stop; not by the driver of a spawned DDP fit,
+    """``interrupted.ckpt`` on Ctrl-C, SIGTERM or a signal's stop. Not by the driver of a spawned DDP fit,
     whose own trainer never trained (its weights are where the fit started), so it cannot overwrite what
-    the ranks wrote."""
+    the ranks wrote. A launcher's ranks write it only for the stop they agreed on (``StopAtStepEnd``):
+    writing is collective, and after one rank's own error the others would wait for it in vain."""
 
-    def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if getattr(getattr(trainer.strategy, "launcher", None), "procs", None):
             return
-        super().on_exception(trainer, *args, **kwargs)
+        if launched_ranks(trainer) and not isinstance(exception, StopRequested):
+            return
+        super().on_exception(trainer, pl_module, exception)
 
 
 def without_slurm_requeue(kwargs: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
