@@ -214,3 +214,13 @@ def test_the_driver_frees_gpu_memory_before_a_spawned_fit(monkeypatch, tmp_path,
     assert fitted.net is module.net
     expected = ["module.cpu", "empty_cache", "trainer.fit"] if world_size > 1 else ["trainer.fit"]
     assert events == expected
+
+
+def test_qat_is_refused_with_several_processes(make_cfg):
+    """torch.ao's QAT-prepared model holds closures: spawned or launched ranks cannot receive it (it
+    crashed in the spawn before)."""
+    from patholite.pipelines.preflight import preflight
+
+    cfg = make_cfg("compression=qat", "accelerator.devices=2")
+    with pytest.raises(ConfigError, match="compression=qat with 2 training processes: QAT fine-tunes in one"):
+        preflight(cfg)

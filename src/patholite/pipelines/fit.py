@@ -122,6 +122,8 @@ def fit(
     data = datamodule or ctx.datamodule
     ckpt_path = str(resume) if resume else None
     if RANKS.leading:  # the other ranks of a launched job train it with this one
+        # the data still points to the previous fit's trainer (Lightning attaches it): that one stays here
+        data.trainer = None
         settings = {"epochs": epochs, "ema": ema, "monitor": monitor}
         RANKS.send(FitOrder(ctx.cfg, ctx.run_dir, stage, module, data, ctx.loggers, ckpt_path, settings))
     with fitting():

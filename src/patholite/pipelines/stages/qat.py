@@ -28,6 +28,12 @@ def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None
     check_finetune(q.finetune, "compression.qat")
     require(q.finetune.epochs >= 1, "compression.qat.finetune.epochs must be >= 1 (QAT is a fine-tune)")
     require(
+        accelerator.world_size == 1,
+        f"compression={c.name} with {accelerator.world_size} training processes: QAT fine-tunes in one "
+        "process (torch.ao's prepared model holds closures that cannot be sent to DDP ranks); use "
+        "accelerator.devices=1 and accelerator.num_nodes=1",
+    )
+    require(
         accelerator.device.type == "cpu",
         f"compression={c.name}: QAT converts to torch.ao INT8 kernels, which run on CPU only; use "
         "accelerator=cpu for this option",
