@@ -255,7 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if launch is not None:
         if not launch.leads:  # composes no config and writes nothing: rank 0 hands it every fit
-            sys.exit(0 if follow_rank(launch) == "ok" else 1)
+            try:
+                status = follow_rank(launch)
+            except PatholiteError as err:  # rank 0 never started (its command failed), a bad launch
+                print(f"patholite: rank {launch.rank}: {type(err).__name__}: {err}", file=sys.stderr)
+                sys.exit(1)
+            sys.exit(0 if status == "ok" else 1)
         RANKS.meet(launch)  # before Hydra: if composing fails, the others see rank 0 leave
     run_hydra(_hydra_main)
 
