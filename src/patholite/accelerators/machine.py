@@ -18,9 +18,10 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The features that decide which INT8/bf16 kernels run, in the order a label names them. x86 names are the
 # Linux kernel's /proc/cpuinfo flags; the ARM ones are its "Features" (dot product, int8 matmul, bf16, SVE).
@@ -231,6 +232,8 @@ def machine_identity(device: dict[str, Any] | None) -> str | None:
 def describe_cpu(info: CpuInfo | None = None) -> dict[str, Any]:
     """The machine facts of a record's ``device`` block (GPU facts are ``describe_machine``'s): the keys of
     older records (``cpu``, ``cpu_count``, ``torch_threads``, ``machine``) and the new ones."""
+    import torch  # here, so that compare reads labels without loading torch
+
     info = info if info is not None else read_cpuinfo()
     facts: dict[str, Any] = {
         "cpu": info.model_name or platform.processor() or platform.machine(),
@@ -256,6 +259,8 @@ def describe_cpu(info: CpuInfo | None = None) -> dict[str, Any]:
 
 def describe_machine(device: torch.device | None = None) -> dict[str, Any]:
     """The machine facts (``describe_cpu``), with the GPU's name and memory when ``device`` is a CUDA one."""
+    import torch
+
     info = describe_cpu()
     if device is not None and device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
