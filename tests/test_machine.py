@@ -227,3 +227,18 @@ def test_a_gpu_makes_another_machine():
     assert machine_identity(cpu) != machine_identity(gpu)
     assert machine_label(gpu).endswith(", NVIDIA H100")
     assert machine_label({"cpu": "AMD EPYC"}) == "unknown machine" and machine_identity({}) is None
+
+
+def test_the_slide_comparisons_bench_records_carry_the_machine(tmp_path):
+    """The SMT-against-tiling records are timings too: they name their machine like bench's."""
+    from patholite.slides.comparison import comparison_results, slide_scores, write_records
+    from tests.test_bench_smt import _rows
+
+    rows = _rows()
+    meta = {"model": {"smt": {"image_size": 32, "grid": 4, "top_k": 2, "layers": 3, "aggregate": "mean"}}}
+    results = comparison_results(rows, slide_scores(rows), meta, {"mpp": 2.0}, 2048, resamples=20)
+    cfg = OmegaConf.create({"model": {"name": "smt_micro", "smt": meta["model"]["smt"]}, "dataset": {}})
+    write_records(tmp_path, cfg, results["quality"], rows)
+    comparison = compare(find_records([tmp_path / "records"]))
+    assert len(comparison.machines) == 1 and comparison.machines[0].key is not None
+    assert comparison.rows[0]["machine_key"] == describe_cpu()["machine_key"]
