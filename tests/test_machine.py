@@ -242,3 +242,13 @@ def test_the_slide_comparisons_bench_records_carry_the_machine(tmp_path):
     comparison = compare(find_records([tmp_path / "records"]))
     assert len(comparison.machines) == 1 and comparison.machines[0].key is not None
     assert comparison.rows[0]["machine_key"] == describe_cpu()["machine_key"]
+
+
+def test_the_run_table_of_train_bench_and_sweep_names_the_machine(machines):
+    from patholite.measure.report import machine_caption
+
+    zen3, zen4 = machines
+    assert machine_caption([{"device": zen4}]) == f"machine: {zen4['machine_label']}"
+    both = machine_caption([{"device": zen3}, {"device": zen4}, {"device": zen4}])
+    assert both.count("AMD EPYC") == 2 and "not comparable" in both
+    assert machine_caption([{"device": {}}]) is None  # a job that failed before its device was known
