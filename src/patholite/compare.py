@@ -2,7 +2,9 @@
 
 Prints the table, writes ``compare.csv``, ``compare.md`` and Pareto plots (accuracy against latency at the
 smallest batch, and against size) into ``--out`` (default: ``<first dir>/compare``), and lists failed jobs.
-Exits 1 when a job failed, so scripts notice.
+Exits 1 when a job failed, so scripts notice. The machine the rows ran on is named above the table (every
+CSV row has ``machine`` and ``machine_key``); rows from several machines, or from records without machine
+facts beside ones with them, get a warning naming each machine, in the terminal and in ``compare.md``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from patholite.errors import PatholiteError
@@ -27,9 +30,13 @@ SHOWN = [
 
 
 def print_table(comparison: Comparison, console: Console) -> None:
+    """The table, its machine in the caption, or a warning naming each machine when the rows mix several."""
     b = comparison.batch_sizes
     cols = [*SHOWN, *(f"p50_ms_b{n}" for n in b), *(f"latency_ratio_b{n}" for n in b)]
-    table = Table(title="patholite comparison")
+    if comparison.mixed_machines:
+        cols.append("machine")
+    line = comparison.machine_line
+    table = Table(title="patholite comparison", caption=escape(line) if line else None)
     for c in cols:
         table.add_column(c)
     for r in comparison.rows:
@@ -40,6 +47,8 @@ def print_table(comparison: Comparison, console: Console) -> None:
             )
         )
     console.print(table)
+    if comparison.machine_warning:
+        console.print(f"[bold yellow]{escape(comparison.machine_warning)}[/]")
 
 
 def run(directories: list[str], out: str | None = None) -> tuple[Comparison, list[Path]]:

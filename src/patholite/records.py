@@ -21,7 +21,12 @@ Schema (version ``SCHEMA_VERSION``)::
       "config": {...resolved config...},
       "versions": {"python", "torch", "timm", ...},
       "device": {"requested", "kind", "accelerator", "devices", "strategy", "precision", "eval_device",
-                 "int8_engine", "notes", "cpu", "cpu_count", "torch_threads", "machine", "gpu"?, ...},
+                 "int8_engine", "notes", "cpu", "cpu_count", "torch_threads", "machine", "gpu"?, ...,
+                 # machine facts (accelerators.machine; absent from records before them: "unknown machine")
+                 "cpu_vendor", "cpu_family", "cpu_model", "cpu_stepping", "cpu_microarchitecture",
+                 "cpu_features": {"avx2": bool, ..., "amx_bf16": bool} | "unknown", "cpu_physical_cores",
+                 "cpu_usable" (this process's affinity), "cpu_quota" (cgroup CPUs | null),
+                 "torch_cpu_capability", "machine_key" (12 hex), "machine_label"},
       "wandb": null | {"run_id", "dir", "mode", "group"},
       "artifacts": [ARTIFACT, ...],
       "slides": null | {"n", "ok", "failed", "summary"}   # slide runs: the slides and their summary file

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import tracking
-from patholite.accelerators.resolve import describe_machine
+from patholite.accelerators.machine import describe_machine
 from patholite.artifacts.resolve import resolve_artifact
 from patholite.artifacts.sidecar import read_sidecar
 from patholite.config.options import CONF_DIR
@@ -314,6 +314,7 @@ def run_merge(cfg: DictConfig) -> int:
     record = RunRecord(
         run_dir=str(out), config=OmegaConf.to_container(cfg, resolve=True), job=job, entry="slide"
     )
+    record.device = describe_machine()
     record.write()
     loggers: list = []
     try:

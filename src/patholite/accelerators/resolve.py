@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import ListConfig
 
 from patholite.accelerators.cluster import Launch, launched
+from patholite.accelerators.machine import describe_machine
 from patholite.accelerators.npu import NPUAccelerator, npu_device_count, register
 from patholite.errors import AcceleratorError, ConfigError
 
@@ -101,31 +102,6 @@ def _plain(value: Any) -> Any:
         return value
     precision = getattr(value, "precision", None)
     return type(value).__name__ + (f"({precision})" if precision else "")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def describe_machine(device: torch.device | None = None) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-    }
-    if device is not None and device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-    return info
 
 
 def _plain_devices(devices: Any) -> Any:

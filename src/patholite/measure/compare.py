@@ -2,20 +2,36 @@
 
 The baseline of a row is the ``fp32`` artifact of a ``compression=none`` job with the same model, dataset and
 accelerator (the same sweep and seed preferred) when the records hold one, else the row's own ``source``
-artifact, else its record's first artifact. A plain row is its own baseline.
+artifact, else its record's first artifact. A plain row is its own baseline. A baseline from another run is
+taken only from the same machine (``machine_key``, plus the GPU): a latency ratio across CPUs measures the
+CPUs, not the technique.
+
+Every row names its machine (``machine``: a label such as "AMD EPYC (Zen 4: avx512_vnni, avx512_bf16), 2
+cores"; ``machine_key``). Records written before machine facts are "unknown machine". ``Comparison.machines``
+lists the distinct machines; more than one (unknown included) makes ``machine_warning`` say so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patholite.accelerators.machine import machine_identity, machine_label
 from patholite.errors import PatholiteError
 from patholite.records import QUALITY_SCALARS, RECORD_FILE, read_record
 
 BASELINE_TECHNIQUE, BASELINE_ARTIFACT = "none", "fp32"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One machine the rows ran on: ``key`` is None for records without machine facts."""
+
+    key: str | None
+    label: str
+    rows: int
 
 
 @dataclass
@@ -23,6 +39,35 @@ class Comparison:
     rows: list[dict[str, Any]]
     failed: list[dict[str, Any]]
     batch_sizes: list[int | str]  # batch sizes, then named units (slide)
+    machines: list[Machine] = field(default_factory=list)  # distinct, in the order rows first name them
+
+    @property
+    def mixed_machines(self) -> bool:
+        return len(self.machines) > 1
+
+    @property
+    def machine_line(self) -> str | None:
+        """The one machine every row ran on, as a header line; None when there are none or several."""
+        if len(self.machines) != 1:
+            return None
+        m = self.machines[0]
+        if m.key is None:
+            return f"machine: {m.label} (records without machine facts: their CPUs cannot be told apart)"
+        return f"machine: {m.label} [{m.key}]"
+
+    @property
+    def machine_warning(self) -> str | None:
+        """A warning naming each machine when the rows come from more than one; None otherwise."""
+        if not self.mixed_machines:
+            return None
+        named = "; ".join(
+            f"{m.label} [{m.key or 'no machine_key'}]: {m.rows} row{'s' * (m.rows != 1)}"
+            for m in self.machines
+        )
+        return (
+            f"WARNING: these rows come from {len(self.machines)} different machines, so their latencies and "
+            f"throughputs are not comparable across machines (compare only rows of one machine): {named}"
+        )
 
 
 def find_records(directories: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -55,6 +100,8 @@ def _row(record: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
         "model": art.get("model") or cfg.get("model", {}).get("name", "?"),
         "dataset": cfg.get("dataset", {}).get("name", "?"),
         "accelerator": record.get("device", {}).get("kind") or cfg.get("accelerator", {}).get("name", "?"),
+        "machine": machine_label(record.get("device")),
+        "machine_key": machine_identity(record.get("device")),
         **{key: q.get(key) for key in QUALITY_SCALARS},
         "flip_rate": (art.get("parity") or {}).get("flip_rate"),  # top-1 changes against its source
         "params": c.get("params"),
@@ -77,11 +124,8 @@ def _baseline(row: dict[str, Any], plain: list[dict[str, Any]], own: list[dict[s
     """The row itself if plain; else the closest plain row (same sweep and seed first); else its source."""
     if _is_plain(row):
         return row
-    same = [
-        p
-        for p in plain
-        if (p["model"], p["dataset"], p["accelerator"]) == (row["model"], row["dataset"], row["accelerator"])
-    ]
+    what = ("model", "dataset", "accelerator", "machine_key")
+    same = [p for p in plain if all(p[k] == row[k] for k in what)]
     for narrower in (
         lambda p: p["sweep"] == row["sweep"] and p["seed"] == row["seed"],
         lambda p: p["sweep"] == row["sweep"],
@@ -135,7 +179,15 @@ def compare(records: list[dict[str, Any]]) -> Comparison:
         key=lambda b: (isinstance(b, str), b),
     )
     _ratios(rows, batch_sizes)
-    return Comparison(rows=rows, failed=failed, batch_sizes=batch_sizes)
+    return Comparison(rows=rows, failed=failed, batch_sizes=batch_sizes, machines=machines(rows))
+
+
+def machines(rows: list[dict[str, Any]]) -> list[Machine]:
+    """The distinct machines of the rows (by ``machine_key``; unknown is one more), in first-seen order."""
+    seen: dict[str | None, list[dict[str, Any]]] = {}
+    for r in rows:
+        seen.setdefault(r["machine_key"], []).append(r)
+    return [Machine(key=key, label=rs[0]["machine"], rows=len(rs)) for key, rs in seen.items()]
 
 
 def _unit(key: str) -> int | str:

@@ -36,6 +36,8 @@ def columns(comparison: Comparison) -> list[str]:
         *(f"ips_b{n}" for n in b),
         *TAIL,
         *(f"latency_ratio_b{n}" for n in b),
+        "machine",
+        "machine_key",
         "run_dir",
     ]
 
@@ -58,8 +60,15 @@ def write_csv(comparison: Comparison, path: Path) -> Path:
 
 
 def write_markdown(comparison: Comparison, path: Path, plots: list[Path]) -> Path:
-    cols = [c for c in columns(comparison) if c != "run_dir"]
-    lines = ["# patholite comparison", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    # One machine is said once above the table; several get a warning and a column naming each row's.
+    dropped = {"run_dir", "machine_key"} | (set() if comparison.mixed_machines else {"machine"})
+    cols = [c for c in columns(comparison) if c not in dropped]
+    lines = ["# patholite comparison", ""]
+    if comparison.machine_warning:
+        lines += [f"> **{comparison.machine_warning}**", ""]
+    elif comparison.machine_line:
+        lines += [comparison.machine_line[0].upper() + comparison.machine_line[1:], ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in comparison.rows]
     if comparison.failed:
         lines += ["", "## Failed jobs", ""]

@@ -5,15 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from patholite.accelerators.machine import machine_label
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def machine_caption(records: list[dict[str, Any]]) -> str | None:
+    """The machine the records ran on (CPU and its INT8/bf16 features), or each of several, with a warning."""
+    labels = list(dict.fromkeys(machine_label(r.get("device")) for r in records if r.get("device")))
+    if len(labels) > 1:
+        return "machines: " + "; ".join(labels) + " (timings not comparable across machines)"
+    return f"machine: {labels[0]}" if labels else None
+
+
 def artifact_table(records: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
+    caption = machine_caption(records)
+    table = Table(title=title, caption=escape(caption) if caption else None)
     for column in (
         "job",
         "status",

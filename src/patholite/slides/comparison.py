@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from patholite.accelerators.machine import describe_machine
 from patholite.errors import ConfigError
 from patholite.measure.stats import binary_quality, paired_bootstrap
 from patholite.records import ArtifactRecord, RunRecord
@@ -230,7 +231,9 @@ def write_records(
             config["compression"]["name"] = (
                 label + " (" + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")"
             )
-        record = RunRecord(run_dir=str(out / "records" / name), config=config, entry="bench")
+        record = RunRecord(
+            run_dir=str(out / "records" / name), config=config, entry="bench", device=describe_machine()
+        )
         record.artifacts = [
             ArtifactRecord(
                 name=name, path=str(out), files=[],
