@@ -1,4 +1,6 @@
-"""End of a Hydra multirun: list every job's status, and fail the sweep when a job failed."""
+"""End of a Hydra multirun: list every job's status, fail the sweep when a job failed, and compare its jobs,
+their distinct artifacts timed again together in one child process (``measure/retime.py``): each job timed
+its own minutes apart, on a machine whose speed drifts."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from rich.console import Console
 
 from patholite.compare import run as compare_run
 from patholite.io import write_json
+from patholite.measure.compare import find_records
 from patholite.measure.outputs import columns
 from patholite.measure.report import print_records
+from patholite.measure.retime import RETIMED_FILE, retime
 from patholite.records import RECORD_FILE, now, read_record
 from patholite.tracking import log_comparison
 
@@ -67,6 +71,20 @@ class SweepSummary(Callback):
             f"summary in {sweep_dir / 'sweep.json'}"
         )
         if len(records) > len(FAILED_JOBS):
+            try:  # one timing of the sweep's distinct artifacts, which the comparison then reads
+                (sweep_dir / "compare" / RETIMED_FILE).unlink(missing_ok=True)  # an earlier sweep's, here
+                retimed = retime(find_records([sweep_dir]), sweep_dir / "compare", minimum=2)
+                if retimed:
+                    console.print(
+                        f"retimed {len(retimed['artifacts'])} distinct artifacts together in one process "
+                        f"(batch {retimed['batch']}): {sweep_dir / 'compare' / 'retimed.json'}"
+                    )
+                    for skip in retimed["skipped"]:
+                        console.print(
+                            f"[yellow]not retimed[/]: {skip['run_dir']}/{skip['artifact']}: {skip['reason']}"
+                        )
+            except Exception as err:  # noqa: BLE001 - the jobs' own timings stand; the comparison uses them
+                console.print(f"[yellow]sweep not retimed[/]: {type(err).__name__}: {err}")
             try:
                 comparison, written = compare_run([str(sweep_dir)])
                 console.print("comparison: " + "  ".join(str(p) for p in written))
