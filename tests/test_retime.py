@@ -40,7 +40,11 @@ def copy_artifact(source: Path, to: Path, perturb: bool = False) -> Path:
 
 
 def recorded(name: str, path: Path, acc: float, p50: float) -> ArtifactRecord:
-    c = {**cost(1.0, {1: p50 / 4, 8: p50}), "protocol": {"warmup": 1, "iters": 2, "repeats": 2}}
+    c = {
+        **cost(1.0, {1: p50 / 4, 8: p50}),
+        "protocol": {"warmup": 1, "iters": 2, "repeats": 2},
+        "timing": {"method": "child_alternating"},  # each job timed its own in a child
+    }
     return ArtifactRecord(
         name=name,
         path=str(path),
@@ -137,6 +141,39 @@ def test_cli_retime_times_each_distinct_artifact_once_in_one_child(sweep, monkey
     assert "retimed together in ONE child process at batch 2" in md
     assert (sweep / "compare" / "pareto_accuracy_throughput_b2.png").is_file()
     assert "ONE child process" in printed
+
+
+def test_the_sweep_callback_retimes_its_jobs_as_one_before_comparing(sweep, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from patholite.sweep import SweepSummary
+
+    calls: list = []
+    monkeypatch.setattr(retime_module, "time_artifacts", fake_timing(calls))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "runtime": {"choices": {}}}})
+    SweepSummary().on_multirun_end(config)
+    assert len(calls) == 1 and len(calls[0]) == 2  # one child, the two contents
+    assert json.loads((sweep / "compare" / RETIMED_FILE).read_text())["batch"] == 8
+    md = (sweep / "compare" / "compare.md").read_text()
+    assert "retimed together in ONE child process at batch 8" in md and "test CPU" in md
+    assert "retimed 2 distinct artifacts" in capsys.readouterr().err
+
+
+def test_a_sweep_timed_in_process_is_not_retimed(tmp_path, sweep, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from patholite.sweep import SweepSummary
+
+    for path in sweep.glob("*/metrics.json"):  # as debug=fast records them (bench.isolation=process)
+        record = json.loads(path.read_text())
+        for art in record["artifacts"]:
+            art["cost"]["timing"] = {"method": "process"}
+        path.write_text(json.dumps(record))
+    calls: list = []
+    monkeypatch.setattr(retime_module, "time_artifacts", fake_timing(calls))
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert calls == [] and not (sweep / "compare" / RETIMED_FILE).exists()
+    assert (sweep / "compare" / "compare.md").is_file() and "not retimed" in capsys.readouterr().err
 
 
 def test_an_artifact_with_missing_files_is_skipped_with_its_reason_and_the_rest_timed(

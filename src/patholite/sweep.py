@@ -31,6 +31,16 @@ def sweep_records(sweep_dir: Path, since: str | None = None) -> list[dict[str, A
     return [r for r in records if since is None or r["started_at"] >= since]
 
 
+def timed_in_children(records: list[dict[str, Any]]) -> bool:
+    """Whether any job timed its artifacts in a child (``bench.isolation=child``): a sweep that chose the
+    quick in-process timing (``debug=fast``) is not timed again at its end."""
+    return any(
+        str(((art.get("cost") or {}).get("timing") or {}).get("method", "")).startswith("child")
+        for r in records
+        for art in r.get("artifacts", [])
+    )
+
+
 class SweepSummary(Callback):
     def __init__(self) -> None:
         self.started_at: str | None = None
@@ -73,8 +83,17 @@ class SweepSummary(Callback):
         if len(records) > len(FAILED_JOBS):
             try:  # one timing of the sweep's distinct artifacts, which the comparison then reads
                 (sweep_dir / "compare" / RETIMED_FILE).unlink(missing_ok=True)  # an earlier sweep's, here
-                retimed = retime(find_records([sweep_dir]), sweep_dir / "compare", minimum=2)
-                if retimed:
+                found = find_records([sweep_dir])
+                retimed = (
+                    retime(found, sweep_dir / "compare", minimum=2) if timed_in_children(found) else None
+                )
+                if retimed is None:
+                    console.print(
+                        "not retimed: fewer than two distinct artifacts, or the jobs timed in their own "
+                        "process (bench.isolation=process: debug=fast); `python -m patholite.compare "
+                        f"{sweep_dir} --retime` times them as one"
+                    )
+                else:
                     console.print(
                         f"retimed {len(retimed['artifacts'])} distinct artifacts together in one process "
                         f"(batch {retimed['batch']}): {sweep_dir / 'compare' / 'retimed.json'}"
