@@ -245,6 +245,8 @@ def test_labels_of_points_that_would_collide_do_not_overlap():
         assert len(boxes) == 6
         pairs = [(i, j) for i in range(6) for j in range(i + 1, 6) if boxes[i].overlaps(boxes[j])]
         assert pairs == [], f"labels overlap: {pairs}"
+        legend = fig.axes[0].get_legend().get_window_extent(renderer)
+        assert not any(b.overlaps(legend) for b in boxes), "a label lies under the legend"
         inside = fig.bbox
         assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes), "a label left the figure"
     finally:

@@ -133,33 +133,36 @@ def pareto_figure(comparison: Comparison, x_key: str, x_label: str, higher_is_be
     ax.set_xlabel(x_label)
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
     ax.legend(loc="best")
-    fig.tight_layout()
     place_labels(fig, ax, labels)
     return fig
 
 
 def place_labels(fig, ax, labels: list, gap: float = 4.0, tries: int = 40) -> None:
-    """Move each label (an annotation in offset points) to the first of a fixed sequence of offsets, just
-    above its point, then alternately below and further up, where its box overlaps no label placed before it.
+    """Lay out the figure, then move each label (an annotation) to the first of a fixed sequence of offsets
+    from its point: just above, then alternately below and further up, where its box overlaps neither a label
+    placed before it nor the legend.
 
-    Deterministic: labels are placed in order of their points (x, then y), and a label facing the right half
-    of the axes is written to the left of its point, so it stays inside the figure. Call after the layout is
-    final: a later ``tight_layout`` moves the points under the labels."""
-    renderer = fig.canvas.get_renderer()
+    Deterministic: labels are placed in order of their points (x, then y), and a label of a point in the
+    right half of the axes is written to the left of it, so it stays inside the figure. Nothing may change the
+    layout afterwards: a later ``tight_layout`` would move the points under the labels."""
     x_mid = sum(ax.get_xlim()) / 2
-    placed: list = []
-    for label in sorted(labels, key=lambda a: (a.xy[0], a.xy[1])):
+    for label in labels:
         left = label.xy[0] > x_mid
-        label.set_ha("right" if left else "left")
-        dx = -gap if left else gap
-        label.set_position((dx, gap))  # in offset points: xytext
         label.set_anncoords("offset points")
+        label.set_ha("right" if left else "left")
+        label.set_position((-gap if left else gap, gap))
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend()
+    placed = [legend.get_window_extent(renderer)] if legend is not None else []
+    for label in sorted(labels, key=lambda a: (a.xy[0], a.xy[1])):
+        dx = label.get_position()[0]
         height_pt = label.get_window_extent(renderer).height * 72 / fig.dpi + 1.0
-        steps = [0] + [s for k in range(1, tries) for s in (-k, k)]
-        for step in steps:
-            # below the point: the label's top sits a gap under it
-            dy = gap + step * height_pt if step >= 0 else -gap - height_pt + (step + 1) * height_pt
+        for step in [0] + [s for k in range(1, tries) for s in (-k, k)]:
+            # step >= 0: the label's baseline ``step`` heights above the point; < 0: its top below the point
+            dy = gap + step * height_pt if step >= 0 else -gap + step * height_pt
             label.set_position((dx, dy))
             box = label.get_window_extent(renderer)
             if not any(box.overlaps(other) for other in placed):
