@@ -42,7 +42,9 @@ def print_table(comparison: Comparison, console: Console) -> None:
     """The table, its machine in the caption, or a warning naming each machine when the rows mix several."""
     b = comparison.batch_sizes
     cols = [*SHOWN, *(f"p50_ms_b{n}" for n in b), *(f"latency_ratio_b{n}" for n in b)]
-    cols += [c for c in retimed_columns(comparison) if not c.endswith(("_min", "_max"))]
+    # of the retimed columns, the ratio and who shares the artifact (the rest are in the files)
+    cols += [c for c in retimed_columns(comparison) if c.startswith("retimed_speedup") or c == "shared_with"]
+    cols = [c for c in cols if not c.endswith(("_min", "_max"))]
     if comparison.mixed_machines:
         cols.append("machine")
     caption = "\n".join(line for line in (comparison.machine_line, comparison.retime_line) if line)
