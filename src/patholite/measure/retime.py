@@ -162,6 +162,8 @@ def retime(
     and return it. Threads and protocol (warmup, iterations, repeats) are the records' own unless given.
     None, and nothing written, when fewer than ``minimum`` artifacts can be timed (a sweep with one)."""
     check_batch(batch)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: give at least 1, or leave it out for the records' own")
     distinct, skipped = collect(records)
     if not distinct:
         reasons = "; ".join(f"{s['run_dir']}/{s['artifact']}: {s['reason']}" for s in skipped[:5])
