@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import tracking
 from patholite.accelerators.machine import describe_machine
+from patholite.artifacts.digest import artifact_digest
 from patholite.artifacts.resolve import resolve_artifact
 from patholite.artifacts.sidecar import read_sidecar
 from patholite.config.options import CONF_DIR
@@ -39,7 +40,7 @@ from patholite.errors import AcceleratorError, ConfigError, PatholiteError, Slid
 from patholite.jobs import job_info, run_hydra, sigterm_as_exit, user_message
 from patholite.measure.cost import files_size
 from patholite.records import ArtifactRecord, RunRecord
-from patholite.slides.cohort import Cohort, artifact_digest, cohort_settings
+from patholite.slides.cohort import Cohort, cohort_settings
 from patholite.slides.manifest import SlideEntry, read_cohort
 from patholite.slides.merge import clear_shard, finish_shard, merge_cohort
 from patholite.slides.report import summary_table

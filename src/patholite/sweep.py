@@ -1,4 +1,6 @@
-"""End of a Hydra multirun: list every job's status, and fail the sweep when a job failed."""
+"""End of a Hydra multirun: list every job's status, fail the sweep when a job failed, and compare its jobs,
+their distinct artifacts timed again together in one child process (``measure/retime.py``): each job timed
+its own minutes apart, on a machine whose speed drifts."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from rich.console import Console
 
 from patholite.compare import run as compare_run
 from patholite.io import write_json
+from patholite.measure.compare import find_records
 from patholite.measure.outputs import columns
 from patholite.measure.report import print_records
+from patholite.measure.retime import RETIMED_FILE, retime
 from patholite.records import RECORD_FILE, now, read_record
 from patholite.tracking import log_comparison
 
@@ -25,6 +29,16 @@ def sweep_records(sweep_dir: Path, since: str | None = None) -> list[dict[str, A
     paths = sorted(sweep_dir.glob(f"*/{RECORD_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name))
     records = [read_record(path) for path in paths]
     return [r for r in records if since is None or r["started_at"] >= since]
+
+
+def timed_in_children(records: list[dict[str, Any]]) -> bool:
+    """Whether any job timed its artifacts in a child (``bench.isolation=child``): a sweep that chose the
+    quick in-process timing (``debug=fast``) is not timed again at its end."""
+    return any(
+        str(((art.get("cost") or {}).get("timing") or {}).get("method", "")).startswith("child")
+        for r in records
+        for art in r.get("artifacts", [])
+    )
 
 
 class SweepSummary(Callback):
@@ -67,6 +81,29 @@ class SweepSummary(Callback):
             f"summary in {sweep_dir / 'sweep.json'}"
         )
         if len(records) > len(FAILED_JOBS):
+            try:  # one timing of the sweep's distinct artifacts, which the comparison then reads
+                (sweep_dir / "compare" / RETIMED_FILE).unlink(missing_ok=True)  # an earlier sweep's, here
+                found = find_records([sweep_dir])
+                retimed = (
+                    retime(found, sweep_dir / "compare", minimum=2) if timed_in_children(found) else None
+                )
+                if retimed is None:
+                    console.print(
+                        "not retimed: fewer than two distinct artifacts, or the jobs timed in their own "
+                        "process (bench.isolation=process: debug=fast); `python -m patholite.compare "
+                        f"{sweep_dir} --retime` times them as one"
+                    )
+                else:
+                    console.print(
+                        f"retimed {len(retimed['artifacts'])} distinct artifacts together in one process "
+                        f"(batch {retimed['batch']}): {sweep_dir / 'compare' / 'retimed.json'}"
+                    )
+                    for skip in retimed["skipped"]:
+                        console.print(
+                            f"[yellow]not retimed[/]: {skip['run_dir']}/{skip['artifact']}: {skip['reason']}"
+                        )
+            except Exception as err:  # noqa: BLE001 - the jobs' own timings stand; the comparison uses them
+                console.print(f"[yellow]sweep not retimed[/]: {type(err).__name__}: {err}")
             try:
                 comparison, written = compare_run([str(sweep_dir)])
                 console.print("comparison: " + "  ".join(str(p) for p in written))

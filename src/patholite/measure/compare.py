@@ -9,6 +9,11 @@ CPUs, not the technique.
 Every row names its machine (``machine``: a label such as "AMD EPYC (Zen 4: avx512_vnni, avx512_bf16), 2
 cores"; ``machine_key``). Records written before machine facts are "unknown machine". ``Comparison.machines``
 lists the distinct machines; more than one (unknown included) makes ``machine_warning`` say so.
+
+A sweep retimed as one (``measure/retime.py``, ``retimed.json``) adds to each row it timed the figures of
+that one child: ``retimed_ms_b<B>``, ``retimed_speedup_b<B>`` (throughput ratio to the one baseline artifact
+timed beside it, median over repeats, with ``_min``/``_max``), ``artifact_id`` (the content digest) and
+``shared_with`` (the jobs that recorded the same files); ``retime_line`` says so in the table's caption.
 """
 
 from __future__ import annotations
@@ -40,6 +45,29 @@ class Comparison:
     failed: list[dict[str, Any]]
     batch_sizes: list[int | str]  # batch sizes, then named units (slide)
     machines: list[Machine] = field(default_factory=list)  # distinct, in the order rows first name them
+    retimed: dict[str, Any] | None = None  # retimed.json, when the rows were timed again as one
+
+    @property
+    def retime_batch(self) -> int | None:
+        return self.retimed["batch"] if self.retimed else None
+
+    @property
+    def retime_line(self) -> str | None:
+        """What the ``retimed_*`` columns are, as a caption line; None when nothing was retimed."""
+        r = self.retimed
+        if not r:
+            return None
+        p, rows = r["protocol"], sum(1 for row in self.rows if row.get("artifact_id"))
+        machine = (r.get("machine") or {}).get("machine_label") or machine_label(r.get("machine"))
+        line = (
+            f"throughput ratios (retimed_speedup_b{r['batch']}) retimed together in ONE child process at "
+            f"batch {r['batch']}, alternating ({p['repeats']} repeats x {p['iters']} iterations, "
+            f"{r['threads']} threads) on {r['retimed_at'][:19]}Z, {machine}; to {r['baseline']['label']}; "
+            f"{len(r['artifacts'])} distinct artifacts for {rows} of {len(self.rows)} rows"
+        )
+        if r.get("skipped"):
+            line += f"; {len(r['skipped'])} not retimed (see retimed.json)"
+        return line + "; p50_ms_b* are each job's own timing"
 
     @property
     def mixed_machines(self) -> bool:
@@ -180,6 +208,47 @@ def compare(records: list[dict[str, Any]]) -> Comparison:
     )
     _ratios(rows, batch_sizes)
     return Comparison(rows=rows, failed=failed, batch_sizes=batch_sizes, machines=machines(rows))
+
+
+def apply_retimed(comparison: Comparison, retimed: dict[str, Any] | None) -> Comparison:
+    """Add the figures of one retiming child (``retimed.json``) to the rows it timed, by job and artifact."""
+    comparison.retimed = retimed
+    if not retimed:
+        return comparison
+    b = retimed["batch"]
+    by_row = {(j["run_dir"], j["artifact"]): a for a in retimed["artifacts"] for j in a["jobs"]}
+    for row in comparison.rows:
+        a = by_row.get((row["run_dir"], row["artifact"]))
+        if a is None:
+            continue
+        ratio = a["throughput_ratio"]
+        row.update(
+            {
+                "artifact_id": a["digest"][:12],
+                "shared_with": " ".join(j["job"] for j in a["jobs"]) if len(a["jobs"]) > 1 else None,
+                f"retimed_ms_b{b}": a["latency_ms"]["p50"],
+                f"retimed_speedup_b{b}": ratio["median"],
+                f"retimed_speedup_b{b}_min": ratio["min"],
+                f"retimed_speedup_b{b}_max": ratio["max"],
+                "retimed_label": a["label"],
+            }
+        )
+    return comparison
+
+
+def distinct_rows(comparison: Comparison) -> list[dict[str, Any]]:
+    """The rows with one per artifact content: a retimed row stands for every row of its ``artifact_id``
+    (the first in order); rows never retimed are each their own."""
+    seen: set[str] = set()
+    out = []
+    for row in comparison.rows:
+        key = row.get("artifact_id")
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(row)
+    return out
 
 
 def machines(rows: list[dict[str, Any]]) -> list[Machine]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from patholite.accelerators.machine import describe_machine
 from patholite.accelerators.runtime import sync_name
 from patholite.artifacts.load import load_artifact
 from patholite.errors import PatholiteError
@@ -163,6 +164,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "sync": sync_name(device),
+        "machine": describe_machine(device),  # the child's own facts: its threads, its CPUs
         "energy_source": energy_source if meter else None,
         "energy_absent_reason": None if meter else energy_source,
         "artifacts": {},

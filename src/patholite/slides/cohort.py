@@ -93,18 +93,6 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def artifact_digest(directory: str | Path) -> str:
-    """sha256 of an artifact folder's files (names and bytes): its identity wherever it is copied to."""
-    directory = Path(directory)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def cohort_settings(cfg, mode: str, digest: str) -> dict[str, Any]:
     """The settings a slide's outputs depend on: the artifact (``digest``), the mode, and the config blocks
     ``mode`` reads (``MODE_SETTINGS``)."""
