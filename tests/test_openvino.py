@@ -149,7 +149,10 @@ def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cf
     how = json.loads((Path(arts["ov_int8_nncf"]["path"]) / "artifact.json").read_text())["quantization"]
     assert how == {"method": "nncf", "preset": "transformer", "calibration_images": 32}
     control = json.loads((Path(arts["ov_int8_nncf_accuracy"]["path"]) / "artifact.json").read_text())
-    assert control["quantization"]["budget_pp"] == 1.0 and control["quantization"]["validations"] >= 1
+    control = control["quantization"]
+    assert control["method"] == "nncf_accuracy_control" and control["budget_pp"] == 1.0
+    assert 0 < control["validation_images"] <= 32 and control["validations"] >= 2  # float, INT8, ...
+    assert len(control["validated_accuracies"]) == control["validations"]
 
 
 # ----------------------------------------------------------------------------------------- bf16
