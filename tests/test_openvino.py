@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import patholite.artifacts.openvino as ov_art
+from patholite import artifacts as art
 from patholite.artifacts.load import load_artifact
 from patholite.artifacts.onnx import ONNX_FILE, save_onnx_artifact
 from patholite.compress.nncf_ptq import import_nncf, import_openvino
@@ -112,12 +114,14 @@ def test_nncf_int8_reloads_to_the_outputs_it_was_saved_with(float_onnx, tmp_path
 
 # ------------------------------------------------------------------------------------- the ptq stage
 def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cfg, tmp_path):
-    methods = ["nncf", "nncf_accuracy", "ov_fp32", *(["ov_bf16"] if NATIVE_BF16 else [])]
+    # one float method (the other's precision path is the unit tests'): bf16 where this CPU runs it natively
+    floating = "ov_bf16" if NATIVE_BF16 else "ov_fp32"
+    methods = ["nncf", "nncf_accuracy", floating]
     cfg = make_cfg(
         "compression=ptq",
         f"compression.ptq.methods=[{','.join(methods)}]",
-        "compression.ptq.calibration_images=32",
-        "compression.ptq.sensitivity_images=32",
+        "compression.ptq.calibration_images=16",
+        "compression.ptq.sensitivity_images=16",
         "compression.ptq.budget_pp=1.0",
     )
     from patholite.train import run_job
@@ -125,7 +129,7 @@ def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cf
     assert run_job(cfg) == "ok"
     record = read_record(tmp_path / "run")
     arts = {a["name"]: a for a in record["artifacts"]}
-    expected = ["fp32", "ov_int8_nncf", "ov_int8_nncf_accuracy", "ov_fp32", *(["ov_bf16"] * NATIVE_BF16)]
+    expected = ["fp32", "ov_int8_nncf", "ov_int8_nncf_accuracy", floating]
     assert list(arts) == expected
     from patholite.data import build_datamodule
     from patholite.measure.evaluate import evaluate_quality
@@ -142,16 +146,17 @@ def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cf
         again = evaluate_quality(net, dm.test_dataloader(), meta["class_names"])
         assert again["confusion_matrix"] == art["quality"]["confusion_matrix"], name
         assert art["cost"]["params"] == arts["fp32"]["cost"]["params"]  # counted on the float twin
-    assert arts["ov_fp32"]["parity"]["flip_rate"] == 0.0
-    assert arts["ov_fp32"]["parity"]["max_abs_logit_diff"] <= 1e-3
+    # the float model in OpenVINO: the same calls; bf16 moves logits by its 8-bit mantissa, f32 by rounding
+    assert arts[floating]["parity"]["max_abs_logit_diff"] <= (0.1 if NATIVE_BF16 else 1e-3)
+    assert arts[floating]["parity"]["flip_rate"] <= (0.05 if NATIVE_BF16 else 0.0)
     for name in ("ov_int8_nncf", "ov_int8_nncf_accuracy"):
-        assert arts[name]["cost"]["size_bytes"] < arts["ov_fp32"]["cost"]["size_bytes"]
+        assert arts[name]["cost"]["size_bytes"] < arts[floating]["cost"]["size_bytes"]
     how = json.loads((Path(arts["ov_int8_nncf"]["path"]) / "artifact.json").read_text())["quantization"]
-    assert how == {"method": "nncf", "preset": "transformer", "calibration_images": 32}
+    assert how == {"method": "nncf", "preset": "transformer", "calibration_images": 16}
     control = json.loads((Path(arts["ov_int8_nncf_accuracy"]["path"]) / "artifact.json").read_text())
     control = control["quantization"]
     assert control["method"] == "nncf_accuracy_control" and control["budget_pp"] == 1.0
-    assert 0 < control["validation_images"] <= 32 and control["validations"] >= 2  # float, INT8, ...
+    assert 0 < control["validation_images"] <= 16 and control["validations"] >= 2  # float, INT8, ...
     assert len(control["validated_accuracies"]) == control["validations"]
 
 
@@ -226,3 +231,29 @@ def test_bench_builds_the_openvino_variants(tmp_path):
     with torch.no_grad():
         assert (ov_fp32(x) - fp32(x)).abs().max() < 1e-4
     assert int8(x).shape == (2, 4)
+
+
+# ------------------------------------------------------------------------------------- the slide engine
+def test_the_slide_engine_runs_an_openvino_artifact(slides, tmp_path):
+    import numpy as np
+
+    from patholite.config.options import load_model_option
+    from patholite.slides.engine import TileSpec, stream_tiles
+    from patholite.slides.inference import load_classifier
+
+    model = OmegaConf.to_container(load_model_option("vit_micro"), resolve=True)
+    meta = {**META, "model": {**model, "checkpoint": None}, "mean": [0.5] * 3, "std": [0.25] * 3,
+            "mpp": 2.0, "tile_size": 64}  # fmt: skip
+    net = tiny_vit().eval()
+    art.save_float_artifact(net, tmp_path / "fp32", meta)
+    art.save_onnx_artifact(net, tmp_path / "onnx", meta)
+    ov_art.save_openvino_from_onnx(tmp_path / "onnx" / ONNX_FILE, tmp_path / "ov", meta, "f32")
+    grid = np.array([[x, y] for y in range(0, 1024, 256) for x in range(0, 1024, 256)])
+    spec = TileSpec(str(slides / "CMU-1-Small-Region.svs"), grid, 256, 64, SIZE, (0.5,) * 3, (0.25,) * 3)
+    probs = {}
+    for kind in ("fp32", "ov"):
+        loaded, _ = load_classifier(tmp_path / kind)
+        result = stream_tiles(loaded, spec, meta["class_names"], tmp_path / f"{kind}.csv", 8, workers=1)
+        assert result.timings["tiles"] == len(grid)
+        probs[kind] = result.probs
+    assert np.abs(probs["ov"] - probs["fp32"]).max() < 1e-4
