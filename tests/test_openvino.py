@@ -257,3 +257,16 @@ def test_the_slide_engine_runs_an_openvino_artifact(slides, tmp_path):
         assert result.timings["tiles"] == len(grid)
         probs[kind] = result.probs
     assert np.abs(probs["ov"] - probs["fp32"]).max() < 1e-4
+
+
+def test_telemetry_is_off_once_patholite_imports_openvino_and_nncf():
+    import importlib
+
+    import_nncf()
+    stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
+    for name in ("openvino.tools.ovc.convert_impl", "openvino.tools.ovc.telemetry_utils"):
+        assert importlib.import_module(name).tm is stub  # ov.convert_model's events go nowhere
+    wrapper = importlib.import_module("nncf.telemetry.wrapper")
+    assert not isinstance(
+        importlib.import_module("nncf.telemetry.decorator").telemetry, wrapper.NNCFTelemetry
+    )

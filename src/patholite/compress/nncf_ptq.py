@@ -37,15 +37,40 @@ def _import(module: str, what: str):
         raise ConfigError(f"{what} needs {module}, which is not installed: {INSTALL}") from err
 
 
+def _no_telemetry(module: str) -> None:
+    """OpenVINO's converter (``ov.convert_model``) and NNCF's ``quantize`` send usage events to Google
+    Analytics unless the user has opted out (``openvino_telemetry``, which nncf installs, is called with
+    ``enable_opt_in_dialog=False``: nobody is asked). patholite is offline by default, so the senders are
+    replaced by the libraries' own stubs; best effort: a library that moved them keeps its behaviour."""
+    try:
+        if module == "openvino":
+            stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
+            for name in ("openvino.tools.ovc.convert_impl", "openvino.tools.ovc.telemetry_utils"):
+                sender = importlib.import_module(name)
+                if hasattr(sender, "tm"):
+                    sender.tm = stub
+        else:
+            decorator = importlib.import_module("nncf.telemetry.decorator")
+            decorator.telemetry = importlib.import_module("nncf.telemetry.wrapper").NNCFTelemetryStub()
+    except (ImportError, AttributeError):
+        log.debug("could not switch off %s telemetry", module)
+
+
 def import_openvino(what: str = "an OpenVINO artifact"):
-    """The ``openvino`` module; a ``ConfigError`` naming the extra when it is not installed."""
-    return _import("openvino", what)
+    """The ``openvino`` module, its converter's telemetry off; a ``ConfigError`` naming the extra when it
+    is not installed."""
+    ov = _import("openvino", what)
+    _no_telemetry("openvino")
+    return ov
 
 
 def import_nncf(what: str = "NNCF quantization"):
-    """The ``nncf`` module (OpenVINO too); a ``ConfigError`` naming the extra when either is absent."""
+    """The ``nncf`` module (OpenVINO too), telemetry off; a ``ConfigError`` naming the extra when either
+    is absent."""
     import_openvino(what)
-    return _import("nncf", what)
+    nncf = _import("nncf", what)
+    _no_telemetry("nncf")
+    return nncf
 
 
 def _images(batches: Sequence[torch.Tensor]) -> list[np.ndarray]:
