@@ -270,3 +270,16 @@ def test_telemetry_is_off_once_patholite_imports_openvino_and_nncf():
     assert not isinstance(
         importlib.import_module("nncf.telemetry.decorator").telemetry, wrapper.NNCFTelemetry
     )
+
+
+def test_bench_names_a_given_openvino_artifact_by_its_variant(tmp_path):
+    from patholite.bench import artifact_name
+
+    folder = tmp_path / "mine"
+    for meta, name in (
+        ({"kind": "openvino", "precision": "f32"}, "ov_fp32"),
+        ({"kind": "openvino", "precision": "bf16"}, "ov_bf16"),
+        ({"kind": "openvino", "precision": "f32", "quantization": {"method": "nncf"}}, "ov_int8_nncf"),
+        ({"kind": "openvino", "precision": "bf16", "quantization": {"method": "nncf"}}, "ov_int8_nncf_bf16"),
+    ):
+        assert artifact_name(folder, meta) == name

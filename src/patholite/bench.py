@@ -166,7 +166,14 @@ def artifact_name(directory: Path, meta: dict[str, Any]) -> str:
     """A benchmarked artifact's record name: its folder's, when that is an artifact name (a run's artifact
     folders, the variants), else by its kind."""
     known = {*artifact_names(), *VARIANTS}
-    return directory.name if directory.name in known else KIND_NAMES.get(meta["kind"], "fp32")
+    if directory.name in known:
+        return directory.name
+    if meta["kind"] == "openvino":  # one kind, several variants: by its quantization and precision
+        name = "ov_int8_nncf" if meta.get("quantization") else "ov_fp32"
+        if meta.get("precision") == "bf16":
+            name = "ov_bf16" if name == "ov_fp32" else f"{name}_bf16"
+        return name
+    return KIND_NAMES.get(meta["kind"], "fp32")
 
 
 @dataclass(frozen=True)
