@@ -122,7 +122,9 @@ def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cf
         f"compression.ptq.methods=[{','.join(methods)}]",
         "compression.ptq.calibration_images=16",
         "compression.ptq.sensitivity_images=16",
-        "compression.ptq.budget_pp=1.0",
+        # 16 validation images: one flip is 6.25 pp; a budget that holds keeps NNCF's restoration loop (a
+        # ranking of every quantized layer group, the slow part) out of the fast tests
+        "compression.ptq.budget_pp=50",
     )
     from patholite.train import run_job
 
@@ -155,7 +157,7 @@ def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cf
     assert how == {"method": "nncf", "preset": "transformer", "calibration_images": 16}
     control = json.loads((Path(arts["ov_int8_nncf_accuracy"]["path"]) / "artifact.json").read_text())
     control = control["quantization"]
-    assert control["method"] == "nncf_accuracy_control" and control["budget_pp"] == 1.0
+    assert control["method"] == "nncf_accuracy_control" and control["budget_pp"] == 50
     assert 0 < control["validation_images"] <= 16 and control["validations"] >= 2  # float, INT8, ...
     assert len(control["validated_accuracies"]) == control["validations"]
 
