@@ -145,7 +145,8 @@ def quantize_nncf_accuracy(
         "budget_pp": budget_pp,
         "validation_images": sum(len(y) for _, y in validation),
         "validations": len(seen),
-        # in NNCF's order: the float model, the fully quantized one, then each partly restored candidate
+        # in NNCF's order: the float and the INT8 model on all of ``validation``, then whatever it validates
+        # further (subsets while ranking layers, restored candidates)
         "validated_accuracies": [round(a, 6) for a in seen],
     }
     return quantized, report
