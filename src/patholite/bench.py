@@ -27,6 +27,8 @@ import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import artifacts as art
 from patholite import tracking
 from patholite.accelerators.resolve import resolve_accelerator
+from patholite.artifacts.openvino import bf16_unsupported_reason
+from patholite.compress.nncf_ptq import import_nncf, import_openvino
 from patholite.config.options import CONF_DIR
 from patholite.config.schema import ModelConfig
 from patholite.errors import ConfigError, PatholiteError
@@ -39,28 +41,74 @@ from patholite.models.factory import create_network
 from patholite.models.fits import check_model_fits
 from patholite.models.hub import locate_hub_weights, sidecar_model
 from patholite.pipelines.stages import artifact_names
-from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort, save_static_ort
+from patholite.pipelines.stages.ptq import (
+    save_dynamic,
+    save_dynamic_ort,
+    save_nncf,
+    save_openvino_from_onnx,
+    save_static_ort,
+)
 from patholite.records import ArtifactRecord, RunRecord, read_record
 
 log = logging.getLogger("patholite.bench")
-KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic", "onnx": "onnx_fp32"}
-VARIANTS = ("fp32", "fp32_compile", "int8_dynamic", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort")
-ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort"}
+KIND_NAMES = {
+    "torch_float": "fp32",
+    "torch_int8_dynamic": "int8_dynamic",
+    "onnx": "onnx_fp32",
+    "openvino": "ov_fp32",
+}
+# OpenVINO variants (the ``openvino`` extra) and the precision hint each is compiled with: FP32, bf16, and
+# NNCF INT8 (transformer preset) with its float parts in f32 or bf16.
+OPENVINO_VARIANTS = {"ov_fp32": "f32", "ov_bf16": "bf16", "ov_int8_nncf": "f32", "ov_int8_nncf_bf16": "bf16"}
+NNCF_VARIANTS = {"ov_int8_nncf", "ov_int8_nncf_bf16"}
+VARIANTS = (
+    "fp32",
+    "fp32_compile",
+    "int8_dynamic",
+    "onnx_fp32",
+    "int8_dynamic_ort",
+    "int8_static_ort",
+    *OPENVINO_VARIANTS,
+)
+ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort", *OPENVINO_VARIANTS}
 # Where an artifact kind's model runs when the accelerator is not the CPU: torch floats move to it; torch.ao
 # INT8 (dynamic, QAT) has no CUDA/NPU kernels (quantized::linear_dynamic) and ONNX artifacts run ONNX
 # Runtime's CPU provider, so those stay on the CPU and are timed and recorded there.
 DEVICE_KINDS = {"torch_float"}
-CPU_KINDS = {"torch_int8_dynamic", "torch_int8_qat", "onnx"}
+CPU_KINDS = {"torch_int8_dynamic", "torch_int8_qat", "onnx", "openvino"}
 # Random weights: static INT8 scales are fitted to random images, fine for speed, meaningless for accuracy.
 CALIBRATION_IMAGES = 16
 
 
-def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path]:
-    """The ``model=`` option with seeded random weights, saved as the requested variants (the same INT8
-    paths the ptq stage takes; static INT8 calibrated on random images)."""
-    unknown = set(cfg.variants) - set(VARIANTS)
-    if unknown or not cfg.variants:
-        raise ConfigError(f"variants={list(cfg.variants)}: choose from {list(VARIANTS)}")
+def check_variants(variants: list[str]) -> dict[str, str]:
+    """Refuse unknown variants and OpenVINO ones without the extra (before any work); returns the variants
+    this CPU cannot run as meant, each with why (bf16 without native bf16: skipped, not emulated)."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or not variants:
+        raise ConfigError(f"variants={list(variants)}: choose from {list(VARIANTS)}")
+    openvino = sorted(set(OPENVINO_VARIANTS) & set(variants))
+    if openvino:
+        (import_nncf if NNCF_VARIANTS & set(variants) else import_openvino)(f"variants={openvino}")
+    skipped = {}
+    for v in openvino:
+        reason = bf16_unsupported_reason() if OPENVINO_VARIANTS[v] == "bf16" else None
+        if reason:
+            skipped[v] = reason
+    if not set(variants) - set(skipped):
+        raise ConfigError(f"variants={list(variants)}: nothing left to time here: {skipped}")
+    return skipped
+
+
+def build_random_artifacts(
+    cfg: DictConfig, out: Path, engine: str, variants: list[str] | None = None
+) -> list[Path]:
+    """The ``model=`` option with seeded random weights, saved as the requested variants (``variants``:
+    these of ``cfg.variants``; the same INT8 paths the ptq stage takes; static INT8 and NNCF calibrated on
+    random images)."""
+    variants = list(cfg.variants if variants is None else variants)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or not variants:
+        raise ConfigError(f"variants={variants}: choose from {list(VARIANTS)}")
     n = cfg.model.num_classes or 1000
     locate_hub_weights(cfg.model)  # a hub model's architecture is in its config (fetched: model.download)
     # random weights of the architecture, written out: the artifacts load without the hub cache
@@ -76,30 +124,41 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
         "random_weights": True,
     }
     dirs = []
-    if "fp32" in cfg.variants:
+    if "fp32" in variants:
         art.save_float_artifact(net, out / "fp32", meta)
         dirs.append(out / "fp32")
-    if "fp32_compile" in cfg.variants:  # compiled on load in the timing child; warm-up absorbs compilation
+    if "fp32_compile" in variants:  # compiled on load in the timing child; warm-up absorbs compilation
         art.save_float_artifact(net, out / "fp32_compile", {**meta, "runtime": "torch_compile"})
         dirs.append(out / "fp32_compile")
-    if "int8_dynamic" in cfg.variants:
+    if "int8_dynamic" in variants:
         save_dynamic(net, out / "int8_dynamic", meta, engine)
         dirs.append(out / "int8_dynamic")
-    if ONNX_VARIANTS & set(cfg.variants):
+    if ONNX_VARIANTS & set(variants):
         onnx_dir = out / "onnx_fp32"
         art.save_onnx_artifact(net, onnx_dir, meta)
         float_onnx = onnx_dir / art.ONNX_FILE
-        if "onnx_fp32" in cfg.variants:
+        if "onnx_fp32" in variants:
             dirs.append(onnx_dir)
-        if "int8_dynamic_ort" in cfg.variants:
+        if "int8_dynamic_ort" in variants:
             save_dynamic_ort(float_onnx, out / "int8_dynamic_ort", meta)
             dirs.append(out / "int8_dynamic_ort")
-        if "int8_static_ort" in cfg.variants:
+        if "int8_static_ort" in variants:
             g = torch.Generator().manual_seed(cfg.seed)
             batches = [torch.randn(CALIBRATION_IMAGES, 3, cfg.image_size, cfg.image_size, generator=g)]
             how = {"format": "QDQ", "calibration": f"{CALIBRATION_IMAGES} random images (speed only)"}
             save_static_ort(float_onnx, out / "int8_static_ort", meta, batches, how)
             dirs.append(out / "int8_static_ort")
+        for name, precision in OPENVINO_VARIANTS.items():
+            if name not in variants:
+                continue
+            if name in NNCF_VARIANTS:
+                g = torch.Generator().manual_seed(cfg.seed)
+                batches = [torch.randn(CALIBRATION_IMAGES, 3, cfg.image_size, cfg.image_size, generator=g)]
+                how = {"calibration": f"{CALIBRATION_IMAGES} random images (speed only)"}
+                save_nncf(float_onnx, out / name, meta, batches, precision, how)
+            else:
+                save_openvino_from_onnx(float_onnx, out / name, meta, precision)
+            dirs.append(out / name)
     return dirs
 
 
@@ -107,7 +166,14 @@ def artifact_name(directory: Path, meta: dict[str, Any]) -> str:
     """A benchmarked artifact's record name: its folder's, when that is an artifact name (a run's artifact
     folders, the variants), else by its kind."""
     known = {*artifact_names(), *VARIANTS}
-    return directory.name if directory.name in known else KIND_NAMES.get(meta["kind"], "fp32")
+    if directory.name in known:
+        return directory.name
+    if meta["kind"] == "openvino":  # one kind, several variants: by its quantization and precision
+        name = "ov_int8_nncf" if meta.get("quantization") else "ov_fp32"
+        if meta.get("precision") == "bf16":
+            name = "ov_bf16" if name == "ov_fp32" else f"{name}_bf16"
+        return name
+    return KIND_NAMES.get(meta["kind"], "fp32")
 
 
 @dataclass(frozen=True)
@@ -143,7 +209,7 @@ def timing_groups(
         )
         note = (
             f"{sorted({name[d] for d in cpu})} run on the CPU only (torch.ao INT8 has no "
-            f"{torch.device(device).type} kernels, ONNX Runtime runs its CPU provider): timed on the "
+            f"{torch.device(device).type} kernels, ONNX Runtime and OpenVINO run on the CPU): timed on the "
             f"CPU{baseline}" + (f"; the float artifacts ran on {device}" if floats else "")
         )
         groups.append(TimingGroup("cpu", floats[:1] + cpu, cpu, note))
@@ -182,8 +248,13 @@ def run_bench(cfg: DictConfig) -> str:
         record.wandb = tracking.wandb_info(loggers, cfg.logger.wandb.mode if cfg.logger.wandb else "disabled")
         accel = resolve_accelerator(cfg.accelerator)
         record.device = accel.describe()
+        skipped = {} if cfg.artifacts else check_variants(list(cfg.variants))
+        for variant, reason in skipped.items():  # in the record, not emulated silently
+            log.warning("variant %s skipped: %s", variant, reason)
+            record.device.setdefault("notes", []).append(f"variant {variant} skipped: {reason}")
+        wanted = [v for v in cfg.variants if v not in skipped]
         dirs = [Path(d).expanduser().resolve() for d in cfg.artifacts] or build_random_artifacts(
-            cfg, out / "artifacts", accel.int8_engine
+            cfg, out / "artifacts", accel.int8_engine, wanted
         )
         static = [_static_cost(d, cfg.image_size) for d in dirs]  # also checks every artifact loads
         names = [artifact_name(d, s["meta"]) for d, s in zip(dirs, static, strict=True)]

@@ -11,6 +11,7 @@ from torch import nn
 import patholite.artifacts.int8_dynamic as int8_dynamic
 import patholite.artifacts.mil as mil
 import patholite.artifacts.onnx as onnx
+import patholite.artifacts.openvino as openvino
 import patholite.artifacts.qat as qat
 import patholite.artifacts.torch_float as torch_float
 from patholite.artifacts.sidecar import SIDECAR, read_sidecar
@@ -21,6 +22,7 @@ LOADERS: dict[str, Callable[[str | Path, dict[str, Any]], nn.Module]] = {
     int8_dynamic.KIND: int8_dynamic.load,
     qat.KIND: qat.load,
     onnx.KIND: onnx.load,
+    openvino.KIND: openvino.load,
 }
 # Kinds that are artifacts but not image classifiers load_artifact can run, with what to do instead.
 NOT_LOADABLE = {mil.KIND: "a MIL slide model: load it with patholite.artifacts.mil.load_mil"}

@@ -11,14 +11,17 @@ class PtqConfig:
     ``accelerator.int8_engine``."""
 
     # dynamic (torch.ao, R2) | dynamic_ort (ONNX Runtime) | static_ort (ORT QDQ, calibrated) | mixed (R1)
+    # | nncf (NNCF INT8 on OpenVINO) | nncf_accuracy (NNCF with accuracy control, budget_pp)
+    # | ov_fp32 / ov_bf16 (the float model on OpenVINO, precision hint f32 / bf16); OpenVINO: the extra
     methods: list[str] = field(default_factory=lambda: ["dynamic"])
-    calibration_images: int = 256  # static_ort: training images fed to the calibrator
+    calibration_images: int = 256  # static_ort, nncf, nncf_accuracy: training images fed to the calibrator
     per_channel: bool = True  # static_ort: per-channel weight scales
     reduce_range: bool = False  # static_ort: 7-bit weights, avoids U8S8 saturation on AVX2 without VNNI
     weight_type: str = "int8"  # static_ort: int8 (U8S8) | uint8 (U8U8)
-    budget_pp: float = 0.5  # mixed: largest accuracy drop (percentage points) on validation images
-    sensitivity_images: int = 256  # mixed: validation images the per-layer pass reads
+    budget_pp: float = 0.5  # mixed, nncf_accuracy: largest accuracy drop (pp) on validation images
+    sensitivity_images: int = 256  # mixed, nncf_accuracy: validation images the accuracy is measured on
     bits: list[int] = field(default_factory=lambda: [8, 4])  # mixed: R1's quantizer widths in the pass
+    openvino_precision: str = "f32"  # nncf*: precision hint of what NNCF leaves in float (f32 | bf16)
     engine: str | None = None  # moved to accelerator.int8_engine: set, it is refused with that name
 
 

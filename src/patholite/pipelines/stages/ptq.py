@@ -1,5 +1,6 @@
-"""``ptq``: post-training INT8 of the current float model, by every method ``compression.ptq.methods``
-lists. ``METHODS`` is the one list of them: each makes one artifact, for the tasks it names.
+"""``ptq``: post-training INT8 (and OpenVINO's FP32/bf16) of the current float model, by every method
+``compression.ptq.methods`` lists. ``METHODS`` is the one list of them: each makes one artifact, for the
+tasks it names.
 
 The ``save_*`` functions make an INT8 artifact from a float network or ONNX file; the benchmark uses them
 too, on random weights."""
@@ -19,6 +20,13 @@ from torch import nn
 from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.artifacts.int8_dynamic import save_int8_dynamic_artifact
 from patholite.artifacts.onnx import ONNX_FILE, save_onnx_artifact, write_onnx_sidecar
+from patholite.artifacts.openvino import (
+    check_precision,
+    onnx_to_openvino,
+    save_openvino_artifact,
+    save_openvino_from_onnx,
+)
+from patholite.compress.nncf_ptq import import_nncf, import_openvino, quantize_nncf, quantize_nncf_accuracy
 from patholite.compress.quantize import (
     mixed_precision_plan,
     quantize_dynamic_int8,
@@ -64,6 +72,22 @@ def save_static_ort(
     quantize_static_ort(float_onnx, directory / ONNX_FILE, calibration, **settings)
     how = quantization or {"format": "QDQ", **settings}
     return write_onnx_sidecar(directory, {**meta, "quantization": how})
+
+
+def save_nncf(
+    float_onnx: Path,
+    directory: Path,
+    meta: dict[str, Any],
+    calibration: list[torch.Tensor],
+    precision: str = "f32",
+    quantization: dict[str, Any] | None = None,
+) -> list[str]:
+    """NNCF INT8 (transformer preset) of a float ONNX file converted to OpenVINO, calibrated on
+    ``calibration`` batches, saved as an OpenVINO artifact whose float parts run in ``precision``."""
+    model = quantize_nncf(onnx_to_openvino(float_onnx), calibration)
+    how = {"method": "nncf", "preset": "transformer", **(quantization or {})}
+    how.setdefault("calibration_images", sum(len(b) for b in calibration))
+    return save_openvino_artifact(model, directory, meta, precision, how)
 
 
 # ---------------------------------------------------------------------------------------- the methods
@@ -116,6 +140,45 @@ def _mixed(run: StageRun, src: Current) -> None:
     run.record_file_artifact("int8_mixed", [*files, "plan.json"], src)
 
 
+def _openvino(precision: str) -> Callable[[StageRun, Current], None]:
+    def method(run: StageRun, src: Current) -> None:
+        name = f"ov_{'fp32' if precision == 'f32' else precision}"
+        meta = {**run.meta(src.surgery), "opset": run.c.export.opset}
+        files = save_openvino_from_onnx(float_onnx(run, src), run.artifact_dir(name), meta, precision)
+        run.record_file_artifact(name, files, src)
+
+    return method
+
+
+def _nncf(run: StageRun, src: Current) -> None:
+    p, ctx = run.c.ptq, run.ctx
+    calibration = ctx.datamodule.calibration_images(p.calibration_images, seed=ctx.cfg.seed)
+    meta = {**run.meta(src.surgery), "opset": run.c.export.opset}
+    directory = run.artifact_dir("ov_int8_nncf")
+    files = save_nncf(float_onnx(run, src), directory, meta, calibration, p.openvino_precision)
+    run.record_file_artifact("ov_int8_nncf", files, src)
+
+
+def _nncf_accuracy(run: StageRun, src: Current) -> None:
+    p, ctx = run.c.ptq, run.ctx
+    calibration = ctx.datamodule.calibration_images(p.calibration_images, seed=ctx.cfg.seed)
+    validation = ctx.datamodule.labelled_batches(p.sensitivity_images, split="val", seed=ctx.cfg.seed)
+    model, report = quantize_nncf_accuracy(
+        onnx_to_openvino(float_onnx(run, src)), calibration, validation, p.budget_pp
+    )
+    how = {
+        "method": "nncf_accuracy_control",
+        "preset": "transformer",
+        "calibration_images": sum(len(b) for b in calibration),
+        **report,
+    }
+    meta = {**run.meta(src.surgery), "opset": run.c.export.opset}
+    directory = run.artifact_dir("ov_int8_nncf_accuracy")
+    files = save_openvino_artifact(model, directory, meta, p.openvino_precision, how)
+    log.info("NNCF accuracy control: %d validations, budget %.2f pp", report["validations"], p.budget_pp)
+    run.record_file_artifact("ov_int8_nncf_accuracy", files, src)
+
+
 @dataclass(frozen=True)
 class Method:
     artifact: str
@@ -128,7 +191,14 @@ METHODS = {
     "dynamic_ort": Method("int8_dynamic_ort", _dynamic_ort, tasks=("tiles", "encoders")),
     "static_ort": Method("int8_static_ort", _static_ort, tasks=("tiles", "encoders")),
     "mixed": Method("int8_mixed", _mixed),
+    "nncf": Method("ov_int8_nncf", _nncf, tasks=("tiles", "encoders")),
+    "nncf_accuracy": Method("ov_int8_nncf_accuracy", _nncf_accuracy),
+    "ov_fp32": Method("ov_fp32", _openvino("f32"), tasks=("tiles", "encoders")),
+    "ov_bf16": Method("ov_bf16", _openvino("bf16"), tasks=("tiles", "encoders")),
 }
+# Methods that run OpenVINO (the ``openvino`` extra), and those that quantize with NNCF (the same extra).
+OPENVINO_METHODS = {"nncf", "nncf_accuracy", "ov_fp32", "ov_bf16"}
+NNCF_METHODS = {"nncf", "nncf_accuracy"}
 
 
 def run(run: StageRun) -> None:
@@ -151,16 +221,29 @@ def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None
             f"compression.ptq.methods={list(p.methods)}: {method} does not run on model={cfg.model.name} "
             f"({task.name}); use {[m for m, x in METHODS.items() if task.name in x.tasks]}",
         )
+    calibrated = sorted({"static_ort", *NNCF_METHODS} & set(p.methods))
     require(
-        "static_ort" not in p.methods or p.calibration_images >= 1,
-        f"compression.ptq.calibration_images={p.calibration_images}: static INT8 needs at least one "
+        not calibrated or p.calibration_images >= 1,
+        f"compression.ptq.calibration_images={p.calibration_images}: {calibrated} need at least one "
         "calibration image (a few hundred is typical)",
     )
+    openvino = sorted(OPENVINO_METHODS & set(p.methods))
+    if openvino:  # the extra is checked before any work, and bf16 against this CPU
+        what = f"compression.ptq.methods={openvino}"
+        if NNCF_METHODS & set(p.methods):
+            import_nncf(what)
+        else:
+            import_openvino(what)
+        choice(p.openvino_precision, "compression.ptq.openvino_precision", ("f32", "bf16"))
+        if "ov_bf16" in p.methods:
+            check_precision("bf16", "compression.ptq.methods=[ov_bf16]")
+        if NNCF_METHODS & set(p.methods) and p.openvino_precision == "bf16":
+            check_precision("bf16", "compression.ptq.openvino_precision=bf16")
     choice(p.weight_type, "compression.ptq.weight_type", ("int8", "uint8"))
     require(p.budget_pp >= 0, f"compression.ptq.budget_pp={p.budget_pp} must be >= 0")
     require(
-        "mixed" not in p.methods or p.sensitivity_images >= 1,
-        "compression.ptq.sensitivity_images must be >= 1 for mixed precision",
+        not {"mixed", "nncf_accuracy"} & set(p.methods) or p.sensitivity_images >= 1,
+        "compression.ptq.sensitivity_images must be >= 1 for mixed precision and nncf_accuracy",
     )
     require(all(b >= 2 for b in p.bits), f"compression.ptq.bits={list(p.bits)} must all be >= 2")
     if accelerator.device.type != "cpu" and set(p.methods) & {"dynamic", "mixed"}:
@@ -178,5 +261,9 @@ STAGE = Stage(
         "int8_dynamic_ort": "dynamic INT8 (MatMul/Gemm) through ONNX Runtime",
         "int8_static_ort": "static INT8 QDQ through ONNX Runtime",
         "int8_mixed": "per-layer mixed precision (INT8 where the task tolerates it)",
+        "ov_int8_nncf": "INT8 by NNCF (transformer preset, calibrated) run by OpenVINO",
+        "ov_int8_nncf_accuracy": "INT8 by NNCF with accuracy control (drop within budget_pp) on OpenVINO",
+        "ov_fp32": "the float model on OpenVINO, precision hint f32",
+        "ov_bf16": "the float model on OpenVINO, precision hint bf16 (CPUs with native bf16 only)",
     },
 )
