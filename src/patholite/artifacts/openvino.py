@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from patholite.accelerators.machine import read_cpuinfo
 from patholite.artifacts.sidecar import SIDECAR, write_sidecar
 from patholite.compress.nncf_ptq import import_openvino
 from patholite.errors import AcceleratorError, CheckpointError, ConfigError
@@ -41,14 +42,7 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # ------------------------------------------------------------------------------------------ precision
 def cpu_flags() -> set[str]:
     """This CPU's feature flags as Linux names them (empty where ``/proc/cpuinfo`` is not readable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(read_cpuinfo().flags)
 
 
 def bf16_unsupported_reason() -> str | None:
