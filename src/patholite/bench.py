@@ -39,13 +39,14 @@ from patholite.models.factory import create_network
 from patholite.models.fits import check_model_fits
 from patholite.models.hub import locate_hub_weights, sidecar_model
 from patholite.pipelines.stages import artifact_names
-from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort, save_static_ort
+from patholite.pipelines.stages.ptq import save_dynamic, save_dynamic_ort, save_mixed_int4, save_static_ort
 from patholite.records import ArtifactRecord, RunRecord, read_record
 
 log = logging.getLogger("patholite.bench")
 KIND_NAMES = {"torch_float": "fp32", "torch_int8_dynamic": "int8_dynamic", "onnx": "onnx_fp32"}
 VARIANTS = ("fp32", "fp32_compile", "int8_dynamic", "onnx_fp32", "int8_dynamic_ort", "int8_static_ort")
-ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort"}
+VARIANTS += ("int4_ort",)  # every MatMul weight block-wise INT4 (MatMulNBits, block 32), the rest float
+ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort", "int4_ort"}
 # Where an artifact kind's model runs when the accelerator is not the CPU: torch floats move to it; torch.ao
 # INT8 (dynamic, QAT) has no CUDA/NPU kernels (quantized::linear_dynamic) and ONNX artifacts run ONNX
 # Runtime's CPU provider, so those stay on the CPU and are timed and recorded there.
@@ -100,6 +101,9 @@ def build_random_artifacts(cfg: DictConfig, out: Path, engine: str) -> list[Path
             how = {"format": "QDQ", "calibration": f"{CALIBRATION_IMAGES} random images (speed only)"}
             save_static_ort(float_onnx, out / "int8_static_ort", meta, batches, how)
             dirs.append(out / "int8_static_ort")
+        if "int4_ort" in cfg.variants:
+            save_mixed_int4(net, float_onnx, out / "int4_ort", meta)
+            dirs.append(out / "int4_ort")
     return dirs
 
 

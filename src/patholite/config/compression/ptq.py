@@ -11,6 +11,7 @@ class PtqConfig:
     ``accelerator.int8_engine``."""
 
     # dynamic (torch.ao, R2) | dynamic_ort (ONNX Runtime) | static_ort (ORT QDQ, calibrated) | mixed (R1)
+    # | mixed_int4 (R1's plan over INT4/INT8/FP32, an ONNX Runtime artifact with real 4-bit weights)
     methods: list[str] = field(default_factory=lambda: ["dynamic"])
     calibration_images: int = 256  # static_ort: training images fed to the calibrator
     per_channel: bool = True  # static_ort: per-channel weight scales
@@ -19,6 +20,8 @@ class PtqConfig:
     budget_pp: float = 0.5  # mixed: largest accuracy drop (percentage points) on validation images
     sensitivity_images: int = 256  # mixed: validation images the per-layer pass reads
     bits: list[int] = field(default_factory=lambda: [8, 4])  # mixed: R1's quantizer widths in the pass
+    block_size: int = 32  # mixed_int4: weights per INT4 block (one fp32 scale each); a power of two >= 16
+    symmetric: bool = False  # mixed_int4: INT4 without zero points (smaller file, larger error)
     engine: str | None = None  # moved to accelerator.int8_engine: set, it is refused with that name
 
 
