@@ -411,10 +411,11 @@ def mixed_precision_plan(
     (``compress/int4.py``): the INT8 layers, ranked by their 4-bit sensitivity, are moved to block-wise INT4
     (``block_size``, ``symmetric``, the very weights ONNX Runtime's MatMulNBits will use) one at a time,
     each kept only if the whole mix (INT4 weights in torch, the other INT8 layers dynamic INT8) still stays
-    within ``budget_pp``. INT8 first because it saves the most bytes for the least error (3 of a weight's 4
-    bytes; 4 bits save a further 0.4 with their scales); a layer too sensitive for INT8 is not tried at 4
-    bits. INT8 candidates are judged with torch.ao dynamic INT8 (per tensor, as the artifact's ORT dynamic
-    INT8). The plan then has ``int4_layers`` and ``layer_bits`` (layer -> 4, 8 or 32 for float).
+    within ``budget_pp``; the float layers are tried too (block-wise scales tolerate outliers that per-tensor
+    INT8 does not). INT8 first because it saves the most bytes for the least error (3 of a weight's 4
+    bytes; 4 bits save a further 0.4 with their scales). INT8 candidates are judged with torch.ao dynamic
+    INT8 (per tensor, as the artifact's ORT dynamic INT8). The plan then has ``int4_layers`` and
+    ``layer_bits`` (layer -> 4, 8 or 32 for float).
     """
     if metric not in _METRICS:
         raise ValueError(f"mixed_precision_plan: metric={metric!r} is not one of {sorted(_METRICS)}")
@@ -456,7 +457,9 @@ def mixed_precision_plan(
     if int4:
         at4: list[str] = []
         trials4 = []
-        for name in [n for n in ranked(4) if n in set(chosen)]:
+        # float layers too: block-wise INT4 can hold a layer per-tensor INT8 could not (an outlier weight
+        # coarsens one block's grid, not the whole tensor's)
+        for name in ranked(4):
             candidate = at4 + [name]
             mixed = fake_int4_layers(copy.deepcopy(ref_net), candidate, block_size, symmetric)
             rest = [n for n in chosen if n not in set(candidate)]
