@@ -146,14 +146,16 @@ def test_the_artifact_is_its_plan(trained, exported, tmp_path):
     assert how["onnx_bytes"] == (tmp_path / ONNX_FILE).stat().st_size
     assert how["onnx_bytes"] < 0.5 * exported.stat().st_size
 
-    # it reloads through patholite's loader and agrees with the float net: INT4 moves these logits by
-    # ~0.05 (the test above), dynamic INT8 of one layer by less; top-1 is the task's and must hold
+    # it reloads through patholite's loader and agrees with the float net. Tolerance: a 4-bit weight is off
+    # by at most half a step (1/30 of its block's range); on these logits (|max| ~3.5) the mix moves them by
+    # ~0.02 (measured), so 0.1 leaves room for kernel differences across ORT builds while a mis-packed or
+    # mis-mapped layer moves them by O(1); top-1 must hold on the easy task's images
     loaded, meta = load_artifact(tmp_path)
     assert isinstance(loaded, OrtModule) and meta["kind"] == "onnx"
     xt, _ = images(64, seed=11)
     with torch.no_grad():
         got, want = loaded(xt), trained(xt)
-    assert (got - want).abs().max() < 0.25
+    assert (got - want).abs().max() < 0.1
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
 
 
