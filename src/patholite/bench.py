@@ -44,6 +44,7 @@ from patholite.pipelines.stages import artifact_names
 from patholite.pipelines.stages.ptq import (
     save_dynamic,
     save_dynamic_ort,
+    save_mixed_int4,
     save_nncf,
     save_openvino_from_onnx,
     save_static_ort,
@@ -68,9 +69,10 @@ VARIANTS = (
     "onnx_fp32",
     "int8_dynamic_ort",
     "int8_static_ort",
+    "int4_ort",  # every MatMul weight block-wise INT4 (MatMulNBits, block 32), the rest float
     *OPENVINO_VARIANTS,
 )
-ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort", *OPENVINO_VARIANTS}
+ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort", "int4_ort", *OPENVINO_VARIANTS}
 # Where an artifact kind's model runs when the accelerator is not the CPU: torch floats move to it; torch.ao
 # INT8 (dynamic, QAT) has no CUDA/NPU kernels (quantized::linear_dynamic) and ONNX artifacts run ONNX
 # Runtime's CPU provider, so those stay on the CPU and are timed and recorded there.
@@ -159,6 +161,9 @@ def build_random_artifacts(
             else:
                 save_openvino_from_onnx(float_onnx, out / name, meta, precision)
             dirs.append(out / name)
+        if "int4_ort" in cfg.variants:
+            save_mixed_int4(net, float_onnx, out / "int4_ort", meta)
+            dirs.append(out / "int4_ort")
     return dirs
 
 

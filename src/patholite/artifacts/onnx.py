@@ -1,5 +1,5 @@
-"""Kind ``onnx``: one ``.onnx`` file (float export, or INT8 quantized by ONNX Runtime) run by ONNX Runtime's
-CPU provider behind the ``nn.Module`` call the evaluators and timers use."""
+"""Kind ``onnx``: one ``.onnx`` file (float export, or INT8 / mixed INT4 quantized by ONNX Runtime) run by
+ONNX Runtime's CPU provider behind the ``nn.Module`` call the evaluators and timers use."""
 
 from __future__ import annotations
 
@@ -47,6 +47,25 @@ def write_onnx_sidecar(directory: str | Path, meta: dict[str, Any]) -> list[str]
     quantizers); returns the artifact's file names."""
     write_sidecar(directory, KIND, ONNX_FILE, meta)
     return [ONNX_FILE, SIDECAR]
+
+
+def write_mixed_onnx_sidecar(
+    directory: str | Path, meta: dict[str, Any], layer_bits: dict[str, int], block_size: int, symmetric: bool
+) -> list[str]:
+    """The sidecar of a mixed INT4/INT8/FP32 ``.onnx`` (``compress/int4.py``): its plan (layer -> bits,
+    read back from the written graph), the 4-bit block size and symmetry, and the file's size in bytes."""
+    directory = Path(directory)
+    counts = {f"{b}_bit": sum(v == b for v in layer_bits.values()) for b in (4, 8, 32)}
+    how = {
+        "format": "mixed_int4",
+        "runtime": "onnxruntime (MatMulNBits, MatMulInteger)",
+        "layer_bits": dict(layer_bits),
+        "layers": counts,
+        "block_size": int(block_size),
+        "symmetric": bool(symmetric),
+        "onnx_bytes": (directory / ONNX_FILE).stat().st_size,
+    }
+    return write_onnx_sidecar(directory, {**meta, "quantization": how})
 
 
 class OrtModule(nn.Module):

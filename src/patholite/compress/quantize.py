@@ -1,8 +1,8 @@
 """Post-training quantization: static INT8 through ONNX Runtime, R1's symmetric quantizer and its per-layer
 sensitivity pass, a mixed INT8/FP32 plan under an accuracy budget, and dynamic INT8 of chosen Linear layers.
 
-Artifacts stay INT8 or FP32 per layer: R1's lower bit widths (4-bit) are measured by fake-quantizing weights,
-which informs the plan, but torch.ao has no 4-bit Linear kernel for CPU (see ``mixed_precision_plan``).
+torch.ao artifacts stay INT8 or FP32 per layer (torch.ao has no 4-bit Linear kernel for CPU); with ``int4``
+the plan also chooses real 4-bit layers, which ONNX Runtime runs (``compress/int4.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized.modules.conv import _ConvNd
 
+from patholite.compress.int4 import DEFAULT_BLOCK_SIZE, check_bits, check_block_size, fake_int4_layers
 from patholite.errors import CheckpointError, ConfigError
 from patholite.io import atomic_path
 
@@ -43,7 +44,13 @@ LOW_BIT_NOTE = (
     "CPU. A working 4-bit path exists outside torch.ao: ONNX Runtime's MatMulNBitsQuantizer "
     "(onnxruntime.quantization.matmul_nbits_quantizer) rewrites the float ONNX MatMuls into block-wise "
     "weight-only 4-bit MatMulNBits nodes (nodes_to_exclude keeps chosen layers in float); torch's private "
-    "aten._weight_int4pack_mm_for_cpu also runs on x86 but has no module or serialisation around it."
+    "aten._weight_int4pack_mm_for_cpu also runs on x86 but has no module or serialisation around it. "
+    "The ptq method mixed_int4 builds that ONNX artifact (compress/int4.py)."
+)
+INT4_NOTE = (
+    "A 4-bit plan: layer_bits are the widths of the ONNX artifact (4: MatMulNBits block-wise INT4, 8: ORT "
+    "dynamic INT8, 32: float). Rows of sensitivity below 8 bits come from R1's per-tensor fake quantizer and "
+    "only rank layers; each accepted 4-bit layer was judged with the runtime's own block-wise weights."
 )
 
 
@@ -384,15 +391,31 @@ def mixed_precision_plan(
     metric: str = "kl",
     bits: Sequence[int] = (8, 4),
     engine: str = "x86",
+    layers: Sequence[str] | None = None,
+    int4: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    symmetric: bool = False,
 ) -> dict[str, Any]:
-    """R1's heterogeneous precision as INT8/FP32 per Linear layer, within an accuracy budget.
+    """R1's heterogeneous precision as INT8/FP32 per Linear layer (with ``int4``: INT4/INT8/FP32), within
+    an accuracy budget.
 
     Layers are ranked by their 8-bit sensitivity (``metric``: "kl" or "accuracy", ties broken by the other
     one), then added to the INT8 set from least to most sensitive. Each addition is checked for real: the
     chosen set is quantized with dynamic INT8 (``quantize_dynamic_layers``) and its top-1 accuracy on the
     batches compared with the float net's; a layer whose addition would push the drop above ``budget_pp``
     stays float and the next one is tried (greedy with skipping). Returns a JSON-serialisable plan; the
-    lower-bit rows of ``sensitivity`` inform it, see ``note``.
+    lower-bit rows of ``sensitivity`` inform it, see ``note``. ``layers``: only these may be quantized (the
+    others stay float; e.g. those ONNX Runtime can rewrite).
+
+    ``int4`` (``bits`` must then be 8 and 4) adds a second pass for real 4-bit weights
+    (``compress/int4.py``): the INT8 layers, ranked by their 4-bit sensitivity, are moved to block-wise INT4
+    (``block_size``, ``symmetric``, the very weights ONNX Runtime's MatMulNBits will use) one at a time,
+    each kept only if the whole mix (INT4 weights in torch, the other INT8 layers dynamic INT8) still stays
+    within ``budget_pp``; the float layers are tried too (block-wise scales tolerate outliers that per-tensor
+    INT8 does not). INT8 first because it saves the most bytes for the least error (3 of a weight's 4
+    bytes; 4 bits save a further 0.4 with their scales). INT8 candidates are judged with torch.ao dynamic
+    INT8 (per tensor, as the artifact's ORT dynamic INT8). The plan then has ``int4_layers`` and
+    ``layer_bits`` (layer -> 4, 8 or 32 for float).
     """
     if metric not in _METRICS:
         raise ValueError(f"mixed_precision_plan: metric={metric!r} is not one of {sorted(_METRICS)}")
@@ -400,14 +423,24 @@ def mixed_precision_plan(
         raise ValueError(f"mixed_precision_plan: bits={list(bits)} must include 8 (the plan ranks INT8 rows)")
     if budget_pp < 0:
         raise ValueError(f"mixed_precision_plan: budget_pp={budget_pp} must be >= 0 (percentage points)")
+    if int4:  # real kernels exist for these two widths only: fail before the passes
+        check_bits(bits, "mixed_precision_plan: bits")
+        check_block_size(block_size)
+        if 4 not in bits:
+            raise ConfigError(f"mixed_precision_plan: bits={list(bits)} must include 4 for a 4-bit plan")
     _check_engine(engine)
     _check_batches(batches)
     # Everything on one CPU copy, so the float reference and the INT8 candidates run the same kernels' world.
     ref_net = copy.deepcopy(net).cpu().eval()
+    allowed = set(_check_layers(ref_net, layers))
     rows, ref_acc = _sensitivity(ref_net, batches, bits, None)
     key, other = _METRICS[metric], "kl" if _METRICS[metric] == "accuracy_drop_pp" else "accuracy_drop_pp"
-    at8 = [r for r in rows if r["bits"] == 8]
-    ranking = [r["layer"] for r in sorted(at8, key=lambda r: (r[key], r[other], r["layer"]))]
+
+    def ranked(width: int) -> list[str]:
+        at = [r for r in rows if r["bits"] == width and r["layer"] in allowed]
+        return [r["layer"] for r in sorted(at, key=lambda r: (r[key], r[other], r["layer"]))]
+
+    ranking = ranked(8)
 
     chosen: list[str] = []
     drop = 0.0
@@ -420,9 +453,35 @@ def mixed_precision_plan(
         if accepted:
             chosen, drop = candidate, ref_acc - acc
     order = _linear_names(ref_net)
+    plan: dict[str, Any] = {}
+    if int4:
+        at4: list[str] = []
+        trials4 = []
+        # float layers too: block-wise INT4 can hold a layer per-tensor INT8 could not (an outlier weight
+        # coarsens one block's grid, not the whole tensor's)
+        for name in ranked(4):
+            candidate = at4 + [name]
+            mixed = fake_int4_layers(copy.deepcopy(ref_net), candidate, block_size, symmetric)
+            rest = [n for n in chosen if n not in set(candidate)]
+            _, acc = _outputs(quantize_dynamic_layers(mixed, rest, engine), batches)
+            accepted = ref_acc - acc <= budget_pp
+            trials4.append({"layer": name, "accuracy_drop_pp": ref_acc - acc, "accepted": accepted})
+            if accepted:
+                at4, drop = candidate, ref_acc - acc
+        chosen = [n for n in chosen if n not in set(at4)]
+        plan = {
+            "int4_layers": [n for n in order if n in set(at4)],
+            "block_size": int(block_size),
+            "symmetric": bool(symmetric),
+            "trials_int4": trials4,
+        }
+        plan["layer_bits"] = {n: 4 if n in set(at4) else 8 if n in set(chosen) else 32 for n in order}
     return {
+        **plan,
         "int8_layers": [n for n in order if n in set(chosen)],
-        "float_layers": [n for n in order if n not in set(chosen)],
+        "float_layers": [
+            n for n in order if n not in set(chosen) and n not in set(plan.get("int4_layers", ()))
+        ],
         "budget_pp": float(budget_pp),
         "accuracy_drop_pp": float(drop),
         "float_accuracy": float(ref_acc),
@@ -433,5 +492,5 @@ def mixed_precision_plan(
         "ranking": ranking,
         "trials": trials,
         "sensitivity": rows,
-        "note": LOW_BIT_NOTE,
+        "note": INT4_NOTE if int4 else LOW_BIT_NOTE,
     }

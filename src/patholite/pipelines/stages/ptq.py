@@ -19,13 +19,20 @@ from torch import nn
 
 from patholite.accelerators.resolve import ResolvedAccelerator
 from patholite.artifacts.int8_dynamic import save_int8_dynamic_artifact
-from patholite.artifacts.onnx import ONNX_FILE, save_onnx_artifact, write_onnx_sidecar
+from patholite.artifacts.onnx import (
+    ONNX_FILE,
+    OrtModule,
+    save_onnx_artifact,
+    write_mixed_onnx_sidecar,
+    write_onnx_sidecar,
+)
 from patholite.artifacts.openvino import (
     check_precision,
     onnx_to_openvino,
     save_openvino_artifact,
     save_openvino_from_onnx,
 )
+from patholite.compress.int4 import check_bits, check_block_size, linear_onnx_nodes, quantize_mixed_ort
 from patholite.compress.nncf_ptq import import_nncf, import_openvino, quantize_nncf, quantize_nncf_accuracy
 from patholite.compress.quantize import (
     mixed_precision_plan,
@@ -88,6 +95,28 @@ def save_nncf(
     how = {"method": "nncf", "preset": "transformer", **(quantization or {})}
     how.setdefault("calibration_images", sum(len(b) for b in calibration))
     return save_openvino_artifact(model, directory, meta, precision, how)
+
+
+def save_mixed_int4(
+    net: nn.Module,
+    float_onnx: Path,
+    directory: Path,
+    meta: dict[str, Any],
+    layer_bits: dict[str, int] | None = None,
+    block_size: int = 32,
+    symmetric: bool = False,
+) -> list[str]:
+    """ONNX Runtime INT4 (MatMulNBits) / dynamic INT8 / FP32 per Linear layer of ``net``'s ONNX export, by
+    ``layer_bits`` (layer -> 4, 8 or 32; None: every layer ORT can rewrite at 4 bits, the rest float)."""
+    nodes = linear_onnx_nodes(net, float_onnx)
+    if layer_bits is None:
+        layer_bits = {name: 4 if where.quantizable else 32 for name, where in nodes.items()}
+    check_bits(layer_bits, "the plan")
+    directory.mkdir(parents=True, exist_ok=True)
+    written = quantize_mixed_ort(
+        float_onnx, directory / ONNX_FILE, layer_bits, nodes, block_size=block_size, symmetric=symmetric
+    )
+    return write_mixed_onnx_sidecar(directory, meta, written, block_size, symmetric)
 
 
 # ---------------------------------------------------------------------------------------- the methods
@@ -179,6 +208,35 @@ def _nncf_accuracy(run: StageRun, src: Current) -> None:
     run.record_file_artifact("ov_int8_nncf_accuracy", files, src)
 
 
+def _mixed_int4(run: StageRun, src: Current) -> None:
+    p, ctx = run.c.ptq, run.ctx
+    batches = ctx.datamodule.labelled_batches(p.sensitivity_images, split="val", seed=ctx.cfg.seed)
+    onnx_file = float_onnx(run, src)
+    quantizable = [n for n, where in linear_onnx_nodes(src.net, onnx_file).items() if where.quantizable]
+    plan = mixed_precision_plan(
+        src.net, batches, budget_pp=p.budget_pp, bits=tuple(p.bits), engine=ctx.accelerator.int8_engine,
+        layers=quantizable, int4=True, block_size=p.block_size, symmetric=p.symmetric,
+    )  # fmt: skip
+    directory = run.artifact_dir("int4_mixed_ort")
+    meta = {**run.meta(src.surgery), "opset": run.c.export.opset}
+    files = save_mixed_int4(
+        src.net, onnx_file, directory, meta, plan["layer_bits"], p.block_size, p.symmetric
+    )
+    # the plan judged INT8 with torch.ao as a stand-in: record what the ORT artifact itself loses
+    ort, correct = OrtModule(directory / ONNX_FILE), 0
+    for x, y, *_ in batches:
+        correct += int((ort(x).argmax(-1) == y.cpu()).sum())
+    plan["artifact_accuracy_drop_pp"] = plan["float_accuracy"] - 100.0 * correct / plan["images"]
+    write_json(directory / "plan.json", plan)
+    log.info(
+        "mixed INT4: %d Linear layers INT4, %d INT8, %d float (validation drop %.2f pp planned, %.2f pp in "
+        "ONNX Runtime; budget %.2f pp)",
+        len(plan["int4_layers"]), len(plan["int8_layers"]), len(plan["float_layers"]),
+        plan["accuracy_drop_pp"], plan["artifact_accuracy_drop_pp"], p.budget_pp,
+    )  # fmt: skip
+    run.record_file_artifact("int4_mixed_ort", [*files, "plan.json"], src)
+
+
 @dataclass(frozen=True)
 class Method:
     artifact: str
@@ -195,6 +253,7 @@ METHODS = {
     "nncf_accuracy": Method("ov_int8_nncf_accuracy", _nncf_accuracy),
     "ov_fp32": Method("ov_fp32", _openvino("f32"), tasks=("tiles", "encoders")),
     "ov_bf16": Method("ov_bf16", _openvino("bf16"), tasks=("tiles", "encoders")),
+    "mixed_int4": Method("int4_mixed_ort", _mixed_int4),
 }
 # Methods that run OpenVINO (the ``openvino`` extra), and those that quantize with NNCF (the same extra).
 OPENVINO_METHODS = {"nncf", "nncf_accuracy", "ov_fp32", "ov_bf16"}
@@ -242,9 +301,13 @@ def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None
     choice(p.weight_type, "compression.ptq.weight_type", ("int8", "uint8"))
     require(p.budget_pp >= 0, f"compression.ptq.budget_pp={p.budget_pp} must be >= 0")
     require(
-        not {"mixed", "nncf_accuracy"} & set(p.methods) or p.sensitivity_images >= 1,
-        "compression.ptq.sensitivity_images must be >= 1 for mixed precision and nncf_accuracy",
+        not {"mixed", "mixed_int4", "nncf_accuracy"} & set(p.methods) or p.sensitivity_images >= 1,
+        "compression.ptq.sensitivity_images must be >= 1 for mixed precision, mixed_int4 and nncf_accuracy",
     )
+    if "mixed_int4" in p.methods:  # ONNX Runtime runs 4- and 8-bit weights only
+        check_bits(p.bits, "compression.ptq.bits")
+        require({4, 8} <= set(p.bits), f"compression.ptq.bits={list(p.bits)}: mixed_int4 plans over [8, 4]")
+        check_block_size(p.block_size)
     require(all(b >= 2 for b in p.bits), f"compression.ptq.bits={list(p.bits)} must all be >= 2")
     if accelerator.device.type != "cpu" and set(p.methods) & {"dynamic", "mixed"}:
         log.info("INT8 artifacts are evaluated and timed on the CPU; float ones on %s", accelerator.device)
@@ -265,5 +328,6 @@ STAGE = Stage(
         "ov_int8_nncf_accuracy": "INT8 by NNCF with accuracy control (drop within budget_pp) on OpenVINO",
         "ov_fp32": "the float model on OpenVINO, precision hint f32",
         "ov_bf16": "the float model on OpenVINO, precision hint bf16 (CPUs with native bf16 only)",
+        "int4_mixed_ort": "per-layer INT4 (MatMulNBits) / INT8 / FP32 through ONNX Runtime",
     },
 )
