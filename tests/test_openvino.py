@@ -285,3 +285,18 @@ def test_bench_names_a_given_openvino_artifact_by_its_variant(tmp_path):
         ({"kind": "openvino", "precision": "bf16", "quantization": {"method": "nncf"}}, "ov_int8_nncf_bf16"),
     ):
         assert artifact_name(folder, meta) == name
+
+
+def test_a_subprocess_still_starts_once_openvino_models_are_gone():
+    """OpenVINO unloaded its CPU plugin with the last Core, leaving fork handlers into unmapped code: after
+    this file's tests the next subprocess crashed the test process (SIGSEGV). ``ov_core`` keeps one Core."""
+    import gc
+    import subprocess
+
+    from patholite.artifacts.openvino import ov_core
+
+    assert ov_core() is ov_core()
+    gc.collect()
+    command = [sys.executable, "-c", "print('started')"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "started"

@@ -15,6 +15,7 @@ but traces a second path whose input is unnamed and of dynamic size.)"""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -128,15 +129,26 @@ def save_openvino_from_onnx(
 
 def read_openvino_model(directory: str | Path, meta: dict[str, Any]) -> Any:
     """The ``openvino.Model`` of an artifact (its IR), e.g. to quantize or convert it further."""
-    ov = import_openvino()
     path = Path(directory) / meta["weights"]
     try:
-        return ov.Core().read_model(str(path))
+        return ov_core().read_model(str(path))
     except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
         raise CheckpointError(f"OpenVINO cannot read {path}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------ running
+@functools.cache
+def ov_core() -> Any:
+    """The process's one ``openvino.Core``, its CPU plugin loaded, kept for the process's life.
+
+    OpenVINO unloads the CPU plugin's library when the last Core that loaded it goes; the library's fork
+    handlers stay registered and point into unmapped code, so the process's next fork (any subprocess)
+    crashed with a segmentation fault. One Core that lives as long as the process keeps it loaded."""
+    core = import_openvino().Core()
+    core.get_property("CPU", "FULL_DEVICE_NAME")  # loads the plugin now, under this Core
+    return core
+
+
 def compile_config(precision: str, threads: int | None = None) -> dict[str, Any]:
     """What the CPU plugin is compiled with: the precision always explicit, one stream, ``threads``
     threads (default: torch's, so a timing child's ``bench.threads`` applies to every runtime alike)."""
@@ -152,10 +164,9 @@ class OvModule(nn.Module):
 
     def __init__(self, path: Path, precision: str, threads: int | None = None) -> None:
         super().__init__()
-        ov = import_openvino()
         self.precision = precision
         try:
-            self.compiled = ov.Core().compile_model(str(path), "CPU", compile_config(precision, threads))
+            self.compiled = ov_core().compile_model(str(path), "CPU", compile_config(precision, threads))
         except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
             raise CheckpointError(f"OpenVINO cannot load {path}: {err}") from err
         self.request = self.compiled.create_infer_request()
