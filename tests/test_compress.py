@@ -105,6 +105,7 @@ def test_int8_artifacts_reload_and_reproduce_their_recorded_accuracy(make_cfg, t
     assert set(int8_layer_names(net)) == set(plan["int8_layers"])  # exactly the planned layers run in INT8
 
 
+@pytest.mark.slow  # 17 s: make test stays under its 8 minutes
 def test_a_runs_artifacts_are_timed_together_in_one_child(make_cfg, tmp_path):
     assert run_job(make_cfg("compression=ptq", "bench.isolation=child")) == "ok"
     fp32, int8 = read_record(tmp_path / "run")["artifacts"]

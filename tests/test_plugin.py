@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 PLUGIN = Path(__file__).parent / "plugin"
@@ -53,6 +55,7 @@ def _train(root: Path, *overrides: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # 22 s: make test stays under its 8 minutes
 def test_a_technique_added_as_four_files_runs_and_records_its_artifact(tmp_path):
     root = _copy_with_plugin(tmp_path / "tree")
     bad = _train(root, "compression.rename.copies=0")  # its own check, before any work

@@ -76,6 +76,7 @@ def _cli(*args, cwd):
     )
 
 
+@pytest.mark.slow  # 33 s: make test stays under its 8 minutes
 def test_real_slide_end_to_end_through_the_cli(slides, float_artifact, tmp_path):
     result = _cli(
         f"slide={slides / 'CMU-1-Small-Region.svs'}", f"artifact={float_artifact}", "engine.workers=2",
