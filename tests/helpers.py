@@ -105,3 +105,33 @@ def csv_rows(path) -> list[dict]:
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def colour_task(n: int, seed: int, size: int = 32):
+    """An easy 4-class task (a colour shift per class): a few steps give a classifier with real margins,
+    which agreement tests of quantized models need (a random ViT's near-equal logits flip at any noise)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 3, size, size, generator=g) * 0.5
+    for k in range(3):
+        x[y == k, k] += 1.0
+    x[y == 3] -= 1.0
+    return x, y
+
+
+def train_on_colour_task(net, batches: int, seed: int = 100, size: int = 32):
+    """``net`` trained for ``batches`` AdamW steps of 32 images of ``colour_task``, in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(net.parameters(), 3e-3)
+    x, y = colour_task(batches * 32, seed, size)
+    net.train()
+    for xb, yb in zip(x.split(32), y.split(32), strict=True):
+        loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()

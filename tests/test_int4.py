@@ -10,7 +10,6 @@ import types
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from patholite.artifacts.load import load_artifact
@@ -20,7 +19,7 @@ from patholite.compress.int4 import check_bits, fake_int4_layers, int4_dequantiz
 from patholite.compress.quantize import mixed_precision_plan, quantize_dynamic_layers
 from patholite.errors import ConfigError
 from patholite.pipelines.stages.ptq import save_mixed_int4
-from tests.helpers import tiny_vit
+from tests.helpers import colour_task, tiny_vit, train_on_colour_task
 
 SIZE = 32
 META = {"image_size": SIZE, "class_names": ["a", "b", "c", "d"]}
@@ -36,28 +35,12 @@ def one_thread():
 
 
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An easy 4-class task (a colour shift per class), so a few steps give real margins."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 3, SIZE, SIZE, generator=g) * 0.5
-    for k in range(3):
-        x[y == k, k] += 1.0
-    x[y == 3] -= 1.0
-    return x, y
+    return colour_task(n, seed, SIZE)
 
 
 @pytest.fixture(scope="module")
 def trained() -> nn.Module:
-    net = tiny_vit(depth=2)
-    opt = torch.optim.AdamW(net.parameters(), 3e-3)
-    x, y = images(20 * 32, seed=100)
-    net.train()
-    for xb, yb in zip(x.split(32), y.split(32), strict=True):
-        loss = F.cross_entropy(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+    return train_on_colour_task(tiny_vit(depth=2), batches=20, size=SIZE)
 
 
 @pytest.fixture(scope="module")

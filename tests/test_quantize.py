@@ -24,20 +24,13 @@ from patholite.compress.quantize import (
     symmetric_quantize,
 )
 from patholite.errors import AcceleratorError, CheckpointError, ConfigError
-from tests.helpers import tiny_vit
+from tests.helpers import colour_task, tiny_vit, train_on_colour_task
 
 SIZE = 32
 
 
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An easy 4-class task (a colour shift per class), so a few steps give a confident classifier."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 3, SIZE, SIZE, generator=g) * 0.5
-    for k in range(3):
-        x[y == k, k] += 1.0
-    x[y == 3] -= 1.0
-    return x, y
+    return colour_task(n, seed, SIZE)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,16 +47,7 @@ def one_thread():
 def trained() -> nn.Module:
     # A random-init ViT gives near-equal logits for every input, so any quantization noise flips its top-1;
     # agreement tests need a net with real margins.
-    net = tiny_vit()
-    opt = torch.optim.AdamW(net.parameters(), 3e-3)
-    x, y = images(30 * 32, seed=100)
-    net.train()
-    for xb, yb in zip(x.split(32), y.split(32), strict=True):
-        loss = F.cross_entropy(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+    return train_on_colour_task(tiny_vit(), batches=30, size=SIZE)
 
 
 @pytest.fixture(scope="module")
