@@ -8,6 +8,7 @@ import signal
 from contextlib import contextmanager
 
 import lightning as L
+import pytest
 
 
 class InterruptAt(L.Callback):
@@ -135,3 +136,10 @@ def train_on_colour_task(net, batches: int, seed: int = 100, size: int = 32):
         loss.backward()
         opt.step()
     return net.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_on_one_thread():
+    """``one_thread`` for a whole test module of tiny models (import it into the module)."""
+    with one_thread():
+        yield

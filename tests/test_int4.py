@@ -19,19 +19,10 @@ from patholite.compress.int4 import check_bits, fake_int4_layers, int4_dequantiz
 from patholite.compress.quantize import mixed_precision_plan, quantize_dynamic_layers
 from patholite.errors import ConfigError
 from patholite.pipelines.stages.ptq import save_mixed_int4
-from tests.helpers import colour_task, tiny_vit, train_on_colour_task
+from tests.helpers import colour_task, module_on_one_thread, tiny_vit, train_on_colour_task  # noqa: F401
 
 SIZE = 32
 META = {"image_size": SIZE, "class_names": ["a", "b", "c", "d"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: one intra-op thread is faster and steadier
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

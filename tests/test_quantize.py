@@ -24,23 +24,13 @@ from patholite.compress.quantize import (
     symmetric_quantize,
 )
 from patholite.errors import AcceleratorError, CheckpointError, ConfigError
-from tests.helpers import colour_task, tiny_vit, train_on_colour_task
+from tests.helpers import colour_task, module_on_one_thread, tiny_vit, train_on_colour_task  # noqa: F401
 
 SIZE = 32
 
 
 def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return colour_task(n, seed, SIZE)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two intra-op threads contend with other processes: one thread runs these
-    # tiny models several times faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
