@@ -105,7 +105,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="dataset overrides whose val split chooses the settings, e.g. dataset.seed=2 "
-        "'dataset.slides_per_split=[1,48,1]' (default: the run's val split)",
+        "'dataset.slides_per_split=[2,48,2]' (default: the run's val split)",
     )
     parser.add_argument("--min-val-slides", type=int, default=48, help="refuse a smaller validation set")
     parser.add_argument(

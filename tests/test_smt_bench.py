@@ -306,18 +306,17 @@ def test_selection_triage_and_localisation_on_tiny_slides(models, tmp_path):
     smt, tile = models
     lesion = [LesionSpec("Invasive", 1, (60.0, 90.0))]
 
-    def slides(tag: str, seed: int) -> list[SlideCase]:
-        return [
-            SlideCase(write_synthetic_slide(tmp_path / f"{tag}{i}.svs",
-                                            SlideSpec(1024, 1024, seed=seed + i, lesions=les)).path, y)
-            for i, (les, y) in enumerate([(lesion, 1), ([], 0)])
-        ]  # fmt: skip
-
+    cases = [  # a slide with a lesion, one without; validation and test alike (the plumbing only: the
+        # choice's independence from the test slides is the test above)
+        SlideCase(write_synthetic_slide(tmp_path / f"s{i}.svs",
+                                        SlideSpec(1024, 1024, seed=10 + i, lesions=les)).path, y)
+        for i, (les, y) in enumerate([(lesion, 1), ([], 0)])
+    ]  # fmt: skip
     knobs = check_knobs(Knobs(top_ks=(1, 2), min_val_slides=2), grid=4)
-    val = validation_rows(slides("v", 10), smt, tile, None, knobs)
+    val = validation_rows(cases, smt, tile, None, knobs)
     assert set(val[0]["smt"]) == {"K=1,mean", "K=1,max", "K=2,mean", "K=2,max"}
     assert val[0]["reads"] == {1: 3, 2: 7}
-    test_cases = slides("t", 20)
+    test_cases = cases
 
     def provide(selection: Selection) -> list[dict]:
         smt[1]["model"]["smt"].update(top_k=selection.top_k, aggregate=selection.aggregate)

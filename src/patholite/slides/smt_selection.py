@@ -92,7 +92,7 @@ def check_validation_set(labels: Sequence[int], minimum: int) -> None:
         raise ConfigError(
             f"the validation set has {n} slides ({pos} with lesions); selection needs at least {minimum}, "
             f"half of each class: draw a larger one, e.g. --val-set dataset.seed=2 "
-            f"'dataset.slides_per_split=[1,{max(minimum, 2)},1]' (or lower --min-val-slides, and say so)"
+            f"'dataset.slides_per_split=[2,{max(minimum, 2)},2]' (or lower --min-val-slides, and say so)"
         )
 
 
