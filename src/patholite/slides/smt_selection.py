@@ -42,6 +42,7 @@ from patholite.slides.comparison_runs import SlideCase, has_truth, tile_slide, w
 
 log = logging.getLogger(__name__)
 
+SIZE_SET_CLASSES = ("Invasive",)  # the lesion-size set's one lesion per slide: the two-mm ones fit one only
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # false positives per slide of the FROC score (CAMELYON16's)
 
 
@@ -473,10 +474,10 @@ def localisation(
 
 
 # -------------------------------------------------------------------------------------- lesion sizes
-def size_set_spec(dataset, categories: Sequence[str]) -> SlideSpec:
-    """The lesion-size set's slide template (the run's slide size and difficulty), checked: each category
-    known, and its largest lesions fitting the tissue of a slide of that size (the generator's own check,
-    on one scene per category), before any slide is read."""
+def size_set_spec(dataset, categories: Sequence[str], tries: int = 10) -> SlideSpec:
+    """The lesion-size set's slide template (the run's slide size and difficulty), checked before any slide
+    is read: each category known, and a lesion of its largest size fitting the tissue of such a slide (the
+    generator's own check) on one of ``tries`` seeds."""
     for key in ("width", "height", "difficulty"):
         if dataset.get(key) is None:
             raise ConfigError(
@@ -487,28 +488,50 @@ def size_set_spec(dataset, categories: Sequence[str]) -> SlideSpec:
         width=int(dataset.width), height=int(dataset.height), difficulty=float(dataset.difficulty)
     )
     for cat in categories:
-        lesions = lesions_of_size(cat)
-        biggest = [replace(les, diameter_um=(les.diameter_um[1], les.diameter_um[1])) for les in lesions]
-        try:
-            build_scene(replace(spec, lesions=biggest))
-        except ConfigError as err:
+        lesions = lesions_of_size(cat, 1, SIZE_SET_CLASSES)
+        biggest = [replace(les, diameter_um=(les.diameter_um[1],) * 2) for les in lesions]
+        if not any(_fits(replace(spec, seed=seed, lesions=biggest)) for seed in range(tries)):
             raise ConfigError(
-                f"--size-set {cat}: lesions up to {lesions[0].diameter_um[1]:g} um do not fit on "
-                f"{spec.width} x {spec.height} px slides ({err}); use larger slides or leave {cat} out"
-            ) from err
+                f"--size-set {cat}: a {lesions[0].diameter_um[1]:g}-um lesion fits the tissue of none of "
+                f"{tries} {spec.width} x {spec.height}-px slides; use larger slides or leave {cat} out"
+            )
     return spec
 
 
-def size_set_cases(folder: Path, spec: SlideSpec, categories: Sequence[str], n: int, seed: int = 11) -> list:
-    """``n`` lesion slides per category under ``folder/<category>`` (1-2 lesions of that category each),
-    apart from every set the AUROC is measured on."""
+def _fits(spec: SlideSpec) -> bool:
+    try:
+        build_scene(spec)
+    except ConfigError:
+        return False
+    return True
+
+
+def size_set_cases(
+    folder: Path, spec: SlideSpec, categories: Sequence[str], n: int, seed: int = 11, tries: int = 20
+) -> list[SlideCase]:
+    """``n`` lesion slides per category under ``folder/<category>``, one lesion of that category each (a
+    slide's call then answers for that size alone), apart from every set the AUROC is measured on. A draw
+    whose lesion does not fit its tissue (a 2-mm lesion on a 10-mm slide, now and then) is drawn again, up
+    to ``tries`` times; the generator refuses it before writing anything."""
     cases = []
-    for i, cat in enumerate(categories):
-        slides = generate_slides(
-            folder / cat, n, replace(spec, lesions=lesions_of_size(cat)), seed=seed + i, normal_share=0.0,
-            prefix=f"size_{cat}",
-        )  # fmt: skip
-        cases += [SlideCase(s.path, 1) for s in slides]
+    for c, cat in enumerate(categories):
+        template = replace(spec, lesions=lesions_of_size(cat, 1, SIZE_SET_CLASSES))
+        for i in range(n):
+            for attempt in range(tries):
+                try:
+                    slide = generate_slides(
+                        folder / cat, 1, template, seed=(seed * 100 + c) * 10_000 + i * tries + attempt,
+                        normal_share=0.0, prefix=f"size_{cat}_{i:03d}",
+                    )[0]  # fmt: skip
+                    break
+                except ConfigError:
+                    continue
+            else:
+                raise ConfigError(
+                    f"--size-set {cat}: no lesion of {template.lesions[0].diameter_um} um fitted the tissue "
+                    f"in {tries} draws; use larger slides or leave {cat} out"
+                )
+            cases.append(SlideCase(slide.path, 1))
     return cases
 
 

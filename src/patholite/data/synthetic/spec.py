@@ -16,10 +16,11 @@ LESION_CLASSES = SYNTHETIC_CLASSES[1:]  # Normal is the background tissue, never
 # CAMELYON's lesion-size categories by the lesion's greatest diameter (um): isolated tumour cells under
 # 0.2 mm, micro-metastases 0.2-2 mm, macro-metastases over 2 mm.
 SIZE_CATEGORIES = {"itc": (0.0, 200.0), "micro": (200.0, 2000.0), "macro": (2000.0, float("inf"))}
-# The equivalent-circle diameters the generator draws for each category. An outline is up to about 1.5x
-# longer than its equivalent circle is wide (elongation 1-1.35 plus wobble), so the ranges sit inside their
-# category; the benchmark still buckets each lesion by its measured greatest diameter, not by this draw.
-LESION_SIZES_UM = {"itc": (60.0, 120.0), "micro": (350.0, 1300.0), "macro": (2100.0, 2800.0)}
+# The equivalent-circle diameters the generator draws for each category. A shape's greatest diameter is at
+# least its equivalent circle's, and the generator's outlines are at most about 1.5x longer (elongation
+# 1-1.35 plus wobble), so each range sits inside its category; the benchmark still buckets each lesion by
+# its measured greatest diameter, not by this draw.
+LESION_SIZES_UM = {"itc": (60.0, 120.0), "micro": (300.0, 1300.0), "macro": (2000.0, 2400.0)}
 
 
 @dataclass(frozen=True)
