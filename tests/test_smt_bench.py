@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from patholite import artifacts as art
 from patholite.config.options import load_model_option
-from patholite.data.synthetic.slides import Lesion, Truth, write_synthetic_slide
+from patholite.data.synthetic.slides import Lesion, Truth, read_truth, write_synthetic_slide
 from patholite.data.synthetic.spec import LesionSpec, SlideSpec, lesions_of_size, size_category
 from patholite.errors import ConfigError
 from patholite.measure.stats import auroc
@@ -40,6 +40,7 @@ from patholite.slides.smt_selection import (
     select,
     select_then_test,
     selection_markdown,
+    size_set_cases,
     size_set_spec,
     size_table,
     triage_results,
@@ -128,6 +129,13 @@ def shapely_box_lesion():
     import shapely
 
     return shapely.Polygon(MICRO)
+
+
+def test_the_size_set_holds_one_lesion_of_its_category_per_slide(tmp_path):
+    cases = size_set_cases(tmp_path, SlideSpec(1024, 1024), ["itc"], 1)
+    assert [c.label for c in cases] == [1] and cases[0].path.parent.name == "itc"
+    (lesion,) = read_truth(cases[0].path).lesions
+    assert lesion.cls == "Invasive" and size_category(greatest_diameter_um(lesion.polygon, 0.5)) == "itc"
 
 
 # ---------------------------------------------------------------------------------------- localisation
