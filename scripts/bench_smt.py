@@ -148,6 +148,9 @@ def run(args: argparse.Namespace) -> str:
     )  # fmt: skip
     for k, a in knobs.walks():  # the slide CLI's own checks of smt.top_k / smt.aggregate
         smt_settings(*smt, args.smt_run, {"top_k": k, "aggregate": a})
+    planned = val_cfg.dataset.get("slides_per_split")  # a synthetic set's size is known before it is drawn
+    if planned is not None and int(planned[1]) < knobs.min_val_slides:
+        check_validation_set([i % 2 for i in range(int(planned[1]))], knobs.min_val_slides)
     size_spec = size_set_spec(cfg.dataset, args.size_set) if args.size_set else None
     if args.size_set and args.size_slides < 1:
         raise ConfigError(f"--size-slides {args.size_slides}: at least 1 lesion slide per category")
