@@ -16,8 +16,16 @@ share of all candidate patches that do). ``--sizes``: slides of other sizes (pos
 timed the same way, to show how the gap grows. Writes ``results.json``, ``results.md`` and run records
 under ``records/`` that ``python -m patholite.compare`` puts beside the SMT run's own.
 
+Selection without peeking (issue 19): the walk (``--top-k`` x ``--aggregate``), each method's threshold and
+the triage band are chosen on validation slides (``--val-set``: the ``val`` split of those dataset
+overrides, at least ``--min-val-slides``, half with lesions), then the test slides (``--test-set``, another
+``dataset.seed``) are walked once with that frozen choice: triage (SMT's uncertain slides to full tiling),
+AUROC and balanced-accuracy differences against tiling (paired bootstrap), localisation (hit rate at the
+lesion, FROC), and with ``--size-set itc micro macro`` a separate lesion-size set in CAMELYON's categories.
+
 The measuring lives in ``patholite.slides.comparison_runs``, the results, records and report in
-``patholite.slides.comparison``, the statistics in ``patholite.measure.stats``.
+``patholite.slides.comparison``, the selection, triage, localisation and sizes in
+``patholite.slides.smt_selection``, the statistics in ``patholite.measure.stats``.
 """
 
 from __future__ import annotations
@@ -30,22 +38,38 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from patholite.artifacts.resolve import resolve_artifact
-from patholite.errors import PatholiteError
+from patholite.errors import ConfigError, PatholiteError
 from patholite.io import write_json
 from patholite.pipelines.tasks import task_for
 from patholite.records import read_record
 from patholite.slides.comparison import (
     SMT_NAME,
+    check_disjoint,
+    check_held_out,
     comparison_results,
     markdown,
     scaling_results,
     slide_scores,
     with_dataset_overrides,
+    without_embeddings,
     write_records,
 )
 from patholite.slides.comparison_runs import compare_slides, mil_scores, scaling_rows, split_cases, tile_bags
 from patholite.slides.inference import load_classifier
 from patholite.slides.smt_inference import load_smt_model, smt_settings
+from patholite.slides.smt_selection import (
+    Knobs,
+    Selection,
+    check_knobs,
+    check_validation_set,
+    localisation,
+    select_then_test,
+    selection_markdown,
+    size_set_cases,
+    size_set_spec,
+    triage_results,
+    validation_rows,
+)
 
 
 def datamodule(cfg: DictConfig):
@@ -66,8 +90,38 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-slides", type=int, default=2)
     parser.add_argument("--mil-epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--top-k", type=int, help="K of the walk at inference (default: as trained)")
-    parser.add_argument("--aggregate", choices=("mean", "max"), help="slide score (default: as trained)")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        nargs="+",
+        help="Ks of the walk the validation slides choose from (default: as trained)",
+    )
+    parser.add_argument(
+        "--aggregate", nargs="+", default=["mean", "max"], help="slide scores to choose from (mean, max)"
+    )
+    parser.add_argument(
+        "--val-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dataset overrides whose val split chooses the settings, e.g. dataset.seed=2 "
+        "'dataset.slides_per_split=[2,48,2]' (default: the run's val split)",
+    )
+    parser.add_argument("--min-val-slides", type=int, default=48, help="refuse a smaller validation set")
+    parser.add_argument(
+        "--triage-gap", type=float, default=0.03, help="triage target: AUROC within this of tiling's"
+    )
+    parser.add_argument(
+        "--triage-max-share", type=float, default=0.5, help="most slides triage may send to tiling"
+    )
+    parser.add_argument(
+        "--size-set",
+        nargs="*",
+        default=[],
+        metavar="CATEGORY",
+        help="lesion-size categories of a separate slide set (itc micro macro)",
+    )
+    parser.add_argument("--size-slides", type=int, default=8, help="lesion slides per size category")
     parser.add_argument(
         "--test-set", nargs="*", default=[], metavar="KEY=VALUE",
         help="dataset overrides for the test slides only, e.g. dataset.seed=1 "
@@ -80,16 +134,42 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     cfg = OmegaConf.create(read_record(args.smt_run / "metrics.json")["config"])
-    test_cfg = with_dataset_overrides(cfg, args.test_set) if args.test_set else None  # fails before any work
-    dm = datamodule(cfg)
+    # every knob is checked before any slide is read
+    val_cfg = with_dataset_overrides(cfg, args.val_set) if args.val_set else cfg
+    test_cfg = with_dataset_overrides(cfg, args.test_set) if args.test_set else cfg
+    held_out = check_held_out(val_cfg, test_cfg)
     mpp = cfg.dataset.reader.mpp
     smt = load_smt_model(resolve_artifact(args.smt_run, SMT_NAME))
-    for key, value in (("top_k", args.top_k), ("aggregate", args.aggregate)):  # the slide CLI's smt.* too
-        if value is not None:
-            smt[1]["model"]["smt"][key] = value
-    smt_settings(*smt, args.smt_run)  # a K the grid cannot hold fails before any slide
+    trained = smt[1]["model"]["smt"]
+    knobs = check_knobs(
+        Knobs(tuple(args.top_k or [int(trained["top_k"])]), tuple(args.aggregate), args.triage_gap,
+              args.triage_max_share, args.min_val_slides),
+        int(smt[0].grid),
+    )  # fmt: skip
+    for k, a in knobs.walks():  # the slide CLI's own checks of smt.top_k / smt.aggregate
+        smt_settings(*smt, args.smt_run, {"top_k": k, "aggregate": a})
+    planned = val_cfg.dataset.get("slides_per_split")  # a synthetic set's size is known before it is drawn
+    if planned is not None and int(planned[1]) < knobs.min_val_slides:
+        check_validation_set([i % 2 for i in range(int(planned[1]))], knobs.min_val_slides)
+    size_spec = size_set_spec(cfg.dataset, args.size_set) if args.size_set else None
+    if args.size_set and args.size_slides < 1:
+        raise ConfigError(f"--size-slides {args.size_slides}: at least 1 lesion slide per category")
     tile = load_classifier(resolve_artifact(args.tile_run))
-    test = compare_slides(split_cases(datamodule(test_cfg) if test_cfg else dm, "test"), smt, tile, mpp)
+    dm = datamodule(cfg)
+    val_cases = split_cases(datamodule(val_cfg) if args.val_set else dm, "val")
+    check_validation_set([c.label for c in val_cases], knobs.min_val_slides)
+    val_rows = validation_rows(val_cases, smt, tile, mpp, knobs)
+    test_cases: list = []
+
+    def test_rows(selection: Selection) -> list[dict]:
+        # the test slides are listed (and written) only now, after the choice is frozen
+        for key, value in (("top_k", selection.top_k), ("aggregate", selection.aggregate)):
+            trained[key] = value
+        test_cases.extend(split_cases(datamodule(test_cfg) if args.test_set else dm, "test"))
+        check_disjoint(val_cases, test_cases)
+        return compare_slides(test_cases, smt, tile, mpp)
+
+    selection, test = select_then_test(val_rows, knobs, test_rows)
     scores = slide_scores(test)
     if args.mil_epochs > 0:  # 0: no MIL (it tiles every training slide again)
         train = split_cases(dm, "train")
@@ -99,15 +179,25 @@ def run(args: argparse.Namespace) -> str:
             bags, [c.label for c in train], test, args.mil_epochs, args.out, meta
         )
     results = comparison_results(test, scores, smt[1], tile[1], cfg.dataset.get("width"))
+    results.update(
+        selection=selection.as_dict(), held_out=held_out, triage=triage_results(test, selection),
+        localisation=localisation(test, test_cases, selection), validation_slides=val_rows,
+    )  # fmt: skip
+    if size_spec is not None:
+        cases = size_set_cases(args.out / "size_slides", size_spec, args.size_set, args.size_slides)
+        rows = compare_slides(cases, smt, tile, mpp, methods=("smt", "tiling"))
+        results["lesion_size"] = localisation(rows, cases, selection)
+        results["lesion_size"]["slides"] = [without_embeddings(r) for r in rows]
     if args.sizes:
         rows = scaling_rows(
             cfg.dataset, smt, tile, args.sizes, args.scale_slides, mpp, args.out / "scaling_slides"
         )
         results.update(scaling_results(rows, args.sizes))
     write_json(args.out / "results.json", results)
-    text = markdown(results)
+    text = markdown(results) + selection_markdown(results)
     (args.out / "results.md").write_text(text)
-    write_records(args.out, cfg, results["quality"], test, {"top_k": args.top_k, "aggregate": args.aggregate})
+    walk = {"top_k": selection.top_k, "aggregate": selection.aggregate}
+    write_records(args.out, cfg, results["quality"], test, walk)
     return text
 
 

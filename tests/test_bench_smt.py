@@ -333,7 +333,8 @@ def test_bench_smt_compares_smt_with_full_tiling_on_the_same_slides(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_smt.py"), "--smt-run", str(tmp_path / "smt"),
          "--tile-run", str(tmp_path / "tile"), "--out", str(out), "--sizes", "3072", "--scale-slides", "1",
-         "--mil-epochs", "2", "--test-set", "dataset.seed=1"],  # fresh test slides; MIL on the run's
+         "--mil-epochs", "2", "--test-set", "dataset.seed=1",  # fresh test slides; MIL on the run's
+         "--min-val-slides", "2"],  # settings chosen on the run's 2 validation slides
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -59,6 +59,25 @@ def with_dataset_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictCon
     return cfg
 
 
+def check_held_out(val_cfg: DictConfig, test_cfg: DictConfig) -> dict[str, Any]:
+    """The test slides must come from another generator seed than the validation slides that choose the
+    settings (``dataset.seed``; the training slides' split seeds differ from both already)."""
+    val_seed, test_seed = val_cfg.dataset.get("seed"), test_cfg.dataset.get("seed")
+    if val_seed is not None and val_seed == test_seed:
+        raise ConfigError(
+            f"validation and test slides share dataset.seed={val_seed}: draw the held-out test slides from "
+            f"another seed, e.g. --test-set dataset.seed={int(val_seed) + 1}"
+        )
+    return {"val_seed": val_seed, "test_seed": test_seed}
+
+
+def check_disjoint(val: Sequence[Any], test: Sequence[Any]) -> None:
+    """No slide file may be both a validation and a test slide (cases with a ``path``)."""
+    shared = sorted({str(c.path) for c in val} & {str(c.path) for c in test})
+    if shared:
+        raise ConfigError(f"{len(shared)} slides are both validation and test slides (e.g. {shared[0]})")
+
+
 # ------------------------------------------------------------------------------------------ quality
 def slide_scores(rows: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
     """Positive scores per recorded name that the rows hold (MIL's are added by ``mil_scores``)."""
@@ -162,10 +181,13 @@ def box_shift(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {"median": float(np.median(shifts)), "max": float(np.max(shifts))}
 
 
+PER_TILE = ("embeddings", "coords", "tile_positive")  # a tiling's per-tile arrays, not kept in results
+
+
 def without_embeddings(row: dict[str, Any]) -> dict[str, Any]:
-    """A row as results keep it: the tiling's tile embeddings left out."""
+    """A row as results keep it: the tiling's per-tile arrays (embeddings, coordinates, scores) left out."""
     return {
-        k: ({x: y for x, y in v.items() if x != "embeddings"} if k == "tiling" else v) for k, v in row.items()
+        k: ({x: y for x, y in v.items() if x not in PER_TILE} if k == "tiling" else v) for k, v in row.items()
     }
 
 

@@ -137,6 +137,8 @@ def walk_smt(
         "box": [box.x, box.y, box.side],
         "layer3_level0_px_per_px": box.side / int(s["grid"]) ** (int(s["layers"]) - 1) / int(s["image_size"]),
         "layers": [{"boxes": layer["boxes"]} for layer in out["layers"]],
+        "negative": negative,
+        "last_probs": last["probs"],  # the last layer's class probabilities: other slide scores, regions
     }
 
 
@@ -166,6 +168,10 @@ def tile_slide(model, meta: dict, path: Path, mpp: float | None) -> dict[str, An
         "max": 1.0 - float(pool_scores(out.probabilities, "max", negative)[negative]),
         "mean": 1.0 - float(pool_scores(out.probabilities, "mean", negative)[negative]),
         "embeddings": out.embeddings,
+        # per tile: level-0 top-left and positive probability (localisation), the tile's level-0 side
+        "coords": out.coords,
+        "tile_positive": 1.0 - np.asarray(out.probabilities, dtype=np.float64)[:, negative],
+        "size0": int(out.size0),
     }
 
 
@@ -270,7 +276,8 @@ def scaling_rows(
             row: dict[str, Any] = {"size": size, "slide": s.path.name}
             for name in rotate(METHODS, k):
                 row[name] = run_method(name, smt, tile, s.path, mpp)
-                row[name].pop("embeddings", None)
+                for key in ("embeddings", "coords", "tile_positive"):
+                    row[name].pop(key, None)
             out.append(row)
             log.info("size %d: %s", size, _timings(row, METHODS))
     return out

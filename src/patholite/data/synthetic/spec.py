@@ -13,6 +13,15 @@ from patholite.errors import ConfigError
 
 LESION_CLASSES = SYNTHETIC_CLASSES[1:]  # Normal is the background tissue, never a lesion
 
+# CAMELYON's lesion-size categories by the lesion's greatest diameter (um): isolated tumour cells under
+# 0.2 mm, micro-metastases 0.2-2 mm, macro-metastases over 2 mm.
+SIZE_CATEGORIES = {"itc": (0.0, 200.0), "micro": (200.0, 2000.0), "macro": (2000.0, float("inf"))}
+# The equivalent-circle diameters the generator draws for each category. A shape's greatest diameter is at
+# least its equivalent circle's, and the generator's outlines are at most about 1.5x longer (elongation
+# 1-1.35 plus wobble), so each range sits inside its category; the benchmark still buckets each lesion by
+# its measured greatest diameter, not by this draw.
+LESION_SIZES_UM = {"itc": (60.0, 120.0), "micro": (300.0, 1300.0), "macro": (2000.0, 2400.0)}
+
 
 @dataclass(frozen=True)
 class LesionSpec:
@@ -75,6 +84,29 @@ class SlideSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready containers (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
+
+
+def size_category(diameter_um: float) -> str:
+    """The CAMELYON category (``SIZE_CATEGORIES``) of a lesion whose greatest diameter is ``diameter_um``."""
+    for name, (low, high) in SIZE_CATEGORIES.items():
+        if low <= diameter_um < high:
+            return name
+    raise ValueError(f"size_category: diameter {diameter_um} um is not a positive length")
+
+
+def lesions_of_size(
+    category: str, count: int = 1, classes: tuple[str, ...] = LESION_CLASSES
+) -> list[LesionSpec]:
+    """A lesion menu of one size category (``LESION_SIZES_UM``): ``count`` lesions of each of ``classes``
+    with diameters drawn in that category's range, for ``generate_slides``."""
+    if category not in LESION_SIZES_UM:
+        raise ConfigError(
+            f"lesion size category {category!r} is unknown; use some of {list(LESION_SIZES_UM)} "
+            "(isolated tumour cells < 0.2 mm, micro-metastases 0.2-2 mm, macro-metastases > 2 mm)"
+        )
+    if count < 1:
+        raise ConfigError(f"lesions of size {category}: count={count} must be at least 1")
+    return [LesionSpec(cls, count, LESION_SIZES_UM[category]) for cls in classes]
 
 
 def _check(ok: bool, message: str) -> None:
