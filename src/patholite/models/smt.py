@@ -483,10 +483,11 @@ def predict_slide(
                           [tissue], negative_class)  # fmt: skip
         last = walk["layers"][-1]
         head = getattr(net, "aggregator", None)
-        probs = aggregate_slides(last["probs"], last["owners"], 1, aggregate, negative_class,
-                                 last["embeddings"], head)[0]  # fmt: skip
-        threshold = float(head.threshold) if aggregate == ATTENTION else None
-        attention = head.attention(last["embeddings"]).tolist() if aggregate == ATTENTION else None
+        with torch.no_grad():
+            probs = aggregate_slides(last["probs"], last["owners"], 1, aggregate, negative_class,
+                                     last["embeddings"], head)[0]  # fmt: skip
+            threshold = float(head.threshold) if aggregate == ATTENTION else None
+            attention = head.attention(last["embeddings"]).tolist() if aggregate == ATTENTION else None
     finally:
         net.train(was_training)
     return {

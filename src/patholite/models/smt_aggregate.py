@@ -117,10 +117,15 @@ def fit_attention(
     bags = [torch.as_tensor(b).float() for b in bags]
     mil = aggregate.mil
     before = bag_loss(aggregate, bags, labels)
-    trained = train_mil(
-        bags, labels, mil.num_classes, epochs=epochs, lr=1e-3, seed=seed,
-        hidden_dim=mil.hidden_dim, attention_dim=mil.attention_dim, dropout=mil.dropout,
-    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide head steps in microseconds: a thread pool's handoffs cost more
+    try:
+        trained = train_mil(
+            bags, labels, mil.num_classes, epochs=epochs, lr=1e-3, seed=seed,
+            hidden_dim=mil.hidden_dim, attention_dim=mil.attention_dim, dropout=mil.dropout,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     # a QAT-prepared head has fake-quantize state of its own that the plain trained copy lacks
     missing, unexpected = mil.load_state_dict(trained.state_dict(), strict=False)
     if unexpected or any("fake_quant" not in k and "activation_post_process" not in k for k in missing):
