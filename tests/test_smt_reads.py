@@ -187,8 +187,8 @@ def test_calibrated_threshold_maximises_balanced_accuracy():
 
 
 def _meta() -> dict:
-    model = {"name": "smt_test", "family": "smt", **ENCODER,
-             "smt": {"image_size": S, "grid": GRID, "layers": 3, "top_k": 2, "aggregate": "attention"}}  # fmt: skip
+    smt = {"image_size": S, "grid": GRID, "layers": 3, "top_k": 2, "aggregate": "attention"}
+    model = {"name": "smt_test", "family": "smt", **ENCODER, "smt": smt}
     return {"model": model, "class_names": ["Normal", "Tumor"], "negative_class": "Normal", "image_size": S,
             "mean": MEAN, "std": STD, "slide_model": True}  # fmt: skip
 
