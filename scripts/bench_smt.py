@@ -32,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from patholite.artifacts.resolve import resolve_artifact
 from patholite.errors import PatholiteError
 from patholite.io import write_json
+from patholite.models.smt import ADAPTIVE
+from patholite.models.smt_aggregate import AGGREGATES
 from patholite.pipelines.tasks import task_for
 from patholite.records import read_record
 from patholite.slides.comparison import (
@@ -45,7 +47,7 @@ from patholite.slides.comparison import (
 )
 from patholite.slides.comparison_runs import compare_slides, mil_scores, scaling_rows, split_cases, tile_bags
 from patholite.slides.inference import load_classifier
-from patholite.slides.smt_inference import load_smt_model, smt_settings
+from patholite.slides.smt_inference import WALK_KEYS, load_smt_model, smt_settings, with_attention_head
 
 
 def datamodule(cfg: DictConfig):
@@ -67,7 +69,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mil-epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top-k", type=int, help="K of the walk at inference (default: as trained)")
-    parser.add_argument("--aggregate", choices=("mean", "max"), help="slide score (default: as trained)")
+    parser.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        help="slide score (default: as trained); "
+        "attention fits a head on the run's training slides (threshold on validation)",
+    )
+    parser.add_argument("--attention-epochs", type=int, default=40)
+    parser.add_argument("--top-k-max", type=int, help="adaptive reads: the most regions per image")
+    parser.add_argument("--adaptive", choices=ADAPTIVE, help="none | spread | margin (default: as trained)")
+    parser.add_argument("--spread", type=float, help="adaptive=spread: focusing scores this close read")
+    parser.add_argument("--margin", type=float, help="adaptive=margin: the unsure band around 0.5")
+    parser.add_argument("--tissue-min", type=float, help="candidate patches need this tissue fraction")
     parser.add_argument(
         "--test-set", nargs="*", default=[], metavar="KEY=VALUE",
         help="dataset overrides for the test slides only, e.g. dataset.seed=1 "
@@ -84,10 +97,18 @@ def run(args: argparse.Namespace) -> str:
     dm = datamodule(cfg)
     mpp = cfg.dataset.reader.mpp
     smt = load_smt_model(resolve_artifact(args.smt_run, SMT_NAME))
-    for key, value in (("top_k", args.top_k), ("aggregate", args.aggregate)):  # the slide CLI's smt.* too
-        if value is not None:
+    walk = {key: getattr(args, key) for key in WALK_KEYS}  # the slide CLI's smt.* too
+    smt_settings(*smt, args.smt_run, {**walk, "aggregate": None})  # a bad knob fails before any slide
+    for key, value in walk.items():
+        if value is not None and key != "aggregate":
             smt[1]["model"]["smt"][key] = value
-    smt_settings(*smt, args.smt_run)  # a K the grid cannot hold fails before any slide
+    if args.aggregate == "attention" and getattr(smt[0], "aggregator", None) is None:
+        pairs = {s: [(c.path, c.label) for c in split_cases(dm, s)] for s in ("train", "val")}
+        smt = with_attention_head(*smt, pairs["train"], pairs["val"], args.out / "smt_attention", mpp,
+                                  args.attention_epochs)  # fmt: skip
+    if args.aggregate is not None:
+        smt[1]["model"]["smt"]["aggregate"] = args.aggregate
+    smt_settings(*smt, args.smt_run)
     tile = load_classifier(resolve_artifact(args.tile_run))
     test = compare_slides(split_cases(datamodule(test_cfg) if test_cfg else dm, "test"), smt, tile, mpp)
     scores = slide_scores(test)
@@ -107,7 +128,7 @@ def run(args: argparse.Namespace) -> str:
     write_json(args.out / "results.json", results)
     text = markdown(results)
     (args.out / "results.md").write_text(text)
-    write_records(args.out, cfg, results["quality"], test, {"top_k": args.top_k, "aggregate": args.aggregate})
+    write_records(args.out, cfg, results["quality"], test, walk)
     return text
 
 

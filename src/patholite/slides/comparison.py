@@ -131,6 +131,9 @@ def summarise(rows: Sequence[dict[str, Any]], methods: Sequence[str] = METHODS) 
         "n_slides": len(rows),
         "tiles": med(lambda r: r["tiling"]["tiles"]),
         "smt_reads": med(lambda r: r["smt"]["reads"]),
+        # adaptive reads: the average cost and the worst case (issue 19's budget is the average)
+        "smt_reads_mean": float(np.mean([r["smt"]["reads"] for r in rows])),
+        "smt_reads_max": int(max(r["smt"]["reads"] for r in rows)),
         "smt_layer3_level0_px_per_px": med(lambda r: r["smt"]["layer3_level0_px_per_px"]),
         "tiling_level0_px_per_px": med(lambda r: r["tiling"]["level0_px_per_px"]),
     }
@@ -185,7 +188,21 @@ def comparison_results(
     return {
         "slide_side": slide_side,
         "tile_mpp": tile_meta.get("mpp"),
-        "smt": {k: smt.get(k) for k in ("image_size", "grid", "top_k", "layers", "aggregate")},
+        "smt": {
+            k: smt.get(k)
+            for k in (
+                "image_size",
+                "grid",
+                "top_k",
+                "layers",
+                "aggregate",
+                "top_k_max",
+                "adaptive",
+                "spread",
+                "margin",
+                "tissue_min",
+            )
+        },  # fmt: skip
         "quality": quality,
         "smt_minus_baseline": versus,
         "summary": summarise(rows),

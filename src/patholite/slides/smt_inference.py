@@ -19,18 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from omegaconf import OmegaConf
 
 from patholite.artifacts.load import load_artifact
 from patholite.artifacts.resolve import resolve_artifact
 from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
+from patholite.artifacts.torch_float import save_float_artifact
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.io import write_json
+from patholite.models.factory import create_network
 from patholite.models.smt import ReadPolicy, SMTNet, check_top_k, predict_slide, read_policy, warm_up
-from patholite.models.smt_aggregate import AGGREGATES, ATTENTION, check_aggregate
+from patholite.models.smt_aggregate import AGGREGATES, ATTENTION, check_aggregate, fit_attention
 from patholite.slides.cohort import Cohort, available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.report import save_figure
+from patholite.wsi.reader import open_slide
 from patholite.wsi.region import (
     POLICIES,
     Box,
@@ -470,3 +475,66 @@ def run_smt_slides(
     with model_threads(smt_threads(cfg)):
         process = prepare_smt_slides(cfg, directory, net, meta)
         return each_slide(paths, cfg, out_dir, process, cohort=cohort)
+
+
+# ------------------------------------------------------------------------------- the attention head
+def slide_bag(net, meta: dict[str, Any], path: Path, mpp: float | None = None) -> torch.Tensor:
+    """The last layer's embeddings (N x d) of one walk of the slide at ``path``, framed and read as the
+    artifact's sidecar says (tissue settings, ``tissue_px``, read policy): an attention head's bag."""
+    s = meta["model"]["smt"]
+    node = OmegaConf.create({"tissue": meta.get("tissue") or {}})
+    with open_slide(path, mpp=mpp) as slide:
+        mask = smt_tissue_mask(slide, node, tissue_px=int(s.get("tissue_px") or 512))
+        box = tissue_box(mask, slide.dimensions)
+    policy = read_policy(s)
+    names = list(meta["class_names"])
+    negative = names.index(meta.get("negative_class") or names[0])
+    out = predict_slide(net, RegionReader(path, mpp=mpp), box, policy.top_k, meta["mean"], meta["std"],
+                        aggregate="max", negative_class=negative, policy=policy,
+                        tissue=mask if policy.tissue_min > 0 else None)  # fmt: skip
+    return out["embeddings"]
+
+
+def with_attention_head(
+    net: SMTNet,
+    meta: dict[str, Any],
+    train: Sequence[tuple[Path, int]],
+    val: Sequence[tuple[Path, int]],
+    out_dir: str | Path,
+    mpp: float | None = None,
+    epochs: int = 40,
+    seed: int = 0,
+) -> tuple[SMTNet, dict[str, Any]]:
+    """A trained float SMT (``net``, ``meta``) with an attention head fitted on its own walks of the
+    ``train`` slides ((path, class index) pairs) and its threshold set on the ``val`` slides, saved as a
+    float artifact in ``out_dir`` (sidecar ``model.smt.aggregate: attention``, ``smt_attention``: what the
+    fit did); SMT's own weights are unchanged. Returns the network and sidecar, as ``load_smt_model``."""
+    if meta.get("kind") != "torch_float":
+        raise ConfigError(
+            f"the attention head is fitted on a float SMT artifact, not {meta.get('kind')!r}: fit it on the "
+            "run's smt_fp32 and quantize that"
+        )
+    smt = {**meta["model"]["smt"], "aggregate": ATTENTION}
+    model = {**meta["model"], "smt": smt}
+    torch.manual_seed(seed)
+    headed = create_network(model, net.num_classes, net.image_size)
+    missing, unexpected = headed.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("aggregator.") for k in missing):
+        raise CheckpointError(f"SMT weights do not fit an SMT with a head: {missing} {unexpected}")
+    headed.eval()
+    names = list(meta["class_names"])
+    negative = names.index(meta.get("negative_class") or names[0])
+    sidecar = {**meta, "model": model}
+
+    def bags(cases):
+        return [slide_bag(headed, sidecar, Path(p), mpp) for p, _ in cases], [int(y) for _, y in cases]
+
+    train_bags, train_labels = bags(train)
+    val_bags, val_labels = bags(val)
+    info = fit_attention(headed.aggregator, train_bags, train_labels, negative, val_bags, val_labels,
+                         epochs=epochs, seed=seed)  # fmt: skip
+    info["source"] = meta.get("_directory")
+    sidecar = {k: v for k, v in sidecar.items() if not k.startswith("_")}
+    sidecar["smt_attention"] = info
+    save_float_artifact(headed, out_dir, sidecar)
+    return load_smt_model(out_dir)
