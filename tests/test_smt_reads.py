@@ -286,3 +286,28 @@ def test_the_new_knobs_compose_in_a_sweep_and_each_job_is_refused_before_work(tm
         assert record["status"] == "failed" and "top_k_max=1 is below model.smt.top_k=2" in record["error"]
         assert record["config"]["model"]["smt"]["aggregate"] in ("max", "attention")
         assert not (sweep / str(i) / "checkpoints").exists()  # refused before any work
+
+
+# ------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_a_tiny_smt_with_attention_and_adaptive_reads_trains_saves_and_walks(tmp_path):
+    """The run's own path: SMT trains, the head is fitted on the training slides' walks (threshold on
+    validation), both artifacts (float, dynamic INT8) carry it, and the test walks read within the bounds."""
+    from tests.test_smt_train import train_tiny
+
+    run = train_tiny(
+        tmp_path, "trainer.max_epochs=1", "compression=ptq", "model.smt.aggregate=attention",
+        "model.smt.adaptive=spread", "model.smt.top_k_max=3", "model.smt.spread=0.02", "model.smt.tissue_min=0.1",
+        "model.smt.attention_epochs=5",
+    )  # fmt: skip
+    fitted = json.loads((run / "smt_attention.json").read_text())
+    assert fitted["train_slides"] == 4 and fitted["loss_after"] <= fitted["loss_before"]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "ok"
+    for artifact in record["artifacts"]:
+        per_slide = artifact["cost"]["protocol"]["per_slide"]
+        assert all(1 <= s["reads"] <= 1 + 3 + 9 for s in per_slide["slides"])
+        assert per_slide["reads_max"] <= 1 + 3 + 9 and per_slide["reads_mean"] >= 1
+        net, meta = load_artifact(run / "artifacts" / artifact["name"])
+        assert meta["model"]["smt"]["aggregate"] == "attention" and net.aggregator is not None
+        assert float(net.aggregator.threshold) == pytest.approx(fitted["threshold"])

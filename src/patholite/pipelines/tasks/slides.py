@@ -387,9 +387,14 @@ class SlideTask(Task):
 
     def plain_network(self, ctx: RunContext, model_cfg: DictConfig, role: str) -> nn.Module:
         if model_cfg.checkpoint:
-            return self.new_network(ctx, model_cfg).eval()
+            net = self.new_network(ctx, model_cfg).eval()
+            if getattr(net, "aggregator", None) is not None and not net.aggregator.calibrated:
+                fit_attention_head(ctx, net)  # SMT weights without a fitted head: fit it on them
+            return net
         stage = "teacher" if role == "teacher" else "train"  # SMT is not cached: trained in this run
-        return train_smt(ctx, model_cfg, stage=stage).net
+        net = train_smt(ctx, model_cfg, stage=stage).net
+        fit_attention_head(ctx, net)
+        return net
 
     def distill(
         self, ctx: RunContext, student: nn.Module, teacher: nn.Module, ema: DictConfig | None = None
