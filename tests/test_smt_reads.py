@@ -297,8 +297,8 @@ def test_a_tiny_smt_with_attention_and_adaptive_reads_trains_saves_and_walks(tmp
 
     run = train_tiny(
         tmp_path, "trainer.max_epochs=1", "compression=ptq", "model.smt.aggregate=attention",
-        "model.smt.adaptive=spread", "model.smt.top_k_max=3", "model.smt.spread=0.02", "model.smt.tissue_min=0.1",
-        "model.smt.attention_epochs=5",
+        "model.smt.adaptive=spread", "model.smt.top_k_max=3", "model.smt.spread=0.02",
+        "model.smt.tissue_min=0.1", "model.smt.attention_epochs=5",
     )  # fmt: skip
     fitted = json.loads((run / "smt_attention.json").read_text())
     assert fitted["train_slides"] == 4 and fitted["loss_after"] <= fitted["loss_before"]
