@@ -16,11 +16,13 @@ from patholite.errors import ConfigError, SlideError
 from patholite.models.smt import ReadPolicy, SMTNet, predict_slide
 from patholite.models.smt_aggregate import AttentionAggregate, calibrate_threshold, fit_attention
 from patholite.pipelines.preflight import check_run
+from patholite.slides.run import run_slides
 from patholite.slides.smt_inference import smt_settings
 from patholite.wsi.region import Box
 from patholite.wsi.tissue import TissueMask
 
 from .conftest import compose_config, run_cli
+from .test_smt_inference import _cfg, work  # noqa: F401 - the slides and SMT artifacts of the slide CLI tests
 
 S, GRID = 32, 4
 ENCODER = {"timm_name": "vit_tiny_patch16_224", "kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2}}
@@ -107,6 +109,22 @@ def test_margin_reads_the_most_only_while_the_slide_is_unsure():
             enc.head.bias.copy_(torch.tensor([-20.0, 20.0]))
     sure = ReadPolicy(top_k=1, top_k_max=3, adaptive="margin", margin=0.4)
     assert predict_slide(net, CountingReader(), BOX, 1, MEAN, STD, policy=sure)["reads"] == 1 + 1 + 1
+
+
+def test_the_slide_cli_walks_adaptively_and_reports_what_it_read(work, tmp_path):  # noqa: F811
+    """smt_micro-like artifact (top_k 2, grid 4): spread 1.0 reads top_k_max everywhere; with the tissue mask
+    each read patch holds tissue; the walk's own check compares the reader's count with the report's."""
+    cfg = _cfg(work, "smt", tmp_path, **{"smt.top_k": 1, "smt.top_k_max": 3, "smt.adaptive": "spread",
+                                         "smt.spread": 1.0})  # fmt: skip
+    run_slides([work["big"]], cfg, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "big" / "report.json").read_text())
+    assert report["reads"] == 1 + 3 + 9 == report["max_reads"] and report["reads_per_layer"] == [1, 3, 9]
+    assert report["expected_reads"] is None and report["smt"]["adaptive"] == "spread"
+    cfg = _cfg(work, "smt", tmp_path, **{"smt.top_k": 3, "smt.tissue_min": 0.3})
+    run_slides([work["big"]], cfg, tmp_path / "masked")
+    report = json.loads((tmp_path / "masked" / "big" / "report.json").read_text())
+    assert report["reads"] == sum(report["reads_per_layer"]) <= 1 + 3 + 9
+    assert report["smt"]["tissue_min"] == 0.3
 
 
 # ---------------------------------------------------------------------------------------- tissue mask
