@@ -180,6 +180,8 @@ class SMTNet(nn.Module):
         self.aggregator = (
             AttentionAggregate(dim, num_classes) if check_aggregate(aggregate) == ATTENTION else None
         )
+        if self.aggregator is not None:  # trained apart (fit_attention): SMT's optimizers and DDP skip it
+            self.aggregator.requires_grad_(False)
 
     @property
     def num_patches(self) -> int:
