@@ -4,8 +4,9 @@ every timing.
     python scripts/bench_smt.py --smt-run <model=smt run> --tile-run <tile classifier run> --out <dir>
         [--sizes 8192 32768] [--scale-slides 2] [--mil-epochs 40]
         [--top-k 2 --top-k-max 8 --adaptive spread|margin --spread 0.05 --margin 0.25] [--tissue-min 0.2]
-        [--aggregate mean|max|attention]   (attention: a head fitted on the run's training slides, its
-                                            threshold on the validation slides, saved under <out>/smt_attention)
+        [--aggregate mean|max|attention]
+    (attention: a head fitted on the run's training slides, its threshold set on the validation slides,
+    saved under <out>/smt_attention)
 
 Per test slide of the SMT run's dataset, alternating which goes first (this machine is shared and noisy):
 - SMT: tissue detection from scratch, the tissue box, the focusing walk reading 1 + K + K^2 regions from the
