@@ -17,7 +17,7 @@ from patholite.models.smt import ReadPolicy, SMTNet, predict_slide
 from patholite.models.smt_aggregate import AttentionAggregate, calibrate_threshold, fit_attention
 from patholite.pipelines.preflight import check_run
 from patholite.slides.run import run_slides
-from patholite.slides.smt_inference import smt_settings
+from patholite.slides.smt_inference import load_smt_model, smt_settings, with_attention_head
 from patholite.wsi.region import Box
 from patholite.wsi.tissue import TissueMask
 
@@ -237,6 +237,27 @@ def test_attention_is_saved_in_the_artifact_and_reloads_to_the_same_slide_probab
     with pytest.raises(ConfigError, match="no trained attention head"):
         smt_settings(plain, {**_meta(), "model": {**_meta()["model"], "smt": {"top_k": 2}}}, "x",
                      {"aggregate": "attention"})  # fmt: skip
+
+
+def test_a_head_is_fitted_on_a_trained_smt_artifact_and_the_slide_cli_uses_it(work, tmp_path):  # noqa: F811
+    """scripts/smt_attention.py's logic: the artifact's SMT weights unchanged, a head fitted on its walks of
+    the training slides, its threshold set on the validation slides, a new artifact the slide CLI runs."""
+    net, meta = load_smt_model(work["root"] / "smt")
+    cases = [(work["big"], 1), (work["small"], 0)]
+    headed, sidecar = with_attention_head(net, meta, cases, cases, tmp_path / "headed", epochs=3)
+    assert sidecar["model"]["smt"]["aggregate"] == "attention"
+    assert sidecar["smt_attention"]["calibrated_on"] == "validation"
+    assert sidecar["smt_attention"]["train_slides"] == 2 and headed.aggregator.calibrated
+    same = {k: v for k, v in headed.state_dict().items() if not k.startswith("aggregator.")}
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in same.items())  # SMT itself unchanged
+    cfg = _cfg(work, "smt", tmp_path)
+    cfg.artifact = str(tmp_path / "headed")
+    run_slides([work["big"]], cfg, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "big" / "report.json").read_text())
+    assert report["smt"]["aggregate"] == "attention" and "attention threshold" in report["call"]["by"]
+    assert sum(r["attention"] for r in report["layers"][-1]["regions"]) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="fitted on a float SMT artifact"):
+        with_attention_head(*load_smt_model(work["root"] / "smt_int8"), cases, cases, tmp_path / "x")
 
 
 # ------------------------------------------------------------------------------------------ bad knobs
