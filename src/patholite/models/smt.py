@@ -38,6 +38,7 @@ class TissueSource(Protocol):
 
 
 ADAPTIVE = ("none", "spread", "margin")
+READ_KEYS = ("top_k_max", "adaptive", "spread", "margin", "tissue_min")  # model.smt keys of ReadPolicy
 
 
 @dataclass(frozen=True)

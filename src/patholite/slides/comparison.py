@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from patholite.accelerators.machine import describe_machine
 from patholite.errors import ConfigError
 from patholite.measure.stats import binary_quality, paired_bootstrap
+from patholite.models.smt import READ_KEYS
 from patholite.records import ArtifactRecord, RunRecord
 from patholite.slides.comparison_runs import METHODS
 
@@ -188,21 +189,7 @@ def comparison_results(
     return {
         "slide_side": slide_side,
         "tile_mpp": tile_meta.get("mpp"),
-        "smt": {
-            k: smt.get(k)
-            for k in (
-                "image_size",
-                "grid",
-                "top_k",
-                "layers",
-                "aggregate",
-                "top_k_max",
-                "adaptive",
-                "spread",
-                "margin",
-                "tissue_min",
-            )
-        },  # fmt: skip
+        "smt": {k: smt.get(k) for k in ("image_size", "grid", "top_k", "layers", "aggregate", *READ_KEYS)},
         "quality": quality,
         "smt_minus_baseline": versus,
         "summary": summarise(rows),

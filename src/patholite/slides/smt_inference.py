@@ -31,7 +31,15 @@ from patholite.artifacts.torch_float import save_float_artifact
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.io import write_json
 from patholite.models.factory import create_network
-from patholite.models.smt import ReadPolicy, SMTNet, check_top_k, predict_slide, read_policy, warm_up
+from patholite.models.smt import (
+    READ_KEYS,
+    ReadPolicy,
+    SMTNet,
+    check_top_k,
+    predict_slide,
+    read_policy,
+    warm_up,
+)
 from patholite.models.smt_aggregate import AGGREGATES, ATTENTION, check_aggregate, fit_attention
 from patholite.slides.cohort import Cohort, available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.report import save_figure
@@ -85,7 +93,7 @@ class SmtSettings:
         return self.policy.max_reads(self.layers)
 
 
-WALK_KEYS = ("top_k", "aggregate", "top_k_max", "adaptive", "spread", "margin", "tissue_min")
+WALK_KEYS = ("top_k", "aggregate", *READ_KEYS)  # the slide CLI's smt.* keys
 
 
 def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) -> SmtSettings:
