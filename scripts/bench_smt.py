@@ -3,6 +3,10 @@ every timing.
 
     python scripts/bench_smt.py --smt-run <model=smt run> --tile-run <tile classifier run> --out <dir>
         [--sizes 8192 32768] [--scale-slides 2] [--mil-epochs 40]
+        [--top-k 2 4 --aggregate mean max attention] [--top-k-max 8 --adaptive spread|margin --spread 0.05
+        --margin 0.25] [--tissue-min 0.2]
+    (attention: a head fitted on the run's training slides, its threshold set on the run's validation slides,
+    saved under <out>/smt_attention; the read knobs hold for every walk the selection compares)
 
 Per test slide of the SMT run's dataset, alternating which goes first (this machine is shared and noisy):
 - SMT: tissue detection from scratch, the tissue box, the focusing walk reading 1 + K + K^2 regions from the
@@ -40,6 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 from patholite.artifacts.resolve import resolve_artifact
 from patholite.errors import ConfigError, PatholiteError
 from patholite.io import write_json
+from patholite.models.smt import ADAPTIVE, READ_KEYS
+from patholite.models.smt_aggregate import AGGREGATES, ATTENTION
 from patholite.pipelines.tasks import task_for
 from patholite.records import read_record
 from patholite.slides.comparison import (
@@ -56,7 +62,7 @@ from patholite.slides.comparison import (
 )
 from patholite.slides.comparison_runs import compare_slides, mil_scores, scaling_rows, split_cases, tile_bags
 from patholite.slides.inference import load_classifier
-from patholite.slides.smt_inference import load_smt_model, smt_settings
+from patholite.slides.smt_inference import load_smt_model, smt_settings, with_attention_head
 from patholite.slides.smt_selection import (
     Knobs,
     Selection,
@@ -97,8 +103,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="Ks of the walk the validation slides choose from (default: as trained)",
     )
     parser.add_argument(
-        "--aggregate", nargs="+", default=["mean", "max"], help="slide scores to choose from (mean, max)"
+        "--aggregate",
+        nargs="+",
+        default=["mean", "max"],
+        choices=AGGREGATES,
+        help="slide scores to choose from; attention fits a head on the run's training slides "
+        "(threshold on its validation slides) unless the SMT has one",
     )
+    parser.add_argument("--attention-epochs", type=int, default=40)
+    parser.add_argument("--top-k-max", type=int, help="adaptive reads: the most regions per image")
+    parser.add_argument("--adaptive", choices=ADAPTIVE, help="none | spread | margin (default: as trained)")
+    parser.add_argument("--spread", type=float, help="adaptive=spread: focusing scores this close read")
+    parser.add_argument("--margin", type=float, help="adaptive=margin: the unsure band around 0.5")
+    parser.add_argument("--tissue-min", type=float, help="candidate patches need this tissue fraction")
     parser.add_argument(
         "--val-set",
         nargs="*",
@@ -140,14 +157,19 @@ def run(args: argparse.Namespace) -> str:
     held_out = check_held_out(val_cfg, test_cfg)
     mpp = cfg.dataset.reader.mpp
     smt = load_smt_model(resolve_artifact(args.smt_run, SMT_NAME))
-    trained = smt[1]["model"]["smt"]
+    reads = {key: getattr(args, key) for key in READ_KEYS}  # the slide CLI's smt.* too, for every walk
+    smt_settings(*smt, args.smt_run, {**reads, "aggregate": None})  # a bad knob fails before any slide
+    for key, value in reads.items():
+        if value is not None:
+            smt[1]["model"]["smt"][key] = value
     knobs = check_knobs(
-        Knobs(tuple(args.top_k or [int(trained["top_k"])]), tuple(args.aggregate), args.triage_gap,
-              args.triage_max_share, args.min_val_slides),
+        Knobs(tuple(args.top_k or [int(smt[1]["model"]["smt"]["top_k"])]), tuple(args.aggregate),
+              args.triage_gap, args.triage_max_share, args.min_val_slides),
         int(smt[0].grid),
+        AGGREGATES,
     )  # fmt: skip
     for k, a in knobs.walks():  # the slide CLI's own checks of smt.top_k / smt.aggregate
-        smt_settings(*smt, args.smt_run, {"top_k": k, "aggregate": a})
+        smt_settings(*smt, args.smt_run, {"top_k": k, "aggregate": None if a == ATTENTION else a})
     planned = val_cfg.dataset.get("slides_per_split")  # a synthetic set's size is known before it is drawn
     if planned is not None and int(planned[1]) < knobs.min_val_slides:
         check_validation_set([i % 2 for i in range(int(planned[1]))], knobs.min_val_slides)
@@ -156,6 +178,13 @@ def run(args: argparse.Namespace) -> str:
         raise ConfigError(f"--size-slides {args.size_slides}: at least 1 lesion slide per category")
     tile = load_classifier(resolve_artifact(args.tile_run))
     dm = datamodule(cfg)
+    if ATTENTION in knobs.aggregates and getattr(smt[0], "aggregator", None) is None:
+        # fitted on the run's own training slides, its threshold on the run's validation slides: never on
+        # the selection's validation set or the test set
+        pairs = {s: [(c.path, c.label) for c in split_cases(dm, s)] for s in ("train", "val")}
+        smt = with_attention_head(*smt, pairs["train"], pairs["val"], args.out / "smt_attention", mpp,
+                                  args.attention_epochs)  # fmt: skip
+    trained = smt[1]["model"]["smt"]
     val_cases = split_cases(datamodule(val_cfg) if args.val_set else dm, "val")
     check_validation_set([c.label for c in val_cases], knobs.min_val_slides)
     val_rows = validation_rows(val_cases, smt, tile, mpp, knobs)
@@ -196,7 +225,7 @@ def run(args: argparse.Namespace) -> str:
     write_json(args.out / "results.json", results)
     text = markdown(results) + selection_markdown(results)
     (args.out / "results.md").write_text(text)
-    walk = {"top_k": selection.top_k, "aggregate": selection.aggregate}
+    walk = {"top_k": selection.top_k, "aggregate": selection.aggregate, **reads}
     write_records(args.out, cfg, results["quality"], test, walk)
     return text
 

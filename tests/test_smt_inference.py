@@ -179,7 +179,7 @@ def test_walk_settings_can_be_changed_at_inference(work, tmp_path):
     for bad, match in (
         ({"smt.top_k": 17}, r"smt.top_k=17: .*4x4=16 patches"),
         ({"smt.top_k": 0}, "smt.top_k=0"),
-        ({"smt.aggregate": "median"}, "mean or max"),
+        ({"smt.aggregate": "median"}, "'mean', 'max', 'attention'"),
     ):
         with pytest.raises(ConfigError, match=match):
             run_slides([work["big"]], _cfg(work, "smt", tmp_path, **bad), tmp_path / "bad")

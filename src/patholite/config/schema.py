@@ -139,7 +139,18 @@ class SmtConfig:
     reform: list[str] = field(default_factory=lambda: ["ret", "emb"])  # backward reform; []: forward only
     emb_reduction: str = "mean"  # L_emb over the embedding: mean (scale-free) | sum (R3's literal squared L2)
     weak_negative: bool = True  # one lowest-score patch per image trains the next layer as a negative
-    aggregate: str = "mean"  # slide probabilities from the last layer's images: mean | max
+    # slide probabilities from the last layer's images: mean | max | attention (a gated-attention head over
+    # their embeddings, fitted on the training slides' walks after SMT trains, threshold set on validation)
+    aggregate: str = "mean"
+    attention_epochs: int = 40  # epochs of the attention head (aggregate=attention)
+    # adaptive reads (issue 19): per image K in top_k..top_k_max. none: top_k; spread: the patches within
+    # `spread` of the image's best focusing score; margin: top_k_max while the slide's positive probability
+    # after the layer is within `margin` of 0.5
+    top_k_max: int | None = None
+    adaptive: str = "none"
+    spread: float = 0.05
+    margin: float = 0.25
+    tissue_min: float = 0.0  # candidate patches with less tissue (low-res mask) are never read; 0: off
     too_small: str = "upsample"  # a slide smaller than image_size * grid^(layers-1): upsample | refuse
     # long side (px) of the low-resolution image the tissue box is found on; null: the tiler's 2048-px mask.
     # A bounding box needs no fine mask: 512 px costs ~0.07 s per 20k slide where 2048 costs ~1 s

@@ -73,7 +73,13 @@ class SmtWalkConfig:
     """Inference-time settings of the SMT walk; None keeps what the artifact was trained with."""
 
     top_k: int | None = None  # K: more regions per layer find small lesions more often (1 + K + K^2 reads)
-    aggregate: str | None = None  # slide score from the last layer's images: mean | max
+    aggregate: str | None = None  # slide score from the last layer's images: mean | max | attention
+    # adaptive reads and tissue-masked candidates (model.smt's keys of the same names)
+    top_k_max: int | None = None
+    adaptive: str | None = None
+    spread: float | None = None
+    margin: float | None = None
+    tissue_min: float | None = None
 
 
 # ------------------------------------------------------------------------------- per-slide limits

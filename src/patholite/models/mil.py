@@ -98,7 +98,8 @@ class GatedAttentionMIL(nn.Module):
         h = self.project(bag)  # N x h
         scores = self.attention_w(self.attention_v(h) * self.attention_u(h)).squeeze(1)  # N
         attention = torch.softmax(scores, dim=0)
-        return self.classifier(attention @ h), attention
+        # a batch of one: a dynamic-INT8 Linear (an SMT artifact's attention head) takes 2-D input only
+        return self.classifier((attention @ h)[None])[0], attention
 
 
 def _as_tensor(bag) -> torch.Tensor:

@@ -39,6 +39,7 @@ from patholite.models.smt import (
     read_regions,
     to_input,
 )
+from patholite.models.smt_aggregate import training_aggregate
 from patholite.models.smt_focus import (
     FocusMemory,
     active_layers,
@@ -145,7 +146,7 @@ class SMTModule(L.LightningModule):
             "reform": list(smt.get("reform", ["ret", "emb"])),
         }
         schedule_weights(0, self.starts, **self.weights_cfg)  # validates reform
-        self.aggregate = str(smt.get("aggregate", "mean"))
+        self.aggregate = training_aggregate(str(smt.get("aggregate", "mean")))  # attention: fitted after
         aggregate_slides(torch.ones(1, 2), [0], 1, self.aggregate)  # validates aggregate
         self.emb_reduction = str(smt.get("emb_reduction", "mean"))
         self.weak_negative = bool(smt.get("weak_negative", True))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from patholite.accelerators.machine import describe_machine
 from patholite.errors import ConfigError
 from patholite.measure.stats import binary_quality, paired_bootstrap
+from patholite.models.smt import READ_KEYS
 from patholite.records import ArtifactRecord, RunRecord
 from patholite.slides.comparison_runs import METHODS
 
@@ -150,6 +151,9 @@ def summarise(rows: Sequence[dict[str, Any]], methods: Sequence[str] = METHODS) 
         "n_slides": len(rows),
         "tiles": med(lambda r: r["tiling"]["tiles"]),
         "smt_reads": med(lambda r: r["smt"]["reads"]),
+        # adaptive reads: the average cost and the worst case (issue 19's budget is the average)
+        "smt_reads_mean": float(np.mean([r["smt"]["reads"] for r in rows])),
+        "smt_reads_max": int(max(r["smt"]["reads"] for r in rows)),
         "smt_layer3_level0_px_per_px": med(lambda r: r["smt"]["layer3_level0_px_per_px"]),
         "tiling_level0_px_per_px": med(lambda r: r["tiling"]["level0_px_per_px"]),
     }
@@ -207,7 +211,7 @@ def comparison_results(
     return {
         "slide_side": slide_side,
         "tile_mpp": tile_meta.get("mpp"),
-        "smt": {k: smt.get(k) for k in ("image_size", "grid", "top_k", "layers", "aggregate")},
+        "smt": {k: smt.get(k) for k in ("image_size", "grid", "top_k", "layers", "aggregate", *READ_KEYS)},
         "quality": quality,
         "smt_minus_baseline": versus,
         "summary": summarise(rows),

@@ -33,10 +33,18 @@ from patholite.data.synthetic.slides import Truth, generate_slides, read_truth, 
 from patholite.data.synthetic.spec import LesionSpec, SlideSpec
 from patholite.errors import ConfigError
 from patholite.models.mil import predict_mil, train_mil
-from patholite.models.smt import aggregate_slides, predict_slide, warm_up
+from patholite.models.smt import aggregate_slides, predict_slide, read_policy, warm_up
 from patholite.slides.baselines import pool_scores, tile_outputs
 from patholite.wsi.reader import forget_cached, open_slide
-from patholite.wsi.region import Box, RegionReader, chain_check, patch_box, pixels_decoded, smt_tissue_box
+from patholite.wsi.region import (
+    Box,
+    RegionReader,
+    chain_check,
+    patch_box,
+    pixels_decoded,
+    smt_tissue_mask,
+    tissue_box,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +112,16 @@ def walk_smt(
     with open_slide(path, mpp=mpp) as slide:
         t0 = time.perf_counter()
         # the tissue settings the model was trained with (its sidecar), found from scratch (no cache)
-        box = smt_tissue_box(slide, OmegaConf.create({"tissue": meta["tissue"]}), tissue_px=tissue_side)
+        mask = smt_tissue_mask(slide, OmegaConf.create({"tissue": meta["tissue"]}), tissue_px=tissue_side)
+        box = tissue_box(mask, slide.dimensions)
         tissue_s = time.perf_counter() - t0
+    policy = read_policy(s)  # adaptive reads, tissue-masked candidates (issue 19): as the sidecar says
     chain_check(box, int(s["image_size"]), int(s["grid"]), int(s["layers"]) - 1, "upsample", str(path))
     reader = RegionReader(path, mpp=mpp)
     negative = meta["class_names"].index(meta.get("negative_class") or meta["class_names"][0])
     out = predict_slide(
         net, reader, box, int(s["top_k"]), meta["mean"], meta["std"], aggregate=s.get("aggregate", "mean"),
-        negative_class=negative,
+        negative_class=negative, policy=policy, tissue=mask if policy.tissue_min > 0 else None,
     )  # fmt: skip
     wall = time.perf_counter() - start
     forget_cached(path)

@@ -19,18 +19,41 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from omegaconf import OmegaConf
 
 from patholite.artifacts.load import load_artifact
 from patholite.artifacts.resolve import resolve_artifact
 from patholite.artifacts.sidecar import is_smt_artifact, read_sidecar
+from patholite.artifacts.torch_float import save_float_artifact
 from patholite.errors import CheckpointError, ConfigError, SlideError
 from patholite.io import write_json
-from patholite.models.smt import SMTNet, check_top_k, predict_slide, warm_up
+from patholite.models.factory import create_network
+from patholite.models.smt import (
+    READ_KEYS,
+    ReadPolicy,
+    SMTNet,
+    check_top_k,
+    predict_slide,
+    read_policy,
+    warm_up,
+)
+from patholite.models.smt_aggregate import AGGREGATES, ATTENTION, check_aggregate, fit_attention
 from patholite.slides.cohort import Cohort, available_cores, check_slide_artifact, each_slide, model_threads
 from patholite.slides.report import save_figure
-from patholite.wsi.region import POLICIES, Box, RegionReader, chain_check, pixels_decoded, smt_tissue_box
+from patholite.wsi.reader import open_slide
+from patholite.wsi.region import (
+    POLICIES,
+    Box,
+    RegionReader,
+    chain_check,
+    pixels_decoded,
+    smt_tissue_box,
+    smt_tissue_mask,
+    tissue_box,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +76,44 @@ class SmtSettings:
     negative: int  # index of the negative class
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    policy: ReadPolicy = ReadPolicy()  # adaptive K and tissue-masked candidates
 
     @property
     def expected_reads(self) -> int:
-        """1 + K + ... + K^(layers-1): 1 + K + K^2 for three layers."""
+        """1 + K + ... + K^(layers-1): 1 + K + K^2 for three layers (a fixed K; the most with top_k_max)."""
         return sum(self.top_k**layer for layer in range(self.layers))
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every slide reads exactly ``expected_reads`` regions."""
+        return self.policy.adaptive == "none" and self.policy.tissue_min == 0
+
+    @property
+    def max_reads(self) -> int:
+        return self.policy.max_reads(self.layers)
+
+
+WALK_KEYS = ("top_k", "aggregate", *READ_KEYS)  # the slide CLI's smt.* keys
 
 
 def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) -> SmtSettings:
     """The walk's settings from the sidecar, checked against the loaded network; ``walk`` (``smt`` of the
-    slide config: ``top_k``, ``aggregate``) overrides what the artifact was trained with where set."""
+    slide config: ``top_k``, ``aggregate``, ``top_k_max``, ``adaptive``, ``spread``, ``margin``,
+    ``tissue_min``) overrides what the artifact was trained with where set."""
     smt = dict((meta.get("model") or {}).get("smt") or {})
     walk = walk or {}
     if walk.get("aggregate") is not None:
-        if walk["aggregate"] not in ("mean", "max"):
-            raise ConfigError(f"smt.aggregate={walk['aggregate']!r}: use mean or max (or leave it null)")
-        smt["aggregate"] = walk["aggregate"]
+        smt["aggregate"] = check_aggregate(walk["aggregate"], key="smt.aggregate")
+        if walk["aggregate"] == ATTENTION and getattr(net, "aggregator", None) is None:
+            raise ConfigError(
+                f"smt.aggregate=attention: artifact {directory} has no trained attention head; use an "
+                "artifact of a model.smt.aggregate=attention run or one written by scripts/smt_attention.py"
+            )
     if walk.get("top_k") is not None:
         smt["top_k"] = check_top_k(walk["top_k"], net.grid, key="smt.top_k")
+    for key in WALK_KEYS[2:]:
+        if walk.get(key) is not None:
+            smt[key] = walk[key]
     k = smt.get("top_k") if smt.get("top_k") is not None else net.top_k
     names = list(meta["class_names"])
     if len(names) != net.num_classes:
@@ -84,11 +127,20 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
             f"artifact {directory}: negative_class {negative!r} is not one of its classes {names}"
         )
     aggregate, too_small = str(smt.get("aggregate", "mean")), str(smt.get("too_small", "upsample"))
-    if aggregate not in ("mean", "max") or too_small not in POLICIES:
+    if aggregate not in AGGREGATES or too_small not in POLICIES:
         raise CheckpointError(
             f"artifact {directory}: model.smt.aggregate={aggregate!r} / too_small={too_small!r} in its "
-            f"sidecar; expected mean|max and one of {list(POLICIES)}"
+            f"sidecar; expected one of {list(AGGREGATES)} and one of {list(POLICIES)}"
         )
+    if aggregate == ATTENTION and getattr(net, "aggregator", None) is None:
+        raise CheckpointError(
+            f"artifact {directory}: aggregate=attention in its sidecar but no attention head"
+        )
+    # a bad knob (override or sidecar) fails here, before any slide is read; keys named as the slide CLI's
+    overridden = any(walk.get(key) is not None for key in WALK_KEYS)
+    policy = read_policy(smt, 4 if k is None else k).check(
+        net.grid, prefix="smt" if overridden else "model.smt"
+    )
     return SmtSettings(
         image_size=int(net.image_size),
         grid=int(net.grid),
@@ -99,6 +151,7 @@ def smt_settings(net, meta: dict[str, Any], directory: str | Path, walk=None) ->
         negative=names.index(negative),
         mean=tuple(float(v) for v in meta.get("mean") or (0.485, 0.456, 0.406)),
         std=tuple(float(v) for v in meta.get("std") or (0.229, 0.224, 0.225)),
+        policy=policy,
     )
 
 
@@ -175,20 +228,23 @@ def process_smt_slide(
     t0 = time.perf_counter()
     # the box as the model's thumbnails were framed: found on a tissue_px image, or on the tiler's mask
     tissue_px = (meta["model"].get("smt") or {}).get("tissue_px")
-    box = smt_tissue_box(slide, cfg, Path(cfg.paths.cache_dir) / "slides", tissue_px)
+    cache = Path(cfg.paths.cache_dir) / "slides"
+    mask = None
+    if settings.policy.tissue_min > 0:  # the box's own mask: its tissue fractions mask the candidates
+        mask = smt_tissue_mask(slide, cfg, cache, tissue_px)
+        box = tissue_box(mask, slide.dimensions)
+    else:
+        box = smt_tissue_box(slide, cfg, cache, tissue_px)
     t1 = time.perf_counter()
     chain_check(box, settings.image_size, settings.grid, settings.layers - 1, settings.too_small,
                 source=f"slide {path.name}")  # fmt: skip
     recorder = RecordingReader(reader)
     result = predict_slide(net, recorder, box, settings.top_k, settings.mean, settings.std,
-                           aggregate=settings.aggregate, negative_class=settings.negative)  # fmt: skip
+                           aggregate=settings.aggregate, negative_class=settings.negative,
+                           policy=settings.policy, tissue=mask)  # fmt: skip
     t2 = time.perf_counter()
-    if not reader.reads == result["reads"] == settings.expected_reads == len(recorder.images):
-        raise SlideError(
-            f"slide {path.name}: the SMT walk read {reader.reads} regions, not 1 + K + K^2 = "
-            f"{settings.expected_reads} (K={settings.top_k}); this is a bug, please report it"
-        )
-    layers = layer_records(result["layers"], settings, class_names)
+    check_reads(reader.reads, result["reads"], len(recorder.images), settings, path.name)
+    layers = layer_records(result["layers"], settings, class_names, result.get("attention"))
     probs = result["probs"]
     label = int(result["label"])
     side = box.side / settings.grid ** (settings.layers - 1)
@@ -200,14 +256,20 @@ def process_smt_slide(
             "label": class_names[label],
             "confidence": float(probs[label]),
             "share": None,
-            "by": f"argmax of the slide probabilities ({settings.aggregate} over layer {settings.layers})",
+            "by": (
+                f"positive score >= {result['threshold']:.4f} (attention threshold, set on validation)"
+                if result.get("threshold") is not None
+                else f"argmax of the slide probabilities ({settings.aggregate} over layer {settings.layers})"
+            ),
             "driven_by": [r["index"] for r in layers[-1]["regions"] if r["drove_call"]],
         },
         "probs": dict(zip(class_names, map(float, probs), strict=True)),
         "class_names": class_names,
         "negative_class": class_names[settings.negative],
         "reads": reader.reads,
-        "expected_reads": settings.expected_reads,
+        "expected_reads": settings.expected_reads if settings.fixed else None,
+        "max_reads": settings.max_reads,
+        "reads_per_layer": [len(layer["regions"]) for layer in layers],
         # pixels decoded from the file (each at the level read_scaled picks); the level-0 area covered
         "pixels_read": pixels_decoded(slide, [b.side for b, _ in recorder.images], settings.image_size),
         "area_level0": round(sum(b.side**2 for b, _ in recorder.images)),
@@ -219,6 +281,12 @@ def process_smt_slide(
             "top_k": settings.top_k,
             "layers": settings.layers,
             "aggregate": settings.aggregate,
+            "threshold": result.get("threshold"),
+            "top_k_max": settings.policy.top_k_max,
+            "adaptive": settings.policy.adaptive,
+            "spread": settings.policy.spread,
+            "margin": settings.policy.margin,
+            "tissue_min": settings.policy.tissue_min,
             "too_small": settings.too_small,
             "last_layer_level0_per_px": side / settings.image_size,
             "upsampled": side < settings.image_size,
@@ -249,22 +317,40 @@ def process_smt_slide(
     return report
 
 
+def check_reads(reads: int, walked: int, recorded: int, settings: SmtSettings, name: str) -> None:
+    """The reader's count, the walk's and the images kept agree, and lie within the policy's bounds (a fixed
+    K: exactly 1 + K + K^2); anything else is a bug."""
+    low = settings.expected_reads if settings.fixed else 1
+    if not (reads == walked == recorded and low <= reads <= settings.max_reads):
+        raise SlideError(
+            f"slide {name}: the SMT walk read {reads} regions (walk: {walked}, kept: {recorded}), expected "
+            f"{low}..{settings.max_reads} (K={settings.top_k}..{settings.policy.k_max}); this is a bug, "
+            "please report it"
+        )
+
+
 def layer_records(
-    walk: Sequence[dict[str, Any]], settings: SmtSettings, class_names: list[str]
+    walk: Sequence[dict[str, Any]],
+    settings: SmtSettings,
+    class_names: list[str],
+    attention: Sequence[float] | None = None,
 ) -> list[dict]:
     """report.json's ``layers``: per layer its regions (box, parent image and patch, focusing score, class
-    probabilities, positive probability); the last layer's most positive image(s) marked ``drove_call``."""
-    k, grid, negative = settings.top_k, settings.grid, settings.negative
+    probabilities, positive probability, and on the last layer the attention head's weight when it scored
+    the slide); the last layer's most positive image(s) (most attended, with attention) marked
+    ``drove_call``."""
+    grid, negative = settings.grid, settings.negative
     out = []
     for layer, rec in enumerate(walk):
         regions = []
         for j, (box, score, p) in enumerate(zip(rec["boxes"], rec["scores"], rec["probs"], strict=True)):
             region: dict[str, Any] = {"index": j, "box": [float(v) for v in box]}
             if layer:
-                parent = walk[layer - 1]["boxes"][j // k]
+                up = int(rec["parents"][j])
+                parent = walk[layer - 1]["boxes"][up]
                 col = round((box[0] - parent[0]) / box[2])
                 row = round((box[1] - parent[1]) / box[2])
-                region.update(parent=j // k, patch=int(row * grid + col))
+                region.update(parent=up, patch=int(row * grid + col))
             region.update(
                 score=None if score is None else float(score),
                 probs=dict(zip(class_names, map(float, p), strict=True)),
@@ -275,9 +361,14 @@ def layer_records(
         side = float(rec["boxes"][0][2])
         out.append({"layer": layer + 1, "level0_px_per_image_px": side / settings.image_size,
                     "regions": regions})  # fmt: skip
-    top = max(r["positive"] for r in out[-1]["regions"])
-    for r in out[-1]["regions"]:
-        r["drove_call"] = bool(r["positive"] >= top - 1e-9)
+    last = out[-1]["regions"]
+    if attention is not None:
+        for r, a in zip(last, attention, strict=True):
+            r["attention"] = float(a)
+    key = "attention" if attention is not None else "positive"
+    top = max(r[key] for r in last)
+    for r in last:
+        r["drove_call"] = bool(r[key] >= top - 1e-9)
     return out
 
 
@@ -392,3 +483,66 @@ def run_smt_slides(
     with model_threads(smt_threads(cfg)):
         process = prepare_smt_slides(cfg, directory, net, meta)
         return each_slide(paths, cfg, out_dir, process, cohort=cohort)
+
+
+# ------------------------------------------------------------------------------- the attention head
+def slide_bag(net, meta: dict[str, Any], path: Path, mpp: float | None = None) -> torch.Tensor:
+    """The last layer's embeddings (N x d) of one walk of the slide at ``path``, framed and read as the
+    artifact's sidecar says (tissue settings, ``tissue_px``, read policy): an attention head's bag."""
+    s = meta["model"]["smt"]
+    node = OmegaConf.create({"tissue": meta.get("tissue") or {}})
+    with open_slide(path, mpp=mpp) as slide:
+        mask = smt_tissue_mask(slide, node, tissue_px=int(s.get("tissue_px") or 512))
+        box = tissue_box(mask, slide.dimensions)
+    policy = read_policy(s)
+    names = list(meta["class_names"])
+    negative = names.index(meta.get("negative_class") or names[0])
+    out = predict_slide(net, RegionReader(path, mpp=mpp), box, policy.top_k, meta["mean"], meta["std"],
+                        aggregate="max", negative_class=negative, policy=policy,
+                        tissue=mask if policy.tissue_min > 0 else None)  # fmt: skip
+    return out["embeddings"]
+
+
+def with_attention_head(
+    net: SMTNet,
+    meta: dict[str, Any],
+    train: Sequence[tuple[Path, int]],
+    val: Sequence[tuple[Path, int]],
+    out_dir: str | Path,
+    mpp: float | None = None,
+    epochs: int = 40,
+    seed: int = 0,
+) -> tuple[SMTNet, dict[str, Any]]:
+    """A trained float SMT (``net``, ``meta``) with an attention head fitted on its own walks of the
+    ``train`` slides ((path, class index) pairs) and its threshold set on the ``val`` slides, saved as a
+    float artifact in ``out_dir`` (sidecar ``model.smt.aggregate: attention``, ``smt_attention``: what the
+    fit did); SMT's own weights are unchanged. Returns the network and sidecar, as ``load_smt_model``."""
+    if meta.get("kind") != "torch_float":
+        raise ConfigError(
+            f"the attention head is fitted on a float SMT artifact, not {meta.get('kind')!r}: fit it on the "
+            "run's smt_fp32 and quantize that"
+        )
+    smt = {**meta["model"]["smt"], "aggregate": ATTENTION}
+    model = {**meta["model"], "smt": smt}
+    torch.manual_seed(seed)
+    headed = create_network(model, net.num_classes, net.image_size)
+    missing, unexpected = headed.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("aggregator.") for k in missing):
+        raise CheckpointError(f"SMT weights do not fit an SMT with a head: {missing} {unexpected}")
+    headed.eval()
+    names = list(meta["class_names"])
+    negative = names.index(meta.get("negative_class") or names[0])
+    sidecar = {**meta, "model": model}
+
+    def bags(cases):
+        return [slide_bag(headed, sidecar, Path(p), mpp) for p, _ in cases], [int(y) for _, y in cases]
+
+    train_bags, train_labels = bags(train)
+    val_bags, val_labels = bags(val)
+    info = fit_attention(headed.aggregator, train_bags, train_labels, negative, val_bags, val_labels,
+                         epochs=epochs, seed=seed)  # fmt: skip
+    info["source"] = meta.get("_directory")
+    sidecar = {k: v for k, v in sidecar.items() if not k.startswith("_")}
+    sidecar["smt_attention"] = info
+    save_float_artifact(headed, out_dir, sidecar)
+    return load_smt_model(out_dir)

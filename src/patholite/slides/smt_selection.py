@@ -38,6 +38,7 @@ from patholite.data.synthetic.spec import SIZE_CATEGORIES, SlideSpec, lesions_of
 from patholite.errors import ConfigError
 from patholite.measure.stats import auroc, binary_quality, bootstrap, paired_bootstrap
 from patholite.models.smt import aggregate_slides
+from patholite.models.smt_aggregate import ATTENTION
 from patholite.slides.comparison_runs import SlideCase, has_truth, tile_slide, walk_smt, warm_smt
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,15 @@ def validation_rows(
     net, meta = smt
     negative = meta["class_names"].index(meta.get("negative_class") or meta["class_names"][0])
     trained = meta["model"]["smt"].get("tissue_px") or 2048
-    metas = {k: {**meta, "model": {**meta["model"], "smt": {**meta["model"]["smt"], "top_k": k}}}
-             for k in knobs.top_ks}  # fmt: skip
+    # with attention among the candidates the walk scores by the head (its slide score); mean and max come
+    # from the same walk's last-layer probabilities
+    how = ATTENTION if ATTENTION in knobs.aggregates else meta["model"]["smt"].get("aggregate", "mean")
+    metas = {}
+    for k in knobs.top_ks:
+        metas[k] = {
+            **meta,
+            "model": {**meta["model"], "smt": {**meta["model"]["smt"], "top_k": k, "aggregate": how}},
+        }
     for k in knobs.top_ks:
         warm_smt(net, metas[k])
     rows = []
@@ -128,7 +136,11 @@ def validation_rows(
         row: dict[str, Any] = {"slide": case.path.name, "label": case.label, "smt": {}, "reads": {}}
         for k in knobs.top_ks:
             walk = walk_smt(net, metas[k], case.path, mpp, tissue_side=trained)
-            scores = aggregate_scores(walk["last_probs"], knobs.aggregates, negative)
+            scores = aggregate_scores(
+                walk["last_probs"], [a for a in knobs.aggregates if a != ATTENTION], negative
+            )
+            if ATTENTION in knobs.aggregates:
+                scores[ATTENTION] = walk["positive"]
             row["smt"].update({walk_name(k, a): v for a, v in scores.items()})
             row["reads"][k] = walk["reads"]
         row["tiling_max"] = tile_slide(*tile, case.path, mpp)["max"]

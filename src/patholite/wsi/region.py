@@ -194,12 +194,16 @@ def smt_tissue_box(slide, cfg, cache_root: str | Path | None = None, tissue_px: 
     the low-resolution image the tissue is found on; a bounding box needs no fine mask, and a 512-px image
     costs a few hundredths of a second where the tiler's 2048-px mask costs about one. None: the tiler's
     mask, from (and to) its cache under ``cache_root``. ``cfg``: a node with ``tissue`` and ``reader``."""
+    return tissue_box(smt_tissue_mask(slide, cfg, cache_root, tissue_px), slide.dimensions)
+
+
+def smt_tissue_mask(slide, cfg, cache_root: str | Path | None = None, tissue_px: int | None = None):
+    """The tissue mask ``smt_tissue_box`` frames (same arguments); the walk's tissue-masked candidates
+    (``model.smt.tissue_min``) read their tissue fractions from it."""
     if tissue_px is None:
-        mask = tissue_for(slide, cfg, slide_cache_dir(Path(cache_root), Path(slide.path), cfg))
-    else:
-        options = {key: cfg.tissue[key] for key in cfg.tissue}
-        mask = detect_tissue(slide, **{**options, "max_side": int(tissue_px)})
-    return tissue_box(mask, slide.dimensions)
+        return tissue_for(slide, cfg, slide_cache_dir(Path(cache_root), Path(slide.path), cfg))
+    options = {key: cfg.tissue[key] for key in cfg.tissue}
+    return detect_tissue(slide, **{**options, "max_side": int(tissue_px)})
 
 
 def cached_thumbnail(

@@ -23,17 +23,19 @@ from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
 from patholite.config.checks import choice, require
 from patholite.config.compression.qat import QatConfig
 from patholite.data import HistologyDataModule, SlideLevelDataModule
+from patholite.io import write_json
 from patholite.measure.cost import files_size, peak_rss_mb
 from patholite.measure.evaluate import bootstrap_accuracy_ci, count_architecture, parity
 from patholite.measure.metrics import QualityMeter
-from patholite.models.smt import predict_slide
+from patholite.models.smt import ReadPolicy, predict_slide, read_policy
+from patholite.models.smt_aggregate import AGGREGATES, fit_attention
 from patholite.models.smt_focus import class_weights_from_counts
 from patholite.modules.smt import SMTModule
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.fit import Fitted, fit
 from patholite.pipelines.tasks.base import Task
 from patholite.records import ArtifactRecord
-from patholite.wsi.region import Box, RegionReader, pixels_decoded
+from patholite.wsi.region import Box, RegionReader, pixels_decoded, smt_tissue_mask
 
 SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
 MEMORY = "memory"  # Fitted.state key: the focusing memory a fine-tune continues
@@ -108,13 +110,18 @@ def train_smt(
     return module
 
 
-def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
+def walk_test_slides(
+    net: nn.Module, ctx: RunContext, split: str = "test", aggregate: str | None = None
+) -> dict[str, Any]:
     """One fresh walk per slide of ``split``, reading every region from the slide file (thumbnail
-    included): slide probabilities and what each slide cost."""
+    included), under ``model.smt``'s read policy: slide probabilities, calls, what each slide cost, and the
+    last layer's embeddings (``bags``). ``aggregate``: instead of ``model.smt.aggregate``."""
     dm, s = ctx.datamodule, ctx.cfg.model.smt
     dataset = dm.datasets[split]
     negative = dm.class_names.index(dm.negative_class)
-    probs, per_slide = [], []
+    policy = read_policy(s)
+    aggregate = aggregate or s.aggregate
+    probs, calls, bags, per_slide = [], [], [], []
     for i in range(len(dataset)):
         item = dataset[i]
         slide = int(item["slide"])
@@ -122,12 +129,15 @@ def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> di
         reader = RegionReader(dm.slide_paths[slide], mpp=r.mpp, backend=r.backend)
         box = _box(item["box"])
         start = time.perf_counter()
+        mask = _tissue_mask(ctx, reader, policy)
         out = predict_slide(
             net, reader, box, int(s.top_k), ctx.cfg.dataset.mean, ctx.cfg.dataset.std,
-            aggregate=s.aggregate, negative_class=negative,
+            aggregate=aggregate, negative_class=negative, policy=policy, tissue=mask,
         )  # fmt: skip
         wall = time.perf_counter() - start
         probs.append(torch.as_tensor(np.asarray(out["probs"], dtype=np.float32)))
+        calls.append(int(out["label"]))
+        bags.append(out["embeddings"])
         sides = [b[2] for layer in out["layers"] for b in layer["boxes"]]
         decoded = pixels_decoded(reader.slide, sides, int(s.image_size))
         per_slide.append(
@@ -142,7 +152,38 @@ def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> di
             }
         )
     labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
-    return {"probs": torch.stack(probs), "labels": labels, "slides": per_slide}
+    return {"probs": torch.stack(probs), "labels": labels, "calls": calls, "bags": bags, "slides": per_slide}
+
+
+def _tissue_mask(ctx: RunContext, reader: RegionReader, policy: ReadPolicy):
+    """The slide's low-resolution tissue mask when candidates are tissue-masked (as the box was found)."""
+    if policy.tissue_min <= 0:
+        return None
+    d = ctx.cfg.dataset
+    node = OmegaConf.create(
+        {"tissue": OmegaConf.to_container(d.tissue), "reader": OmegaConf.to_container(d.reader)}
+    )
+    cache = Path(str(d.cache_dir)).expanduser()
+    return smt_tissue_mask(reader.slide, node, cache, ctx.cfg.model.smt.get("tissue_px"))
+
+
+def fit_attention_head(ctx: RunContext, net: nn.Module) -> dict[str, Any] | None:
+    """With ``model.smt.aggregate=attention``: the head (``net.aggregator``) trained on the training
+    slides' walks (their last-layer embeddings and slide labels) and its threshold set on the validation
+    slides' (never the test slides); what it did goes to ``<run>/smt_attention.json``. None otherwise."""
+    if getattr(net, "aggregator", None) is None:
+        return None
+    dm, s = ctx.datamodule, ctx.cfg.model.smt
+    negative = dm.class_names.index(dm.negative_class)
+    train = walk_test_slides(net, ctx, "train", aggregate="max")
+    val = walk_test_slides(net, ctx, "val", aggregate="max") if "val" in dm.datasets else None
+    info = fit_attention(
+        net.aggregator, train["bags"], train["labels"].tolist(), negative,
+        val["bags"] if val else (), val["labels"].tolist() if val else (),
+        epochs=int(s.attention_epochs), seed=int(ctx.cfg.get("seed") or 0),
+    )  # fmt: skip
+    write_json(ctx.run_dir / "smt_attention.json", info)
+    return info
 
 
 def _box(values: Any):
@@ -154,6 +195,8 @@ def _per_slide_cost(slides: list[dict[str, Any]]) -> dict[str, Any]:
     def med(key: str) -> float:
         return float(statistics.median(s[key] for s in slides))
 
+    reads = [s["reads"] for s in slides]
+
     walls = sorted(s["wall_s"] for s in slides)
     return {
         "n_slides": len(slides),
@@ -162,6 +205,8 @@ def _per_slide_cost(slides: list[dict[str, Any]]) -> dict[str, Any]:
         "read_s_median": med("read_s"),
         "model_s_median": med("model_s"),
         "reads_per_slide": med("reads"),
+        "reads_mean": float(np.mean(reads)),  # adaptive reads: the average cost, and the worst case
+        "reads_max": int(max(reads)),
         "pixels_read_median": med("pixels_read"),
         "area_level0_median": med("area_level0"),
         "slides": slides,
@@ -185,6 +230,9 @@ def smt_record(
     meter.update(probs, labels)
     quality = meter.compute()
     quality["accuracy_ci95"] = bootstrap_accuracy_ci(probs.argmax(1) == labels)
+    calls = torch.as_tensor(walked["calls"])
+    if not torch.equal(calls, probs.argmax(1)):  # a calibrated threshold (attention) makes its own calls
+        quality["accuracy_at_threshold"] = float((calls == labels).float().mean())
     logits = torch.log(probs.clamp_min(1e-12))
     per_slide = _per_slide_cost(walked["slides"])
     wall = per_slide["wall_s_median"]
@@ -266,7 +314,9 @@ class SlideTask(Task):
             f"model.smt.finetune_lr_scale={s.finetune_lr_scale} must be > 0 (QAT fine-tuning multiplies "
             "model.smt.lrs by it)",
         )
-        choice(s.aggregate, "model.smt.aggregate", ("mean", "max"))
+        choice(s.aggregate, "model.smt.aggregate", AGGREGATES)
+        require(s.attention_epochs >= 1, f"model.smt.attention_epochs={s.attention_epochs} must be >= 1")
+        read_policy(s).check(s.grid)  # adaptive K bounds and thresholds: one message each, before any work
         choice(s.too_small, "model.smt.too_small", ("upsample", "refuse"))
         choice(s.class_weights, "model.smt.class_weights", ("auto", "none"))
         choice(s.emb_reduction, "model.smt.emb_reduction", ("mean", "sum"))
@@ -331,18 +381,27 @@ class SlideTask(Task):
         return slide_meta(ctx, model_cfg)
 
     def train(self, ctx: RunContext, stage: str, ema: DictConfig | None = None) -> Fitted:
-        return _fitted(train_smt(ctx, stage=stage))
+        module = train_smt(ctx, stage=stage)
+        fit_attention_head(ctx, module.net)
+        return _fitted(module)
 
     def plain_network(self, ctx: RunContext, model_cfg: DictConfig, role: str) -> nn.Module:
         if model_cfg.checkpoint:
-            return self.new_network(ctx, model_cfg).eval()
+            net = self.new_network(ctx, model_cfg).eval()
+            if getattr(net, "aggregator", None) is not None and not net.aggregator.calibrated:
+                fit_attention_head(ctx, net)  # SMT weights without a fitted head: fit it on them
+            return net
         stage = "teacher" if role == "teacher" else "train"  # SMT is not cached: trained in this run
-        return train_smt(ctx, model_cfg, stage=stage).net
+        net = train_smt(ctx, model_cfg, stage=stage).net
+        fit_attention_head(ctx, net)
+        return net
 
     def distill(
         self, ctx: RunContext, student: nn.Module, teacher: nn.Module, ema: DictConfig | None = None
     ) -> Fitted:
-        return _fitted(train_smt(ctx, stage="distill", teacher=teacher, net=student))
+        module = train_smt(ctx, stage="distill", teacher=teacher, net=student)
+        fit_attention_head(ctx, module.net)
+        return _fitted(module)
 
     def qat(
         self, ctx: RunContext, net: nn.Module, state: dict[str, Any], directory: Path, meta: dict[str, Any]
@@ -354,6 +413,7 @@ class SlideTask(Task):
         epochs = int(ctx.cfg.compression.qat.finetune.epochs)
         memory = state.get(MEMORY)
         tuned = train_smt(ctx, stage="qat", net=prepared, epochs=epochs, memory=memory, finetune=True).net
+        fit_attention_head(ctx, tuned)  # the fine-tuned encoders' embeddings moved: refit the head on them
         return save_int8_dynamic_artifact(
             convert_dynamic_qat(tuned), directory, {**meta, "qat": True}, engine
         )
