@@ -6,6 +6,7 @@ fake-quantized Linear weights in eager mode, so the attention hook of the focusi
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -31,9 +32,12 @@ from patholite.models.smt_focus import class_weights_from_counts
 from patholite.modules.smt import SMTModule
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.fit import Fitted, fit
+from patholite.pipelines.lightning import latest_checkpoint
 from patholite.pipelines.tasks.base import Task
 from patholite.records import ArtifactRecord
 from patholite.wsi.region import Box, RegionReader, pixels_decoded
+
+log = logging.getLogger(__name__)
 
 SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
 MEMORY = "memory"  # Fitted.state key: the focusing memory a fine-tune continues
@@ -105,7 +109,20 @@ def train_smt(
         memory=memory,
     )
     fit(ctx, module, stage, epochs=epochs)  # leaves the best epoch's weights in module.net
+    if ctx.accelerator.spawns:
+        restore_spawned_memory(module, ctx.checkpoint_dir / stage)
     return module
+
+
+def restore_spawned_memory(module: SMTModule, checkpoint_dir: Path) -> None:
+    """Under ddp_spawn the ranks trained in child processes and only the weights came back: the focusing
+    memory (identical on every rank, synchronised each step) and the trained depth come from the stage's
+    last checkpoint, as one process would hold them after its last epoch."""
+    last = latest_checkpoint(checkpoint_dir)
+    if last is None:
+        log.warning("no checkpoint in %s: the spawned ranks' SMT focusing memory is lost", checkpoint_dir)
+        return
+    module.on_load_checkpoint(torch.load(last, map_location="cpu", weights_only=True))
 
 
 def walk_test_slides(net: nn.Module, ctx: RunContext, split: str = "test") -> dict[str, Any]:
@@ -289,14 +306,10 @@ class SlideTask(Task):
         )
         if s.encoder_checkpoint:
             s.encoder_checkpoint = encoder_weights(s.encoder_checkpoint)
-
-    def check_machine(self, cfg: DictConfig, world_size: int) -> None:
-        require(
-            world_size == 1,
-            f"model={cfg.model.name} trains in one process: its focusing memory (the per-slide temporal "
-            "ensemble of focusing scores) would split across DDP ranks that see different slides each epoch; "
-            "use accelerator.devices=1",
-        )
+        # Under DDP: layers join at model.smt.start_epochs and the last layer has no focusing predictor, so
+        # some trained parameters get no gradient in a step by design; DDP must look for them (a no-op with
+        # one process)
+        cfg.accelerator.find_unused_parameters = True
 
     def check_teacher(self, cfg: DictConfig, teacher_model: DictConfig, named: str) -> None:
         """An SMT student learns from a float SMT teacher of the same geometry, at logit level."""
