@@ -24,6 +24,7 @@ from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
 from patholite.config.checks import choice, require
 from patholite.config.compression.qat import QatConfig
 from patholite.data import HistologyDataModule, SlideLevelDataModule
+from patholite.errors import ConfigError
 from patholite.measure.cost import files_size, peak_rss_mb
 from patholite.measure.evaluate import bootstrap_accuracy_ci, count_architecture, parity
 from patholite.measure.metrics import QualityMeter
@@ -237,6 +238,69 @@ def smt_record(
     return record, logits
 
 
+AUTO = "auto"  # model.smt.encoder_checkpoint: a fitting patch classifier from the trained-model cache
+# the dataset keys that decide which slides (and split) a patch classifier learned from, and how its inputs
+# were normalised; loader, tile and augmentation settings are not compared (keys a dataset lacks are skipped)
+SLIDE_IDENTITY = (
+    "name", "root", "split_seed", "seed", "width", "height", "difficulty", "normal_share",
+    "lesion_diameter_um", "lesion_count", "mean", "std",
+)  # fmt: skip
+
+
+def _encoder_shapes(model_cfg: DictConfig) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes one SMT encoder loads from a patch classifier (its head and position embedding,
+    resampled on loading, left out); built on the meta device, so nothing is allocated."""
+    from patholite.models.factory import create_network
+
+    with torch.device("meta"):
+        spec = OmegaConf.to_container(model_cfg, resolve=True)
+        net = create_network(spec, 2, int(model_cfg.smt.image_size))
+    state = net.encoders[0].state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if not k.startswith("head") and k != "pos_embed"}
+
+
+def _weights_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # the header only: no tensor is read
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+
+
+def auto_encoder_checkpoint(cfg: DictConfig) -> Path:
+    """``model.smt.encoder_checkpoint=auto``: the newest complete entry of the trained-model cache
+    (``pipelines.cache``) holding a patch classifier of these slides (``SLIDE_IDENTITY`` equal) whose weights
+    fit SMT's encoders, one trained at ``model.smt.image_size`` first. None there: a ConfigError naming the
+    command that puts one there."""
+    from patholite.artifacts.torch_float import WEIGHTS
+    from patholite.pipelines.cache import complete_entries
+
+    d, s = cfg.dataset, cfg.model.smt
+    wanted = {k: OmegaConf.to_container(d, resolve=True).get(k) for k in SLIDE_IDENTITY if k in d}
+    shapes = _encoder_shapes(cfg.model)
+    entries = complete_entries(cfg.paths.cache_dir)
+    fitting = []
+    for entry, inputs in entries:
+        data, model = inputs.get("dataset") or {}, inputs.get("model") or {}
+        if model.get("family") == "smt" or any(data.get(k) != v for k, v in wanted.items()):
+            continue
+        weights = _weights_shapes(entry / WEIGHTS)
+        if all(weights.get(k) == shape for k, shape in shapes.items()):
+            fitting.append((data.get("image_size") != int(s.image_size), entry))  # stable: newest first
+    if not fitting:
+        raise ConfigError(
+            f"model.smt.encoder_checkpoint=auto: none of the {len(entries)} trained models in "
+            f"{Path(cfg.paths.cache_dir) / 'trained'} is a patch classifier of these slides (dataset="
+            f"{d.name}, same generator settings and normalisation) with {cfg.model.name}'s encoder "
+            f"architecture. Train one first (compression=none publishes it to the cache), e.g. "
+            f"python -m patholite.train model=deit_tiny dataset={d.name} dataset.image_size={s.image_size} "
+            "compression=none  (deit_tiny is model=smt's encoder), or name one: "
+            "model.smt.encoder_checkpoint=<tile classifier run folder or float artifact>"
+        )
+    chosen = sorted(fitting, key=lambda f: f[0])[0][1]
+    log.info("model.smt.encoder_checkpoint=auto: the patch classifier %s (trained-model cache)", chosen)
+    return chosen
+
+
 def encoder_weights(source: str) -> str:
     """``model.smt.encoder_checkpoint`` as models load it: a tile classifier's run folder becomes its ``fp32``
     artifact (resolved here, once, so models never see run folders); other paths stay as they are."""
@@ -304,7 +368,9 @@ class SlideTask(Task):
             "compression.export.onnx=true exports tile classifiers; an SMT walk reads regions between its "
             "encoders and has no single ONNX graph. Set compression.export.onnx=false",
         )
-        if s.encoder_checkpoint:
+        if s.encoder_checkpoint == AUTO:  # the entry used replaces "auto": the run record's config names it
+            s.encoder_checkpoint = str(auto_encoder_checkpoint(cfg))
+        elif s.encoder_checkpoint:
             s.encoder_checkpoint = encoder_weights(s.encoder_checkpoint)
         # Under DDP: layers join at model.smt.start_epochs and the last layer has no focusing predictor, so
         # some trained parameters get no gradient in a step by design; DDP must look for them (a no-op with
