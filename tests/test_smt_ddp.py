@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from patholite.errors import ConfigError
 from patholite.models.smt_focus import FocusMemory, focus_key, process_group_gather
 from patholite.modules.smt import DEPTH_KEY, MEMORY_KEY, SMTModule
 from patholite.wsi.region import Box
@@ -162,6 +163,68 @@ def test_smt_passes_preflight_on_two_processes_and_looks_for_unused_parameters(m
     assert cfg.accelerator.find_unused_parameters is True
 
 
+# ------------------------------------------------------------------ the patch classifier SMT starts from
+def cache_entry(cache, name: str, cfg, age: int, image_size: int = 64, depth: int = 2, **dataset) -> object:
+    """A complete trained-model cache entry: a patch classifier (random weights) with the encoder
+    architecture of ``cfg.model`` at ``depth`` blocks, trained on ``cfg.dataset`` changed by ``dataset``;
+    ``age``: seconds before now it was written."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from patholite.artifacts.torch_float import save_float_artifact
+    from patholite.io import write_json
+    from patholite.models.factory import create_network
+
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    spec["kwargs"] = {**spec["kwargs"], "depth": depth}
+    torch.manual_seed(age)
+    encoder = create_network(spec, 2, int(cfg.model.smt.image_size)).encoders[0]
+    entry = cache / "trained" / name
+    save_float_artifact(encoder, entry, {"model": {"name": name}})
+    data = {**OmegaConf.to_container(cfg.dataset, resolve=True), "image_size": image_size, **dataset}
+    write_json(entry / "key.json", {"model": {"name": name, "family": "vit"}, "dataset": data})
+    stamp = time.time() - age
+    os.utime(entry / "key.json", (stamp, stamp))
+    return entry
+
+
+def test_auto_finds_the_newest_fitting_patch_classifier_of_the_same_slides(make_cfg, tmp_path):
+    from patholite.models.factory import build_model
+    from patholite.pipelines.tasks.slides import SlideTask
+
+    cache = tmp_path / "own-cache"
+
+    def cfg():
+        return make_cfg(
+            "model=smt_micro", "dataset=smt_synthetic", "model.smt.encoder_checkpoint=auto",
+            f"paths.cache_dir={cache}",
+        )  # fmt: skip
+
+    with pytest.raises(
+        ConfigError, match="encoder_checkpoint=auto: none of the 0 trained models .* compression=none"
+    ):
+        SlideTask().check(cfg())
+    base = cfg()
+    cache_entry(cache, "other-slides", base, age=1, lesion_count=5)  # newest, but other slides
+    cache_entry(cache, "deeper", base, age=2, depth=3)  # other architecture: its weights do not fit
+    older = cache_entry(cache, "at-smt-size", base, age=4)  # trained at model.smt.image_size (64)
+    newer = cache_entry(cache, "at-tile-size", base, age=3, image_size=32)
+    checked = cfg()
+    SlideTask().check(checked)
+    assert checked.model.smt.encoder_checkpoint == str(older)  # the run's config (and record) names it
+    net = build_model(checked.model, 2, 64)
+    from safetensors.torch import load_file
+
+    weights = load_file(older / "model.safetensors")
+    for encoder in net.encoders:  # every encoder starts from it, head and all else but the position grid
+        assert torch.equal(encoder.blocks[1].mlp.fc1.weight, weights["blocks.1.mlp.fc1.weight"])
+    (older / "key.json").unlink()  # incomplete now: the one at another image size is next
+    checked = cfg()
+    SlideTask().check(checked)
+    assert checked.model.smt.encoder_checkpoint == str(newer)
+
+
 TINY = [
     "model=smt_micro", "dataset=smt_synthetic", "dataset.width=1024", "dataset.height=1024",
     "dataset.lesion_diameter_um=[40.0,80.0]", "dataset.slides_per_split=[4,2,2]", "dataset.batch_size=2",
@@ -175,19 +238,28 @@ def test_smt_trains_on_two_processes_with_the_memory_of_one(tmp_path):
     from patholite.pipelines.tasks.slides import SlideTask
 
     run, cache = tmp_path / "run", tmp_path / "cache"
+    cfg = compose_config([*TINY, "debug=fast"], tmp_path / "single", cache)
+    patch_classifier = cache_entry(cache, "patch-classifier", cfg, age=0)
     result = run_cli(
-        [*TINY, "debug=fast", "logger=csv", "accelerator.devices=2", f"paths.cache_dir={cache}",
-         f"hydra.run.dir={run}"],
+        [*TINY, "debug=fast", "logger=csv", "accelerator.devices=2", "model.smt.encoder_checkpoint=auto",
+         f"paths.cache_dir={cache}", f"hydra.run.dir={run}"],
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run / "metrics.json").read_text())
     assert record["status"] == "ok" and record["device"]["world_size"] == 2
     assert record["artifacts"][0]["name"] == "smt_fp32"
+    # the patch classifier found in the cache is named in the record, and the encoders started from it
+    assert record["config"]["model"]["smt"]["encoder_checkpoint"] == str(patch_classifier)
     checkpoint = torch.load(run / "checkpoints" / "train" / "last.ckpt", weights_only=True)
+    from safetensors.torch import load_file
+
+    start = load_file(patch_classifier / "model.safetensors")
+    for layer in range(3):  # learning rate 0: still the patch classifier's weights
+        trained = checkpoint["state_dict"][f"net.encoders.{layer}.blocks.0.attn.qkv.weight"]
+        assert torch.equal(trained, start["blocks.0.attn.qkv.weight"])
 
     # one process, the same 4 training slides in one batch, the same (unchanged: lr 0) weights
-    cfg = compose_config([*TINY, "debug=fast"], tmp_path / "single", cache)
     dm = SlideTask().datamodule(cfg, pin_memory=False)
     dm.prepare_data()
     dm.setup("fit")

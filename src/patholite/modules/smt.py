@@ -11,6 +11,12 @@ each slide with the inference walk up to the deepest trained layer and log the C
 
 Hyperparameters are plain containers and the focusing memory is plain lists and tensors, so checkpoints
 load with ``torch.load(weights_only=True)``.
+
+Under DDP each rank trains on its share of the slides and the focusing memory is all-gathered after every
+training step (``FocusMemory.synchronise``), not once per epoch: a key is updated once per epoch, so either
+gives the same memory at an epoch's end, but only the per-step exchange leaves every rank, and a checkpoint
+rank 0 writes mid-epoch (interruption, requeue), holding every update made so far. It costs one small
+collective per step (the keys updated in it and their P floats each) beside DDP's gradient all-reduce.
 """
 
 from __future__ import annotations

@@ -284,7 +284,8 @@ def auto_encoder_checkpoint(cfg: DictConfig) -> Path:
         if model.get("family") == "smt" or any(data.get(k) != v for k, v in wanted.items()):
             continue
         weights = _weights_shapes(entry / WEIGHTS)
-        if all(weights.get(k) == shape for k, shape in shapes.items()):
+        weights = {k: v for k, v in weights.items() if not k.startswith("head") and k != "pos_embed"}
+        if weights == shapes:  # the same tensors: a deeper or wider classifier does not load
             fitting.append((data.get("image_size") != int(s.image_size), entry))  # stable: newest first
     if not fitting:
         raise ConfigError(
