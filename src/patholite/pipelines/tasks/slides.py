@@ -20,6 +20,7 @@ from torch import nn
 from patholite.artifacts.int8_dynamic import save_int8_dynamic_artifact
 from patholite.artifacts.resolve import is_run_folder, resolve_artifact
 from patholite.artifacts.sidecar import read_sidecar
+from patholite.artifacts.torch_float import WEIGHTS
 from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
 from patholite.config.checks import choice, require
 from patholite.config.compression.qat import QatConfig
@@ -28,9 +29,11 @@ from patholite.errors import ConfigError
 from patholite.measure.cost import files_size, peak_rss_mb
 from patholite.measure.evaluate import bootstrap_accuracy_ci, count_architecture, parity
 from patholite.measure.metrics import QualityMeter
+from patholite.models.factory import create_network
 from patholite.models.smt import predict_slide
 from patholite.models.smt_focus import class_weights_from_counts
 from patholite.modules.smt import SMTModule
+from patholite.pipelines.cache import complete_entries
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.fit import Fitted, fit
 from patholite.pipelines.lightning import latest_checkpoint
@@ -250,8 +253,6 @@ SLIDE_IDENTITY = (
 def _encoder_shapes(model_cfg: DictConfig) -> dict[str, tuple[int, ...]]:
     """The tensor shapes one SMT encoder loads from a patch classifier (its head and position embedding,
     resampled on loading, left out); built on the meta device, so nothing is allocated."""
-    from patholite.models.factory import create_network
-
     with torch.device("meta"):
         spec = OmegaConf.to_container(model_cfg, resolve=True)
         net = create_network(spec, 2, int(model_cfg.smt.image_size))
@@ -271,9 +272,6 @@ def auto_encoder_checkpoint(cfg: DictConfig) -> Path:
     (``pipelines.cache``) holding a patch classifier of these slides (``SLIDE_IDENTITY`` equal) whose weights
     fit SMT's encoders, one trained at ``model.smt.image_size`` first. None there: a ConfigError naming the
     command that puts one there."""
-    from patholite.artifacts.torch_float import WEIGHTS
-    from patholite.pipelines.cache import complete_entries
-
     d, s = cfg.dataset, cfg.model.smt
     wanted = {k: OmegaConf.to_container(d, resolve=True).get(k) for k in SLIDE_IDENTITY if k in d}
     shapes = _encoder_shapes(cfg.model)
@@ -373,9 +371,8 @@ class SlideTask(Task):
             s.encoder_checkpoint = str(auto_encoder_checkpoint(cfg))
         elif s.encoder_checkpoint:
             s.encoder_checkpoint = encoder_weights(s.encoder_checkpoint)
-        # Under DDP: layers join at model.smt.start_epochs and the last layer has no focusing predictor, so
-        # some trained parameters get no gradient in a step by design; DDP must look for them (a no-op with
-        # one process)
+        # Under DDP: layers join at model.smt.start_epochs, so until then their parameters get no gradient by
+        # design and DDP must look for them (a no-op with one process)
         cfg.accelerator.find_unused_parameters = True
 
     def check_teacher(self, cfg: DictConfig, teacher_model: DictConfig, named: str) -> None:
