@@ -175,6 +175,7 @@ def cache_entry(cache, name: str, cfg, age: int, image_size: int = 64, depth: in
     from patholite.artifacts.torch_float import save_float_artifact
     from patholite.io import write_json
     from patholite.models.factory import create_network
+    from patholite.pipelines.cache import cache_inputs
 
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     spec["kwargs"] = {**spec["kwargs"], "depth": depth}
@@ -182,8 +183,11 @@ def cache_entry(cache, name: str, cfg, age: int, image_size: int = 64, depth: in
     encoder = create_network(spec, 2, int(cfg.model.smt.image_size)).encoders[0]
     entry = cache / "trained" / name
     save_float_artifact(encoder, entry, {"model": {"name": name}})
-    data = {**OmegaConf.to_container(cfg.dataset, resolve=True), "image_size": image_size, **dataset}
-    write_json(entry / "key.json", {"model": {"name": name, "family": "vit"}, "dataset": data})
+    # what publish() hashes for a tile classifier of this architecture trained on these slides' tiles
+    tile = OmegaConf.merge(cfg.model, {"name": name, "family": "vit", "smt": None})
+    inputs = cache_inputs(cfg, tile)
+    inputs["dataset"].update({"image_size": image_size, **dataset})
+    write_json(entry / "key.json", inputs)
     stamp = time.time() - age
     os.utime(entry / "key.json", (stamp, stamp))
     return entry
