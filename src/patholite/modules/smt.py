@@ -14,8 +14,8 @@ load with ``torch.load(weights_only=True)``.
 
 Under DDP each rank trains on its share of the slides and the focusing memory is all-gathered after every
 training step (``FocusMemory.synchronise``), not once per epoch: a key is updated once per epoch, so either
-gives the same memory at an epoch's end, but only the per-step exchange leaves every rank, and a checkpoint
-rank 0 writes mid-epoch (interruption, requeue), holding every update made so far. It costs one small
+gives the same memory at an epoch's end, but only the per-step exchange gives every rank, and a checkpoint
+that rank 0 writes mid-epoch (interruption, requeue), every update made so far. It costs one small
 collective per step (the keys updated in it and their P floats each) beside DDP's gradient all-reduce.
 """
 
