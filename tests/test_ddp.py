@@ -177,14 +177,6 @@ def test_gpu_ddp_without_cuda_fails_clearly(make_cfg):
         preflight(make_cfg("accelerator=gpu_ddp"))
 
 
-def test_smt_is_refused_under_ddp(make_cfg):
-    from patholite.pipelines.preflight import preflight
-
-    cfg = make_cfg("model=smt_micro", "dataset=smt_synthetic", "accelerator.devices=2")
-    with pytest.raises(ConfigError, match="focusing memory .* use accelerator.devices=1"):
-        preflight(cfg)
-
-
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_the_driver_frees_gpu_memory_before_a_spawned_fit(monkeypatch, tmp_path, world_size):
     """Under ddp_spawn rank 0 trains on GPU 0, where the driver evaluated before: the driver moves the

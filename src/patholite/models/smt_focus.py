@@ -12,7 +12,7 @@ Totals: ``L_V = sum_l fwd_l * L_cls_l + sum_l bwd_l * L_emb_l`` trains the encod
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from patholite.errors import CheckpointError, ConfigError
 
 FocusKey = tuple[int, ...]  # (slide, layer, *patch indices from the thumbnail down to this image)
+# One rank's updates since the last synchronisation: (key as a list, new S, epoch) per key
+Updates = list[tuple[list[int], torch.Tensor, int]]
+Gather = Callable[[Updates], list[Updates]]  # every rank's object, in rank order (all_gather_object)
 
 
 def focus_key(slide: int, path: Sequence[int]) -> FocusKey:
@@ -42,6 +45,9 @@ class FocusMemory:
     Each key is updated at most once per epoch (the first observation in an epoch counts; later ones in the
     same epoch are ignored), and one update is one ensembling step: a key not seen for a few epochs (its
     parent focused elsewhere) continues from its last value. Scores live on the CPU as float32.
+
+    Under DDP each rank updates the keys of the slides it sees; ``synchronise`` (called after every training
+    step on every rank) exchanges those updates, so all ranks hold the same memory at every step boundary.
     """
 
     def __init__(self, eps: float = 0.9) -> None:
@@ -50,6 +56,7 @@ class FocusMemory:
         self.eps = float(eps)
         self._scores: dict[FocusKey, torch.Tensor] = {}
         self._epochs: dict[FocusKey, int] = {}
+        self._pending: dict[FocusKey, None] = {}  # keys updated since the last synchronise (ordered)
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -75,7 +82,38 @@ class FocusMemory:
             prev = torch.zeros_like(g) if prev is None else prev
             self._scores[key] = self.eps * prev + (1.0 - self.eps) * g
             self._epochs[key] = int(epoch)
+            self._pending[key] = None
         return self.read(keys, width=grads.shape[-1]).to(grads.device)
+
+    def take_updates(self) -> Updates:
+        """This rank's updates since the last call, as ``(key, S, epoch)``: what it sends to the others."""
+        mine: Updates = [(list(k), self._scores[k], self._epochs[k]) for k in self._pending]
+        self._pending = {}
+        return mine
+
+    def merge(self, gathered: Sequence[Updates]) -> None:
+        """Apply every rank's updates (``gathered``: one list per rank, in rank order, this rank's included).
+
+        Within an epoch a key is updated at most once, so after a per-step exchange another rank can only
+        have updated a key in this same step, and only when the distributed sampler padded its share with a
+        slide another rank also holds. Such a key takes the lowest rank's value: every rank applies the same
+        rule to the same lists and keeps an identical memory."""
+        claimed: set[FocusKey] = set()
+        for updates in gathered:
+            for key_list, score, epoch in updates:
+                key = tuple(int(i) for i in key_list)
+                if key in claimed or self._epochs.get(key, -1) > int(epoch):
+                    continue
+                claimed.add(key)
+                self._scores[key] = score.detach().float().cpu()
+                self._epochs[key] = int(epoch)
+
+    def synchronise(self, gather: Gather | None) -> None:
+        """Exchange this rank's updates since the last call with every other rank and merge them all;
+        ``gather``: ``all_gather_object`` over the ranks (``process_group_gather``; None: one process)."""
+        mine = self.take_updates()
+        if gather is not None:
+            self.merge(gather(mine))
 
     def restart_epochs(self) -> None:
         """Keep the scores, forget when each was last updated: a new training stage (QAT fine-tuning)
@@ -112,6 +150,24 @@ class FocusMemory:
         self.eps = float(state.get("eps", self.eps))
         self._scores = {k: s.detach().float().cpu().clone() for k, s in zip(keys, scores, strict=True)}
         self._epochs = {k: int(e) for k, e in zip(keys, epochs.tolist(), strict=True)}
+        self._pending = {}
+
+
+def process_group_gather() -> Gather | None:
+    """For ``FocusMemory.synchronise``: ``all_gather_object`` over the initialised process group (every rank's
+    object in rank order; it pickles, so keys of any length and CPU tensors travel as they are), or None when
+    one process trains."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+
+    def gather(obj: Updates) -> list[Updates]:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    return gather
 
 
 # ---------------------------------------------------------------------------------------------- losses

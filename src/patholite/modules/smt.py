@@ -11,6 +11,12 @@ each slide with the inference walk up to the deepest trained layer and log the C
 
 Hyperparameters are plain containers and the focusing memory is plain lists and tensors, so checkpoints
 load with ``torch.load(weights_only=True)``.
+
+Under DDP each rank trains on its share of the slides and the focusing memory is all-gathered after every
+training step (``FocusMemory.synchronise``), not once per epoch: a key is updated once per epoch, so either
+gives the same memory at an epoch's end, but only the per-step exchange gives every rank, and a checkpoint
+that rank 0 writes mid-epoch (interruption, requeue), every update made so far. It costs one small
+collective per step (the keys updated in it and their P floats each) beside DDP's gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from patholite.models.smt_focus import (
     emb_loss,
     focus_key,
     focus_loss,
+    process_group_gather,
     ret_loss,
     schedule_weights,
 )
@@ -280,6 +287,9 @@ class SMTModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         epoch = self.current_epoch
         terms = self.step_losses(batch, epoch)
+        # every rank, every step (a collective under DDP): the memory is the same on all ranks at each step
+        # boundary, so a mid-epoch checkpoint (interruption, requeue) written by rank 0 holds every update
+        self.memory.synchronise(process_group_gather())
         if terms["depth"] == 0 or not terms["loss"].requires_grad:
             return None
         self.trained_depth = max(self.trained_depth, terms["depth"])
@@ -297,8 +307,12 @@ class SMTModule(L.LightningModule):
         for name in ("cls", "focus", "ret", "emb", "kd"):
             logs.update({f"train/{name}_{i}": v.detach() for i, v in enumerate(terms.get(name, []))})
         batch_size = len(batch["label"])
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log("train/reads", float(terms["reads"]), on_step=False, on_epoch=True, batch_size=batch_size)
+        # sync_dist: under DDP each epoch value is the mean over the ranks (a no-op in one process)
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        self.log(
+            "train/reads", float(terms["reads"]), on_step=False, on_epoch=True, batch_size=batch_size,
+            sync_dist=True,
+        )  # fmt: skip
         return terms["loss"].detach()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -373,27 +387,27 @@ class SMTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         loss = self._eval_step(batch, self.val_metrics, self.val_per_class)
         size = len(batch["label"])
-        self.log("val/loss", loss, prog_bar=True, batch_size=size)
+        self.log("val/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         self.log_dict(self.val_metrics, prog_bar=False, batch_size=size)
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss = self._eval_step(batch, self.test_metrics, self.test_per_class)
         size = len(batch["label"])
-        self.log("test/loss", loss, batch_size=size)
+        self.log("test/loss", loss, batch_size=size, sync_dist=True)
         self.log_dict(self.test_metrics, batch_size=size)
 
     def _log_per_class(self, stage: str, metrics) -> None:
         values = metrics.compute()
         for key in ("f1_per_class", "recall_per_class"):
             metric = key.removesuffix("_per_class")
-            self.log_dict(
-                {f"{stage}/{metric}/{name}": v for name, v in zip(self.class_names, values[key], strict=True)}
-            )
+            # sync_dist: equal on every rank already (computed from synced states); it silences Lightning
+            named = zip(self.class_names, values[key], strict=True)
+            self.log_dict({f"{stage}/{metric}/{name}": v for name, v in named}, sync_dist=True)
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_per_class("val", self.val_per_class)
-        self.log("val/depth", float(self.walk_depth()))
+        self.log("val/depth", float(self.walk_depth()), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_per_class("test", self.test_per_class)

@@ -110,6 +110,16 @@ def is_complete(entry: Path) -> bool:
     return (entry / KEY_FILE).is_file() and (entry / WEIGHTS).is_file() and (entry / SIDECAR).is_file()
 
 
+def complete_entries(cache_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every complete entry under ``<cache_dir>/trained`` with what was hashed for it, newest first: for a
+    run that looks for a trained model by what it is (``model.smt.encoder_checkpoint=auto``), not by one
+    exact key."""
+    root = Path(cache_dir).expanduser().resolve() / "trained"
+    entries = [e for e in root.iterdir() if e.is_dir() and is_complete(e)] if root.is_dir() else []
+    entries.sort(key=lambda e: (e / KEY_FILE).stat().st_mtime, reverse=True)
+    return [(e, json.loads((e / KEY_FILE).read_text())) for e in entries]
+
+
 def _lock(entry: Path) -> FileLock:
     entry.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(entry) + ".lock")

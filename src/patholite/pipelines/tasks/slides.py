@@ -6,6 +6,7 @@ fake-quantized Linear weights in eager mode, so the attention hook of the focusi
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -19,23 +20,30 @@ from torch import nn
 from patholite.artifacts.int8_dynamic import save_int8_dynamic_artifact
 from patholite.artifacts.resolve import is_run_folder, resolve_artifact
 from patholite.artifacts.sidecar import read_sidecar
+from patholite.artifacts.torch_float import WEIGHTS
 from patholite.compress.qat import convert_dynamic_qat, prepare_dynamic_qat
 from patholite.config.checks import choice, require
 from patholite.config.compression.qat import QatConfig
 from patholite.data import HistologyDataModule, SlideLevelDataModule
+from patholite.errors import ConfigError
 from patholite.io import write_json
 from patholite.measure.cost import files_size, peak_rss_mb
 from patholite.measure.evaluate import bootstrap_accuracy_ci, count_architecture, parity
 from patholite.measure.metrics import QualityMeter
+from patholite.models.factory import create_network
 from patholite.models.smt import ReadPolicy, predict_slide, read_policy
 from patholite.models.smt_aggregate import AGGREGATES, fit_attention
 from patholite.models.smt_focus import class_weights_from_counts
 from patholite.modules.smt import SMTModule
+from patholite.pipelines.cache import complete_entries
 from patholite.pipelines.context import RunContext
 from patholite.pipelines.fit import Fitted, fit
+from patholite.pipelines.lightning import latest_checkpoint
 from patholite.pipelines.tasks.base import Task
 from patholite.records import ArtifactRecord
 from patholite.wsi.region import Box, RegionReader, pixels_decoded, smt_tissue_mask
+
+log = logging.getLogger(__name__)
 
 SLIDE_LEVEL_DATASETS = ("smt_synthetic", "synthetic_slides", "camelyon16", "bach_wsi", "panda")
 MEMORY = "memory"  # Fitted.state key: the focusing memory a fine-tune continues
@@ -107,7 +115,20 @@ def train_smt(
         memory=memory,
     )
     fit(ctx, module, stage, epochs=epochs)  # leaves the best epoch's weights in module.net
+    if ctx.accelerator.spawns:
+        restore_spawned_memory(module, ctx.checkpoint_dir / stage)
     return module
+
+
+def restore_spawned_memory(module: SMTModule, checkpoint_dir: Path) -> None:
+    """Under ddp_spawn the ranks trained in child processes and only the weights came back: the focusing
+    memory (identical on every rank, synchronised each step) and the trained depth come from the stage's
+    last checkpoint, as one process would hold them after its last epoch."""
+    last = latest_checkpoint(checkpoint_dir)
+    if last is None:
+        log.warning("no checkpoint in %s: the spawned ranks' SMT focusing memory is lost", checkpoint_dir)
+        return
+    module.on_load_checkpoint(torch.load(last, map_location="cpu", weights_only=True))
 
 
 def walk_test_slides(
@@ -268,6 +289,65 @@ def smt_record(
     return record, logits
 
 
+AUTO = "auto"  # model.smt.encoder_checkpoint: a fitting patch classifier from the trained-model cache
+# the dataset keys that decide which slides (and split) a patch classifier learned from, and how its inputs
+# were normalised; loader, tile and augmentation settings are not compared (keys a dataset lacks are skipped)
+SLIDE_IDENTITY = (
+    "name", "root", "split_seed", "seed", "width", "height", "difficulty", "normal_share",
+    "lesion_diameter_um", "lesion_count", "mean", "std",
+)  # fmt: skip
+
+
+def _encoder_shapes(model_cfg: DictConfig) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes one SMT encoder loads from a patch classifier (its head and position embedding,
+    resampled on loading, left out); built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        spec = OmegaConf.to_container(model_cfg, resolve=True)
+        net = create_network(spec, 2, int(model_cfg.smt.image_size))
+    state = net.encoders[0].state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if not k.startswith("head") and k != "pos_embed"}
+
+
+def _weights_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # the header only: no tensor is read
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+
+
+def auto_encoder_checkpoint(cfg: DictConfig) -> Path:
+    """``model.smt.encoder_checkpoint=auto``: the newest complete entry of the trained-model cache
+    (``pipelines.cache``) holding a patch classifier of these slides (``SLIDE_IDENTITY`` equal) whose weights
+    fit SMT's encoders, one trained at ``model.smt.image_size`` first. None there: a ConfigError naming the
+    command that puts one there."""
+    d, s = cfg.dataset, cfg.model.smt
+    wanted = {k: OmegaConf.to_container(d, resolve=True).get(k) for k in SLIDE_IDENTITY if k in d}
+    shapes = _encoder_shapes(cfg.model)
+    entries = complete_entries(cfg.paths.cache_dir)
+    fitting = []
+    for entry, inputs in entries:
+        data, model = inputs.get("dataset") or {}, inputs.get("model") or {}
+        if model.get("family") == "smt" or any(data.get(k) != v for k, v in wanted.items()):
+            continue
+        weights = _weights_shapes(entry / WEIGHTS)
+        weights = {k: v for k, v in weights.items() if not k.startswith("head") and k != "pos_embed"}
+        if weights == shapes:  # the same tensors: a deeper or wider classifier does not load
+            fitting.append((data.get("image_size") != int(s.image_size), entry))  # stable: newest first
+    if not fitting:
+        raise ConfigError(
+            f"model.smt.encoder_checkpoint=auto: none of the {len(entries)} trained models in "
+            f"{Path(cfg.paths.cache_dir) / 'trained'} is a patch classifier of these slides (dataset="
+            f"{d.name}, same generator settings and normalisation) with {cfg.model.name}'s encoder "
+            f"architecture. Train one first (compression=none publishes it to the cache), e.g. "
+            f"python -m patholite.train model=deit_tiny dataset={d.name} dataset.image_size={s.image_size} "
+            "compression=none  (deit_tiny is model=smt's encoder), or name one: "
+            "model.smt.encoder_checkpoint=<tile classifier run folder or float artifact>"
+        )
+    chosen = sorted(fitting, key=lambda f: f[0])[0][1]
+    log.info("model.smt.encoder_checkpoint=auto: the patch classifier %s (trained-model cache)", chosen)
+    return chosen
+
+
 def encoder_weights(source: str) -> str:
     """``model.smt.encoder_checkpoint`` as models load it: a tile classifier's run folder becomes its ``fp32``
     artifact (resolved here, once, so models never see run folders); other paths stay as they are."""
@@ -337,16 +417,13 @@ class SlideTask(Task):
             "compression.export.onnx=true exports tile classifiers; an SMT walk reads regions between its "
             "encoders and has no single ONNX graph. Set compression.export.onnx=false",
         )
-        if s.encoder_checkpoint:
+        if s.encoder_checkpoint == AUTO:  # the entry used replaces "auto": the run record's config names it
+            s.encoder_checkpoint = str(auto_encoder_checkpoint(cfg))
+        elif s.encoder_checkpoint:
             s.encoder_checkpoint = encoder_weights(s.encoder_checkpoint)
-
-    def check_machine(self, cfg: DictConfig, world_size: int) -> None:
-        require(
-            world_size == 1,
-            f"model={cfg.model.name} trains in one process: its focusing memory (the per-slide temporal "
-            "ensemble of focusing scores) would split across DDP ranks that see different slides each epoch; "
-            "use accelerator.devices=1",
-        )
+        # Under DDP: layers join at model.smt.start_epochs, so until then their parameters get no gradient by
+        # design and DDP must look for them (a no-op with one process)
+        cfg.accelerator.find_unused_parameters = True
 
     def check_teacher(self, cfg: DictConfig, teacher_model: DictConfig, named: str) -> None:
         """An SMT student learns from a float SMT teacher of the same geometry, at logit level."""
