@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from patholite.accelerators.cluster import launched
 from patholite.data.images import probe_image, read_rgb
+from patholite.data.stain_norm import REFERENCE_TILES, fit_stain_norm
 from patholite.data.transforms import build_transform
 from patholite.errors import ConfigError, DatasetError
 from patholite.wsi.reader import read_slide_tile
@@ -241,10 +242,26 @@ class HistologyDataModule(L.LightningDataModule):
                 )
                 images = images.subset(keep)
             self.splits[split] = images
+        self.stain_norm = self._fit_stain_norm()
         self.datasets = {
-            split: ImageSetDataset(images, build_transform(self.cfg, train=split == "train"))
+            split: ImageSetDataset(images, self._transform(train=split == "train"))
             for split, images in self.splits.items()
         }
+
+    def _fit_stain_norm(self):
+        """``dataset.stain_norm``'s normaliser, fitted on ``dataset.stain_reference`` or a seeded sample of
+        the training tiles (None: no classical stain normalisation)."""
+        method, reference = self.cfg.get("stain_norm"), self.cfg.get("stain_reference")
+        if method is None and reference is None:
+            return None
+        train, sample = self.splits["train"], []
+        if not reference:
+            pick = stratified_subsample(train.labels, REFERENCE_TILES, self.cfg.split_seed)[:REFERENCE_TILES]
+            sample = [train.load(int(i)) for i in pick]
+        return fit_stain_norm(method, reference, sample)
+
+    def _transform(self, train: bool):
+        return build_transform(self.cfg, train=train, stain_norm=getattr(self, "stain_norm", None))
 
     @staticmethod
     def _probe(paths: list[str]) -> None:
@@ -281,7 +298,7 @@ class HistologyDataModule(L.LightningDataModule):
         if count < len(images):
             images = images.subset(stratified_subsample(images.labels, count, seed)[:count])
         loader = DataLoader(
-            ImageSetDataset(images, build_transform(self.cfg, train=False)),
+            ImageSetDataset(images, self._transform(train=False)),
             batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
             shuffle=False,
             num_workers=self.cfg.num_workers,
