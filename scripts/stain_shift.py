@@ -12,7 +12,7 @@ normal test split (the same tiles: the shift only re-renders them). Every arm is
 same seed on the same tiles: the difference of accuracy and its 95% percentile bootstrap interval (tiles
 resampled). Pooled over seeds, each tile's correctness is averaged over the seeds' models first.
 
-  PATHOLITE_ROOT=/work/runs-stain nice -n 5 python scripts/stain_shift.py --seeds 0 1 2 --epochs 10
+  PATHOLITE_ROOT=/work/runs-stain nice -n 5 python scripts/stain_shift.py --seeds 0 1 2
 Runs already finished (``metrics.json`` with status ok) are reused, so an interrupted sweep continues.
 """
 
@@ -53,6 +53,7 @@ def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
         "compression=none",
         "logger=csv",
         "accelerator=cpu",
+        f"accelerator.threads={args.threads}",
         f"seed={seed}",
         f"trainer.max_epochs={args.epochs}",
         f"dataset.image_size={args.image_size}",
@@ -121,15 +122,18 @@ def main() -> None:
     )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--model", default="vit_mini")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--model", default="vit_micro")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=32)
+    # one thread: on a shared 2-core machine two threads ran a training step 5x slower than one
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-per-class", type=int, default=400)
     parser.add_argument("--test-per-class", type=int, default=250)
     parser.add_argument("--rotate", type=float, default=30.0)
     parser.add_argument("--scale-h", type=float, default=1.4)
     parser.add_argument("--scale-e", type=float, default=0.6)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out or Path(os.environ.get("PATHOLITE_ROOT", ".")) / "stain_shift")
     results: dict = {"settings": vars(args), "runs": {}, "pooled": {}}
     correct: dict[str, dict[str, list[np.ndarray]]] = {}
