@@ -243,3 +243,25 @@ def test_datamodule_normalises_every_split(tmp_path) -> None:
     assert isinstance(dm.stain_norm, Reinhard)
     for split in ("train", "val", "test"):
         assert "StainNormalise(Reinhard)" in repr(dm.datasets[split].transform)
+
+
+def test_front_end_is_not_weight_decayed() -> None:
+    """AdamW decays weights toward 0; the unmixing matrix must stay near the deconvolution instead."""
+    from types import SimpleNamespace
+
+    from patholite.modules.classifier import adamw_warmup_cosine
+
+    net = create_network(STAINED, 4, 32)
+    optim = {
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.999],
+        "warmup_epochs": 1,
+        "min_lr_ratio": 0.01,
+    }
+    trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=2)
+    decay, no_decay = adamw_warmup_cosine(trainer, net, optim)["optimizer"].param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert any(p is net.stain.unmix for p in no_decay["params"])
+    assert not any(p is net.stain.unmix or p is net.stain.gains for p in decay["params"])
+    assert any(p is net.head.weight for p in decay["params"])
