@@ -13,6 +13,7 @@ from skimage.color import hed_from_rgb, rgb2hed
 from patholite.artifacts.onnx import OrtModule, save_onnx_artifact
 from patholite.artifacts.torch_float import load_float_artifact, save_float_artifact
 from patholite.config.schema import SyntheticConfig
+from patholite.data.base import ImageSet
 from patholite.data.stain_norm import Macenko, Reinhard, _lab, fit_stain_norm, macenko_vectors
 from patholite.data.synthetic.tiles import StainShift, SyntheticDataModule, generate_tile
 from patholite.errors import ConfigError
@@ -241,8 +242,13 @@ def test_datamodule_normalises_every_split(tmp_path) -> None:
     dm.cfg.stain_norm = "reinhard"
     dm.setup("fit")
     assert isinstance(dm.stain_norm, Reinhard)
-    for split in ("train", "val", "test"):
-        assert "StainNormalise(Reinhard)" in repr(dm.datasets[split].transform)
+    raw = dm.read_splits()
+    for split in ("train", "val", "test"):  # tiles in memory are normalised once, in setup
+        expect = np.stack([dm.stain_norm(image) for image in raw[split].images])
+        assert np.array_equal(dm.splits[split].images, expect)
+        assert "StainNormalise" not in repr(dm.datasets[split].transform)
+    lazy = ImageSet(labels=[0], paths=["tile.png"])  # images read from files: normalised in the transform
+    assert "StainNormalise(Reinhard)" in repr(dm._transform(lazy, train=False))
 
 
 def test_front_end_is_not_weight_decayed() -> None:

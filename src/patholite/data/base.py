@@ -243,8 +243,12 @@ class HistologyDataModule(L.LightningDataModule):
                 images = images.subset(keep)
             self.splits[split] = images
         self.stain_norm = self._fit_stain_norm()
+        if (
+            self.stain_norm is not None
+        ):  # deterministic: tiles held in memory are normalised once, not per epoch
+            self.splits = {split: self._normalised(images) for split, images in self.splits.items()}
         self.datasets = {
-            split: ImageSetDataset(images, self._transform(train=split == "train"))
+            split: ImageSetDataset(images, self._transform(images, train=split == "train"))
             for split, images in self.splits.items()
         }
 
@@ -260,8 +264,18 @@ class HistologyDataModule(L.LightningDataModule):
             sample = [train.load(int(i)) for i in pick]
         return fit_stain_norm(method, reference, sample)
 
-    def _transform(self, train: bool):
-        return build_transform(self.cfg, train=train, stain_norm=getattr(self, "stain_norm", None))
+    def _normalised(self, images: ImageSet) -> ImageSet:
+        """``images`` with the stain normaliser applied to the tiles held in memory; files read lazily keep
+        it in their transform (``_transform``)."""
+        if images.images is None:
+            return images
+        normalised = np.stack([self.stain_norm(image) for image in images.images])
+        return ImageSet(labels=images.labels, images=normalised, groups=images.groups)
+
+    def _transform(self, images: ImageSet, train: bool):
+        """The transform of ``images``; the stain normaliser is its first step for images read from files."""
+        norm = getattr(self, "stain_norm", None) if images.images is None else None
+        return build_transform(self.cfg, train=train, stain_norm=norm)
 
     @staticmethod
     def _probe(paths: list[str]) -> None:
@@ -298,7 +312,7 @@ class HistologyDataModule(L.LightningDataModule):
         if count < len(images):
             images = images.subset(stratified_subsample(images.labels, count, seed)[:count])
         loader = DataLoader(
-            ImageSetDataset(images, self._transform(train=False)),
+            ImageSetDataset(images, self._transform(images, train=False)),
             batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
             shuffle=False,
             num_workers=self.cfg.num_workers,
