@@ -48,6 +48,20 @@ class DatasetConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # classical stain normalisation of every split's images (data/stain_norm.py): null | macenko | reinhard,
+    # toward stain_reference: an image file, or null for the training split's statistics
+    stain_norm: str | None = None
+    stain_reference: str | None = None
+
+
+@dataclass
+class StainShiftConfig:
+    """A shifted staining of the synthetic test split only (another lab): both stain vectors turned about
+    the grey axis of optical-density space (a hue shift) and each stain's density scaled."""
+
+    rotate_deg: float = 0.0  # in [-60, 60]
+    scale_h: float = 1.0  # haematoxylin density factor, in (0, 4]
+    scale_e: float = 1.0  # eosin density factor, in (0, 4]
 
 
 @dataclass
@@ -62,6 +76,7 @@ class SyntheticConfig(DatasetConfig):
     difficulty: float = 0.5  # 0: classes far apart, 1: heavily overlapping
     seed: int = 0
     cache_dir: str = "${paths.cache_dir}/synthetic"
+    stain_shift: StainShiftConfig = field(default_factory=StainShiftConfig)  # test split only
 
 
 @dataclass
@@ -190,6 +205,10 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     smt: SmtConfig | None = None  # family smt only
+    # R1's learnable stain front-end (models/stain.py) in front of the network: null (none) | learnable.
+    # stain_vectors: 2 or 3 RGB optical-density rows (null: Ruifrok & Johnston's H&E/DAB)
+    stain: str | None = None
+    stain_vectors: list[list[float]] | None = None
 
 
 # ----------------------------------------------------------------------------------------- accelerator

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from patholite.accelerators.cluster import launched
 from patholite.data.images import probe_image, read_rgb
+from patholite.data.stain_norm import REFERENCE_TILES, fit_stain_norm
 from patholite.data.transforms import build_transform
 from patholite.errors import ConfigError, DatasetError
 from patholite.wsi.reader import read_slide_tile
@@ -241,10 +242,40 @@ class HistologyDataModule(L.LightningDataModule):
                 )
                 images = images.subset(keep)
             self.splits[split] = images
+        self.stain_norm = self._fit_stain_norm()
+        if (
+            self.stain_norm is not None
+        ):  # deterministic: tiles held in memory are normalised once, not per epoch
+            self.splits = {split: self._normalised(images) for split, images in self.splits.items()}
         self.datasets = {
-            split: ImageSetDataset(images, build_transform(self.cfg, train=split == "train"))
+            split: ImageSetDataset(images, self._transform(images, train=split == "train"))
             for split, images in self.splits.items()
         }
+
+    def _fit_stain_norm(self):
+        """``dataset.stain_norm``'s normaliser, fitted on ``dataset.stain_reference`` or a seeded sample of
+        the training tiles (None: no classical stain normalisation)."""
+        method, reference = self.cfg.get("stain_norm"), self.cfg.get("stain_reference")
+        if method is None and reference is None:
+            return None
+        train, sample = self.splits["train"], []
+        if not reference:
+            pick = stratified_subsample(train.labels, REFERENCE_TILES, self.cfg.split_seed)[:REFERENCE_TILES]
+            sample = [train.load(int(i)) for i in pick]
+        return fit_stain_norm(method, reference, sample)
+
+    def _normalised(self, images: ImageSet) -> ImageSet:
+        """``images`` with the stain normaliser applied to the tiles held in memory; files read lazily keep
+        it in their transform (``_transform``)."""
+        if images.images is None:
+            return images
+        normalised = np.stack([self.stain_norm(image) for image in images.images])
+        return ImageSet(labels=images.labels, images=normalised, groups=images.groups)
+
+    def _transform(self, images: ImageSet, train: bool):
+        """The transform of ``images``; the stain normaliser is its first step for images read from files."""
+        norm = getattr(self, "stain_norm", None) if images.images is None else None
+        return build_transform(self.cfg, train=train, stain_norm=norm)
 
     @staticmethod
     def _probe(paths: list[str]) -> None:
@@ -281,7 +312,7 @@ class HistologyDataModule(L.LightningDataModule):
         if count < len(images):
             images = images.subset(stratified_subsample(images.labels, count, seed)[:count])
         loader = DataLoader(
-            ImageSetDataset(images, build_transform(self.cfg, train=False)),
+            ImageSetDataset(images, self._transform(images, train=False)),
             batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
             shuffle=False,
             num_workers=self.cfg.num_workers,

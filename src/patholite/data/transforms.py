@@ -3,9 +3,13 @@ for training (tissue has no orientation, and stain intensity varies from lab to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from patholite.data.stain_norm import StainNormalise
 
 # Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB) as optical densities of RGB.
 _RGB_FROM_HED = torch.tensor(
@@ -48,9 +52,11 @@ class ToTensorImage(torch.nn.Module):
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
-def build_transform(cfg, train: bool) -> v2.Compose:
-    """The transform of one split for the dataset config ``cfg``."""
-    steps: list[torch.nn.Module] = [
+def build_transform(cfg, train: bool, stain_norm: Callable | None = None) -> v2.Compose:
+    """The transform of one split for the dataset config ``cfg``; ``stain_norm``: a fitted classical stain
+    normaliser (``data/stain_norm.py``), applied first, to every split."""
+    steps: list[Callable] = [StainNormalise(stain_norm)] if stain_norm is not None else []
+    steps += [
         ToTensorImage(),
         v2.Resize((cfg.image_size, cfg.image_size), antialias=True),
     ]

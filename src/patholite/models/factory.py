@@ -30,6 +30,7 @@ from patholite.models.hub import (
 )
 from patholite.models.pyramid import PyramidViT, default_pyramid_blocks
 from patholite.models.smt import smt_from_config
+from patholite.models.stain import attach_stain
 
 # Lightning modules (ours keep the network as `net`), DDP and torch.compile wrap keys in these prefixes.
 _PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
@@ -69,7 +70,7 @@ def create_network(model_cfg: Any, num_classes: int, image_size: int) -> nn.Modu
             )
         blocks = pyramid.get("blocks") or default_pyramid_blocks(len(net.blocks))
         net = PyramidViT(net, num_classes, list(blocks))
-    return net
+    return attach_stain(net, cfg)  # model.stain: the learnable stain front-end (models/stain.py)
 
 
 def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
@@ -226,7 +227,12 @@ def load_state(net: nn.Module, state: dict[str, torch.Tensor], named: str, skip_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # loading into meta tensors is a no-op that torch warns about
         result = net.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not ((skip_head or fresh) and k in head)]
+    # weights trained without the stain front-end: it keeps its initialisation (the identity)
+    missing = [
+        k
+        for k in result.missing_keys
+        if not ((skip_head or fresh) and k in head) and not k.startswith("stain.")
+    ]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{named} does not match the model: missing {missing[:5]}, "

@@ -126,10 +126,10 @@ def adamw_warmup_cosine(trainer: L.Trainer, owner: nn.Module, cfg: dict[str, Any
     for name, param in owner.named_parameters():
         if not param.requires_grad:
             continue
-        # norms, biases and token/position embeddings are not weight-decayed (timm's convention)
-        (
-            no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay
-        ).append(param)
+        # norms, biases and token/position embeddings are not weight-decayed (timm's convention), nor the
+        # stain front-end's unmixing matrix (models/stain.py): decay would pull it from the deconvolution to 0
+        keep = name.endswith(("pos_embed", "cls_token", "dist_token")) or "stain" in name.split(".")
+        (no_decay if param.ndim <= 1 or keep else decay).append(param)
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg["weight_decay"]},

@@ -16,6 +16,7 @@ from patholite.data.base import check_global_batch
 from patholite.errors import ConfigError
 from patholite.models.fits import check_model_fits
 from patholite.models.hub import locate_hub_weights, model_normalisation
+from patholite.models.stain import prepare_stain
 from patholite.pipelines.stages import check_stages, stage_task
 from patholite.pipelines.tasks import Task, task_for
 from patholite.pipelines.teacher import Teacher, check_teacher_fits, resolve_teacher
@@ -40,6 +41,7 @@ def check_run(cfg: DictConfig) -> tuple[Task, ResolvedAccelerator, Teacher | Non
     task = task_for(cfg.model, stage_task(cfg.compression))
     task.check(cfg)
     prepare_hub_weights(cfg)
+    prepare_stain(cfg)
     accelerator = resolve_accelerator(cfg.accelerator)
     check_global_batch(cfg.dataset, accelerator.world_size)
     task.check_machine(cfg, accelerator.world_size)

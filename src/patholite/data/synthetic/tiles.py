@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -55,6 +56,50 @@ _E_VEC = np.array([0.2159, 0.8012, 0.5581])
 # The tissue field one tile shows, whatever its pixel size: the synthetic slides draw a tile as 256 px at
 # 0.5 um/px, so a model trained on these tiles reads slides at TILE_FIELD_UM / tile_size um/px.
 TILE_FIELD_UM = 128.0
+_GREY = np.ones(3) / np.sqrt(3.0)  # the grey axis of OD space: turning a stain about it changes its hue only
+
+
+@dataclass(frozen=True)
+class StainShift:
+    """Another lab's staining (``dataset.stain_shift``, test split only): both stain vectors turned by
+    ``rotate_deg`` about the grey axis of optical density (a hue shift that keeps them positive up to 60
+    degrees) and the haematoxylin and eosin densities scaled. The tiles' tissue is the same as unshifted:
+    the same random draws, only rendered in other colours."""
+
+    rotate_deg: float = 0.0
+    scale_h: float = 1.0
+    scale_e: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> StainShift:
+        """The shift ``dataset.stain_shift`` describes, checked (one clear error naming the key)."""
+        shift = cls(float(cfg.rotate_deg), float(cfg.scale_h), float(cfg.scale_e))
+        if not -60.0 <= shift.rotate_deg <= 60.0:
+            raise ConfigError(
+                f"dataset.stain_shift.rotate_deg={shift.rotate_deg} must lie in [-60, 60] degrees (beyond, "
+                "the stain vectors turn negative: no staining does that)"
+            )
+        for key in ("scale_h", "scale_e"):
+            value = getattr(shift, key)
+            if not (math.isfinite(value) and 0.0 < value <= 4.0):
+                raise ConfigError(f"dataset.stain_shift.{key}={value} must lie in (0, 4] (1: unchanged)")
+        return shift
+
+    @property
+    def neutral(self) -> bool:
+        return self.rotate_deg == 0.0 and self.scale_h == 1.0 and self.scale_e == 1.0
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The haematoxylin and eosin OD vectors turned about the grey axis (Rodrigues' formula)."""
+        cos, sin = math.cos(math.radians(self.rotate_deg)), math.sin(math.radians(self.rotate_deg))
+
+        def turn(v: np.ndarray) -> np.ndarray:
+            return v * cos + np.cross(_GREY, v) * sin + _GREY * (_GREY @ v) * (1 - cos)
+
+        return turn(_H_VEC), turn(_E_VEC)
+
+
+NO_SHIFT = StainShift()
 _SUPERSAMPLE = 2  # draw at twice the size and downsample: smooth edges without anti-aliased float drawing
 _BASE = 96.0  # lengths below are in pixels of a 96-px tile and scale with the size
 
@@ -282,11 +327,18 @@ class _Canvas:
 
 
 def _to_rgb(
-    rng: np.random.Generator, haem: np.ndarray, eosin: np.ndarray, size: int, difficulty: float
+    rng: np.random.Generator,
+    haem: np.ndarray,
+    eosin: np.ndarray,
+    size: int,
+    difficulty: float,
+    shift: StainShift = NO_SHIFT,
 ) -> np.ndarray:
     """Beer-Lambert mixing with per-tile stain vectors and strengths, then optics: blur and sensor noise."""
     spread, tilt = 0.10 + 0.25 * difficulty, 0.02 + 0.05 * difficulty
-    h_vec, e_vec = _H_VEC + rng.normal(0, tilt, 3), _E_VEC + rng.normal(0, tilt, 3)
+    base_h, base_e = shift.vectors()
+    haem, eosin = haem * np.float32(shift.scale_h), eosin * np.float32(shift.scale_e)
+    h_vec, e_vec = base_h + rng.normal(0, tilt, 3), base_e + rng.normal(0, tilt, 3)
     stains = np.stack([h_vec / np.linalg.norm(h_vec), e_vec / np.linalg.norm(e_vec)], 1).astype(np.float32)
     gain_h, gain_e = rng.uniform(1 - spread, 1 + spread), rng.uniform(1 - spread, 1 + spread)
     amounts = cv2.merge([haem * gain_h, eosin * gain_e])
@@ -298,8 +350,11 @@ def _to_rgb(
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def generate_tile(rng: np.random.Generator, label: int, size: int, difficulty: float) -> np.ndarray:
-    """One HxWx3 uint8 H&E-like tile of class ``label`` (an index into ``SYNTHETIC_CLASSES``)."""
+def generate_tile(
+    rng: np.random.Generator, label: int, size: int, difficulty: float, shift: StainShift = NO_SHIFT
+) -> np.ndarray:
+    """One HxWx3 uint8 H&E-like tile of class ``label`` (an index into ``SYNTHETIC_CLASSES``), stained as
+    ``shift`` says."""
     canvas = _Canvas(rng, size, sample_latents(rng, label, difficulty))
     z = canvas.z
     if rng.random() < 0.1 + 0.45 * (1 - z[GLANDS]) * (1 - z[ATYPIA]):  # fat: any class, most in normal breast
@@ -309,11 +364,11 @@ def generate_tile(rng: np.random.Generator, label: int, size: int, difficulty: f
     canvas.infiltrate()
     for gland in glands:
         canvas.gland(*gland)
-    return _to_rgb(rng, *canvas.optical_density(), size, difficulty)
+    return _to_rgb(rng, *canvas.optical_density(), size, difficulty, shift)
 
 
 def generate_split(
-    n_per_class: int, size: int, difficulty: float, seed: int
+    n_per_class: int, size: int, difficulty: float, seed: int, shift: StainShift = NO_SHIFT
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n_per_class`` tiles per class in seeded, shuffled order: images (N,H,W,3) uint8, labels int64."""
     rng = np.random.default_rng(seed)
@@ -321,7 +376,7 @@ def generate_split(
     images = np.empty((len(labels), size, size, 3), np.uint8)
     with Progress(f"synthetic {size}-px tiles", len(labels), "tiles") as progress:
         for i, label in enumerate(labels):
-            images[i] = generate_tile(rng, int(label), size, difficulty)
+            images[i] = generate_tile(rng, int(label), size, difficulty, shift)
             progress.advance()
     return images, labels
 
@@ -333,10 +388,18 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def cache_path(
-    cache_dir: Path, split: str, n_per_class: int, size: int, difficulty: float, seed: int
+    cache_dir: Path,
+    split: str,
+    n_per_class: int,
+    size: int,
+    difficulty: float,
+    seed: int,
+    shift: StainShift = NO_SHIFT,
 ) -> Path:
     """The split's cache file, named by a hash of everything that determines its tiles."""
     key = [GENERATOR_VERSION, split, n_per_class, size, round(float(difficulty), 6), seed]
+    if not shift.neutral:  # unshifted splits keep the names they always had
+        key.append([round(v, 6) for v in (shift.rotate_deg, shift.scale_h, shift.scale_e)])
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     return cache_dir / f"synthetic-{split}-{digest}.npz"
 
@@ -358,10 +421,16 @@ def _read_cache(path: Path, n: int, size: int, warn: bool) -> ImageSet | None:
 
 
 def load_or_generate(
-    cache_dir: Path, split: str, n_per_class: int, size: int, difficulty: float, seed: int
+    cache_dir: Path,
+    split: str,
+    n_per_class: int,
+    size: int,
+    difficulty: float,
+    seed: int,
+    shift: StainShift = NO_SHIFT,
 ) -> ImageSet:
     """The split from the cache, generated (once, under a file lock shared by parallel jobs) if absent."""
-    path = cache_path(cache_dir, split, n_per_class, size, difficulty, seed)
+    path = cache_path(cache_dir, split, n_per_class, size, difficulty, seed, shift)
     n = n_per_class * len(SYNTHETIC_CLASSES)
     cached = _read_cache(path, n, size, warn=False)  # the common case: no lock needed, writes are atomic
     if cached is not None:
@@ -373,7 +442,7 @@ def load_or_generate(
             if cached is not None:
                 return cached
             log.info("generating %d synthetic %s tiles into %s", n, split, path)
-            images, labels = generate_split(n_per_class, size, difficulty, split_seed(seed, split))
+            images, labels = generate_split(n_per_class, size, difficulty, split_seed(seed, split), shift)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, images=images, labels=labels)  # uncompressed: loads in a blink, tiles are small
     except OSError as err:
@@ -408,12 +477,19 @@ class SyntheticDataModule(HistologyDataModule):
             raise ConfigError(
                 f"dataset.tile_size={cfg.tile_size} is too small to draw tissue; use 16 or more"
             )
+        shift = StainShift.from_config(cfg.stain_shift)
         splits = {}
         for split in SPLITS:
             if self.per_class(split) < 1:
                 raise ConfigError(f"dataset.{split}_per_class={self.per_class(split)} must be at least 1")
             cache_dir = Path(cfg.cache_dir).expanduser()
             splits[split] = load_or_generate(
-                cache_dir, split, self.per_class(split), cfg.tile_size, cfg.difficulty, cfg.seed
+                cache_dir,
+                split,
+                self.per_class(split),
+                cfg.tile_size,
+                cfg.difficulty,
+                cfg.seed,
+                shift if split == "test" else NO_SHIFT,  # another lab's staining: the test split only
             )
         return splits

@@ -1,0 +1,186 @@
+"""Accuracy under a stain shift: train on the synthetic tiles' normal staining, test on a shifted one.
+
+Arms (same data, schedule and default augmentation; only the stain handling differs):
+  none       no stain handling
+  learnable  the learnable stain front-end (model.stain=learnable)
+  macenko    Macenko normalisation toward the training split (dataset.stain_norm=macenko)
+  reinhard   Reinhard normalisation toward the training split (dataset.stain_norm=reinhard)
+
+Each arm and seed is one ``python -m patholite.train`` run (compression=none) whose test split is
+re-stained with ``dataset.stain_shift``; its float artifact is then evaluated here on the shifted and on the
+normal test split (the same tiles: the shift only re-renders them). Every arm is paired with ``none`` of the
+same seed on the same tiles: the difference of accuracy and its 95% percentile bootstrap interval (tiles
+resampled). Pooled over seeds, each tile's correctness is averaged over the seeds' models first.
+
+  PATHOLITE_ROOT=/work/runs-stain nice -n 5 python scripts/stain_shift.py --seeds 0 1 2
+Runs already finished (``metrics.json`` with status ok) are reused, so an interrupted sweep continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from patholite.artifacts.load import load_artifact
+from patholite.data.families import build_datamodule
+from patholite.measure.evaluate import bootstrap_accuracy_ci
+from patholite.measure.stats import bootstrap
+
+ARMS = {
+    "none": [],
+    "learnable": ["model.stain=learnable"],
+    "macenko": ["dataset.stain_norm=macenko"],
+    "reinhard": ["dataset.stain_norm=reinhard"],
+}
+
+
+def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
+    """One training run of ``arm`` (skipped when its record says ok)."""
+    record = run_dir / "metrics.json"
+    if record.exists() and json.loads(record.read_text()).get("status") == "ok":
+        return
+    overrides = [
+        "dataset=synthetic",
+        f"model={args.model}",
+        "compression=none",
+        "logger=csv",
+        "accelerator=cpu",
+        f"accelerator.threads={args.threads}",
+        f"seed={seed}",
+        f"trainer.max_epochs={args.epochs}",
+        f"dataset.image_size={args.image_size}",
+        f"dataset.train_per_class={args.train_per_class}",
+        f"dataset.test_per_class={args.test_per_class}",
+        f"dataset.stain_shift.rotate_deg={args.rotate}",
+        f"dataset.stain_shift.scale_h={args.scale_h}",
+        f"dataset.stain_shift.scale_e={args.scale_e}",
+        "callbacks.progress_bar=none",
+        "bench.isolation=process",
+        "bench.batch_sizes=[8]",
+        "bench.warmup=1",
+        "bench.iters=2",
+        "bench.repeats=1",
+        f"hydra.run.dir={run_dir}",
+        *ARMS[arm],
+    ]
+    print(f"[stain_shift] training {arm} seed {seed}", flush=True)
+    subprocess.run([sys.executable, "-m", "patholite.train", *overrides], check=True)
+
+
+@torch.no_grad()
+def predictions(net: torch.nn.Module, dataset_cfg, shifted: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true labels of the test split, shifted as configured or not at all."""
+    cfg = OmegaConf.create(OmegaConf.to_container(dataset_cfg, resolve=True))
+    if not shifted:
+        cfg.stain_shift = {"rotate_deg": 0.0, "scale_h": 1.0, "scale_e": 1.0}
+    dm = build_datamodule(cfg)
+    dm.setup("test")
+    preds, labels = [], []
+    for images, y in dm.test_dataloader():
+        preds.append(net(images).argmax(1).numpy())
+        labels.append(y.numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def evaluate(run_dir: Path) -> dict[str, np.ndarray]:
+    """Per-tile correctness of the run's fp32 artifact on the shifted and the normal test split."""
+    cache = run_dir / "stain_shift_eval.npz"
+    if cache.exists():
+        with np.load(cache) as data:
+            return dict(data)
+    net, _ = load_artifact(run_dir / "artifacts" / "fp32")
+    dataset_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml").dataset
+    out = {}
+    for name, shifted in (("shifted", True), ("normal", False)):
+        pred, y = predictions(net.eval(), dataset_cfg, shifted)
+        out[name] = (pred == y).astype(np.float64)
+    np.savez(cache, **out)
+    return out
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Accuracy of ``a`` minus ``b`` (per-tile correctness, same tiles) with its 95% bootstrap interval."""
+    diff = torch.as_tensor(a - b)
+    result = bootstrap(lambda idx: diff[idx].mean(dim=1), len(diff), resamples=2000, seed=0)
+    return {"difference": result["value"], "ci95": result["ci"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default=None, help="folder of the runs (default $PATHOLITE_ROOT/stain_shift)"
+    )
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--model", default="vit_micro")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=32)
+    # one thread: on a shared 2-core machine two threads ran a training step 5x slower than one
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-per-class", type=int, default=400)
+    parser.add_argument("--test-per-class", type=int, default=250)
+    parser.add_argument("--rotate", type=float, default=30.0)
+    parser.add_argument("--scale-h", type=float, default=1.4)
+    parser.add_argument("--scale-e", type=float, default=0.6)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or Path(os.environ.get("PATHOLITE_ROOT", ".")) / "stain_shift")
+    results: dict = {"settings": vars(args), "runs": {}, "pooled": {}}
+    correct: dict[str, dict[str, list[np.ndarray]]] = {}
+    for seed in args.seeds:
+        for arm in args.arms:
+            run_dir = out / f"{arm}-s{seed}"
+            train(run_dir, arm, seed, args)
+            c = evaluate(run_dir)
+            for split in ("shifted", "normal"):
+                correct.setdefault(arm, {}).setdefault(split, []).append(c[split])
+            row = {
+                split: {
+                    "accuracy": float(c[split].mean()),
+                    "ci95": bootstrap_accuracy_ci(torch.as_tensor(c[split])),
+                }
+                for split in ("shifted", "normal")
+            }
+            if arm != "none" and "none" in args.arms:
+                row["vs_none_shifted"] = paired(c["shifted"], evaluate(out / f"none-s{seed}")["shifted"])
+            results["runs"][f"{arm}-s{seed}"] = row
+            print(f"[stain_shift] {arm} seed {seed}: {json.dumps(row)}", flush=True)
+    for arm, splits in correct.items():
+        mean = {split: np.mean(values, axis=0) for split, values in splits.items()}
+        row = {
+            split: {"accuracy": float(m.mean()), "ci95": bootstrap_accuracy_ci(torch.as_tensor(m))}
+            for split, m in mean.items()
+        }
+        if arm != "none" and "none" in correct:
+            row["vs_none_shifted"] = paired(mean["shifted"], np.mean(correct["none"]["shifted"], axis=0))
+        results["pooled"][arm] = row
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    print("| arm | normal test acc [95% CI] | shifted test acc [95% CI] | shifted, vs none [95% CI] |")
+    print("| --- | --- | --- | --- |")
+    for arm, row in results["pooled"].items():
+
+        def fmt(block: dict) -> str:
+            lo, hi = block["ci95"]
+            return f"{100 * block['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+        vs = row.get("vs_none_shifted")
+        diff = (
+            f"{100 * vs['difference']:+.1f} pp [{100 * vs['ci95'][0]:+.1f}, {100 * vs['ci95'][1]:+.1f}]"
+            if vs
+            else "-"
+        )
+        print(f"| {arm} | {fmt(row['normal'])} | {fmt(row['shifted'])} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()
