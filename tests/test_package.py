@@ -37,8 +37,9 @@ SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 MODEL_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 # imported under another name than the distribution's, and not installed here (optional extras)
 MODULE_DISTRIBUTIONS = {"pynvml": "nvidia-ml-py", "torch_npu": "torch-npu"}
-# needed by an import without being imported: OpenSlide's library, tifffile's JPEG codec
-UNIMPORTED_DEPENDENCIES = {"openslide-bin", "imagecodecs"}
+# needed by an import without being imported: OpenSlide's library, tifffile's JPEG codec, and what
+# onnxruntime.quantization's MatMulNBitsQuantizer (ptq mixed_int4) imports without declaring it
+UNIMPORTED_DEPENDENCIES = {"openslide-bin", "imagecodecs", "onnx-ir"}
 
 
 def _name(requirement: str) -> str:
