@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import patholite.accelerators.machine as machine
 import patholite.artifacts.openvino as ov_art
 from patholite import artifacts as art
 from patholite.artifacts.load import load_artifact
@@ -164,7 +165,7 @@ def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cf
 
 # ----------------------------------------------------------------------------------------- bf16
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch, tmp_path, float_onnx, make_cfg):
-    monkeypatch.setattr(ov_art, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_vnni"})
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_vnni"})
     reason = ov_art.bf16_unsupported_reason()
     assert "no native bf16" in reason and "avx512_bf16" in reason
     # an artifact saved on a bf16 CPU, loaded here: one clear error, nothing compiled
@@ -187,7 +188,7 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch, tmp_path, flo
         check_variants(["ov_bf16"])
     # with AVX512-BF16 or AMX it runs
     for flags in ({"avx512f", "avx512_bf16"}, {"amx_bf16", "amx_tile"}):
-        monkeypatch.setattr(ov_art, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(machine, "cpu_flags", lambda flags=flags: flags)
         assert ov_art.bf16_unsupported_reason() is None
 
 
