@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import artifacts as art
 from patholite import tracking
-from patholite.accelerators.resolve import resolve_accelerator
 from patholite.accelerators.machine import bf16_unsupported_reason
+from patholite.accelerators.resolve import resolve_accelerator
 from patholite.artifacts.torch_autocast import save_autocast_artifact
 from patholite.compress.nncf_ptq import import_nncf, import_openvino
 from patholite.config.options import CONF_DIR

@@ -41,7 +41,7 @@ ARM_FEATURES = ("asimddp", "i8mm", "bf16", "sve")
 HEADLINE = ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16", "avx_vnni", "i8mm", "bf16", "asimddp")
 UNKNOWN = "unknown"
 UNKNOWN_MACHINE = "unknown machine"
-# CPU flags that execute bf16 natively. x86: AVX512-BF16 (Cooper Lake, Zen 4) or AMX-BF16 (Sapphire Rapids on).
+# CPU flags that execute bf16 natively. x86: AVX512-BF16 (Cooper Lake, Zen 4) or AMX-BF16 (Sapphire Rapids+).
 # ARM: the BF16 extension (Armv8.6 BFDOT/BFMMLA: Graviton3, Neoverse V1/N2), which torch's oneDNN + Arm
 # Compute Library use for bf16 matmuls; OpenVINO's CPU plugin runs bf16 on x86-64 only (f32/f16 on ARM).
 NATIVE_BF16_X86 = ("avx512_bf16", "amx_bf16")

@@ -38,7 +38,7 @@ KIND = "openvino"
 XML_FILE = "model.xml"
 BIN_FILE = "model.bin"
 PRECISIONS = ("f32", "bf16")
-# what a user may ask for: a precision, or ``auto``, OpenVINO's own default on this CPU (``resolve_precision``)
+# what a user may ask for: a precision, or ``auto``: OpenVINO's own default here (``resolve_precision``)
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 

@@ -1,6 +1,6 @@
-"""``ptq``: post-training INT8 (and OpenVINO's FP32/bf16, torch's bf16 autocast) of the current float model, by every method
-``compression.ptq.methods`` lists. ``METHODS`` is the one list of them: each makes one artifact, for the
-tasks it names.
+"""``ptq``: post-training INT8 (and OpenVINO's FP32/bf16, torch's bf16 autocast) of the current float
+model, by every method ``compression.ptq.methods`` lists. ``METHODS`` is the one list of them: each makes
+one artifact, for the tasks it names.
 
 The ``save_*`` functions make an INT8 artifact from a float network or ONNX file; the benchmark uses them
 too, on random weights."""
