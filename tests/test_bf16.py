@@ -115,6 +115,18 @@ def test_autocast_artifact_saves_fp32_weights_and_reloads_without_pickle(micro, 
         save_autocast_artifact(net, tmp_path / "half", meta, autocast="float16")
 
 
+
+def test_the_slide_engine_runs_the_autocast_artifact_on_the_cpu_only(micro, tmp_path, native):
+    from patholite.slides.inference import load_classifier
+
+    net, meta = micro
+    save_autocast_artifact(net, tmp_path / "bf16", {**meta, "mpp": 2.0, "tile_size": SIZE})
+    model, _ = load_classifier(tmp_path / "bf16")  # the engine's loader: runs it once, checks its classes
+    assert isinstance(model, AutocastModule)
+    with pytest.raises(ConfigError, match="runs on the CPU: use engine.device=cpu"):
+        load_classifier(tmp_path / "bf16", device="cuda")
+
+
 def test_bf16_is_refused_without_native_bf16(micro, tmp_path, make_cfg, no_bf16):
     net, meta = micro
     save_autocast_artifact(net, tmp_path / "bf16", meta)  # saved on a bf16 CPU, loaded here

@@ -229,7 +229,9 @@ def test_bench_builds_the_openvino_variants(tmp_path):
     fp32, _ = load_artifact(dirs[0])
     ov_fp32, meta = load_artifact(dirs[1])
     int8, int8_meta = load_artifact(dirs[2])
-    assert meta["precision"] == int8_meta["precision"] == "f32"
+    assert meta["precision"] == "f32"  # ov_fp32: f32 always; ov_int8_nncf: the ptq default, auto
+    assert int8_meta["precision"] == ov_art.resolve_precision("auto")
+    assert int8_meta["precision_requested"] == "auto"
     assert int8_meta["quantization"]["calibration_images"] == 16
     with torch.no_grad():
         assert (ov_fp32(x) - fp32(x)).abs().max() < 1e-4
