@@ -115,7 +115,6 @@ def test_autocast_artifact_saves_fp32_weights_and_reloads_without_pickle(micro, 
         save_autocast_artifact(net, tmp_path / "half", meta, autocast="float16")
 
 
-
 def test_the_slide_engine_runs_the_autocast_artifact_on_the_cpu_only(micro, tmp_path, native):
     from patholite.slides.inference import load_classifier
 
