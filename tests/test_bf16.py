@@ -106,6 +106,10 @@ def test_autocast_artifact_saves_fp32_weights_and_reloads_without_pickle(micro, 
             expected = net(x).float()
         fp32 = net(x)
     assert got.dtype == torch.float32 and torch.equal(got, expected)  # autocast, exactly
+    # matmul weights cast once on load (what autocast does per call); norms and tokens stay FP32
+    blocks = loaded.net.blocks[0]
+    assert blocks.attn.qkv.weight.dtype == torch.bfloat16 and blocks.norm1.weight.dtype == torch.float32
+    assert loaded.net.cls_token.dtype == torch.float32
     diff = (got - fp32).abs().max().item()
     assert 0 < diff < 0.1  # really bf16 (an 8-bit mantissa), and close to FP32
     assert loaded.get_classifier() is loaded.net.get_classifier()  # pre-logits stay tappable

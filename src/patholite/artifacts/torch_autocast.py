@@ -13,6 +13,10 @@ autocast. Why FP32 weights and not bf16 ones:
   path (a teacher, ONNX export) can read them;
 - the cost is the file: FP32's size. bf16 here is for speed, not size (INT8 and INT4 are the size paths).
 
+On load, the weights of the layers autocast runs in bf16 (Linear, convolutions) are cast to bf16 once: the
+cast autocast would otherwise make on every call, with the same rounding, so the outputs are bit for bit
+autocast's (a test checks it); LayerNorm's parameters, the embeddings and tokens stay FP32.
+
 A kind of its own, not a ``torch_float`` with a flag, because every ``torch_float`` check in the code means
 "an FP32 torch module that may move to any device", which this is not: autocast here is the CPU's, and the
 native-bf16 test is the CPU's. So it runs on the CPU only (like INT8 and ONNX), is counted on its float twin,
@@ -59,6 +63,19 @@ def save_autocast_artifact(
     return save_float_artifact(model, directory, {**meta, "autocast": autocast}, kind=KIND)
 
 
+# layers whose weights autocast casts to the lower precision on every call (its lower-precision op list)
+CAST_ONCE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def cast_matmul_weights(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``net`` with the weights and biases of its ``CAST_ONCE`` layers in ``dtype``, in place: what autocast
+    casts them to anyway, done once instead of per call."""
+    for module in net.modules():
+        if isinstance(module, CAST_ONCE):
+            module.to(dtype)
+    return net
+
+
 class AutocastModule(nn.Module):
     """A float network whose every call runs under CPU autocast; outputs come back as FP32, so parity,
     softmax and the slide engine see what they see from any other artifact."""
@@ -88,4 +105,5 @@ def load(directory: str | Path, meta: dict[str, Any]) -> nn.Module:
     autocast = meta.get("autocast", "bfloat16")
     check_autocast(autocast, f"artifact {directory}")  # refused before anything is built
     net, _ = load_float_artifact(directory)
-    return AutocastModule(net, AUTOCAST_DTYPES[autocast], f"artifact {directory}")
+    dtype = AUTOCAST_DTYPES[autocast]
+    return AutocastModule(cast_matmul_weights(net, dtype), dtype, f"artifact {directory}")
