@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import patholite.accelerators.machine as machine
 import patholite.artifacts.openvino as ov_art
 from patholite import artifacts as art
 from patholite.artifacts.load import load_artifact
@@ -164,7 +165,7 @@ def test_ptq_openvino_methods_record_parity_and_reproduce_their_accuracy(make_cf
 
 # ----------------------------------------------------------------------------------------- bf16
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch, tmp_path, float_onnx, make_cfg):
-    monkeypatch.setattr(ov_art, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_vnni"})
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_vnni"})
     reason = ov_art.bf16_unsupported_reason()
     assert "no native bf16" in reason and "avx512_bf16" in reason
     # an artifact saved on a bf16 CPU, loaded here: one clear error, nothing compiled
@@ -187,7 +188,7 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch, tmp_path, flo
         check_variants(["ov_bf16"])
     # with AVX512-BF16 or AMX it runs
     for flags in ({"avx512f", "avx512_bf16"}, {"amx_bf16", "amx_tile"}):
-        monkeypatch.setattr(ov_art, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(machine, "cpu_flags", lambda flags=flags: flags)
         assert ov_art.bf16_unsupported_reason() is None
 
 
@@ -228,7 +229,9 @@ def test_bench_builds_the_openvino_variants(tmp_path):
     fp32, _ = load_artifact(dirs[0])
     ov_fp32, meta = load_artifact(dirs[1])
     int8, int8_meta = load_artifact(dirs[2])
-    assert meta["precision"] == int8_meta["precision"] == "f32"
+    assert meta["precision"] == "f32"  # ov_fp32: f32 always; ov_int8_nncf: the ptq default, auto
+    assert int8_meta["precision"] == ov_art.resolve_precision("auto")
+    assert int8_meta["precision_requested"] == "auto"
     assert int8_meta["quantization"]["calibration_images"] == 16
     with torch.no_grad():
         assert (ov_fp32(x) - fp32(x)).abs().max() < 1e-4

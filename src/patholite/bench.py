@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 import patholite.config  # noqa: F401  (registers the schemas)
 from patholite import artifacts as art
 from patholite import tracking
+from patholite.accelerators.machine import bf16_unsupported_reason
 from patholite.accelerators.resolve import resolve_accelerator
-from patholite.artifacts.openvino import bf16_unsupported_reason
+from patholite.artifacts.torch_autocast import save_autocast_artifact
 from patholite.compress.nncf_ptq import import_nncf, import_openvino
 from patholite.config.options import CONF_DIR
 from patholite.config.schema import ModelConfig
@@ -57,13 +58,24 @@ KIND_NAMES = {
     "torch_int8_dynamic": "int8_dynamic",
     "onnx": "onnx_fp32",
     "openvino": "ov_fp32",
+    "torch_autocast": "bf16",
 }
 # OpenVINO variants (the ``openvino`` extra) and the precision hint each is compiled with: FP32, bf16, and
-# NNCF INT8 (transformer preset) with its float parts in f32 or bf16.
-OPENVINO_VARIANTS = {"ov_fp32": "f32", "ov_bf16": "bf16", "ov_int8_nncf": "f32", "ov_int8_nncf_bf16": "bf16"}
-NNCF_VARIANTS = {"ov_int8_nncf", "ov_int8_nncf_bf16"}
+# NNCF INT8 (transformer preset) with its float parts as the ptq stage's default makes them (``auto``: bf16
+# where the CPU has it natively, else f32), or in f32 or bf16 explicitly.
+OPENVINO_VARIANTS = {
+    "ov_fp32": "f32",
+    "ov_bf16": "bf16",
+    "ov_int8_nncf": "auto",
+    "ov_int8_nncf_f32": "f32",
+    "ov_int8_nncf_bf16": "bf16",
+}
+NNCF_VARIANTS = {"ov_int8_nncf", "ov_int8_nncf_f32", "ov_int8_nncf_bf16"}
+# Variants that need native bf16 in torch (autocast) or OpenVINO (precision hint), by runtime
+BF16_VARIANTS = {"bf16": "torch", **{v: "openvino" for v, p in OPENVINO_VARIANTS.items() if p == "bf16"}}
 VARIANTS = (
     "fp32",
+    "bf16",  # the FP32 weights under torch.autocast("cpu", dtype=torch.bfloat16)
     "fp32_compile",
     "int8_dynamic",
     "onnx_fp32",
@@ -77,7 +89,7 @@ ONNX_VARIANTS = {"onnx_fp32", "int8_dynamic_ort", "int8_static_ort", "int4_ort",
 # INT8 (dynamic, QAT) has no CUDA/NPU kernels (quantized::linear_dynamic) and ONNX artifacts run ONNX
 # Runtime's CPU provider, so those stay on the CPU and are timed and recorded there.
 DEVICE_KINDS = {"torch_float"}
-CPU_KINDS = {"torch_int8_dynamic", "torch_int8_qat", "onnx", "openvino"}
+CPU_KINDS = {"torch_int8_dynamic", "torch_int8_qat", "onnx", "openvino", "torch_autocast"}
 # Random weights: static INT8 scales are fitted to random images, fine for speed, meaningless for accuracy.
 CALIBRATION_IMAGES = 16
 
@@ -92,8 +104,8 @@ def check_variants(variants: list[str]) -> dict[str, str]:
     if openvino:
         (import_nncf if NNCF_VARIANTS & set(variants) else import_openvino)(f"variants={openvino}")
     skipped = {}
-    for v in openvino:
-        reason = bf16_unsupported_reason() if OPENVINO_VARIANTS[v] == "bf16" else None
+    for v in (v for v in variants if v in BF16_VARIANTS):
+        reason = bf16_unsupported_reason(BF16_VARIANTS[v])
         if reason:
             skipped[v] = reason
     if not set(variants) - set(skipped):
@@ -132,6 +144,9 @@ def build_random_artifacts(
     if "fp32_compile" in variants:  # compiled on load in the timing child; warm-up absorbs compilation
         art.save_float_artifact(net, out / "fp32_compile", {**meta, "runtime": "torch_compile"})
         dirs.append(out / "fp32_compile")
+    if "bf16" in variants:  # same weights as fp32, run under CPU bf16 autocast
+        save_autocast_artifact(net, out / "bf16", meta, "bfloat16")
+        dirs.append(out / "bf16")
     if "int8_dynamic" in variants:
         save_dynamic(net, out / "int8_dynamic", meta, engine)
         dirs.append(out / "int8_dynamic")
@@ -175,6 +190,8 @@ def artifact_name(directory: Path, meta: dict[str, Any]) -> str:
         return directory.name
     if meta["kind"] == "openvino":  # one kind, several variants: by its quantization and precision
         name = "ov_int8_nncf" if meta.get("quantization") else "ov_fp32"
+        if meta.get("precision_requested") == "auto":  # as the ptq stage's default made it
+            return name
         if meta.get("precision") == "bf16":
             name = "ov_bf16" if name == "ov_fp32" else f"{name}_bf16"
         return name

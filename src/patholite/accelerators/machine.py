@@ -41,6 +41,11 @@ ARM_FEATURES = ("asimddp", "i8mm", "bf16", "sve")
 HEADLINE = ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16", "avx_vnni", "i8mm", "bf16", "asimddp")
 UNKNOWN = "unknown"
 UNKNOWN_MACHINE = "unknown machine"
+# CPU flags that execute bf16 natively. x86: AVX512-BF16 (Cooper Lake, Zen 4) or AMX-BF16 (Sapphire Rapids+).
+# ARM: the BF16 extension (Armv8.6 BFDOT/BFMMLA: Graviton3, Neoverse V1/N2), which torch's oneDNN + Arm
+# Compute Library use for bf16 matmuls; OpenVINO's CPU plugin runs bf16 on x86-64 only (f32/f16 on ARM).
+NATIVE_BF16_X86 = ("avx512_bf16", "amx_bf16")
+NATIVE_BF16_ARM = ("bf16",)
 CPUINFO = Path("/proc/cpuinfo")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
@@ -145,6 +150,39 @@ def isa_features(info: CpuInfo, machine: str | None = None) -> dict[str, bool] |
     arch = (machine or platform.machine()).lower()
     names = ARM_FEATURES if arch.startswith(("arm", "aarch")) else X86_FEATURES
     return {name: name in info.flags for name in names}
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux names them (empty where ``/proc/cpuinfo`` is not readable)."""
+    return set(read_cpuinfo().flags)
+
+
+def bf16_unsupported_reason(runtime: str = "torch", machine: str | None = None) -> str | None:
+    """Why bf16 would not run natively on this CPU for ``runtime`` (``torch`` or ``openvino``); None: it does.
+
+    Without native bf16 instructions torch and OpenVINO still run bf16, emulated (converted to FP32 around
+    every op) and slower than FP32: patholite refuses that rather than run it silently. ``machine``: the
+    architecture (default: this one)."""
+    flags = cpu_flags()
+    if not flags:
+        return "the CPU's flags cannot be read (/proc/cpuinfo), so native bf16 cannot be confirmed"
+    arm = (machine or platform.machine()).lower().startswith(("arm", "aarch"))
+    if arm and runtime == "openvino":
+        return "OpenVINO's CPU plugin runs bf16 on x86-64 only (f32 or f16 on ARM)"
+    native = NATIVE_BF16_ARM if arm else NATIVE_BF16_X86
+    if any(f in flags for f in native):
+        return None
+    wide = ("asimd", "sve") if arm else ("avx512", "avx2", "amx")
+    have = sorted(f for f in flags if f.startswith(wide))
+    return (
+        f"this CPU has no native bf16 ({' or '.join(native)}; it has {have or 'neither'}): "
+        "bf16 would be emulated, slower than FP32"
+    )
+
+
+def has_native_bf16(runtime: str = "torch") -> bool:
+    """Whether ``runtime`` runs bf16 natively on this CPU (``bf16_unsupported_reason`` says why not)."""
+    return bf16_unsupported_reason(runtime) is None
 
 
 def usable_cpus() -> int | None:

@@ -13,12 +13,14 @@ import patholite.artifacts.mil as mil
 import patholite.artifacts.onnx as onnx
 import patholite.artifacts.openvino as openvino
 import patholite.artifacts.qat as qat
+import patholite.artifacts.torch_autocast as torch_autocast
 import patholite.artifacts.torch_float as torch_float
 from patholite.artifacts.sidecar import SIDECAR, read_sidecar
 from patholite.errors import CheckpointError
 
 LOADERS: dict[str, Callable[[str | Path, dict[str, Any]], nn.Module]] = {
     torch_float.KIND: torch_float.load,
+    torch_autocast.KIND: torch_autocast.load,
     int8_dynamic.KIND: int8_dynamic.load,
     qat.KIND: qat.load,
     onnx.KIND: onnx.load,

@@ -24,14 +24,17 @@ KIND = "torch_float"
 WEIGHTS = "model.safetensors"
 
 
-def save_float_artifact(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> list[str]:
-    """Write ``model``'s weights and sidecar into ``directory``; returns the file names."""
+def save_float_artifact(
+    model: nn.Module, directory: str | Path, meta: dict[str, Any], kind: str = KIND
+) -> list[str]:
+    """Write ``model``'s weights and sidecar into ``directory``; returns the file names (``kind``: another
+    kind that stores the same FP32 weights, ``torch_autocast``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file(state, str(tmp))
-    write_sidecar(directory, KIND, WEIGHTS, meta)
+    write_sidecar(directory, kind, WEIGHTS, meta)
     return [WEIGHTS, SIDECAR]
 
 

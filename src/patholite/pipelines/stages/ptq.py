@@ -1,6 +1,6 @@
-"""``ptq``: post-training INT8 (and OpenVINO's FP32/bf16) of the current float model, by every method
-``compression.ptq.methods`` lists. ``METHODS`` is the one list of them: each makes one artifact, for the
-tasks it names.
+"""``ptq``: post-training INT8 (and OpenVINO's FP32/bf16, torch's bf16 autocast) of the current float
+model, by every method ``compression.ptq.methods`` lists. ``METHODS`` is the one list of them: each makes
+one artifact, for the tasks it names.
 
 The ``save_*`` functions make an INT8 artifact from a float network or ONNX file; the benchmark uses them
 too, on random weights."""
@@ -27,11 +27,13 @@ from patholite.artifacts.onnx import (
     write_onnx_sidecar,
 )
 from patholite.artifacts.openvino import (
+    PRECISION_CHOICES,
     check_precision,
     onnx_to_openvino,
     save_openvino_artifact,
     save_openvino_from_onnx,
 )
+from patholite.artifacts.torch_autocast import check_autocast, save_autocast_artifact
 from patholite.compress.int4 import check_bits, check_block_size, linear_onnx_nodes, quantize_mixed_ort
 from patholite.compress.nncf_ptq import import_nncf, import_openvino, quantize_nncf, quantize_nncf_accuracy
 from patholite.compress.quantize import (
@@ -86,11 +88,12 @@ def save_nncf(
     directory: Path,
     meta: dict[str, Any],
     calibration: list[torch.Tensor],
-    precision: str = "f32",
+    precision: str = "auto",
     quantization: dict[str, Any] | None = None,
 ) -> list[str]:
     """NNCF INT8 (transformer preset) of a float ONNX file converted to OpenVINO, calibrated on
-    ``calibration`` batches, saved as an OpenVINO artifact whose float parts run in ``precision``."""
+    ``calibration`` batches, saved as an OpenVINO artifact whose float parts run in ``precision`` (``auto``:
+    bf16 where the CPU has it natively, else f32)."""
     model = quantize_nncf(onnx_to_openvino(float_onnx), calibration)
     how = {"method": "nncf", "preset": "transformer", **(quantization or {})}
     how.setdefault("calibration_images", sum(len(b) for b in calibration))
@@ -179,6 +182,12 @@ def _openvino(precision: str) -> Callable[[StageRun, Current], None]:
     return method
 
 
+def _bf16(run: StageRun, src: Current) -> None:
+    # the float weights as they are, run under torch's CPU bf16 autocast (artifacts/torch_autocast.py)
+    files = save_autocast_artifact(src.net, run.artifact_dir("bf16"), run.meta(src.surgery), "bfloat16")
+    run.record_file_artifact("bf16", files, src)
+
+
 def _nncf(run: StageRun, src: Current) -> None:
     p, ctx = run.c.ptq, run.ctx
     calibration = ctx.datamodule.calibration_images(p.calibration_images, seed=ctx.cfg.seed)
@@ -254,6 +263,7 @@ METHODS = {
     "ov_fp32": Method("ov_fp32", _openvino("f32"), tasks=("tiles", "encoders")),
     "ov_bf16": Method("ov_bf16", _openvino("bf16"), tasks=("tiles", "encoders")),
     "mixed_int4": Method("int4_mixed_ort", _mixed_int4),
+    "bf16": Method("bf16", _bf16, tasks=("tiles", "encoders")),
 }
 # Methods that run OpenVINO (the ``openvino`` extra), and those that quantize with NNCF (the same extra).
 OPENVINO_METHODS = {"nncf", "nncf_accuracy", "ov_fp32", "ov_bf16"}
@@ -293,11 +303,13 @@ def check(cfg: DictConfig, task: Task, accelerator: ResolvedAccelerator) -> None
             import_nncf(what)
         else:
             import_openvino(what)
-        choice(p.openvino_precision, "compression.ptq.openvino_precision", ("f32", "bf16"))
+        choice(p.openvino_precision, "compression.ptq.openvino_precision", PRECISION_CHOICES)
         if "ov_bf16" in p.methods:
             check_precision("bf16", "compression.ptq.methods=[ov_bf16]")
         if NNCF_METHODS & set(p.methods) and p.openvino_precision == "bf16":
             check_precision("bf16", "compression.ptq.openvino_precision=bf16")
+    if "bf16" in p.methods:  # torch autocast: refused on a CPU that would emulate bf16
+        check_autocast("bfloat16", "compression.ptq.methods=[bf16]")
     choice(p.weight_type, "compression.ptq.weight_type", ("int8", "uint8"))
     require(p.budget_pp >= 0, f"compression.ptq.budget_pp={p.budget_pp} must be >= 0")
     require(
@@ -329,5 +341,6 @@ STAGE = Stage(
         "ov_fp32": "the float model on OpenVINO, precision hint f32",
         "ov_bf16": "the float model on OpenVINO, precision hint bf16 (CPUs with native bf16 only)",
         "int4_mixed_ort": "per-layer INT4 (MatMulNBits) / INT8 / FP32 through ONNX Runtime",
+        "bf16": "the float weights run by torch under CPU bf16 autocast (CPUs with native bf16 only)",
     },
 )
