@@ -6,9 +6,9 @@ names, so the folder is all a deployment needs::
 
     python -m patholite.deploy <artifact folder> tile1.png tile2.jpg ... [--out predictions.csv]
 
-or, from Python, ``OnnxClassifier(folder).predict(images)``. This module imports nothing of patholite but
-``errors`` and ``io`` (standard library only), and patholite's ``__init__`` is empty, so torch is never imported on
-its way (``tests/test_lsq.py`` runs it where ``import torch`` fails).
+or, from Python, ``OnnxClassifier(folder).predict(images)``. This module imports nothing of patholite
+but ``errors`` and ``io`` (standard library only), and patholite's ``__init__`` is empty, so torch is never
+imported on its way (``tests/test_lsq.py`` runs it where ``import torch`` fails).
 
 Preprocessing is the evaluation transform's: RGB, resized to the artifact's square input when it differs
 (Pillow's antialiased bilinear; torchvision's tensor resize can differ by one grey level), scaled to [0, 1],

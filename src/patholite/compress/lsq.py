@@ -123,7 +123,8 @@ class LsqQuantizer(nn.Module):
         return lsq_quantize(v, self.effective_step().reshape(step_shape), self.qn, self.qp, g)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, steps={self.step.numel()}, range=[-{self.qn}, {self.qp}]"
+        steps = self.step.numel()
+        return f"bits={self.bits}, signed={self.signed}, steps={steps}, range=[-{self.qn}, {self.qp}]"
 
 
 def _blocks(in_features: int, block_size: int) -> int:
@@ -193,9 +194,9 @@ def _after_gelu(net: nn.Module) -> set[str]:
     for name, m in net.named_modules():
         fc2, act = getattr(m, "fc2", None), getattr(m, "act", None)
         norm, drop = getattr(m, "norm", nn.Identity()), getattr(m, "drop1", nn.Identity())
-        if isinstance(fc2, nn.Linear) and isinstance(act, nn.GELU) and isinstance(norm, nn.Identity):
-            if isinstance(drop, nn.Dropout | nn.Identity):
-                out.add(f"{name}.fc2" if name else "fc2")
+        plain = isinstance(norm, nn.Identity) and isinstance(drop, nn.Dropout | nn.Identity)
+        if isinstance(fc2, nn.Linear) and isinstance(act, nn.GELU) and plain:
+            out.add(f"{name}.fc2" if name else "fc2")
     return out
 
 
