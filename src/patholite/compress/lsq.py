@@ -239,16 +239,14 @@ def calibrate_lsq(net: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Initialise every activation step from ``batches`` (images): s = 2 mean(|x|) / sqrt(Qp) with the mean
     over all of them, taken with float inputs (no activation quantized yet). Returns the images seen."""
     layers = [m for m in lsq_layers(net).values() if m.aq is not None]
-    sums = {id(m): [0.0, 0] for m in layers}
-    hooks = [
-        m.register_forward_pre_hook(
-            lambda mod, args: sums[id(mod)].__setitem__(
-                slice(0, 2),
-                [sums[id(mod)][0] + float(args[0].abs().sum()), sums[id(mod)][1] + args[0].numel()],
-            )
-        )
-        for m in layers
-    ]
+    sums = {id(m): [0.0, 0] for m in layers}  # per layer: sum of |x|, element count
+
+    def observe(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        stats = sums[id(module)]
+        stats[0] += float(args[0].detach().abs().sum())
+        stats[1] += args[0].numel()
+
+    hooks = [m.register_forward_pre_hook(observe) for m in layers]
     saved = {id(m): m.aq for m in layers}
     for m in layers:  # float inputs while the statistics are taken
         m.aq = None
