@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from patholite.accelerators.machine import describe_machine
@@ -32,12 +33,34 @@ from patholite.measure.evaluate import bootstrap_accuracy_ci, predict
 from patholite.pipelines.stages.ptq import save_mixed_int4
 
 
+class OpenVinoOnnx(torch.nn.Module):
+    """An ONNX file read and compiled by OpenVINO (CPU, precision hint f32), called like a module."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import openvino as ov
+
+        core = ov.Core()
+        self.compiled = core.compile_model(
+            core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.compiled(x.numpy())[0].copy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp32", required=True, help="the float artifact every row is paired against")
     parser.add_argument("--artifact", action="append", default=[], help="name=artifact folder")
     parser.add_argument("--override", action="append", default=["experiment=targets_deit_tiny"])
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--openvino",
+        action="append",
+        default=[],
+        help="an artifact name to run also through OpenVINO (f32 hint)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,10 +79,17 @@ def main() -> None:
         save_mixed_int4(fp32_net, work / "model.onnx", int4, {**meta, "opset": 17})
     rows["ptq_int4_rtn"] = str(int4)
     rows |= dict(a.split("=", 1) for a in args.artifact)
+    for name in args.openvino:
+        rows[f"{name}@openvino"] = rows[name]
 
-    results, ref = {}, None
+    results, ref, outputs = {}, None, {}
     for name, directory in rows.items():
-        net = fp32_net if name == "fp32" else load_artifact(directory)[0]
+        if name == "fp32":
+            net = fp32_net
+        elif name.endswith("@openvino"):
+            net = OpenVinoOnnx(Path(directory) / "model.onnx")
+        else:
+            net = load_artifact(directory)[0]
         logits, labels = predict(net, loader, "cpu")
         pred = logits.argmax(1)
         correct = pred == labels
@@ -79,6 +109,11 @@ def main() -> None:
                 "right_to_wrong": int((c0 & ~correct).sum()),
                 "wrong_to_right": int((~c0 & correct).sum()),
             }
+        outputs[name] = logits
+        if name.endswith("@openvino"):  # the same file on ONNX Runtime: does OpenVINO run what ORT runs?
+            ort = outputs[name.removesuffix("@openvino")]
+            row["flips_vs_onnxruntime"] = int((pred != ort.argmax(1)).sum())
+            row["max_abs_logit_diff_vs_onnxruntime"] = float((logits - ort).abs().max())
         results[name] = row
         print(name, json.dumps(row))
     report = {"machine": describe_machine(), "override": args.override, "rows": results}
