@@ -21,7 +21,19 @@ LAYERS = [
     {"modules"},
     {"slides"},
     {"pipelines"},
-    {"train", "slide", "bench", "compare", "mil", "sweep", "jobs", "tracking", "overrides", "requeue"},
+    {
+        "train",
+        "slide",
+        "bench",
+        "compare",
+        "mil",
+        "sweep",
+        "jobs",
+        "tracking",
+        "overrides",
+        "requeue",
+        "deploy",
+    },
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
