@@ -156,9 +156,17 @@ def test_cache_key_follows_what_determines_the_training(make_cfg):
     base = make_cfg()
     key = cache_key(cache_inputs(base, base.model))
     assert key == cache_key(cache_inputs(make_cfg("dataset.num_workers=1"), base.model))  # speed only
-    for change in ("seed=1", "trainer.max_epochs=2", "optim.lr=0.01", "dataset.image_size=64"):
+    # the test split's stain shift never reaches training
+    assert key == cache_key(cache_inputs(make_cfg("dataset.stain_shift.rotate_deg=30"), base.model))
+    for change in ("seed=1", "trainer.max_epochs=2", "optim.lr=0.01", "dataset.image_size=64",
+                   "dataset.stain_norm=macenko", "model.stain=learnable"):  # fmt: skip
         other = make_cfg(change)
         assert cache_key(cache_inputs(other, other.model)) != key, change
+    # options added since, unset, leave the keys of entries made before them unchanged (a sweep's cache
+    # is not silently retrained after an upgrade)
+    inputs = cache_inputs(base, base.model)
+    assert not {"stain_norm", "stain_reference", "stain_shift"} & set(inputs["dataset"])
+    assert not {"stain", "stain_vectors"} & set(inputs["model"])
 
 
 def test_ema_weights_follow_the_decay():

@@ -50,6 +50,7 @@ _TRAINER_KEYS = (
 
 
 # ModelConfig keys added with hub weights (models/hub.py)
+_STAIN_KEYS = ("stain", "stain_vectors")
 _HUB_KEYS = ("hub", "revision", "download", "mean", "std", "mpp", "license")
 
 
@@ -71,9 +72,18 @@ def cache_inputs(
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in _DATASET_NOISE:
         dataset.pop(key, None)
+    # the test split's stain shift never reaches training; stain normalisation, unset, leaves the keys of
+    # entries made before it unchanged
+    dataset.pop("stain_shift", None)
+    if dataset.get("stain_norm") is None:
+        dataset.pop("stain_norm", None)
+        dataset.pop("stain_reference", None)
     model = OmegaConf.to_container(model_cfg, resolve=True)
     for key in _HUB_KEYS:  # the hub's keys, unset, leave the keys of entries made before them unchanged
         if key == "download" or model.get(key) is None:  # fetching or not changes nothing trained
+            model.pop(key, None)
+    for key in _STAIN_KEYS:  # the stain front-end, unset, leaves the keys of entries made before it unchanged
+        if model.get(key) is None:
             model.pop(key, None)
     inputs = {
         "model": model,
