@@ -143,3 +143,32 @@ def module_on_one_thread():
     """``one_thread`` for a whole test module of tiny models (import it into the module)."""
     with one_thread():
         yield
+
+
+MICRO_SMT = {"image_size": 32, "grid": 4, "top_k": 2, "layers": 3, "aggregate": "mean",
+             "too_small": "upsample", "tissue_px": 512}  # fmt: skip
+
+
+def micro_smt_and_tiles(root, classes: list[str]) -> tuple[tuple, tuple]:
+    """An untrained micro SMT and micro ViT tile classifier (32-px tiles at 2 um/px), saved as artifacts
+    under ``root`` and loaded as the slide engines load them: ``(smt, tile)``."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from patholite import artifacts as art
+    from patholite.config.options import load_model_option
+    from patholite.models.factory import create_network
+    from patholite.slides.inference import load_classifier
+    from patholite.slides.smt_inference import load_smt_model
+
+    torch.manual_seed(0)
+    smt_model = {"name": "smt", "family": "smt", "timm_name": "vit_tiny_patch16_224", "checkpoint": None,
+                 "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "smt": MICRO_SMT}  # fmt: skip
+    meta = {"model": smt_model, "class_names": classes, "image_size": 32, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "slide_model": True, "negative_class": classes[0], "tissue": {}}  # fmt: skip
+    art.save_float_artifact(create_network(smt_model, 2, 32).eval(), root / "smt", meta)
+    tile_model = OmegaConf.to_container(load_model_option("vit_micro"), resolve=True)
+    tile_meta = {"model": {**tile_model, "checkpoint": None}, "class_names": classes, "image_size": 32,
+                 "mean": [0.5] * 3, "std": [0.25] * 3, "mpp": 2.0, "tile_size": 32}  # fmt: skip
+    art.save_float_artifact(create_network(tile_model, 2, 32).eval(), root / "tiles", tile_meta)
+    return load_smt_model(root / "smt"), load_classifier(root / "tiles")

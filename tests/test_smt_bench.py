@@ -9,20 +9,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from patholite import artifacts as art
-from patholite.config.options import load_model_option
 from patholite.data.synthetic.slides import Lesion, Truth, read_truth, write_synthetic_slide
 from patholite.data.synthetic.spec import LesionSpec, SlideSpec, lesions_of_size, size_category
 from patholite.errors import ConfigError
 from patholite.measure.stats import auroc
-from patholite.models.factory import create_network
 from patholite.slides.comparison import check_held_out
 from patholite.slides.comparison_runs import SlideCase, compare_slides
-from patholite.slides.inference import load_classifier
-from patholite.slides.smt_inference import load_smt_model
 from patholite.slides.smt_selection import (
     Knobs,
     Selection,
@@ -46,6 +40,7 @@ from patholite.slides.smt_selection import (
     triage_results,
     validation_rows,
 )
+from tests.helpers import micro_smt_and_tiles
 
 CLASSES = ["Normal", "Tumor"]
 
@@ -289,25 +284,10 @@ def test_bad_knobs_are_refused_with_the_knob_named():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-SMT = {"image_size": 32, "grid": 4, "top_k": 2, "layers": 3, "aggregate": "mean", "too_small": "upsample",
-       "tissue_px": 512}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """An untrained micro SMT and micro ViT tile classifier (32-px tiles at 2 um/px) as artifacts."""
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    smt_model = {"name": "smt", "family": "smt", "timm_name": "vit_tiny_patch16_224", "checkpoint": None,
-                 "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "smt": SMT}  # fmt: skip
-    meta = {"model": smt_model, "class_names": CLASSES, "image_size": 32, "mean": [0.5] * 3,
-            "std": [0.25] * 3, "slide_model": True, "negative_class": "Normal", "tissue": {}}  # fmt: skip
-    art.save_float_artifact(create_network(smt_model, 2, 32).eval(), root / "smt", meta)
-    tile_model = OmegaConf.to_container(load_model_option("vit_micro"), resolve=True)
-    tile_meta = {"model": {**tile_model, "checkpoint": None}, "class_names": CLASSES, "image_size": 32,
-                 "mean": [0.5] * 3, "std": [0.25] * 3, "mpp": 2.0, "tile_size": 32}  # fmt: skip
-    art.save_float_artifact(create_network(tile_model, 2, 32).eval(), root / "tiles", tile_meta)
-    return load_smt_model(root / "smt"), load_classifier(root / "tiles")
+    return micro_smt_and_tiles(tmp_path_factory.mktemp("models"), CLASSES)
 
 
 def test_selection_triage_and_localisation_on_tiny_slides(models, tmp_path):
