@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -192,3 +193,14 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def no_pickle(monkeypatch):
+    """Loading must not unpickle anything: every unpickling entry point raises while it is active."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an artifact was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)

@@ -6,7 +6,6 @@ native bf16; the one native-bf16 test; NNCF's float parts in bf16 where native (
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 import torch
@@ -37,15 +36,6 @@ def native(monkeypatch):
 def no_bf16(monkeypatch):
     monkeypatch.setattr(machine, "cpu_flags", lambda: ZEN3)
     monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
-
-
-@pytest.fixture
-def no_pickle(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("an artifact was unpickled")
-
-    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
-        monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.fixture(scope="module")

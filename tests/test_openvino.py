@@ -39,17 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def no_pickle(monkeypatch):
-    """Loading must not unpickle anything: every unpickling entry point raises while it is active."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an artifact was unpickled")
-
-    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
-        monkeypatch.setattr(module, name, refuse)
-
-
 @pytest.fixture(scope="module")
 def float_onnx(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     net = tiny_vit().eval()

@@ -284,7 +284,8 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _diff(d: Mapping[str, Any]) -> str:
+def pp_interval(d: Mapping[str, Any]) -> str:
+    """A difference with its 95% interval (``difference``, ``ci95``, fractions) in percentage points."""
     low, high = d["ci95"]
     return f"{100 * d['difference']:+.1f} pp [{100 * low:+.1f}, {100 * high:+.1f}]"
 
@@ -302,7 +303,7 @@ def markdown(results: Mapping[str, Any]) -> str:
           for k, v in q.items()],
         "", "| SMT minus (same slides, paired bootstrap) | accuracy [95% CI] | AUROC [95% CI] |",
         "| --- | --- | --- |",
-        *[f"| {k} | {_diff(v['accuracy'])} | {_diff(v['auroc'])} |"
+        *[f"| {k} | {pp_interval(v['accuracy'])} | {pp_interval(v['auroc'])} |"
           for k, v in results["smt_minus_baseline"].items()],
         "", "| per slide (median) | SMT | SMT, box from the tiler's mask | full tiling |",
         "| --- | --- | --- | --- |",

@@ -39,6 +39,7 @@ from patholite.errors import ConfigError
 from patholite.measure.stats import auroc, binary_quality, bootstrap, paired_bootstrap
 from patholite.models.smt import aggregate_slides
 from patholite.models.smt_aggregate import ATTENTION
+from patholite.slides.comparison import pp_interval
 from patholite.slides.comparison_runs import SlideCase, has_truth, tile_slide, walk_smt, warm_smt
 
 log = logging.getLogger(__name__)
@@ -552,11 +553,6 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _pp(d: Mapping[str, Any]) -> str:
-    low, high = d["ci95"]
-    return f"{100 * d['difference']:+.1f} pp [{100 * low:+.1f}, {100 * high:+.1f}]"
-
-
 def selection_markdown(results: Mapping[str, Any]) -> str:
     """The report's sections on the selection, triage, localisation and lesion sizes."""
     sel, tri = results["selection"], results["triage"]
@@ -582,8 +578,8 @@ def selection_markdown(results: Mapping[str, Any]) -> str:
         versus = m.get("minus_tiling_max")
         lines.append(
             f"| {name} | {m['auroc']:.3f} | {m['balanced_accuracy']:.3f} | "
-            f"{_pp(versus['auroc']) if versus else ''} | "
-            f"{_pp(versus['balanced_accuracy']) if versus else ''} | "
+            f"{pp_interval(versus['auroc']) if versus else ''} | "
+            f"{pp_interval(versus['balanced_accuracy']) if versus else ''} | "
             f"{m['wall_s_mean']:.2f} | {m['wall_s_max']:.2f} | {m['file_pixels_mean'] / 1e6:.2f} | "
             f"{m['file_pixels_max'] / 1e6:.2f} | "
             + (
