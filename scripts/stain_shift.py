@@ -3,6 +3,10 @@
 Arms (same data, schedule and default augmentation; only the stain handling differs):
   none       no stain handling
   learnable  the learnable stain front-end (model.stain=learnable)
+  adaptive   the front-end with per-image density normalisation (model.stain=adaptive), its stain vectors
+             (model.stain_vectors) Macenko's estimate on the training split (the same 64 tiles the macenko
+             arm fits on): per-image density normalisation needs the data's own stain directions, with
+             Ruifrok's a density change of one stain leaks into the others' densities
   macenko    Macenko normalisation toward the training split (dataset.stain_norm=macenko)
   reinhard   Reinhard normalisation toward the training split (dataset.stain_norm=reinhard)
 
@@ -37,9 +41,22 @@ from patholite.measure.stats import bootstrap
 ARMS = {
     "none": [],
     "learnable": ["model.stain=learnable"],
+    "adaptive": ["model.stain=adaptive"],
     "macenko": ["dataset.stain_norm=macenko"],
     "reinhard": ["dataset.stain_norm=reinhard"],
 }
+
+
+def training_stain_vectors(reference_run: Path) -> list[list[float]]:
+    """Macenko's H and E vectors of the training split of ``reference_run`` (the same seeded 64 tiles
+    ``dataset.stain_norm=macenko`` fits on; the test split is never read)."""
+    cfg = OmegaConf.create(
+        OmegaConf.to_container(OmegaConf.load(reference_run / ".hydra" / "config.yaml").dataset, resolve=True)
+    )
+    cfg.stain_norm, cfg.stain_reference = "macenko", None
+    dm = build_datamodule(cfg)
+    dm.splits = {"train": dm.read_splits()["train"]}
+    return [[round(float(v), 4) for v in row] for row in dm._fit_stain_norm().vectors]
 
 
 def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
@@ -47,6 +64,10 @@ def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
     record = run_dir / "metrics.json"
     if record.exists() and json.loads(record.read_text()).get("status") == "ok":
         return
+    extra = list(ARMS[arm])
+    if arm == "adaptive":  # the none run of the same seed has the same training split
+        vectors = training_stain_vectors(run_dir.parent / f"none-s{seed}")
+        extra.append(f"model.stain_vectors={json.dumps(vectors).replace(' ', '')}")
     overrides = [
         "dataset=synthetic",
         f"model={args.model}",
@@ -69,7 +90,7 @@ def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
         "bench.iters=2",
         "bench.repeats=1",
         f"hydra.run.dir={run_dir}",
-        *ARMS[arm],
+        *extra,
     ]
     print(f"[stain_shift] training {arm} seed {seed}", flush=True)
     subprocess.run([sys.executable, "-m", "patholite.train", *overrides], check=True)
