@@ -27,7 +27,8 @@ would need a sort or TopK of every pixel. The third channel (DAB or the H/E cros
 H&E) is not adapted: dividing noise by its own scale would amplify it. A (near) blank image's statistic is
 floored at ``ADAPT_FLOOR`` so its noise is not blown up. It is not the identity at initialisation (no
 per-image normalisation can be): the gains start at ``ADAPT_TARGET``, the typical statistic of the synthetic
-training tiles, so a typical tile passes nearly unchanged. A hue shift (stain vectors turned) is not undone:
+training tiles under Ruifrok's vectors, so a typical tile passes nearly unchanged (with other vectors the
+typical statistic differs and the gains learn it). A hue shift (stain vectors turned) is not undone:
 that needs the image's own stain directions (Macenko's eigen-analysis), left to ``dataset.stain_norm``.
 """
 
@@ -54,8 +55,8 @@ OD_EPS = 1e-6  # skimage's floor on intensities before the logarithm
 MAX_CONDITION = 100.0  # a stain matrix worse conditioned than this amplifies noise beyond use
 MODES = ("learnable", "adaptive")
 # adaptive mode: which stains are normalised per image (H and E, not the third), their initial target
-# density (log10 OD; the median statistic of the synthetic training tiles at 32 px was 0.26 H, 0.10 E)
-# and the floor on an image's statistic (the synthetic tiles' lowest was 0.065)
+# density (log10 OD; with Ruifrok's vectors the synthetic tiles' statistic at 32 px averaged 0.28 H, 0.11 E)
+# and the floor on an image's statistic (those tiles' lowest was 0.065)
 ADAPT_STAINS = (1.0, 1.0, 0.0)
 ADAPT_TARGET = (0.25, 0.1, 1.0)
 ADAPT_FLOOR = 0.02
