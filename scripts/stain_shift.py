@@ -3,12 +3,17 @@
 Arms (same data, schedule and default augmentation; only the stain handling differs):
   none       no stain handling
   learnable  the learnable stain front-end (model.stain=learnable)
+  adaptive   the front-end with per-image density normalisation (model.stain=adaptive), its stain vectors
+             (model.stain_vectors) Macenko's estimate on the training split (the same 64 tiles the macenko
+             arm fits on): per-image density normalisation needs the data's own stain directions, with
+             Ruifrok's a density change of one stain leaks into the others' densities
   macenko    Macenko normalisation toward the training split (dataset.stain_norm=macenko)
   reinhard   Reinhard normalisation toward the training split (dataset.stain_norm=reinhard)
 
 Each arm and seed is one ``python -m patholite.train`` run (compression=none) whose test split is
-re-stained with ``dataset.stain_shift``; its float artifact is then evaluated here on the shifted and on the
-normal test split (the same tiles: the shift only re-renders them). Every arm is paired with ``none`` of the
+re-stained with ``dataset.stain_shift``; its float artifact is then evaluated here on the test split in four
+stainings: shifted, normal, the shift's density scaling alone and its hue turn alone (the same tiles: a shift
+only re-renders them). Every arm is paired with ``none`` of the
 same seed on the same tiles: the difference of accuracy and its 95% percentile bootstrap interval (tiles
 resampled). Pooled over seeds, each tile's correctness is averaged over the seeds' models first.
 
@@ -31,15 +36,30 @@ from omegaconf import OmegaConf
 
 from patholite.artifacts.load import load_artifact
 from patholite.data.families import build_datamodule
+from patholite.io import atomic_path, write_json
 from patholite.measure.evaluate import bootstrap_accuracy_ci
 from patholite.measure.stats import bootstrap
 
+SPLITS = ("shifted", "normal", "scale_only", "rotate_only")
 ARMS = {
     "none": [],
     "learnable": ["model.stain=learnable"],
+    "adaptive": ["model.stain=adaptive"],
     "macenko": ["dataset.stain_norm=macenko"],
     "reinhard": ["dataset.stain_norm=reinhard"],
 }
+
+
+def training_stain_vectors(reference_run: Path) -> list[list[float]]:
+    """Macenko's H and E vectors of the training split of ``reference_run`` (the same seeded 64 tiles
+    ``dataset.stain_norm=macenko`` fits on; the test split is never read)."""
+    cfg = OmegaConf.create(
+        OmegaConf.to_container(OmegaConf.load(reference_run / ".hydra" / "config.yaml").dataset, resolve=True)
+    )
+    cfg.stain_norm, cfg.stain_reference = "macenko", None
+    dm = build_datamodule(cfg)
+    dm.splits = {"train": dm.read_splits()["train"]}
+    return [[round(float(v), 4) for v in row] for row in dm._fit_stain_norm().vectors]
 
 
 def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
@@ -47,6 +67,10 @@ def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
     record = run_dir / "metrics.json"
     if record.exists() and json.loads(record.read_text()).get("status") == "ok":
         return
+    extra = list(ARMS[arm])
+    if arm == "adaptive":  # the none run of the same seed has the same training split
+        vectors = training_stain_vectors(run_dir.parent / f"none-s{seed}")
+        extra.append(f"model.stain_vectors={json.dumps(vectors).replace(' ', '')}")
     overrides = [
         "dataset=synthetic",
         f"model={args.model}",
@@ -69,18 +93,18 @@ def train(run_dir: Path, arm: str, seed: int, args: argparse.Namespace) -> None:
         "bench.iters=2",
         "bench.repeats=1",
         f"hydra.run.dir={run_dir}",
-        *ARMS[arm],
+        *extra,
     ]
     print(f"[stain_shift] training {arm} seed {seed}", flush=True)
     subprocess.run([sys.executable, "-m", "patholite.train", *overrides], check=True)
 
 
 @torch.no_grad()
-def predictions(net: torch.nn.Module, dataset_cfg, shifted: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true labels of the test split, shifted as configured or not at all."""
+def predictions(net: torch.nn.Module, dataset_cfg, shift: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true labels of the test split, re-stained by ``shift`` (None: as configured)."""
     cfg = OmegaConf.create(OmegaConf.to_container(dataset_cfg, resolve=True))
-    if not shifted:
-        cfg.stain_shift = {"rotate_deg": 0.0, "scale_h": 1.0, "scale_e": 1.0}
+    if shift is not None:
+        cfg.stain_shift = shift
     dm = build_datamodule(cfg)
     dm.setup("test")
     preds, labels = [], []
@@ -90,19 +114,36 @@ def predictions(net: torch.nn.Module, dataset_cfg, shifted: bool) -> tuple[np.nd
     return np.concatenate(preds), np.concatenate(labels)
 
 
+def test_stainings(dataset_cfg) -> dict[str, dict | None]:
+    """The test split's stainings evaluated: the configured shift, none, and its two parts alone (the
+    densities scaled without the hue turn, the hue turned without the scaling), to tell them apart."""
+    shift = dataset_cfg.stain_shift
+    return {
+        "shifted": None,
+        "normal": {"rotate_deg": 0.0, "scale_h": 1.0, "scale_e": 1.0},
+        "scale_only": {"rotate_deg": 0.0, "scale_h": shift.scale_h, "scale_e": shift.scale_e},
+        "rotate_only": {"rotate_deg": shift.rotate_deg, "scale_h": 1.0, "scale_e": 1.0},
+    }
+
+
 def evaluate(run_dir: Path) -> dict[str, np.ndarray]:
-    """Per-tile correctness of the run's fp32 artifact on the shifted and the normal test split."""
+    """Per-tile correctness of the run's fp32 artifact on each test staining (``test_stainings``);
+    cached in the run folder, missing stainings added to the cache."""
     cache = run_dir / "stain_shift_eval.npz"
+    out: dict[str, np.ndarray] = {}
     if cache.exists():
         with np.load(cache) as data:
-            return dict(data)
-    net, _ = load_artifact(run_dir / "artifacts" / "fp32")
+            out = dict(data)
     dataset_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml").dataset
-    out = {}
-    for name, shifted in (("shifted", True), ("normal", False)):
-        pred, y = predictions(net.eval(), dataset_cfg, shifted)
+    missing = {k: v for k, v in test_stainings(dataset_cfg).items() if k not in out}
+    if not missing:
+        return out
+    net, _ = load_artifact(run_dir / "artifacts" / "fp32")
+    for name, shift in missing.items():
+        pred, y = predictions(net.eval(), dataset_cfg, shift)
         out[name] = (pred == y).astype(np.float64)
-    np.savez(cache, **out)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **out)
     return out
 
 
@@ -142,17 +183,19 @@ def main() -> None:
             run_dir = out / f"{arm}-s{seed}"
             train(run_dir, arm, seed, args)
             c = evaluate(run_dir)
-            for split in ("shifted", "normal"):
+            for split in SPLITS:
                 correct.setdefault(arm, {}).setdefault(split, []).append(c[split])
             row = {
                 split: {
                     "accuracy": float(c[split].mean()),
                     "ci95": bootstrap_accuracy_ci(torch.as_tensor(c[split])),
                 }
-                for split in ("shifted", "normal")
+                for split in SPLITS
             }
             if arm != "none" and "none" in args.arms:
-                row["vs_none_shifted"] = paired(c["shifted"], evaluate(out / f"none-s{seed}")["shifted"])
+                base = evaluate(out / f"none-s{seed}")
+                for split in SPLITS:
+                    row[f"vs_none_{split}"] = paired(c[split], base[split])
             results["runs"][f"{arm}-s{seed}"] = row
             print(f"[stain_shift] {arm} seed {seed}: {json.dumps(row)}", flush=True)
     for arm, splits in correct.items():
@@ -162,24 +205,23 @@ def main() -> None:
             for split, m in mean.items()
         }
         if arm != "none" and "none" in correct:
-            row["vs_none_shifted"] = paired(mean["shifted"], np.mean(correct["none"]["shifted"], axis=0))
+            for split in SPLITS:
+                row[f"vs_none_{split}"] = paired(mean[split], np.mean(correct["none"][split], axis=0))
         results["pooled"][arm] = row
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
-    print("| arm | normal test acc [95% CI] | shifted test acc [95% CI] | shifted, vs none [95% CI] |")
-    print("| --- | --- | --- | --- |")
+    write_json(out / "summary.json", results)
+    print("| arm | seeds | " + " | ".join(f"{split} acc [95% CI], vs none" for split in SPLITS) + " |")
+    print("| --- | --- |" + " --- |" * len(SPLITS))
     for arm, row in results["pooled"].items():
-
-        def fmt(block: dict) -> str:
-            lo, hi = block["ci95"]
-            return f"{100 * block['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-        vs = row.get("vs_none_shifted")
-        diff = (
-            f"{100 * vs['difference']:+.1f} pp [{100 * vs['ci95'][0]:+.1f}, {100 * vs['ci95'][1]:+.1f}]"
-            if vs
-            else "-"
-        )
-        print(f"| {arm} | {fmt(row['normal'])} | {fmt(row['shifted'])} | {diff} |")
+        cells = []
+        for split in SPLITS:
+            lo, hi = row[split]["ci95"]
+            cell = f"{100 * row[split]['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+            vs = row.get(f"vs_none_{split}")
+            if vs:
+                d, (dlo, dhi) = vs["difference"], vs["ci95"]
+                cell += f", {100 * d:+.1f} pp [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
+            cells.append(cell)
+        print(f"| {arm} | {' '.join(map(str, args.seeds))} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

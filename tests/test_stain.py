@@ -18,7 +18,14 @@ from patholite.data.stain_norm import Macenko, Reinhard, _lab, fit_stain_norm, m
 from patholite.data.synthetic.tiles import StainShift, SyntheticDataModule, generate_tile
 from patholite.errors import ConfigError
 from patholite.models.factory import create_network, load_weights
-from patholite.models.stain import RUIFROK_HED, StainFrontEnd, prepare_stain, stain_matrix
+from patholite.models.stain import (
+    ADAPT_FLOOR,
+    ADAPT_TARGET,
+    RUIFROK_HED,
+    StainFrontEnd,
+    prepare_stain,
+    stain_matrix,
+)
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -271,3 +278,86 @@ def test_front_end_is_not_weight_decayed() -> None:
     assert any(p is net.stain.unmix for p in no_decay["params"])
     assert not any(p is net.stain.unmix or p is net.stain.gains for p in decay["params"])
     assert any(p is net.head.weight for p in decay["params"])
+
+
+# ------------------------------------------------------------------- the adaptive front-end (per image)
+ADAPTIVE = {**MICRO, "stain": "adaptive"}
+
+
+def rendered(conc: torch.Tensor) -> torch.Tensor:
+    """Normalised images rendered from stain densities (B,3,H,W) with Ruifrok's stains (Beer-Lambert)."""
+    od = torch.einsum("bshw,sc->bchw", conc, torch.tensor(RUIFROK_HED, dtype=torch.float32))
+    return normalised(torch.pow(10.0, -od))
+
+
+def tissue(seed: int, batch: int = 3) -> torch.Tensor:
+    """Stain densities of fake tissue: H and E blobs over glass (density 0), a faint third stain."""
+    gen = torch.Generator().manual_seed(seed)
+    conc = torch.rand(batch, 3, 32, 32, generator=gen) * torch.tensor([0.6, 0.4, 0.02]).view(1, 3, 1, 1)
+    conc[:, :, :8] = 0.0  # a band of glass
+    return conc
+
+
+def test_adaptive_cancels_a_density_scaling_of_each_stain() -> None:
+    """The same tissue with haematoxylin 1.4x denser and eosin 0.6x as faint maps to the same output;
+    the learnable (fixed) front-end cannot tell them apart from different tissue."""
+    conc = tissue(0)
+    x = rendered(conc)
+    scaled = rendered(conc * torch.tensor([1.4, 0.6, 1.0]).view(1, 3, 1, 1))
+    assert (x - scaled).abs().max() > 0.3
+    adaptive = StainFrontEnd(adaptive=True)
+    torch.testing.assert_close(adaptive(scaled), adaptive(x), atol=2e-5, rtol=0)
+    fixed = StainFrontEnd()
+    assert (fixed(scaled) - fixed(x)).abs().max() > 0.3
+    # different tissue fractions (more glass) do not change the statistic: glass has density 0
+    more_glass = conc.clone()
+    more_glass[:, :, 8:16] = 0.0
+    stat = adaptive.density_scale(adaptive.concentrations(rendered(conc)))
+    stat_glass = adaptive.density_scale(adaptive.concentrations(rendered(more_glass)))
+    torch.testing.assert_close(stat_glass[:, :2], stat[:, :2], rtol=0.15, atol=0)
+
+
+def test_adaptive_leaves_the_third_stain_and_blank_images_alone() -> None:
+    adaptive = StainFrontEnd(adaptive=True)
+    conc = tissue(1)
+    doubled = conc.clone()
+    doubled[:, 2] *= 2.0  # only the third (residual) stain: not normalised, so the output changes
+    assert (adaptive(rendered(doubled)) - adaptive(rendered(conc))).abs().max() > 0.01
+    # glass: its statistic is floored, so its faint densities grow by target / floor, not to the target
+    blank = rendered(torch.full((1, 3, 32, 32), 1e-3))
+    out = adaptive.concentrations(adaptive(blank)).mean(dim=(2, 3))[0]
+    expect = torch.tensor([1e-3 * ADAPT_TARGET[0] / ADAPT_FLOOR, 1e-3 * ADAPT_TARGET[1] / ADAPT_FLOOR, 1e-3])
+    torch.testing.assert_close(out, expect, rtol=0.02, atol=0)
+    # a typical image passes nearly unchanged at initialisation: the gains start at the typical statistic
+    front = StainFrontEnd(adaptive=True)
+    # (uniform densities on [0, m] have the statistic 2m/3: H up to 0.375, E up to 0.15 are typical)
+    x = rendered(tissue(2) * torch.tensor([0.625, 0.375, 1.0]).view(1, 3, 1, 1))
+    assert (front(x) - x).abs().mean() < 0.01 * x.std()
+
+
+def test_adaptive_network_trains_exports_and_reloads(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = create_network(ADAPTIVE, 4, 32)
+    assert net.stain.adaptive and "stain.adapt" not in net.state_dict()  # a constant, not a weight
+    x = rendered(tissue(3, batch=4))
+    torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 2, 3])).backward()
+    for p in (net.stain.gains, net.stain.unmix):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    net = shifted_gains(net.eval())
+    meta = {"model": ADAPTIVE, "class_names": list("abcd"), "image_size": 32}
+    save_float_artifact(net, tmp_path / "fp32", meta)
+    loaded, _ = load_float_artifact(tmp_path / "fp32")
+    assert loaded.stain.adaptive
+    torch.testing.assert_close(loaded(x), net(x))
+    save_onnx_artifact(net, tmp_path / "onnx", meta)
+    ops = {n.op_type for n in onnx.load(tmp_path / "onnx" / "model.onnx").graph.node}
+    assert "ReduceMean" in ops  # the per-image statistic is in the graph
+    torch.testing.assert_close(OrtModule(tmp_path / "onnx" / "model.onnx")(x), net(x), atol=1e-4, rtol=0)
+
+
+def test_stain_modes_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="not one of learnable, adaptive"):
+        create_network({**MICRO, "stain": "adaptiv"}, 4, 32)
+    cfg = OmegaConf.create({"model": {**ADAPTIVE, "family": "smt"}, "dataset": {"mean": [0.5] * 3}})
+    with pytest.raises(ConfigError, match="SMT"):
+        prepare_stain(cfg)

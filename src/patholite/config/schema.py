@@ -205,7 +205,8 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     smt: SmtConfig | None = None  # family smt only
-    # R1's learnable stain front-end (models/stain.py) in front of the network: null (none) | learnable.
+    # R1's learnable stain front-end (models/stain.py) in front of the network: null (none) | learnable |
+    # adaptive (also divides each image's H and E densities by that image's density statistic)
     # stain_vectors: 2 or 3 RGB optical-density rows (null: Ruifrok & Johnston's H&E/DAB)
     stain: str | None = None
     stain_vectors: list[list[float]] | None = None

@@ -14,6 +14,22 @@ run by a forward pre-hook on the network's entry (a ViT's ``patch_embed``, a CNN
 of the state dict is unchanged (checkpoints and hub weights without a front-end still load), and every path
 into the network (``forward``, ``forward_features``, torch.fx for QAT, the ONNX exporter) runs it. It has
 no ``nn.Linear``/``nn.Conv2d``, so INT8 (dynamic quantization, QAT) leaves it float.
+
+``model.stain=adaptive`` also adapts to each image, as stain normalisation does (a fixed matrix cannot: it
+is the same for every image): after unmixing, each image's haematoxylin and eosin densities are divided by
+a per-image density statistic and multiplied by the learnable gains (the per-stain target density), so an
+image whose stains are uniformly denser or fainter (another lab's staining time, section thickness) maps to
+the same output as the original. The statistic is ``mean(c+^2) / mean(c+)`` over the image's pixels
+(``c+``: the density clipped at 0), the density-weighted mean density: scaling a stain's density by ``k``
+scales it by ``k`` exactly, and background pixels (density 0) drop out of both means, so it does not depend
+on how much of the tile is glass. It exports as ReduceMean (ONNX opset 17, OpenVINO), where a percentile
+would need a sort or TopK of every pixel. The third channel (DAB or the H/E cross product, mostly noise in
+H&E) is not adapted: dividing noise by its own scale would amplify it. A (near) blank image's statistic is
+floored at ``ADAPT_FLOOR`` so its noise is not blown up. It is not the identity at initialisation (no
+per-image normalisation can be): the gains start at ``ADAPT_TARGET``, the typical statistic of the synthetic
+training tiles under Ruifrok's vectors, so a typical tile passes nearly unchanged (with other vectors the
+typical statistic differs and the gains learn it). A hue shift (stain vectors turned) is not undone:
+that needs the image's own stain directions (Macenko's eigen-analysis), left to ``dataset.stain_norm``.
 """
 
 from __future__ import annotations
@@ -37,7 +53,13 @@ RUIFROK_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.7
 STAIN_NAMES = ("haematoxylin", "eosin", "third")
 OD_EPS = 1e-6  # skimage's floor on intensities before the logarithm
 MAX_CONDITION = 100.0  # a stain matrix worse conditioned than this amplifies noise beyond use
-MODES = ("learnable",)
+MODES = ("learnable", "adaptive")
+# adaptive mode: which stains are normalised per image (H and E, not the third), their initial target
+# density (log10 OD; with Ruifrok's vectors the synthetic tiles' statistic at 32 px averaged 0.28 H, 0.11 E)
+# and the floor on an image's statistic (those tiles' lowest was 0.065)
+ADAPT_STAINS = (1.0, 1.0, 0.0)
+ADAPT_TARGET = (0.25, 0.1, 1.0)
+ADAPT_FLOOR = 0.02
 # Where a network's pixels enter it, in the order tried: timm ViTs, ResNets, EfficientNet/MobileNet, ConvNeXt
 _ENTRIES = ("patch_embed", "conv1", "conv_stem", "stem")
 
@@ -94,12 +116,16 @@ class StainFrontEnd(nn.Module):
         vectors: Sequence[Sequence[float]] | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        adaptive: bool = False,
     ) -> None:
         super().__init__()
         rgb_from_stain = stain_matrix(vectors)  # checked in float64 before any (maybe meta) tensor exists
         stain_from_rgb = np.linalg.inv(rgb_from_stain)
+        self.adaptive = bool(adaptive)
         self.unmix = nn.Parameter(torch.tensor(stain_from_rgb, dtype=torch.float32))  # the learnable matrix
-        self.gains = nn.Parameter(torch.ones(3))
+        # learnable per-stain gains; adaptive: the target density of each normalised stain
+        self.gains = nn.Parameter(torch.tensor(ADAPT_TARGET if self.adaptive else (1.0, 1.0, 1.0)))
+        self.register_buffer("adapt", torch.tensor(ADAPT_STAINS).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("mix", torch.tensor(rgb_from_stain, dtype=torch.float32))  # reference stains
         self.register_buffer("mean", torch.tensor([float(v) for v in mean]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, 3, 1, 1))
@@ -118,8 +144,22 @@ class StainFrontEnd(nn.Module):
         """The 3x3 map from RGB OD (rows) to re-rendered RGB OD: unmix, scale each stain, re-mix."""
         return (self.unmix * self.gains) @ self.mix  # scales column j, stain j (aten::diag has no ONNX op)
 
+    def density_scale(self, conc: torch.Tensor) -> torch.Tensor:
+        """Each image's per-stain density statistic (B,3,1,1): ``mean(c+^2) / mean(c+)``, floored at
+        ``ADAPT_FLOOR`` (module docstring); scaling a stain's density by k scales it by k."""
+        pos = conc.clamp(min=0)
+        first = pos.mean(dim=(2, 3), keepdim=True).clamp(min=1e-12)
+        return ((pos * pos).mean(dim=(2, 3), keepdim=True) / first).clamp(min=ADAPT_FLOOR)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        od = F.conv2d(self.optical_density(x), self.od_map().t()[:, :, None, None])
+        if self.adaptive:
+            conc = self.concentrations(x)
+            # adapted stains: gain / statistic; the third: gain alone
+            scale = self.adapt / self.density_scale(conc) + (1 - self.adapt)
+            conc = conc * scale * self.gains.view(1, 3, 1, 1)
+            od = F.conv2d(conc, self.mix.t()[:, :, None, None])
+        else:
+            od = F.conv2d(self.optical_density(x), self.od_map().t()[:, :, None, None])
         rgb = torch.pow(10.0, -od)
         return (rgb - self.mean) / self.std
 
@@ -163,7 +203,8 @@ def attach_stain(net: nn.Module, model_cfg: dict[str, Any]) -> nn.Module:
     mean = model_cfg.get("mean") or (0.485, 0.456, 0.406)
     std = model_cfg.get("std") or (0.229, 0.224, 0.225)
     entry = entry_module(net)
-    net.stain = StainFrontEnd(model_cfg.get("stain_vectors"), mean, std)
+    adaptive = model_cfg.get("stain") == "adaptive"
+    net.stain = StainFrontEnd(model_cfg.get("stain_vectors"), mean, std, adaptive=adaptive)
     entry.register_forward_pre_hook(functools.partial(_run_stain, net.stain))
     return net
 
