@@ -170,6 +170,10 @@ def test_the_qdq_onnx_export_reproduces_the_torch_fake_quant_model(tmp_path, col
     types = {t.name: t.data_type for t in graph.initializer}
     want = onnx.TensorProto.INT4 if weight_bits == 4 else onnx.TensorProto.INT8
     assert sum(types[n.input[0]] == want for n in dq) == (8 if weight_bits == 4 else 9)  # head: INT8
+    # integer weights are stored as bytes: the file is well under the float network's size (an INT8 tensor
+    # written as int32_data, up to 10 bytes a value, made an 8-bit file larger than FP32's)
+    float_bytes = 4 * sum(p.numel() for p in colour_vit.parameters())
+    assert (tmp_path / "model.onnx").stat().st_size < 0.45 * float_bytes
 
 
 def test_lsq_runs_end_to_end_through_the_qat_option(make_cfg, tmp_path):

@@ -340,10 +340,14 @@ def export_lsq_qdq(
         graph.initializer.remove(inits[wname])
         int_type = TensorProto.INT4 if qw["bits"] == 4 else TensorProto.INT8
         q = qw["q"].numpy().astype(np.int8)
-        q_init = helper.make_tensor(f"{wname}_q", int_type, q.shape, q.flatten().tolist())
         s_init = numpy_helper.from_array(qw["scale"].numpy().astype(np.float32), f"{wname}_scale")
         z = np.zeros(qw["scale"].shape, dtype=np.int8)
-        z_init = helper.make_tensor(f"{wname}_zero", int_type, z.shape, z.flatten().tolist())
+        if qw["bits"] == 4:  # packed two to a byte by make_tensor
+            q_init = helper.make_tensor(f"{wname}_q", int_type, q.shape, q.flatten().tolist())
+            z_init = helper.make_tensor(f"{wname}_zero", int_type, z.shape, z.flatten().tolist())
+        else:  # raw bytes: make_tensor's int32_data spends up to 10 bytes on a negative int8
+            q_init = numpy_helper.from_array(q, f"{wname}_q")
+            z_init = numpy_helper.from_array(z, f"{wname}_zero")
         graph.initializer.extend([q_init, s_init, z_init])
         dq_kwargs: dict[str, Any] = {"axis": qw["axis"]}
         if qw["block_size"]:
