@@ -302,6 +302,8 @@ def test_bad_walk_overrides_are_refused_before_any_slide():
             smt_settings(net, meta, "x", walk)
 
 
+# a sweep of four CLI jobs (12 s): make test stays under its 8 minutes
+@pytest.mark.slow
 def test_the_new_knobs_compose_in_a_sweep_and_each_job_is_refused_before_work(tmp_path):
     """Four jobs of the new keys, each with a maximum below its minimum: composed, checked, refused, no
     training (a sweep whose jobs train is the benchmark's, too slow here)."""

@@ -60,6 +60,8 @@ def test_a_tiny_smt_trains_and_is_recorded_per_slide(tmp_path):
     assert [p.name for p in (run / "checkpoints" / "train").glob("best-*")] == ["best-epoch=001.ckpt"]
 
 
+# two SMT trainings (16 s): make test stays under its 8 minutes
+@pytest.mark.slow
 def test_an_smt_student_distils_from_a_float_smt_teacher(tmp_path):
     run = train_tiny(tmp_path, "compression=kd", "compression.teacher.model=smt_micro")
     record = json.loads((run / "metrics.json").read_text())
