@@ -204,3 +204,12 @@ def no_pickle(monkeypatch):
 
     for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
         monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.fixture(scope="module")
+def micro_slide_models(tmp_path_factory):
+    """An untrained micro SMT and micro ViT tile classifier (32-px tiles at 2 um/px, classes Normal and
+    Tumor) as the slide engines load them: ``(smt, tile)``."""
+    from tests.helpers import micro_smt_and_tiles
+
+    return micro_smt_and_tiles(tmp_path_factory.mktemp("models"), ["Normal", "Tumor"])

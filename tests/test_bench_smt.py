@@ -45,7 +45,6 @@ from patholite.slides.comparison_runs import (
     overlaps_lesion,
     rotate,
 )
-from tests.helpers import micro_smt_and_tiles
 
 from .conftest import REPO, run_cli
 
@@ -243,14 +242,8 @@ def test_records_of_the_comparison_carry_its_declared_names(tmp_path):
 CLASSES = ["Normal", "Tumor"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """An untrained micro SMT and micro ViT tile classifier (32-px tiles at 2 um/px) as artifacts."""
-    return micro_smt_and_tiles(tmp_path_factory.mktemp("models"), CLASSES)
-
-
-def test_comparison_on_tiny_synthetic_slides(models, tmp_path):
-    smt, tile = models
+def test_comparison_on_tiny_synthetic_slides(micro_slide_models, tmp_path):
+    smt, tile = micro_slide_models
     lesion = [LesionSpec("Invasive", 1, (50.0, 90.0))]
     cases = [  # a slide with a lesion, one without
         SlideCase(

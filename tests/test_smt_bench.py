@@ -40,7 +40,6 @@ from patholite.slides.smt_selection import (
     triage_results,
     validation_rows,
 )
-from tests.helpers import micro_smt_and_tiles
 
 CLASSES = ["Normal", "Tumor"]
 
@@ -284,14 +283,8 @@ def test_bad_knobs_are_refused_with_the_knob_named():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """An untrained micro SMT and micro ViT tile classifier (32-px tiles at 2 um/px) as artifacts."""
-    return micro_smt_and_tiles(tmp_path_factory.mktemp("models"), CLASSES)
-
-
-def test_selection_triage_and_localisation_on_tiny_slides(models, tmp_path):
-    smt, tile = models
+def test_selection_triage_and_localisation_on_tiny_slides(micro_slide_models, tmp_path):
+    smt, tile = micro_slide_models
     lesion = [LesionSpec("Invasive", 1, (60.0, 90.0))]
 
     cases = [  # a slide with a lesion, one without; validation and test alike (the plumbing only: the
